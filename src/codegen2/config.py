@@ -1,0 +1,356 @@
+"""Typed configuration: model shapes, objective, data, tokenizer and training settings.
+
+Everything a run needs lives in one `Config`, which round-trips through TOML so that a run
+directory fully describes how it was made. Unknown keys are errors (naming the key and the
+valid ones) because a silently ignored typo in a training config wastes a whole run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line."""
+
+
+@dataclass
+class ModelConfig:
+    """Shapes of a CodeGen decoder (DESIGN §3)."""
+
+    vocab_size: int = 51200
+    n_layer: int = 16
+    n_embd: int = 2048
+    n_head: int = 16
+    rotary_dim: int = 64
+    n_ctx: int = 2048
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    mp_num: int = 4  # number of [Q|V|K] groups in the fused qkv projection
+    layer_norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    def validate(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        if self.n_head % self.mp_num:
+            raise ConfigError(f"model.mp_num={self.mp_num} does not divide model.n_head={self.n_head}")
+        if self.rotary_dim > self.head_dim or self.rotary_dim % 2:
+            raise ConfigError(
+                f"model.rotary_dim={self.rotary_dim} must be even and at most head_dim={self.head_dim}"
+            )
+
+
+@dataclass
+class ObjectiveConfig:
+    """The per-sequence objective mixture (DESIGN §1).
+
+    Rates are probabilities per training sequence; whatever is left after span and FIM is causal LM.
+    Span-sampling bounds are not published by the paper: these defaults are ours.
+    """
+
+    span_rate: float = 0.5  # CodeGen2 final recipe: 50% span corruption, 50% causal LM
+    fim_rate: float = 0.0  # FIM (Bavarian et al.) as an alternative infill objective
+    fim_spm_rate: float = 0.5  # of FIM sequences, the fraction in SPM (suffix-prefix-middle) form
+    prefix_lm: bool = False  # bidirectional attention over the prefix, no loss on it
+    corruption_ratio_min: float = 0.05  # fraction of a document's tokens masked, drawn uniformly
+    corruption_ratio_max: float = 0.25
+    span_len_min: int = 1  # span lengths drawn uniformly in [min, max] tokens
+    span_len_max: int = 64
+    max_spans: int = 16  # per document piece; also bounded by the tokenizer's mask sentinels
+    min_doc_tokens: int = 8  # shorter document pieces are left uncorrupted
+
+    def validate(self) -> None:
+        for name in ("span_rate", "fim_rate", "fim_spm_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"objective.{name}={value} must lie in [0, 1]")
+        if self.span_rate + self.fim_rate > 1.0 + 1e-9:
+            raise ConfigError(
+                f"objective.span_rate + objective.fim_rate = {self.span_rate + self.fim_rate} exceeds 1"
+            )
+        if not 0.0 < self.corruption_ratio_min <= self.corruption_ratio_max < 1.0:
+            raise ConfigError("objective.corruption_ratio_min/max must satisfy 0 < min <= max < 1")
+        if not 1 <= self.span_len_min <= self.span_len_max:
+            raise ConfigError("objective.span_len_min/max must satisfy 1 <= min <= max")
+        if self.max_spans < 1:
+            raise ConfigError("objective.max_spans must be at least 1")
+
+
+@dataclass
+class SourceConfig:
+    """One data source of the mixture."""
+
+    path: str = ""
+    kind: str = "code"  # "code" or "nl" (natural language)
+    weight: float = 1.0
+    format: str = "auto"  # auto | dir | jsonl | parquet | hf
+    field: str = "text"  # text field for jsonl / parquet / hf datasets
+    include: list[str] = field(default_factory=lambda: ["**/*"])  # globs for directories
+    exclude: list[str] = field(default_factory=list)
+    skip_bad_lines: bool = False  # malformed JSONL lines: error (default) or skip and count
+    name: str = ""
+
+    def validate(self) -> None:
+        if self.kind not in ("code", "nl"):
+            raise ConfigError(f"data source {self.path!r}: kind={self.kind!r} must be 'code' or 'nl'")
+        if self.format not in ("auto", "dir", "jsonl", "parquet", "hf"):
+            raise ConfigError(
+                f"data source {self.path!r}: format={self.format!r} must be auto, dir, jsonl, parquet or hf"
+            )
+        if not self.weight > 0:
+            raise ConfigError(f"data source {self.path!r}: weight={self.weight} must be positive")
+
+
+@dataclass
+class DataConfig:
+    """Where training text comes from. With no sources, the embedded default corpus is used."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    embedded_code_weight: float = 0.8  # default corpus: Python standard library
+    embedded_nl_weight: float = 0.2  # default corpus: prose shipped with Python
+    embedded_max_files: int = 0  # 0 = all standard-library files
+    heldout_fraction: float = 0.02  # files held out by a hash of their path, never trained on
+    max_doc_chars: int = 1_000_000  # longer documents are truncated (and counted)
+    cache_dir: str = ""  # token cache; defaults to RUN_DIR/data
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 51200
+    num_masks: int = 64  # <mask_1> .. <mask_N> sentinels
+    path: str = ""  # reuse an existing tokenizer.json instead of training one
+    train_chars: int = 20_000_000  # text used to train the BPE
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 2048
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    global_batch_tokens: int = 0  # if set, micro-batches and accumulation are derived from it
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 1234
+    precision: str = "auto"  # auto | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    parallel: str = "none"  # none | ddp | fsdp
+    checkpoint_every: int = 200
+    keep_last: int = 3
+    log_every: int = 10
+    eval_every: int = 0
+    document_mask: bool = False  # forbid attention across documents of a packed sequence
+    activation_checkpointing: bool = False
+    compile: bool = False
+    num_threads: int = 0  # 0 = torch default
+    init_from: str = ""  # start from these weights (run dir or HF directory)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = ""
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.objective.validate()
+        for source in self.data.sources:
+            source.validate()
+        if self.train.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision={self.train.precision!r} must be auto, fp32 or bf16")
+        if self.train.parallel not in ("none", "ddp", "fsdp"):
+            raise ConfigError(f"train.parallel={self.train.parallel!r} must be none, ddp or fsdp")
+        if self.train.seq_len > self.model.n_ctx:
+            raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.n_ctx={self.model.n_ctx}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets. The large ones are the published CodeGen2 shapes (DESIGN §3); `tiny` trains on a laptop.
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "model": dict(vocab_size=4096, n_layer=4, n_embd=256, n_head=4, rotary_dim=32, n_ctx=512, mp_num=4),
+        "tokenizer": dict(vocab_size=4096, num_masks=32, train_chars=4_000_000),
+        "objective": dict(max_spans=8, span_len_max=32),
+        "train": dict(seq_len=256, micro_batch_size=16, lr=2e-3, warmup_steps=30, max_steps=600,
+                      weight_decay=0.1, checkpoint_every=200, log_every=20),
+        "data": dict(embedded_max_files=0),
+    },
+    "1b": {"model": dict(n_layer=16, n_embd=2048, n_head=16, rotary_dim=64, mp_num=8)},
+    "3_7b": {"model": dict(n_layer=16, n_embd=4096, n_head=16, rotary_dim=64, mp_num=8)},
+    "7b": {"model": dict(n_layer=32, n_embd=4096, n_head=16, rotary_dim=64, mp_num=4)},
+    "16b": {"model": dict(n_layer=34, n_embd=6144, n_head=24, rotary_dim=64, mp_num=4)},
+}
+
+
+def _section_types() -> dict[str, type]:
+    return {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Build `cls` from a dict, rejecting unknown keys with the list of valid ones."""
+    valid = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in valid:
+            raise ConfigError(f"unknown config key '{where}{key}'; valid keys: {', '.join(sorted(valid))}")
+    kwargs = {}
+    for key, value in values.items():
+        if cls is DataConfig and key == "sources":
+            if not isinstance(value, list):
+                raise ConfigError(f"'{where}sources' must be a list of tables ([[data.sources]])")
+            value = [_build_dataclass(SourceConfig, dict(v), f"{where}sources[{i}].") for i, v in enumerate(value)]
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for key in values:
+        if key not in sections:
+            raise ConfigError(f"unknown config section '{key}'; valid sections: {', '.join(sorted(sections))}")
+    classes = {"model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig,
+               "tokenizer": TokenizerConfig, "train": TrainConfig}
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        if name in classes:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section '{name}' must be a table")
+            kwargs[name] = _build_dataclass(classes[name], value, f"{name}.")
+        else:
+            kwargs[name] = value
+    return Config(**kwargs)
+
+
+def _parse_override_value(text: str) -> Any:
+    """Parse the value of `--set key=value` as a TOML value, falling back to a plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = _merge({}, values)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        section, key = parts
+        out.setdefault(section, {})
+        if not isinstance(out[section], dict):
+            raise ConfigError(f"--set {dotted}: '{section}' is not a config section")
+        out[section][key] = _parse_override_value(raw.strip())
+    return out
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return _merge({"preset": name}, PRESETS[name])
+
+
+def load_config(
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """Preset, then TOML file, then `--set` overrides, each layer over the previous one."""
+    values: dict[str, Any] = {}
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            file_values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    preset = preset or file_values.get("preset") or ""
+    if preset:
+        values = preset_dict(preset)
+    values = _merge(values, file_values)
+    values = apply_overrides(values, overrides or [])
+    return config_from_dict(values).validate()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dump_toml(config: Config) -> str:
+    """Write a Config as TOML (enough of TOML for our flat sections and source tables)."""
+    data = config.to_dict()
+    lines = []
+    if data.get("preset"):
+        lines.append(f"preset = {_toml_value(data['preset'])}\n")
+    for section in ("model", "objective", "tokenizer", "train", "data"):
+        table = data[section]
+        lines.append(f"[{section}]")
+        sources = table.pop("sources", None) if section == "data" else None
+        for key, value in table.items():
+            if value is None:
+                continue
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+        for source in sources or []:
+            lines.append("[[data.sources]]")
+            for key, value in source.items():
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(dump_toml(config), encoding="utf-8")
