@@ -102,8 +102,8 @@ class SourceConfig:
     weight: float = 1.0
     format: str = "auto"  # auto | dir | jsonl | parquet | hf
     field: str = "text"  # text field for jsonl / parquet / hf datasets
-    include: list[str] = field(default_factory=lambda: ["**/*"])  # globs for directories
-    exclude: list[str] = field(default_factory=list)
+    include: list[str] = dataclasses.field(default_factory=lambda: ["**/*"])  # globs for directories
+    exclude: list[str] = dataclasses.field(default_factory=list)
     skip_bad_lines: bool = False  # malformed JSONL lines: error (default) or skip and count
     name: str = ""
 
