@@ -1,0 +1,191 @@
+"""`codegen2 <command>`: a thin layer that parses arguments and calls the library.
+
+Errors the user can fix (UserError, ConfigError) are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import ConfigError, PRESETS, load_config, preset_dict, config_from_dict
+from .errors import UserError
+
+
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="codegen2 run directory or Hugging Face directory")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mp-num", type=int, default=None, help="qkv grouping of a HF checkpoint (default: detect)")
+    parser.add_argument("--device", default="cpu")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .model import count_parameters
+
+    config = config_from_dict(preset_dict(args.preset)).validate()
+    m = config.model
+    print(f"preset {args.preset}: n_layer={m.n_layer} n_embd={m.n_embd} n_head={m.n_head} head_dim={m.head_dim} "
+          f"rotary_dim={m.rotary_dim} vocab_size={m.vocab_size} n_ctx={m.n_ctx} mp_num={m.mp_num}")
+    print(f"parameters: {count_parameters(m):,}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import SourceConfig
+    from .data import source_from_path
+    from .train import train
+
+    run_dir = Path(args.out)
+    overrides = list(args.set)
+    for flag, key in (("max_steps", "train.max_steps"), ("seed", "train.seed"),
+                      ("checkpoint_every", "train.checkpoint_every"), ("parallel", "train.parallel"),
+                      ("init_from", "train.init_from")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    if args.resume and (run_dir / "config.toml").is_file():
+        if args.config or args.preset or args.data:
+            print("note: --resume uses the run's own config.toml; --config/--preset/--data are ignored",
+                  file=sys.stderr)
+        config = load_config(run_dir / "config.toml", overrides=overrides)
+    else:
+        config = load_config(args.config, preset=args.preset, overrides=overrides)
+        if args.data:
+            config.data.sources = [source_from_path(p) for p in args.data] + \
+                [s for s in config.data.sources if s.path not in args.data]
+            for source in config.data.sources:
+                source.validate()
+    result = train(config, run_dir, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {result.final_step} steps, {result.tokens_seen:,} tokens, loss {result.last_loss:.4f}, "
+              f"run directory {run_dir}")
+    return 0
+
+
+def _load(args):
+    from .loading import load_checkpoint
+
+    return load_checkpoint(args.checkpoint, device=args.device, mp_num=args.mp_num)
+
+
+def _params(args):
+    from .sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, stop=tuple(args.stop), seed=args.seed)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .sampling import generate
+
+    loaded = _load(args)
+    prompts = args.prompt or []
+    if args.prompt_file:
+        prompts += [json.loads(line)["prompt"] for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("give --prompt TEXT (repeatable) or --prompt-file FILE.jsonl")
+    outputs = generate(loaded.model, loaded.tokenizer, prompts, _params(args), bidirectional_prompt=loaded.prefix_lm)
+    for prompt, text in zip(prompts, outputs):
+        if len(prompts) > 1:
+            print(json.dumps({"prompt": prompt, "completion": text}))
+        else:
+            print(prompt + text)
+    return 0
+
+
+def cmd_infill(args: argparse.Namespace) -> int:
+    from .sampling import infill
+
+    loaded = _load(args)
+    middle = infill(loaded.model, loaded.tokenizer, [args.prefix], [args.suffix], _params(args),
+                    bidirectional_prompt=loaded.prefix_lm)[0]
+    if args.show_full:
+        print(args.prefix + middle + args.suffix)
+    else:
+        print(middle)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codegen2", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="shapes and exact parameter count of a preset")
+    p.add_argument("--preset", required=True, choices=list(PRESETS))
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train or continue training a model")
+    p.add_argument("--config", help="TOML config file")
+    p.add_argument("--preset", choices=list(PRESETS))
+    p.add_argument("--data", action="append", default=[], help="directory, .jsonl or .parquet (repeatable)")
+    p.add_argument("--out", default="runs/default", help="run directory")
+    p.add_argument("--max-steps", type=int, dest="max_steps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int, dest="checkpoint_every")
+    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"])
+    p.add_argument("--init-from", dest="init_from", help="start from these weights (run or HF directory)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="left-to-right sampling")
+    _sampling_args(p)
+    p.add_argument("--prompt", action="append", help="prompt text (repeatable: one batch)")
+    p.add_argument("--prompt-file", help="JSONL file with a 'prompt' field per line")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("infill", help="fill in the middle between a prefix and a suffix (CodeGen2 format)")
+    _sampling_args(p)
+    p.add_argument("--prefix", required=True)
+    p.add_argument("--suffix", required=True)
+    p.add_argument("--show-full", action="store_true", help="print prefix + middle + suffix")
+    p.set_defaults(func=cmd_infill)
+
+    # Commands contributed by other modules: each has register(subparsers).
+    eval_sub = None
+    for module in ("codegen2.eval.cli", "codegen2.hf", "codegen2.serve", "codegen2.plot"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("codegen2"):
+                continue
+            raise
+        result = mod.register(sub)
+        if module == "codegen2.eval.cli":
+            eval_sub = result
+    if eval_sub is None:
+        eval_sub = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)
+    from .eval import heldout
+
+    heldout.register(eval_sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

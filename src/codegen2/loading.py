@@ -1,0 +1,81 @@
+"""One entry point for every command that takes `--checkpoint`: a codegen2 run directory or a HF directory."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import WEIGHTS, latest_checkpoint, list_checkpoints, load_weights
+from .config import Config, ModelConfig, load_config
+from .errors import UserError
+from .model import CodeGenModel
+
+log = logging.getLogger("codegen2")
+
+
+@dataclass
+class LoadedModel:
+    model: CodeGenModel
+    tokenizer: object  # CodeGenTokenizer
+    config: ModelConfig
+    prefix_lm: bool = False  # trained as a prefix-LM: prompts are read bidirectionally
+    source: str = ""
+
+
+def is_run_directory(path: Path) -> bool:
+    return (path / "config.toml").is_file()
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    return load_config(Path(run_dir) / "config.toml")
+
+
+def load_checkpoint(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    mp_num: int | None = None,
+    step: int | None = None,
+) -> LoadedModel:
+    """Load weights + tokenizer from a run directory (latest or given step) or a Hugging Face directory."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    if is_run_directory(path):
+        return _load_run(path, device, dtype, step)
+    if (path / "config.json").is_file():
+        from .hf import from_pretrained
+
+        model = from_pretrained(path, mp_num=mp_num, device=device, dtype=dtype)
+        return LoadedModel(model=model, tokenizer=model.tokenizer, config=model.config, source=str(path))
+    raise UserError(f"{path} is neither a codegen2 run directory (config.toml) nor a Hugging Face "
+                    f"directory (config.json)")
+
+
+def _load_run(run_dir: Path, device, dtype, step: int | None) -> LoadedModel:
+    from .tokenizer import CodeGenTokenizer
+
+    config = load_run_config(run_dir)
+    if step is None:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise UserError(f"{run_dir} has no complete checkpoint yet (checkpoints/step_*/{WEIGHTS})")
+    else:
+        matches = [c for c in list_checkpoints(run_dir) if int(c.name.split("_")[1]) == step]
+        if not matches:
+            raise UserError(f"{run_dir} has no checkpoint for step {step}")
+        ckpt = matches[0]
+    tokenizer = CodeGenTokenizer.load(run_dir)
+    with torch.device("meta"):
+        model = CodeGenModel(config.model)
+    state = load_weights(ckpt / WEIGHTS, device=device)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval()
+    log.info("loaded %s (%s parameters)", ckpt, f"{model.num_parameters():,}")
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config.model,
+                       prefix_lm=config.objective.prefix_lm, source=str(ckpt))
