@@ -1,0 +1,82 @@
+"""Sampling: greedy decoding with the cache equals a naive loop of full forward passes; filters; stops."""
+
+import torch
+
+from codegen2.config import ModelConfig
+from codegen2.model import CodeGenModel
+from codegen2.sampling import SamplingParams, filter_logits, generate_ids, infill_prompt_ids
+
+
+class CharTokenizer:
+    """Independent stand-in: one id per byte, specials above 256."""
+
+    eot_id, sep_id, eom_id = 256, 257, 258
+
+    def mask_id(self, k: int) -> int:
+        return 259 + k
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def model() -> CodeGenModel:
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=300, n_layer=2, n_embd=64, n_head=4, rotary_dim=16, n_ctx=128, mp_num=2)
+    return CodeGenModel(cfg).eval()
+
+
+def naive_greedy(m, prompt: list[int], steps: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(m(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_with_cache_equals_naive_loop_in_a_padded_batch():
+    m, tok = model(), CharTokenizer()
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42]]
+    out = generate_ids(m, tok, prompts, SamplingParams(max_new_tokens=12))
+    for prompt, completion in zip(prompts, out):
+        assert completion.token_ids == naive_greedy(m, prompt, 12)
+        assert completion.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch_mates():
+    m, tok = model(), CharTokenizer()
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    alone = generate_ids(m, tok, [[10, 11, 12]], params)[0].token_ids
+    batched = generate_ids(m, tok, [[10, 11, 12], [50, 60]], params, seeds=[7, 99])[0].token_ids
+    again = generate_ids(m, tok, [[10, 11, 12]], params)[0].token_ids
+    assert alone == batched == again
+
+
+def test_top_p_and_top_k_keep_the_expected_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(filter_logits(logits, top_k=0, top_p=0.8))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = torch.isfinite(filter_logits(logits, top_k=0, top_p=0.81))
+    assert kept.tolist() == [[True, True, True, False]]
+    kept = torch.isfinite(filter_logits(logits[:, [3, 2, 1, 0]], top_k=2, top_p=1.0))
+    assert kept.tolist() == [[False, False, True, True]]
+
+
+def test_stop_ids_and_infill_prompt_layout():
+    m, tok = model(), CharTokenizer()
+    first = naive_greedy(m, [1, 2, 3], 1)[0]
+    out = generate_ids(m, tok, [[1, 2, 3]], SamplingParams(max_new_tokens=5), stop_ids=[first])[0]
+    assert out.token_ids == [] and out.finish_reason == "stop"
+    assert infill_prompt_ids(tok, "ab", "c") == [97, 98, 260, 99, 256, 257, 260]
+
+
+def test_prompt_longer_than_context_is_refused():
+    m, tok = model(), CharTokenizer()
+    try:
+        generate_ids(m, tok, [[1] * 120], SamplingParams(max_new_tokens=20))
+    except ValueError as exc:
+        assert "exceeds the model context" in str(exc)
+    else:
+        raise AssertionError("expected a ValueError")
