@@ -1,0 +1,273 @@
+"""The CodeGen2 tokenizer: GPT-2 byte-level BPE plus CodeGen's added tokens (DESIGN §3).
+
+Built on Hugging Face `tokenizers` (the BPE itself is never hand-written). Added tokens:
+`<|endoftext|>`, runs of 2-31 spaces and 2-9 tabs (normal added tokens, so indentation becomes one
+token), `<sep>`, `<eom>` and the infill sentinels `<mask_1>..<mask_N>`. A trained tokenizer follows
+the published id layout: BPE ids first, then `<|endoftext|>`, the whitespace runs, padding
+`<dummy_k>` tokens, `<sep>`, `<eom>` and the masks with `<mask_N> = vocab_size - N`, so its total
+vocabulary equals the model's embedding size exactly. Special ids are always looked up by their
+token string, so the released CodeGen2 tokenizer (eot 50256, sep 50299, eom 50300) loads as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from codegen2.errors import UserError
+
+if TYPE_CHECKING:
+    from codegen2.objectives import SpecialIds
+
+EOT = "<|endoftext|>"
+SEP = "<sep>"
+EOM = "<eom>"
+WHITESPACE_TOKENS: tuple[str, ...] = tuple(" " * n for n in range(2, 32)) + tuple("\t" * n for n in range(2, 10))
+REQUIRED_TOKENS = (EOT, SEP, EOM, "<mask_1>")
+
+# Whitespace runs that the added tokens capture before BPE sees the text; training text is split
+# the same way so that the learned merges match what encoding will actually meet.
+_WHITESPACE_RUN = re.compile(r" {2,}|\t{2,}")
+
+
+def mask_token(k: int) -> str:
+    """The infill sentinel string `<mask_k>`."""
+    return f"<mask_{k}>"
+
+
+def _byte_level_pipeline(tokenizer: Tokenizer) -> None:
+    """GPT-2 / CodeGen byte-level settings: no prefix space, byte-level decoding."""
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+
+
+def _added(content: str) -> AddedToken:
+    """Whitespace runs are ordinary added tokens (kept when decoding); the rest are special."""
+    special = not content.isspace()
+    return AddedToken(content, special=special, normalized=False, single_word=False, lstrip=False, rstrip=False)
+
+
+class CodeGenTokenizer:
+    """A `tokenizers.Tokenizer` with CodeGen2's special tokens resolved by name."""
+
+    def __init__(self, backend: Tokenizer):
+        self.backend = backend
+        vocab = backend.get_vocab(with_added_tokens=True)
+        missing = [t for t in REQUIRED_TOKENS if t not in vocab]
+        if missing:
+            raise UserError(f"tokenizer lacks the special token(s) {', '.join(missing)} that CodeGen2 needs")
+        for token in REQUIRED_TOKENS:
+            ids = backend.encode(token, add_special_tokens=False).ids
+            if ids != [vocab[token]]:
+                raise UserError(f"tokenizer does not encode {token} as one token (got ids {ids}); add it as a special token")
+        # Embedding rows must cover the largest id even if ids have gaps.
+        self.vocab_size: int = max(vocab.values()) + 1
+        self.eot_id: int = vocab[EOT]
+        self.sep_id: int = vocab[SEP]
+        self.eom_id: int = vocab[EOM]
+        num_masks = 0
+        while mask_token(num_masks + 1) in vocab:
+            num_masks += 1
+        self.num_masks: int = num_masks
+        self._mask_ids = tuple(vocab[mask_token(k)] for k in range(1, num_masks + 1))
+        self._literal_backend: Tokenizer | None = None
+
+    # ---------------------------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, path: str | Path) -> "CodeGenTokenizer":
+        """Load a tokenizer.json (file or directory holding one), or a vocab.json + merges.txt directory."""
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"tokenizer not found: {path}")
+        if path.is_dir():
+            if (path / "tokenizer.json").is_file():
+                path = path / "tokenizer.json"
+            elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+                return cls(_load_vocab_merges(path))
+            else:
+                raise UserError(f"{path}: no tokenizer.json, nor vocab.json + merges.txt, in this directory")
+        try:
+            backend = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad files
+            raise UserError(f"{path}: not a valid tokenizer.json ({exc})") from None
+        return cls(backend)
+
+    def save(self, directory: str | Path) -> None:
+        """Write tokenizer.json plus the two small files transformers' AutoTokenizer needs."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "CodeGenTokenizer",
+            "bos_token": EOT,
+            "eos_token": EOT,
+            "unk_token": EOT,
+            "add_prefix_space": False,
+            "clean_up_tokenization_spaces": False,
+        }
+        special_map = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (directory / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")
+
+    # --------------------------------------------------------------------------------- encoding
+    def encode(self, text: str, literal_specials: bool = False) -> list[int]:
+        """Token ids of `text`; special tokens are never added implicitly.
+
+        With `literal_specials`, special-token strings inside the text (say a file that mentions
+        "<|endoftext|>") are encoded as ordinary text, so data can never forge a sentinel.
+        """
+        return self._backend_for(literal_specials).encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str], literal_specials: bool = False) -> list[list[int]]:
+        """Encode many texts in parallel (tokenizers' Rust thread pool)."""
+        backend = self._backend_for(literal_specials)
+        return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def _backend_for(self, literal_specials: bool) -> Tokenizer:
+        if not literal_specials:
+            return self.backend
+        if self._literal_backend is None:  # a copy, so the shared backend's mode never flips
+            copy = Tokenizer.from_str(self.backend.to_str())
+            copy.encode_special_tokens = True
+            self._literal_backend = copy
+        return self._literal_backend
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    # ----------------------------------------------------------------------------- special ids
+    def mask_id(self, k: int) -> int:
+        """Id of `<mask_k>`, k >= 1."""
+        if not 1 <= k <= self.num_masks:
+            raise ValueError(f"<mask_{k}> does not exist: this tokenizer has <mask_1>..<mask_{self.num_masks}>")
+        return self._mask_ids[k - 1]
+
+    def mask_token(self, k: int) -> str:
+        return mask_token(k)
+
+    def special_ids(self) -> "SpecialIds":
+        from codegen2.objectives import SpecialIds
+
+        return SpecialIds(eot=self.eot_id, sep=self.sep_id, eom=self.eom_id, masks=self._mask_ids)
+
+    def fingerprint(self) -> str:
+        """A hash of the full tokenizer definition; token caches are keyed by it."""
+        return hashlib.sha256(self.backend.to_str().encode("utf-8")).hexdigest()
+
+
+def _load_vocab_merges(directory: Path) -> Tokenizer:
+    """Rebuild the byte-level BPE that HF's slow GPT-2/CodeGen tokenizer saves as separate files."""
+    try:
+        vocab, merges = models.BPE.read_file(str(directory / "vocab.json"), str(directory / "merges.txt"))
+    except Exception as exc:
+        raise UserError(f"{directory}: cannot read vocab.json / merges.txt ({exc})") from None
+    backend = Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
+    _byte_level_pipeline(backend)
+    added: dict[str, int] = {}
+    added_file = directory / "added_tokens.json"
+    if added_file.is_file():
+        added.update(_read_json(added_file))
+    config_file = directory / "tokenizer_config.json"
+    if config_file.is_file():
+        for key, entry in _read_json(config_file).get("added_tokens_decoder", {}).items():
+            added[entry["content"]] = int(key)
+    if EOT in vocab:
+        added.setdefault(EOT, vocab[EOT])
+    for content, wanted in sorted(added.items(), key=lambda item: item[1]):
+        token = _added(content)
+        if token.special:
+            backend.add_special_tokens([token])
+        else:
+            backend.add_tokens([token])
+        got = backend.token_to_id(content)
+        if got != wanted:
+            raise UserError(
+                f"{directory}: added token {content!r} should have id {wanted} but the ids are not contiguous "
+                f"after the BPE vocabulary (it got {got})"
+            )
+    return backend
+
+
+def _add_in_order(backend: Tokenizer, contents: Sequence[str]) -> None:
+    """Add tokens keeping their order (ids are assigned sequentially), batching runs of one kind."""
+    run: list[AddedToken] = []
+    for content in contents:
+        token = _added(content)
+        if run and run[-1].special != token.special:
+            _add_run(backend, run)
+            run = []
+        run.append(token)
+    if run:
+        _add_run(backend, run)
+
+
+def _add_run(backend: Tokenizer, run: list[AddedToken]) -> None:
+    if run[0].special:
+        backend.add_special_tokens(run)
+    else:
+        backend.add_tokens(run)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: invalid JSON ({exc})") from None
+
+
+# ---------------------------------------------------------------------------------------- training
+def _training_pieces(texts: Iterable[str]) -> Iterator[list[str]]:
+    """Cut each text where the whitespace-run tokens will cut it, so BPE learns what encoding meets."""
+    for text in texts:
+        pieces = [p for p in _WHITESPACE_RUN.split(text) if p]
+        if pieces:
+            yield pieces
+
+
+def num_added_tokens(num_masks: int) -> int:
+    """Tokens added on top of the BPE vocabulary (not counting padding dummies)."""
+    return 1 + len(WHITESPACE_TOKENS) + 2 + num_masks
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, num_masks: int) -> CodeGenTokenizer:
+    """Train a byte-level BPE on `texts` and add CodeGen2's tokens; total vocabulary == vocab_size.
+
+    If the text is too small to learn enough merges, `<dummy_k>` tokens fill the gap so that the
+    embedding size and the `<mask_N> = vocab_size - N` convention still hold.
+    """
+    if num_masks < 1:
+        raise UserError(f"tokenizer.num_masks={num_masks} must be at least 1")
+    bpe_target = vocab_size - num_added_tokens(num_masks)
+    byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if bpe_target < len(byte_alphabet):
+        raise UserError(
+            f"tokenizer.vocab_size={vocab_size} is too small: the 256 byte tokens and "
+            f"{num_added_tokens(num_masks)} added tokens need at least {len(byte_alphabet) + num_added_tokens(num_masks)}"
+        )
+    backend = Tokenizer(models.BPE(fuse_unk=False))
+    _byte_level_pipeline(backend)
+    trainer = trainers.BpeTrainer(
+        vocab_size=bpe_target,
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=byte_alphabet,
+        special_tokens=[],
+    )
+    backend.train_from_iterator(_training_pieces(texts), trainer=trainer)
+    bpe_size = backend.get_vocab_size(with_added_tokens=False)
+    tokens = [EOT, *WHITESPACE_TOKENS]
+    tokens += [f"<dummy_{k}>" for k in range(bpe_target - bpe_size)]
+    tokens += [SEP, EOM]
+    tokens += [mask_token(k) for k in range(num_masks, 0, -1)]
+    _add_in_order(backend, tokens)
+    tokenizer = CodeGenTokenizer(backend)
+    assert tokenizer.vocab_size == vocab_size, (tokenizer.vocab_size, vocab_size)
+    assert tokenizer.mask_id(num_masks) == vocab_size - num_masks
+    return tokenizer
