@@ -19,26 +19,29 @@ from .config import ModelConfig
 from .masks import build_attention_mask
 
 
-def rotary_tables(rotary_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [..., rotary_dim // 2] for the given absolute positions, in fp32."""
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.int64).float() / rotary_dim))
-    angles = positions.float()[..., None] * inv_freq
-    return angles.cos(), angles.sin()
+def rotary_tables(rotary_dim: int, head_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-head rotation tables [..., head_dim] in fp32 for the given absolute positions.
 
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    """Rotate interleaved pairs (2i, 2i+1) of the first `rotary_dim` dims of each head; x is [B, T, H, D].
-
-    cos/sin are [B or 1, T, rotary_dim // 2]. Computed in fp32 as the original implementation does.
+    Pair (2i, 2i+1) of the first `rotary_dim` dims rotates by angle p / 10000^(2i / rotary_dim): `cos` holds
+    cos for both dims of the pair, `sin` holds (-sin, +sin). Dims past `rotary_dim` get cos 1, sin 0, so
+    one fused expression rotates a whole head with no slicing or concatenation (cheaper backward).
     """
-    rot = x[..., :rotary_dim].float().unflatten(-1, (rotary_dim // 2, 2))
-    even, odd = rot[..., 0], rot[..., 1]
-    cos = cos[:, :, None, :]
-    sin = sin[:, :, None, :]
-    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
-    if rotary_dim == x.shape[-1]:
-        return rotated.to(x.dtype)
-    return torch.cat((rotated.to(x.dtype), x[..., rotary_dim:]), dim=-1)
+    exponents = torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.int64).float() / rotary_dim
+    angles = positions.float()[..., None] * (1.0 / (10000 ** exponents))
+    cos = angles.cos().repeat_interleave(2, dim=-1)
+    sin = torch.stack((-angles.sin(), angles.sin()), dim=-1).flatten(-2)
+    if rotary_dim < head_dim:
+        rest = head_dim - rotary_dim
+        cos = torch.cat((cos, cos.new_ones(*cos.shape[:-1], rest)), dim=-1)
+        sin = torch.cat((sin, sin.new_zeros(*sin.shape[:-1], rest)), dim=-1)
+    return cos, sin
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GPT-J interleaved rotary on x [B, T, H, D] with tables [B or 1, T, D]; computed in fp32 as the original."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+    out = x.float() * cos[:, :, None, :] + swapped.float() * sin[:, :, None, :]
+    return out.to(x.dtype)
 
 
 class KVCache:
@@ -86,13 +89,11 @@ class CodeGenAttention(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         batch, time, width = x.shape
         # Output rows are mp_num groups, each [Q | V | K] for n_head / mp_num consecutive heads.
-        qkv = self.qkv_proj(x).view(batch, time, self.mp_num, 3, width // self.mp_num)
-        query = qkv[:, :, :, 0].reshape(batch, time, self.n_head, self.head_dim)
-        value = qkv[:, :, :, 1].reshape(batch, time, self.n_head, self.head_dim)
-        key = qkv[:, :, :, 2].reshape(batch, time, self.n_head, self.head_dim)
-        query = apply_rotary(query, cos, sin, self.rotary_dim).transpose(1, 2)
-        key = apply_rotary(key, cos, sin, self.rotary_dim).transpose(1, 2)
-        value = value.transpose(1, 2)
+        query, value, key = self.qkv_proj(x).view(batch, time, self.mp_num, 3, width // self.mp_num).unbind(3)
+        heads = (batch, time, self.n_head, self.head_dim)
+        query = apply_rotary(query.reshape(heads), cos, sin).transpose(1, 2)
+        key = apply_rotary(key.reshape(heads), cos, sin).transpose(1, 2)
+        value = value.reshape(heads).transpose(1, 2)
         if cache is not None:
             key, value = cache.store(layer, key, value)
         if mask is None:
@@ -186,7 +187,7 @@ class CodeGenModel(nn.Module):
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + time, device=input_ids.device)[None].expand(batch, time)
-        cos, sin = rotary_tables(self.config.rotary_dim, position_ids)
+        cos, sin = rotary_tables(self.config.rotary_dim, self.config.head_dim, position_ids)
         mask = None
         if doc_ids is not None or prefix_len is not None or (cache is not None and cache.has_padding):
             key_valid = cache.valid[:, : past + time] if cache is not None and cache.has_padding else None
