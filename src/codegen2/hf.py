@@ -1,0 +1,221 @@
+"""Run the published CodeGen2 checkpoints and move weights between codegen2 and Hugging Face.
+
+- `from_pretrained(dir)` loads a local HF `codegen` directory into a `CodeGenModel`, with the
+  tokenizer attached as `model.tokenizer`. The model keeps the checkpoint's own qkv grouping
+  (`model.config.mp_num`: 8 for CodeGen2-1B/3.7B, 4 otherwise), so nothing is regrouped or copied.
+- `export_hf(run, out)` writes a directory that `transformers` loads with no remote code: weights in
+  the 4-group layout transformers hard-codes, config.json recording `mp_num: 4`.
+- `import_hf(dir, run)` writes a codegen2 run directory with a step-0 checkpoint to continue training
+  from, in the checkpoint's own grouping (so its weights are bitwise those of the HF files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CHECKPOINTS, WEIGHTS, atomic_directory, list_checkpoints, write_checkpoint
+from .config import Config, load_config, save_config
+from .errors import UserError
+from .hf_config import (
+    CONFIG_FILE,
+    TRANSFORMERS_MP_NUM,
+    choose_mp_num,
+    detect_mp_num,
+    hf_config_from_model,
+    load_hf_config,
+    model_config_from_hf,
+    read_hf_config,
+)
+from .hf_weights import expected_shapes, is_qkv, load_into, read_checked_tensors, regroup_qkv
+from .model import CodeGenModel
+
+__all__ = [
+    "from_pretrained", "is_hf_directory", "load_hf_config", "detect_mp_num", "regroup_qkv",
+    "export_hf", "import_hf", "register",
+]
+
+log = logging.getLogger("codegen2")
+
+GENERATION_CONFIG = "generation_config.json"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def is_hf_directory(path: str | Path) -> bool:
+    """A directory with a config.json (and no codegen2 config.toml, which makes it a run directory)."""
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and not (path / "config.toml").is_file()
+
+
+def has_tokenizer_files(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "tokenizer.json").is_file() or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
+
+
+def load_hf_tokenizer(path: str | Path, vocab_size: int):
+    """The tokenizer of a HF directory (tokenizer.json, or vocab.json + merges.txt + added_tokens.json)."""
+    from .tokenizer import CodeGenTokenizer
+
+    path = Path(path)
+    if not has_tokenizer_files(path):
+        raise UserError(f"{path}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt + "
+                        f"added_tokens.json); copy them from the original model directory")
+    try:
+        tokenizer = CodeGenTokenizer.load(path)
+    except UserError as exc:
+        message = str(exc)
+        raise UserError(message if str(path) in message else f"{path}: {message}") from None
+    if tokenizer.vocab_size > vocab_size:
+        raise UserError(f"{path}: the tokenizer has ids up to {tokenizer.vocab_size - 1} but the model's "
+                        f"vocab_size is {vocab_size}")
+    return tokenizer
+
+
+def from_pretrained(
+    path: str | Path,
+    mp_num: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    load_tokenizer: bool = True,
+) -> CodeGenModel:
+    """Load a local Hugging Face CodeGen / CodeGen2 directory as a CodeGenModel in eval mode.
+
+    The tokenizer is attached as `model.tokenizer` (None with load_tokenizer=False); the shapes are
+    `model.config` (a ModelConfig whose mp_num is the checkpoint's qkv grouping: explicit `mp_num`,
+    else config.json's `mp_num` key, else detected from the published shapes; logged either way).
+    `dtype` None keeps the stored dtype. The model is built on the meta device and each tensor is
+    memory-mapped or read once, so the weights are never held twice.
+    """
+    path = Path(path)
+    raw = read_hf_config(path)
+    cfg = model_config_from_hf(raw, choose_mp_num(raw, mp_num, path), path / CONFIG_FILE)
+    tokenizer = load_hf_tokenizer(path, cfg.vocab_size) if load_tokenizer else None
+    with torch.device("meta"):
+        model = CodeGenModel(cfg)
+    load_into(model, path, device=device, dtype=dtype)
+    model.eval()
+    model.tokenizer = tokenizer
+    log.info("loaded %s: %s parameters, %s, mp_num=%d", path, f"{model.num_parameters():,}",
+             str(next(model.parameters()).dtype).removeprefix("torch."), cfg.mp_num)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ export
+def _select_checkpoint(run_dir: Path, step: int | None) -> Path:
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise UserError(f"{run_dir}: no complete checkpoint ({CHECKPOINTS}/step_*/{WEIGHTS})")
+    if step is None:
+        return found[-1]
+    for ckpt in found:
+        if int(ckpt.name.split("_")[1]) == step:
+            return ckpt
+    steps = ", ".join(c.name.split("_")[1].lstrip("0") or "0" for c in found)
+    raise UserError(f"{run_dir}: no checkpoint for step {step} (available: {steps})")
+
+
+def _require_empty(directory: Path, what: str) -> None:
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise UserError(f"{directory} already exists and is not empty; choose a new {what} or remove it")
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+    """Write a transformers-loadable CodeGen directory from a run's checkpoint (latest, or `step`)."""
+    from .tokenizer import CodeGenTokenizer
+    from safetensors.torch import save_file
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise UserError(f"{run_dir}: not a codegen2 run directory (no config.toml)")
+    config = load_config(run_dir / "config.toml")
+    cfg = config.model
+    ckpt = _select_checkpoint(run_dir, step)
+    tokenizer = CodeGenTokenizer.load(run_dir)
+    _require_empty(out_dir, "output directory")
+    with torch.device("meta"):
+        expected = expected_shapes(CodeGenModel(cfg))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in read_checked_tensors(ckpt / WEIGHTS, expected, config_name="config.toml"):
+        if is_qkv(name):
+            tensor = regroup_qkv(tensor, cfg.n_head, cfg.mp_num, TRANSFORMERS_MP_NUM)
+        tensors[name] = tensor.contiguous()
+    dtype_name = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    hf_config = hf_config_from_model(cfg, tokenizer.eot_id, dtype_name)
+    generation = {"_from_model_config": True, "bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
+    with atomic_directory(out_dir) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+        (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+        tokenizer.save(tmp)
+    log.info("exported %s (mp_num %d -> %d) to %s", ckpt, cfg.mp_num, TRANSFORMERS_MP_NUM, out_dir)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------ import
+def import_hf(hf_dir: str | Path, run_dir: str | Path, mp_num: int | None = None,
+              dtype: torch.dtype | None = None) -> Path:
+    """Make a run directory (config.toml, tokenizer, step-0 checkpoint without trainer state) from HF weights.
+
+    The weights keep the checkpoint's qkv grouping (recorded as model.mp_num in config.toml) and, with
+    `dtype` None, its dtype, so they are bitwise the HF tensors. Training resumed from this directory
+    starts a fresh optimizer at step 0 from these weights.
+    """
+    hf_dir, run_dir = Path(hf_dir), Path(run_dir)
+    raw = read_hf_config(hf_dir)
+    chosen = choose_mp_num(raw, mp_num, hf_dir)
+    cfg = model_config_from_hf(raw, chosen, hf_dir / CONFIG_FILE)
+    tokenizer = load_hf_tokenizer(hf_dir, cfg.vocab_size)
+    _require_empty(run_dir, "run directory")
+    with torch.device("meta"):
+        expected = expected_shapes(CodeGenModel(cfg))
+    state = dict(read_checked_tensors(hf_dir, expected, dtype=dtype))
+    config = Config(model=cfg)
+    config.tokenizer.vocab_size = cfg.vocab_size
+    config.tokenizer.num_masks = tokenizer.num_masks
+    config.train.seq_len = min(config.train.seq_len, cfg.n_ctx)
+    config.validate()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(run_dir)
+    meta = {"tokens_seen": 0, "imported_from": str(hf_dir.resolve()), "mp_num": chosen}
+    write_checkpoint(run_dir, 0, state, meta)
+    # config.toml last: its presence is what marks the directory as a complete run directory.
+    save_config(config, run_dir / "config.toml")
+    log.info("imported %s into %s (mp_num=%d, step 0)", hf_dir, run_dir, chosen)
+    return run_dir
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _cmd_export(args: argparse.Namespace) -> int:
+    out = export_hf(args.run_dir, args.out_dir, step=args.step)
+    print(f"exported to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
+    run = import_hf(args.hf_dir, args.run_dir, mp_num=args.mp_num, dtype=dtype)
+    print(f"imported into {run}; continue training with: codegen2 train --out {run} --resume")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `export-hf RUN_DIR OUT_DIR` and `import-hf HF_DIR RUN_DIR` to the codegen2 CLI."""
+    p = subparsers.add_parser("export-hf", help="write a run's weights as a transformers CodeGen directory")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="codegen2 run directory")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="new directory for config.json, model.safetensors, tokenizer")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.set_defaults(func=_cmd_export)
+
+    p = subparsers.add_parser("import-hf", help="make a run directory from a Hugging Face CodeGen directory")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json, weights and tokenizer files")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="new run directory")
+    p.add_argument("--mp-num", type=int, default=None, dest="mp_num",
+                   help="qkv grouping of the checkpoint (default: detect; 8 for CodeGen2-1B/3.7B, else 4)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="convert the weights (default: keep the stored dtype)")
+    p.set_defaults(func=_cmd_import)

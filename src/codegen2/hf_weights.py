@@ -1,0 +1,193 @@
+"""Read Hugging Face CodeGen weight files frugally, check them, and regroup the fused qkv projection.
+
+Supported layouts: `model.safetensors`, `pytorch_model.bin`, and either one sharded with its
+`*.index.json`. Tensors are memory-mapped (safetensors' mmap, `torch.load(mmap=True)`), so a tensor
+is paged in from the file once and never copied; with a dtype conversion safetensors reads each
+tensor with pread instead, so only one unconverted tensor exists at a time. Together with a model
+built on the meta device, peak memory stays near one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .errors import UserError
+
+log = logging.getLogger("codegen2")
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PYTORCH_BIN = "pytorch_model.bin"
+PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+# Non-persistent attention buffers that old transformers versions saved alongside the weights.
+IGNORED_SUFFIXES = (".attn.causal_mask", ".attn.masked_bias", ".attn.bias")
+
+
+def regroup_qkv(weight: torch.Tensor, n_head: int, from_mp: int, to_mp: int) -> torch.Tensor:
+    """Reorder the rows of a fused qkv weight [3 * d, d] from `from_mp` to `to_mp` groups.
+
+    With mp_num groups the rows are, per group g, [Q | V | K] for heads g * n_head / mp_num onward
+    (DESIGN §3). The function is the same whatever the grouping; only the row order differs.
+    """
+    if weight.dim() != 2 or weight.shape[0] != 3 * weight.shape[1]:
+        raise ValueError(f"qkv weight must have shape [3 * d, d], got {list(weight.shape)}")
+    for mp in (from_mp, to_mp):
+        if mp < 1 or n_head % mp:
+            raise ValueError(f"mp_num={mp} does not divide n_head={n_head}")
+    if from_mp == to_mp:
+        return weight
+    d = weight.shape[1]
+    # [from_mp, (q, v, k), d / from_mp, d] -> [(q, v, k), all heads in order, d] -> [to_mp, (q, v, k), ...]
+    per_kind = weight.reshape(from_mp, 3, d // from_mp, d).transpose(0, 1).reshape(3, d, d)
+    return per_kind.reshape(3, to_mp, d // to_mp, d).transpose(0, 1).reshape(3 * d, d).contiguous()
+
+
+def is_qkv(name: str) -> bool:
+    return name.endswith(".attn.qkv_proj.weight")
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The weight files of a HF directory, preferring safetensors; shards come from their index."""
+    path = Path(path)
+    if (path / SAFETENSORS).is_file():
+        return [path / SAFETENSORS]
+    if (path / SAFETENSORS_INDEX).is_file():
+        return _files_from_index(path / SAFETENSORS_INDEX)
+    if (path / PYTORCH_BIN).is_file():
+        return [path / PYTORCH_BIN]
+    if (path / PYTORCH_BIN_INDEX).is_file():
+        return _files_from_index(path / PYTORCH_BIN_INDEX)
+    raise UserError(f"{path}: no weights found; expected {SAFETENSORS}, {PYTORCH_BIN}, or a sharded checkpoint "
+                    f"with {SAFETENSORS_INDEX} / {PYTORCH_BIN_INDEX}")
+
+
+def _files_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{index}: not a valid shard index (needs a 'weight_map' object): {exc}") from None
+    files = [index.parent / name for name in names]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise UserError(f"{index}: shard file(s) listed but missing: {', '.join(absent)}")
+    return files
+
+
+def iter_tensors(files: list[Path], device: str | torch.device = "cpu",
+                 converting: bool = False) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """Yield (name, tensor, file) one tensor at a time, skipping the ignored attention buffers unread."""
+    for file in files:
+        if file.suffix == ".safetensors":
+            yield from _iter_safetensors(file, device, converting)
+        else:
+            yield from _iter_torch_bin(file, device)
+
+
+def _open_safetensors(file: Path, device: str, converting: bool):
+    # pread (safetensors >= 0.8) keeps converted-away tensors out of memory; mmap is zero-copy otherwise.
+    if converting:
+        try:
+            return safe_open(str(file), framework="pt", device=device, backend="pread")
+        except TypeError:
+            pass
+    return safe_open(str(file), framework="pt", device=device)
+
+
+def _iter_safetensors(file: Path, device, converting: bool) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    try:
+        handle = _open_safetensors(file, str(device), converting)
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise UserError(f"{file}: cannot read safetensors file ({exc})") from None
+    with handle:
+        for name in handle.keys():
+            if not name.endswith(IGNORED_SUFFIXES):
+                yield name, handle.get_tensor(name), file
+
+
+def _iter_torch_bin(file: Path, device) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "zip" not in str(exc).lower() and "mmap" not in str(exc).lower():
+            raise UserError(f"{file}: cannot read PyTorch weights ({exc})") from None
+        log.warning("%s is in the legacy (pre-zip) torch format and cannot be memory-mapped; reading it whole", file)
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc2:
+            raise UserError(f"{file}: cannot read PyTorch weights ({exc2})") from None
+    except Exception as exc:
+        raise UserError(f"{file}: cannot read PyTorch weights ({exc})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{file}: expected a dict of tensors, found {type(state).__name__}")
+    for name in list(state):
+        tensor = state.pop(name)  # drop our reference as we go
+        if not name.endswith(IGNORED_SUFFIXES):
+            if not isinstance(tensor, torch.Tensor):
+                raise UserError(f"{file}: entry {name} is a {type(tensor).__name__}, not a tensor")
+            yield name, tensor.to(device), file
+
+
+def read_checked_tensors(
+    path: str | Path,
+    expected: dict[str, torch.Size],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    config_name: str = "config.json",
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream the tensors of a HF directory (or one weights file), each checked against `expected`.
+
+    With `dtype` None the checkpoint's own floating dtype is kept (a file mixing dtypes is unified to
+    its first one). Raises UserError for unknown, duplicated, mis-shaped or (at the end) missing tensors.
+    """
+    path = Path(path)
+    files = [path] if path.is_file() else weight_files(path)
+    seen: set[str] = set()
+    target = dtype
+    for name, tensor, file in iter_tensors(files, device, converting=dtype is not None):
+        if name not in expected:
+            raise UserError(f"{file}: unexpected tensor {name} (shape {list(tensor.shape)}); this is not a "
+                            f"CodeGen checkpoint matching {config_name}")
+        if name in seen:
+            raise UserError(f"{file}: tensor {name} appears twice in the checkpoint")
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise UserError(f"{file}: tensor {name} has shape {list(tensor.shape)} but {config_name} implies "
+                            f"{list(expected[name])}; fix {config_name} or use the matching weights")
+        if not tensor.is_floating_point():
+            raise UserError(f"{file}: tensor {name} has dtype {tensor.dtype}; weights must be floating point")
+        if target is None:
+            target = tensor.dtype
+        if tensor.dtype != target:
+            tensor = tensor.to(target)
+        seen.add(name)
+        yield name, tensor
+    missing = [name for name in expected if name not in seen]
+    if missing:
+        shown = ", ".join(f"{n} {list(expected[n])}" for n in missing[:4])
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        raise UserError(f"{path}: missing tensor(s) {shown}{more}")
+
+
+def expected_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    return {name: p.shape for name, p in model.named_parameters()}
+
+
+def assign_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace a (meta) parameter by `tensor` without copying it."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, leaf, nn.Parameter(tensor, requires_grad=getattr(module, leaf).requires_grad))
+
+
+def load_into(model: nn.Module, path: str | Path, device: str | torch.device = "cpu",
+              dtype: torch.dtype | None = None) -> None:
+    """Fill a model built on the meta device from a HF directory's weights, tensor by tensor."""
+    for name, tensor in read_checked_tensors(path, expected_shapes(model), device, dtype):
+        assign_parameter(model, name, tensor)
