@@ -1,0 +1,52 @@
+"""Shared fixtures: a small corpus and a tiny training config that run in seconds on 2 cores."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from codegen2.config import load_config
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+CORPUS_FILES = ["textwrap.py", "glob.py", "fnmatch.py", "shlex.py", "bisect.py", "heapq.py", "colorsys.py",
+                "keyword.py", "string.py", "genericpath.py", "posixpath.py", "queue.py", "sched.py", "this.py"]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """A directory of real Python files (copied from the standard library)."""
+    root = tmp_path_factory.mktemp("corpus")
+    for name in CORPUS_FILES:
+        (root / name).write_text((STDLIB / name).read_text(encoding="utf-8"), encoding="utf-8")
+    return root
+
+
+def tiny_overrides(corpus: Path, **extra) -> list[str]:
+    values = {
+        "model.vocab_size": 512, "model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "model.rotary_dim": 8,
+        "model.n_ctx": 128, "model.mp_num": 2,
+        "tokenizer.vocab_size": 512, "tokenizer.num_masks": 8, "tokenizer.train_chars": 200000,
+        "objective.max_spans": 4, "objective.span_len_max": 8,
+        "train.seq_len": 64, "train.micro_batch_size": 4, "train.grad_accum": 2, "train.lr": 3e-3,
+        "train.warmup_steps": 2, "train.max_steps": 6, "train.checkpoint_every": 3, "train.log_every": 1,
+        "train.num_threads": 1,
+    }
+    values.update(extra)
+    import json
+
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+@pytest.fixture
+def tiny_config(small_corpus):
+    def make(**extra):
+        from codegen2.config import SourceConfig
+
+        config = load_config(None, overrides=tiny_overrides(small_corpus, **extra))
+        config.data.sources = [SourceConfig(path=str(small_corpus), kind="code", weight=1.0, include=["*.py"])]
+        config.data.heldout_fraction = 0.0
+        return config.validate()
+
+    return make
