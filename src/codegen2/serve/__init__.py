@@ -1,0 +1,98 @@
+"""`codegen2 serve`: an OpenAI-compatible completions server (with `suffix` infill) over any loadable checkpoint.
+
+Layout: `engine` batches requests on the model (torch only), `text` tracks streamed text and stop
+strings, `protocol` validates requests and shapes responses, `app` is the FastAPI layer. FastAPI,
+uvicorn and pydantic are imported only when serving, so other commands work without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+
+log = logging.getLogger("codegen2.serve")
+
+API_KEY_ENV = "CODEGEN2_API_KEY"
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="serve completions and infills over an OpenAI-compatible HTTP API")
+    p.add_argument("--checkpoint", required=True, help="codegen2 run directory or Hugging Face directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on every request (or set {API_KEY_ENV})")
+    p.add_argument("--model-name", default=None, help="model id reported and accepted (default: checkpoint name)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="sequences allowed to wait; beyond it requests get 429 at once")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--mp-num", type=int, default=None, help="qkv grouping of a HF checkpoint (default: detect)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch default; 1 is fastest for small models on busy machines)")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def _dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else None
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ModuleNotFoundError as exc:
+        raise UserError(f"serving needs the 'serve' extra ({exc.name} is missing): pip install 'codegen2[serve]'")
+    from ..loading import load_checkpoint
+    from .app import create_app
+    from .engine import BatchEngine
+
+    if args.max_batch_size < 1 or args.max_queue < 1:
+        raise UserError("--max-batch-size and --max-queue must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} is not a TCP port")
+    if args.threads < 0:
+        raise UserError(f"--threads {args.threads} must be 0 (torch default) or more")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if not _is_loopback(args.host) and api_key is None:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    loaded = load_checkpoint(args.checkpoint, device=args.device, dtype=_dtype(args.dtype, args.device),
+                             mp_num=args.mp_num)
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    engine = BatchEngine(loaded.model, loaded.tokenizer, max_batch_size=args.max_batch_size,
+                         max_queue=args.max_queue, bidirectional_prompt=loaded.prefix_lm)
+    app = create_app(engine, name, api_key=api_key)
+    print(f"serving {name} ({loaded.source}) on http://{args.host}:{args.port}/v1 "
+          f"(batch {args.max_batch_size}, queue {args.max_queue}, auth {'on' if api_key else 'off'})",
+          file=sys.stderr, flush=True)
+    verbose = bool(getattr(args, "verbose", False))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if verbose else "warning",
+                access_log=verbose)
+    return 0

@@ -1,0 +1,435 @@
+"""Continuous batching: unrelated requests decode together on one model, joining and leaving at any step.
+
+One background thread owns the model. Each step it (1) admits waiting rows while there is room,
+prefilling them as one left-padded batch and merging their keys/values into the running cache,
+(2) picks the next token of every row with that row's own temperature, top-p and seeded generator,
+(3) hands new text to the row's sink and drops rows that finished or were cancelled, (4) feeds the
+new tokens through the model. All rows share one cache length; a row's tokens sit right-aligned with
+padding before them, which the attention mask hides, and positions count from the row's first token,
+so a row's logits do not depend on its batch mates (up to floating-point rounding of other shapes).
+
+Sampling reuses `sampling.choose_tokens`, the prefill mirrors `sampling.generate_ids`, and each row
+is seeded exactly as `generate_ids` seeds its rows, so a request served alone reproduces
+`codegen2 sample` / `codegen2 infill` with the same seed token for token.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..model import CodeGenModel, KVCache
+from ..sampling import SamplingParams, choose_tokens
+from .text import IncrementalText
+
+log = logging.getLogger("codegen2.serve")
+
+
+@dataclass
+class RowRequest:
+    """One sequence to generate: a prompt's token ids and how to sample its continuation."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    stop_ids: tuple[int, ...] = ()
+    stream: bool = False  # send text as it is generated, not only at the end
+
+
+@dataclass
+class RowEvent:
+    """New text of row `index` of a submission; `finish_reason` is set on the row's last event.
+
+    When the row does not stream, its only event carries the whole text.
+    """
+
+    index: int
+    text: str
+    finish_reason: str | None = None  # "stop", "length" or "error"
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+Sink = Callable[[RowEvent], None]
+
+
+class QueueFull(Exception):
+    """The waiting queue cannot take this submission now; the client should retry later."""
+
+
+class EngineStopped(Exception):
+    """The engine no longer accepts work (the server is shutting down)."""
+
+
+class Ticket:
+    """Handle of one submission: its rows can be cancelled together (e.g. the client went away)."""
+
+    def __init__(self, engine: "BatchEngine", size: int):
+        self._engine = engine
+        self.size = size
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self._engine.cancel(self)
+
+
+@dataclass
+class _Row:
+    spec: RowRequest
+    index: int
+    ticket: Ticket
+    sink: Sink
+    text: IncrementalText
+    generator: torch.Generator | None = None
+    sampled: int = 0
+    start: int = 0  # cache column of the row's first prompt token
+    done: bool = False
+
+    @property
+    def remaining(self) -> int:
+        """Tokens this row may still feed through the model (an upper bound of cache columns it needs)."""
+        return self.spec.max_tokens - self.sampled
+
+
+@dataclass
+class EngineStats:
+    active: int = 0
+    waiting: int = 0
+    steps: int = 0
+    rows_finished: int = 0
+    rows_cancelled: int = 0
+    rows_failed: int = 0
+    tokens_generated: int = 0
+    busy_seconds: float = 0.0
+    max_batch_seen: int = 0
+
+
+class BatchEngine:
+    """Runs submitted rows on `model` with continuous batching in a background thread."""
+
+    def __init__(
+        self,
+        model: CodeGenModel,
+        tokenizer,
+        *,
+        max_batch_size: int = 32,
+        max_queue: int = 256,
+        max_cache_len: int | None = None,
+        max_prefill_tokens: int = 8192,
+        bidirectional_prompt: bool = False,
+    ):
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be at least 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.n_ctx = model.config.n_ctx
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        # Rows of different ages share one cache length, so it can exceed one context window.
+        self.max_cache_len = max_cache_len or 2 * self.n_ctx
+        self.max_prefill_tokens = max_prefill_tokens
+        self.bidirectional_prompt = bidirectional_prompt
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[_Row] = collections.deque()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.stats = EngineStats()
+        # State below is touched only by the engine thread.
+        self._rows: list[_Row] = []
+        self._cache: KVCache | None = None
+        self._logits: torch.Tensor | None = None  # [rows, vocab]: next-token logits of every row
+        self._next_pos: torch.Tensor | None = None  # [rows]: position of the next fed token
+
+    # ------------------------------------------------------------------------------ public API
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="codegen2-batch-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the thread; rows still waiting or running end with an error event."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for row in waiting + self._rows:
+            self._emit(row, RowEvent(row.index, "", "error", row.sampled, error="the server is shutting down"))
+        self._rows = []
+        self._cache = self._logits = self._next_pos = None
+
+    def submit(self, rows: list[RowRequest], sink: Sink) -> Ticket:
+        """Queue rows (all or none); `sink` receives their events from the engine thread."""
+        for spec in rows:
+            if not spec.prompt_ids:
+                raise ValueError("a row needs at least one prompt token")
+            if spec.max_tokens < 1 or len(spec.prompt_ids) + spec.max_tokens > self.n_ctx:
+                raise ValueError(f"prompt ({len(spec.prompt_ids)} tokens) + max_tokens ({spec.max_tokens}) "
+                                 f"must fit the context of {self.n_ctx} tokens")
+        ticket = Ticket(self, len(rows))
+        decode = self.tokenizer.decode
+        new = [_Row(spec, i, ticket, sink, IncrementalText(decode, spec.stop)) for i, spec in enumerate(rows)]
+        with self._lock:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self._waiting) + len(new) > self.max_queue:
+                raise QueueFull(f"the server is busy ({len(self._waiting)} sequences waiting, "
+                                f"queue limit {self.max_queue}); retry later")
+            self._waiting.extend(new)
+            self.stats.waiting = len(self._waiting)
+            self._lock.notify_all()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Forget a submission: waiting rows leave the queue now, running rows at the next step."""
+        with self._lock:
+            if ticket.cancelled:
+                return
+            ticket.cancelled = True
+            before = len(self._waiting)
+            self._waiting = collections.deque(r for r in self._waiting if r.ticket is not ticket)
+            self.stats.rows_cancelled += before - len(self._waiting)
+            self.stats.waiting = len(self._waiting)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            s = self.stats
+            return {"active": s.active, "waiting": s.waiting, "steps": s.steps, "rows_finished": s.rows_finished,
+                    "rows_cancelled": s.rows_cancelled, "rows_failed": s.rows_failed,
+                    "tokens_generated": s.tokens_generated, "max_batch_seen": s.max_batch_seen,
+                    "busy_seconds": round(s.busy_seconds, 3), "max_batch_size": self.max_batch_size,
+                    "max_queue": self.max_queue}
+
+    # --------------------------------------------------------------------------- engine thread
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not self._stopping and not self._waiting and not self._rows:
+                        self._lock.wait()
+                    if self._stopping:
+                        return
+                began = time.perf_counter()
+                try:
+                    self._step()
+                except Exception as exc:  # keep serving: fail the rows in flight, not the server
+                    log.exception("decoding step failed")
+                    self._fail_running(f"generation failed: {type(exc).__name__}: {exc}")
+                with self._lock:
+                    self.stats.busy_seconds += time.perf_counter() - began
+                    self.stats.active = len(self._rows)
+
+    def _step(self) -> None:
+        self._admit()
+        if not self._rows:
+            return
+        tokens = self._choose()
+        keep: list[int] = []
+        for slot, row in enumerate(self._rows):
+            if row.ticket.cancelled:
+                with self._lock:
+                    self.stats.rows_cancelled += 1
+                continue
+            if not self._advance(row, int(tokens[slot])):
+                keep.append(slot)
+        with self._lock:
+            self.stats.steps += 1
+            self.stats.tokens_generated += len(self._rows)
+        if len(keep) < len(self._rows):
+            self._rebuild(keep)
+            tokens = tokens[torch.tensor(keep, dtype=torch.long, device=tokens.device)]
+        if self._rows:
+            assert self._cache is not None and self._next_pos is not None
+            logits = self.model(tokens[:, None], position_ids=self._next_pos[:, None], cache=self._cache)
+            self._logits = logits[:, -1]
+            self._next_pos = self._next_pos + 1
+
+    def _choose(self) -> torch.Tensor:
+        """Next token of every row, grouping rows that share temperature and top-p."""
+        assert self._logits is not None
+        logits = self._logits.float()
+        groups: dict[tuple[float, float], list[int]] = collections.defaultdict(list)
+        for slot, row in enumerate(self._rows):
+            groups[(row.spec.temperature, row.spec.top_p)].append(slot)
+        if len(groups) == 1:
+            (temperature, top_p), = groups
+            params = SamplingParams(temperature=temperature, top_p=top_p)
+            return choose_tokens(logits, params, [r.generator for r in self._rows])
+        tokens = torch.empty(len(self._rows), dtype=torch.long, device=logits.device)
+        for (temperature, top_p), slots in groups.items():
+            index = torch.tensor(slots, dtype=torch.long, device=logits.device)
+            params = SamplingParams(temperature=temperature, top_p=top_p)
+            tokens[index] = choose_tokens(logits[index], params, [self._rows[s].generator for s in slots])
+        return tokens
+
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Record a sampled token; emit text; True when the row has finished."""
+        row.sampled += 1
+        reason = None
+        if token in row.spec.stop_ids:
+            reason = "stop"
+        elif row.text.add(token):
+            reason = "stop"
+        elif row.sampled >= row.spec.max_tokens:
+            reason = "length"
+        if reason is None:
+            if row.spec.stream:
+                delta = row.text.take()
+                if delta:
+                    self._emit(row, RowEvent(row.index, delta))
+            return False
+        text = row.text.take(final=True) if row.spec.stream else row.text.text
+        row.done = True
+        self._emit(row, RowEvent(row.index, text, reason, row.sampled))
+        with self._lock:
+            self.stats.rows_finished += 1
+        return True
+
+    def _emit(self, row: _Row, event: RowEvent) -> None:
+        try:
+            row.sink(event)
+        except Exception:  # the receiver is gone (e.g. its event loop closed): stop its rows
+            row.ticket.cancelled = True
+
+    def _fail_running(self, message: str) -> None:
+        for row in self._rows:
+            self._emit(row, RowEvent(row.index, "", "error", row.sampled, error=message))
+        with self._lock:
+            self.stats.rows_failed += len(self._rows)
+        self._rows = []
+        self._cache = self._logits = self._next_pos = None
+
+    # ------------------------------------------------------------------------- admission, cache
+    def _span(self) -> int:
+        """Cache columns the running rows occupy once leading all-padding columns are dropped."""
+        if not self._rows or self._cache is None:
+            return 0
+        return self._cache.length - min(r.start for r in self._rows)
+
+    def _take_admissible(self) -> list[_Row]:
+        """Pop waiting rows (oldest first) that fit the batch, the prefill budget and the cache bound."""
+        free = self.max_batch_size - len(self._rows)
+        span = self._span()
+        remaining = max((r.remaining for r in self._rows), default=0)
+        taken: list[_Row] = []
+        longest = 0
+        with self._lock:
+            while self._waiting and len(taken) < free:
+                row = self._waiting[0]
+                if row.ticket.cancelled:
+                    self._waiting.popleft()
+                    continue
+                new_longest = max(longest, len(row.spec.prompt_ids))
+                new_remaining = max(remaining, row.spec.max_tokens)
+                fits_cache = max(span, new_longest) + new_remaining <= self.max_cache_len
+                fits_prefill = new_longest * (len(taken) + 1) <= self.max_prefill_tokens
+                if taken and not fits_prefill or (taken or self._rows) and not fits_cache:
+                    break
+                taken.append(self._waiting.popleft())
+                longest, remaining = new_longest, new_remaining
+            self.stats.waiting = len(self._waiting)
+        return taken
+
+    def _admit(self) -> None:
+        new = self._take_admissible()
+        if not new:
+            return
+        for row in new:
+            if row.spec.temperature > 0:
+                row.generator = torch.Generator().manual_seed(int(row.spec.seed))
+        cache, logits, next_pos = self._prefill(new)
+        for row, pos in zip(new, next_pos.tolist()):
+            row.start = cache.length - int(pos)
+        self._rebuild(list(range(len(self._rows))), new, cache, logits, next_pos)
+        with self._lock:
+            self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._rows))
+
+    def _prefill(self, rows: list[_Row]) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+        """Run new prompts as one left-padded batch (as `generate_ids` does); return cache, logits, positions."""
+        prompts = [r.spec.prompt_ids for r in rows]
+        batch, longest = len(prompts), max(len(p) for p in prompts)
+        input_ids = torch.full((batch, longest), self.tokenizer.eot_id, dtype=torch.long)
+        valid = torch.zeros(batch, longest, dtype=torch.bool)
+        for i, prompt in enumerate(prompts):
+            input_ids[i, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            valid[i, longest - len(prompt):] = True
+        input_ids, valid = input_ids.to(self.device), valid.to(self.device)
+        positions = (valid.long().cumsum(dim=1) - 1).clamp_min(0)
+        cache = KVCache(self.model.config, batch, longest, device=self.device, dtype=self.dtype)
+        cache.valid[:, :longest] = valid
+        cache.has_padding = bool((~valid).any())
+        prefix_len = torch.full((batch,), longest, device=self.device) if self.bidirectional_prompt else None
+        logits = self.model(input_ids, position_ids=positions, prefix_len=prefix_len, cache=cache)[:, -1]
+        return cache, logits, positions[:, -1] + 1
+
+    def _rebuild(
+        self,
+        keep: list[int],
+        new_rows: list[_Row] | None = None,
+        new_cache: KVCache | None = None,
+        new_logits: torch.Tensor | None = None,
+        new_pos: torch.Tensor | None = None,
+    ) -> None:
+        """Build the cache of the kept running rows plus new rows, right-aligned, dropping dead columns.
+
+        The new cache is sized for the longest remaining generation, so decoding never overflows it.
+        """
+        new_rows = new_rows or []
+        old_rows = [self._rows[i] for i in keep]
+        rows = old_rows + new_rows
+        if not rows:
+            self._rows, self._cache, self._logits, self._next_pos = [], None, None, None
+            return
+        old = self._cache
+        span = 0
+        if old_rows:
+            assert old is not None
+            first = min(r.start for r in old_rows)
+            span = old.length - first
+        fresh = new_cache.length if new_cache is not None else 0
+        length = max(span, fresh)
+        capacity = length + max(1, max(r.remaining for r in rows))
+        cache = KVCache(self.model.config, len(rows), capacity, device=self.device, dtype=self.dtype)
+        cache.valid[:, :length] = False
+        logits, positions = [], []
+        if old_rows:
+            assert old is not None and self._logits is not None and self._next_pos is not None
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            n, lo = len(old_rows), length - span
+            cache.keys[:, :n, :, lo:length] = old.keys[:, index, :, first:old.length]
+            cache.values[:, :n, :, lo:length] = old.values[:, index, :, first:old.length]
+            cache.valid[:n, lo:length] = old.valid[index, first:old.length]
+            for row in old_rows:
+                row.start += lo - first
+            logits.append(self._logits[index])
+            positions.append(self._next_pos[index])
+        if new_rows:
+            assert new_cache is not None and new_logits is not None and new_pos is not None
+            n, lo = len(old_rows), length - fresh
+            cache.keys[:, n:, :, lo:length] = new_cache.keys[:, :, :, :fresh]
+            cache.values[:, n:, :, lo:length] = new_cache.values[:, :, :, :fresh]
+            cache.valid[n:, lo:length] = new_cache.valid[:, :fresh]
+            for row in new_rows:
+                row.start += lo
+            logits.append(new_logits)
+            positions.append(new_pos)
+        cache.length = length
+        cache.has_padding = bool((~cache.valid[:, :length]).any())
+        self._rows, self._cache = rows, cache
+        self._logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+        self._next_pos = torch.cat(positions) if len(positions) > 1 else positions[0]

@@ -1,0 +1,383 @@
+"""The OpenAI-compatible server, driven by the official `openai` client and raw HTTP.
+
+References: `sampling.generate_ids` / `codegen2 infill` run on the same checkpoint (what a request must
+reproduce with the same seed), `tokenizer.decode` of the whole sequence (what streamed text must add
+up to), and the OpenAI error shape. The model is a tiny random CodeGen, so texts are gibberish but
+exactly reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from codegen2 import cli
+from codegen2.checkpoint import write_checkpoint
+from codegen2.config import Config, ModelConfig, TokenizerConfig, TrainConfig, save_config
+from codegen2.loading import load_checkpoint
+from codegen2.model import CodeGenModel
+from codegen2.sampling import SamplingParams, generate_ids, infill_prompt_ids
+from codegen2.serve.app import create_app
+from codegen2.serve.engine import BatchEngine, QueueFull, RowRequest
+from codegen2.serve.text import IncrementalText
+from codegen2.tokenizer import train_tokenizer
+
+uvicorn = pytest.importorskip("uvicorn")
+
+KEY = "test-key-123"
+MODEL = "tiny-test"
+N_CTX = 256
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matmuls on a shared 2-core machine run far faster on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    import argparse as text_a
+    import json as text_b
+
+    texts = [Path(m.__file__).read_text(encoding="utf-8") for m in (text_a, text_b)]
+    tokenizer = train_tokenizer(texts, vocab_size=512, num_masks=8)
+    config = Config(model=ModelConfig(vocab_size=512, n_layer=2, n_embd=64, n_head=4, rotary_dim=16, n_ctx=N_CTX,
+                                      mp_num=2),
+                    tokenizer=TokenizerConfig(vocab_size=512, num_masks=8), train=TrainConfig(seq_len=128))
+    torch.manual_seed(0)
+    model = CodeGenModel(config.model)
+    run = tmp_path_factory.mktemp("serve_run")
+    save_config(config, run / "config.toml")
+    tokenizer.save(run)
+    write_checkpoint(run, 0, model.state_dict(), {"tokens_seen": 0})
+    return run
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir):
+    return load_checkpoint(run_dir)
+
+
+class ThreadServer:
+    """uvicorn in a background thread on an ephemeral loopback port; stopped on exit."""
+
+    def __init__(self, app):
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ThreadServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def server(loaded):
+    engine = BatchEngine(loaded.model, loaded.tokenizer, max_batch_size=16, max_queue=64)
+    with ThreadServer(create_app(engine, MODEL, api_key=KEY)) as srv:
+        srv.engine = engine
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+
+
+def reference(loaded, prompt_ids, max_tokens, temperature=0.0, top_p=1.0, seeds=(0,), stop=(), stop_ids=None):
+    tok = loaded.tokenizer
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop))
+    stop_ids = [tok.eot_id] if stop_ids is None else stop_ids
+    return generate_ids(loaded.model, tok, [prompt_ids] * len(seeds), params, stop_ids=stop_ids, seeds=list(seeds))
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------- openai client
+def test_completion_with_the_openai_client_matches_sampling(client, loaded):
+    prompt = "def add(a, b):\n    return"
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0.7, seed=11)
+    ids = loaded.tokenizer.encode(prompt)
+    ref = reference(loaded, ids, 12, temperature=0.7, seeds=[11])[0]
+    assert out.object == "text_completion" and out.model == MODEL
+    assert out.choices[0].text == ref.text
+    assert out.choices[0].finish_reason == ref.finish_reason
+    assert out.usage.prompt_tokens == len(ids)
+    assert out.usage.completion_tokens == len(ref.token_ids) + (ref.finish_reason == "stop")
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_infill_with_suffix_equals_the_cli(client, run_dir, loaded, capsys):
+    prefix, suffix = "def area(r):\n    ", "\n    return result\n"
+    out = client.completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=24, temperature=0.8,
+                                    seed=3)
+    assert cli.main(["infill", "--checkpoint", str(run_dir), "--prefix", prefix, "--suffix", suffix, "--seed", "3",
+                     "--temperature", "0.8", "--max-new-tokens", "24"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == out.choices[0].text + "\n"
+    assert out.usage.prompt_tokens == len(infill_prompt_ids(loaded.tokenizer, prefix, suffix))
+
+
+def test_streamed_text_adds_up_to_the_plain_completion(client):
+    args = dict(model=MODEL, prompt="import os\n", max_tokens=40, temperature=1.0, seed=5, stop=["e", "\n"])
+    plain = client.completions.create(**args)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **args))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert "".join(texts) == plain.choices[0].text
+    assert finishes[-1] == plain.choices[0].finish_reason and all(f is None for f in finishes[:-1])
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    # Long unstopped stream: several chunks arrive, each a piece of the final text.
+    long = list(client.completions.create(model=MODEL, prompt="x = ", max_tokens=30, temperature=0.0, stream=True))
+    assert len(long) > 3
+    ref = client.completions.create(model=MODEL, prompt="x = ", max_tokens=30, temperature=0.0)
+    assert "".join(c.choices[0].text for c in long) == ref.choices[0].text
+
+
+def test_n_choices_and_prompt_lists_use_consecutive_seeds(client, loaded):
+    out = client.completions.create(model=MODEL, prompt="class A:", n=3, max_tokens=10, temperature=1.0, seed=21)
+    ids = loaded.tokenizer.encode("class A:")
+    ref = reference(loaded, ids, 10, temperature=1.0, seeds=[21, 22, 23])
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert [c.text for c in out.choices] == [r.text for r in ref]
+    assert len({c.text for c in out.choices}) > 1
+    assert out.usage.prompt_tokens == len(ids)  # a prompt counts once, whatever n is
+
+    prompts = ["a = 1", "b = [2"]
+    out = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=6, temperature=1.0, seed=40)
+    for index, c in enumerate(out.choices):
+        p = index // 2
+        expected = reference(loaded, loaded.tokenizer.encode(prompts[p]), 6, temperature=1.0, seeds=[40 + index])[0]
+        assert (c.index, c.text) == (index, expected.text)
+
+
+def test_echo_and_token_id_prompts(client, loaded):
+    ids = loaded.tokenizer.encode("for i in range(3):")
+    out = client.completions.create(model=MODEL, prompt=ids, max_tokens=5, temperature=0, echo=True)
+    ref = reference(loaded, ids, 5)[0]
+    assert out.choices[0].text == "for i in range(3):" + ref.text
+
+
+def test_concurrent_requests_are_batched_and_each_matches_its_solo_run(server, client, loaded):
+    rng = random.Random(0)
+    jobs = [dict(prompt=f"def f{i}(x):\n    return " + "x" * rng.randint(0, 20), max_tokens=rng.randint(3, 30),
+                 temperature=rng.choice([0.0, 0.7, 1.0]), top_p=rng.choice([1.0, 0.9]), seed=i,
+                 stop=rng.choice([None, ["\n"], ["e", "("]])) for i in range(24)]
+    before = server.engine.snapshot()["steps"]
+    results: dict[int, str] = {}
+
+    def call(i):
+        results[i] = client.completions.create(model=MODEL, **jobs[i]).choices[0].text
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == len(jobs)
+    for i, job in enumerate(jobs):
+        ref = reference(loaded, loaded.tokenizer.encode(job["prompt"]), job["max_tokens"], job["temperature"],
+                        job["top_p"], seeds=[job["seed"]], stop=job["stop"] or ())[0]
+        assert results[i] == ref.text, i
+    stats = server.engine.snapshot()
+    assert stats["max_batch_seen"] > 1
+    assert stats["steps"] - before < sum(j["max_tokens"] for j in jobs)  # steps were shared
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    health = httpx.get(server.url + "/health", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert health["status"] == "ok" and health["model"] == MODEL
+
+
+# ------------------------------------------------------------------------------- bad input
+BAD_REQUESTS = [
+    (b"{not json", 400, None),
+    (b"", 400, None),
+    (json.dumps(["a list"]).encode(), 400, None),
+    ({"prompt": "x", "max_tokens": "16"}, 400, "max_tokens"),
+    ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": "x", "stream": 1}, 400, "stream"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "temperature": 3.5}, 400, "temperature"),
+    ({"prompt": "x", "bogus": 1}, 400, "bogus"),
+    ({"prompt": "x", "max_tokens": N_CTX}, 400, "max_tokens"),
+    ({"prompt": "x " * (2 * N_CTX)}, 400, "prompt"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": ["ok", 3]}, 400, "prompt"),
+    ({"prompt": [1, 2, 100000]}, 400, "prompt"),
+    ({}, 400, "prompt"),
+    ({"prompt": "x", "stop": ""}, 400, "stop"),
+    ({"prompt": "x", "logprobs": 5}, 400, "logprobs"),
+    ({"prompt": "x", "suffix": "y", "echo": True}, 400, "echo"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+]
+
+
+def test_each_bad_request_gets_a_4xx_with_a_message_and_the_server_keeps_serving(server, client):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=30) as http:
+        for body, status, param in BAD_REQUESTS:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            response = http.post("/v1/completions", content=content)
+            assert response.status_code == status, (body, response.text)
+            error = response.json()["error"]
+            assert error["message"] and error["type"], body
+            assert error["param"] == param, (body, error)
+        assert http.post("/v1/nowhere", content=b"{}").status_code == 404
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=10_000)
+    assert client.completions.create(model=MODEL, prompt="x", max_tokens=2).choices[0].finish_reason
+
+
+def test_a_wrong_or_missing_key_gets_401(server):
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}):
+            for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/health")):
+                response = http.request(method, path, headers=headers, json={"prompt": "x"})
+                assert response.status_code == 401, (headers, path)
+                assert response.json()["error"]["type"] == "authentication_error"
+    wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    ok = httpx.get(server.url + "/health", headers={"Authorization": f"Bearer {KEY}"})
+    assert ok.status_code == 200
+
+
+# ------------------------------------------------------------------------------ back-pressure
+def test_a_full_queue_answers_429_at_once_and_a_vanished_client_leaves_the_queue(loaded):
+    engine = BatchEngine(loaded.model, loaded.tokenizer, max_batch_size=1, max_queue=1)
+    real_start = engine.start
+    engine.start = lambda: None  # hold the engine so that requests stay queued
+    with ThreadServer(create_app(engine, MODEL)) as srv, httpx.Client(base_url=srv.url) as http:
+        body = {"prompt": "x", "max_tokens": 3}
+        # This client gives up while queued: its row must leave the queue.
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/completions", json=body, timeout=0.5)
+        wait_until(lambda: engine.snapshot()["waiting"] == 0 and engine.snapshot()["rows_cancelled"] == 1)
+
+        waiter: dict = {}
+        blocked = threading.Thread(target=lambda: waiter.update(r=http.post("/v1/completions", json=body, timeout=30)))
+        blocked.start()
+        wait_until(lambda: engine.snapshot()["waiting"] == 1)
+        began = time.monotonic()
+        refused = http.post("/v1/completions", json=body, timeout=30)
+        assert refused.status_code == 429 and time.monotonic() - began < 2.0
+        assert refused.json()["error"]["code"] == "queue_full" and refused.headers["retry-after"]
+        real_start()
+        blocked.join(30)
+        assert waiter["r"].status_code == 200
+        assert http.post("/v1/completions", json=body, timeout=30).status_code == 200
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(server):
+    engine = server.engine
+    before = engine.snapshot()["rows_cancelled"]
+    body = {"prompt": "y", "max_tokens": N_CTX - 8, "temperature": 1.0, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            first = next(response.iter_lines())
+            assert first.startswith("data: ")
+        wait_until(lambda: engine.snapshot()["rows_cancelled"] == before + 1 and engine.snapshot()["active"] == 0)
+        again = http.post("/v1/completions", json={"prompt": "y", "max_tokens": 2})
+        assert again.status_code == 200
+
+
+def test_engine_refuses_rows_beyond_its_queue_without_queueing_any(loaded):
+    engine = BatchEngine(loaded.model, loaded.tokenizer, max_batch_size=2, max_queue=3)
+    row = RowRequest(prompt_ids=[1, 2], max_tokens=2)
+    engine.submit([row, row], lambda e: None)
+    with pytest.raises(QueueFull):
+        engine.submit([row, row], lambda e: None)
+    assert engine.snapshot()["waiting"] == 2
+
+
+# --------------------------------------------------------------------------- streamed text
+def test_incremental_text_equals_decoding_everything_and_never_streams_past_a_stop(loaded):
+    tok = loaded.tokenizer
+    rng = random.Random(1)
+    pieces = ["é", "€", "😀", "abc", " x", "\n", "def", "ab", "()", "<sep>"]
+    for trial in range(200):
+        ids = [t for _ in range(rng.randint(1, 12)) for t in tok.encode(rng.choice(pieces))]
+        ids += [rng.randrange(tok.vocab_size) for _ in range(rng.randint(0, 3))]
+        stops = rng.choice([(), ("b",), ("😀",), ("ab", "\nd"), ("€x",)])
+        text = IncrementalText(tok.decode, stops)
+        streamed = ""
+        for token in ids:
+            hit = text.add(token)
+            streamed += text.take()
+            if hit:
+                break
+        streamed += text.take(final=True)
+        full = tok.decode(text.ids)
+        cut = min([full.find(s) for s in stops if s in full], default=-1)
+        expected = full if cut == -1 else full[:cut]
+        assert text.text == expected == streamed, (trial, ids, stops)
+        assert text.stopped == (cut != -1)
+
+
+# --------------------------------------------------------------------------------- the CLI
+def test_serve_command_defaults_to_loopback():
+    args = cli.build_parser().parse_args(["serve", "--checkpoint", "x"])
+    assert (args.host, args.port, args.api_key, args.func.__name__) == ("127.0.0.1", 8000, None, "cmd_serve")
+
+
+def test_codegen2_serve_runs_as_a_command(run_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "codegen2.cli", "serve", "--checkpoint", str(run_dir),
+                             "--port", str(port), "--api-key", KEY, "--model-name", MODEL, "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=10)
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                out = client.completions.create(model=MODEL, prompt="def", max_tokens=4, temperature=0)
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.2)
+        assert len(out.choices) == 1 and out.usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        proc.wait(30)
