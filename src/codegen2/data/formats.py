@@ -1,0 +1,283 @@
+"""Readers for user data: directories of text files, JSONL, Parquet and saved HF datasets.
+
+Every reader yields `Document`s whose held-out key passes `keep` and counts what it skips in
+`skipped` (a Counter): files that are not UTF-8 or are binary, null values, and (only with
+`skip_bad_lines`) malformed JSONL lines or records without the text field. Without
+`skip_bad_lines` those raise a one-line `UserError` naming the file, the line and the field.
+Records are only parsed when their key belongs to the split being read.
+
+Held-out keys: a file's path relative to the source root (a single-file source: its name);
+"REL:LINE" (1-based) for JSONL records; "REL:ROW" (0-based) for Parquet rows; "SPLIT:ROW" for HF
+datasets.
+
+Globs (`include` / `exclude`) match the path relative to the source root, gitignore-style: `*`
+and `?` stay within one path component, `**` crosses components, and a pattern without a `/`
+matches the file name at any depth. An `exclude` pattern that matches a directory excludes
+everything below it. Version-control and `__pycache__` directories are never read, nor are
+directories marked with a `.codegen2-not-data` file (run directories and token caches).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+from pathlib import Path
+
+from codegen2.config import SourceConfig
+from codegen2.data.documents import Document
+from codegen2.errors import UserError
+
+FORMATS = ("dir", "jsonl", "parquet", "hf")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+HF_MARKERS = (("dataset_info.json", "state.json"), ("dataset_dict.json",))
+NEVER_READ_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__"})
+# Run and cache directories carry this file, so `--data .` never trains on its own checkpoints,
+# tokenizer or token caches (and their changes never invalidate the source's cache).
+NOT_DATA_MARKER = ".codegen2-not-data"
+BATCH_ROWS = 1024
+
+Keep = Callable[[str], bool]
+
+
+# ------------------------------------------------------------------------------------------ formats
+def is_hf_dataset_dir(path: Path) -> bool:
+    return path.is_dir() and any(all((path / m).is_file() for m in markers) for markers in HF_MARKERS)
+
+
+def detect_format(path: Path, declared: str) -> str:
+    """The concrete format of a source path ('auto' resolved from the path itself)."""
+    if declared == "hf":
+        if not is_hf_dataset_dir(path):
+            raise UserError(f"data source {path}: format 'hf' needs a directory written by datasets' save_to_disk "
+                            "(with dataset_info.json and state.json, or dataset_dict.json)")
+        return "hf"
+    if declared != "auto":
+        return declared
+    if path.is_dir():
+        return "hf" if is_hf_dataset_dir(path) else "dir"
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl"
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    if suffix == ".json":
+        raise UserError(f"data source {path}: a .json file is ambiguous; name JSON Lines files *.jsonl, "
+                        "or set format = \"dir\" to train on the file as plain text")
+    return "dir"
+
+
+# ------------------------------------------------------------------------------------------ globbing
+@lru_cache(maxsize=256)
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a gitignore-style glob (see the module docstring) to a regex over relative paths."""
+    pattern = pattern.strip()
+    anchored = pattern.startswith("/") or "/" in pattern.rstrip("/")
+    pattern = pattern.strip("/")
+    if not anchored:
+        pattern = "**/" + pattern
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def path_selected(rel: str, include: list[str], exclude: list[str]) -> bool:
+    """Whether relative POSIX path `rel` passes the include globs and no exclude glob."""
+    if not any(glob_regex(p).fullmatch(rel) for p in include):
+        return False
+    parts = rel.split("/")
+    prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    return not any(glob_regex(p).fullmatch(prefix) for p in exclude for prefix in prefixes)
+
+
+def mark_not_data(directory: Path) -> None:
+    """Mark a directory this project writes (run, cache) so that data sources never read it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / NOT_DATA_MARKER
+    if not marker.exists():
+        marker.write_text("codegen2 output: never read as training data\n", encoding="utf-8")
+
+
+def walk_files(root: Path) -> Iterator[tuple[str, Path]]:
+    """(relative POSIX path, path) of every readable file under `root`, sorted, skipping
+    version-control, `__pycache__` and marked directories."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames
+                             if d not in NEVER_READ_DIRS and not (here / d / NOT_DATA_MARKER).exists())
+        rel_dir = here.relative_to(root)
+        for name in sorted(filenames):
+            if name != NOT_DATA_MARKER:
+                yield (rel_dir / name).as_posix(), here / name
+
+
+def list_files(root: Path, include: list[str], exclude: list[str], suffixes: tuple[str, ...] = ()) -> list[tuple[str, Path]]:
+    """(relative POSIX path, path) of the selected files under `root`, sorted; a file root is itself."""
+    if root.is_file():
+        return [(root.name, root)]
+    return [(rel, path) for rel, path in walk_files(root)
+            if (not suffixes or rel.lower().endswith(suffixes)) and path_selected(rel, include, exclude)]
+
+
+# --------------------------------------------------------------------------------------------- text
+def decode_text(data: bytes, skipped: Counter) -> str | None:
+    """UTF-8 text, or None (counted) for binary or non-UTF-8 content."""
+    if b"\x00" in data:
+        skipped["binary"] += 1
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        skipped["not_utf8"] += 1
+        return None
+    return text.removeprefix("\ufeff")
+
+
+def dir_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter) -> Iterator[Document]:
+    files = list_files(root, cfg.include, cfg.exclude)
+    if not files:
+        raise UserError(f"data source {root}: no files match include={cfg.include} exclude={cfg.exclude}")
+    for rel, path in files:
+        if keep(rel):
+            text = decode_text(path.read_bytes(), skipped)
+            if text is not None:
+                yield Document(text=text, path=str(path), kind=cfg.kind)
+
+
+# -------------------------------------------------------------------------------------------- JSONL
+def _bad_record(cfg: SourceConfig, skipped: Counter, reason: str, message: str) -> None:
+    if not cfg.skip_bad_lines:
+        raise UserError(message + " (set skip_bad_lines = true on this source to skip such lines)")
+    skipped[reason] += 1
+
+
+def jsonl_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter) -> Iterator[Document]:
+    files = list_files(root, cfg.include, cfg.exclude, JSONL_SUFFIXES)
+    if not files:
+        raise UserError(f"data source {root}: no .jsonl files match include={cfg.include} exclude={cfg.exclude}")
+    for rel, path in files:
+        with open(path, "rb") as handle:
+            for lineno, raw in enumerate(handle, start=1):
+                if not raw.strip() or not keep(f"{rel}:{lineno}"):
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    record = json.loads(raw)
+                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "not valid UTF-8"
+                    _bad_record(cfg, skipped, "bad_lines", f"{where}: malformed JSON line ({detail})")
+                    continue
+                if not isinstance(record, dict) or cfg.field not in record:
+                    keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+                    _bad_record(cfg, skipped, "missing_field", f"{where}: record has no field {cfg.field!r} (has: {keys})")
+                    continue
+                value = record[cfg.field]
+                if value is None:
+                    skipped["null"] += 1
+                    continue
+                if not isinstance(value, str):
+                    _bad_record(cfg, skipped, "missing_field",
+                                f"{where}: field {cfg.field!r} is a {type(value).__name__}, not a string")
+                    continue
+                yield Document(text=value, path=where, kind=cfg.kind)
+
+
+# ------------------------------------------------------------------------------------------ Parquet
+def _require_string_column(where: str, schema, field: str) -> None:
+    import pyarrow as pa
+
+    if field not in schema.names:
+        raise UserError(f"{where}: no column {field!r} (columns: {', '.join(schema.names)})")
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        raise UserError(f"{where}: column {field!r} has type {kind}, not string")
+
+
+def parquet_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    files = list_files(root, cfg.include, cfg.exclude, PARQUET_SUFFIXES)
+    if not files:
+        raise UserError(f"data source {root}: no .parquet files match include={cfg.include} exclude={cfg.exclude}")
+    for rel, path in files:
+        try:
+            table_file = pq.ParquetFile(path)
+        except Exception as exc:  # pyarrow raises several types for corrupt files
+            raise UserError(f"{path}: cannot read Parquet file ({exc})") from None
+        _require_string_column(str(path), table_file.schema_arrow, cfg.field)
+        row = 0
+        for batch in table_file.iter_batches(columns=[cfg.field], batch_size=BATCH_ROWS):
+            for value in batch.column(0).to_pylist():
+                if keep(f"{rel}:{row}"):
+                    if value is None:
+                        skipped["null"] += 1
+                    else:
+                        yield Document(text=value, path=f"{path}:{row}", kind=cfg.kind)
+                row += 1
+
+
+# ------------------------------------------------------------------------------------- HF datasets
+def load_hf_dataset(root: Path):
+    """A `datasets.Dataset` from save_to_disk; of a DatasetDict, its 'train' split (or its only one)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(root))
+    except Exception as exc:
+        raise UserError(f"{root}: cannot load the saved Hugging Face dataset ({exc})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" in loaded:
+            return "train", loaded["train"]
+        if len(loaded) == 1:
+            return next(iter(loaded.items()))
+        raise UserError(f"{root}: the dataset has splits {', '.join(loaded)}; save the one to train on "
+                        "(or name it 'train')")
+    return "data", loaded
+
+
+def hf_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter) -> Iterator[Document]:
+    split, dataset = load_hf_dataset(root)
+    if cfg.field not in dataset.column_names:
+        raise UserError(f"{root}: no column {cfg.field!r} (columns: {', '.join(dataset.column_names)})")
+    feature = dataset.features[cfg.field]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise UserError(f"{root}: column {cfg.field!r} has type {feature}, not string")
+    row = 0
+    for batch in dataset.select_columns([cfg.field]).iter(batch_size=BATCH_ROWS):
+        for value in batch[cfg.field]:
+            if keep(f"{split}:{row}"):
+                if value is None:
+                    skipped["null"] += 1
+                else:
+                    yield Document(text=value, path=f"{root}:{split}:{row}", kind=cfg.kind)
+            row += 1
+
+
+READERS = {"dir": dir_records, "jsonl": jsonl_records, "parquet": parquet_records, "hf": hf_records}

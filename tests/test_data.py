@@ -1,0 +1,487 @@
+"""Data pipeline: sources and formats, held-out split, token caches, the mixture and the loader."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from codegen2.config import Config, DataConfig, ObjectiveConfig, SourceConfig
+from codegen2.data import embedded
+from codegen2.data.cache import build_token_cache
+from codegen2.data.documents import is_heldout
+from codegen2.data.formats import path_selected
+from codegen2.data.loader import BatchLoader
+from codegen2.data.mixture import BLOCK, PackedMixture
+from codegen2.data.pipeline import prepare_data, sample_texts
+from codegen2.data.sources import embedded_sources, heldout_documents, source_from_path, user_sources
+from codegen2.errors import UserError
+from codegen2.objectives import OBJECTIVE_CODES, make_example
+from codegen2.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    root = embedded.stdlib_root()
+    texts = [(root / name).read_text(encoding="utf-8") for name in ("textwrap.py", "shlex.py", "bisect.py")]
+    return train_tokenizer(texts, 600, 8)
+
+
+def _data(sources, fraction=0.0, **kw) -> DataConfig:
+    return DataConfig(sources=sources, heldout_fraction=fraction, **kw)
+
+
+def _docs(cfg: DataConfig, split="train"):
+    (source,) = user_sources(cfg, split)
+    return source, list(source.documents())
+
+
+# ------------------------------------------------------------------------------------ held-out split
+def test_is_heldout_is_a_stable_hash_of_the_key():
+    def reference(key, fraction):  # independent restatement of the documented rule
+        digest = hashlib.sha256(b"heldout\x00" + key.encode()).hexdigest()
+        return int(digest[:16], 16) / 2**64 < fraction
+
+    keys = [f"pkg/module_{i}.py" for i in range(4000)]
+    assert [is_heldout(k, 0.1) for k in keys] == [reference(k, 0.1) for k in keys]
+    assert abs(sum(is_heldout(k, 0.1) for k in keys) / len(keys) - 0.1) < 0.02
+    assert not any(is_heldout(k, 0.0) for k in keys)
+
+
+def test_embedded_split_is_a_partition_by_file():
+    cfg = DataConfig(embedded_max_files=30, heldout_fraction=0.3)
+    files = embedded.stdlib_files(30)
+    assert files == embedded.stdlib_files(30) and len(files) == 30
+    assert set(files) <= set(embedded.stdlib_files(0))
+    assert not any(part in embedded.SKIPPED_DIRS for f in files for part in f.split("/"))
+    root = embedded.stdlib_root()
+    seen = {}
+    for split in ("train", "heldout"):
+        for source in embedded_sources(cfg, split):
+            for doc in source.documents():
+                if doc.path.startswith("pydoc_data.topics:"):
+                    key = "topic:" + doc.path.split(":", 1)[1]
+                else:
+                    key = Path(doc.path.removesuffix(":docstrings")).relative_to(root).as_posix()
+                assert is_heldout(key, 0.3) == (split == "heldout"), key
+                seen.setdefault((source.kind, key), set()).add(split)
+    assert all(len(splits) == 1 for splits in seen.values())
+    code_keys = {key for kind, key in seen if kind == "code"}
+    assert code_keys == set(files)  # no file lost (none of these is empty or non-UTF-8)
+    assert {"train", "heldout"} == {s for splits in seen.values() for s in splits}
+    held = heldout_documents(cfg, kind="nl")
+    assert held and all(d.kind == "nl" for d in held)
+
+
+def test_embedded_weights_and_nl_content():
+    cfg = DataConfig(embedded_max_files=5, embedded_code_weight=0.6, embedded_nl_weight=0.4, heldout_fraction=0.0)
+    code, nl = embedded_sources(cfg, "train")
+    assert (code.kind, code.weight, nl.kind, nl.weight) == ("code", 0.6, "nl", 0.4)
+    texts = [d.text for d in nl.documents()]
+    from pydoc_data.topics import topics
+
+    assert topics["assert"].strip() + "\n" in texts
+    assert len(embedded_sources(DataConfig(embedded_nl_weight=0.0), "train")) == 1
+
+
+def test_docstrings_are_extracted_without_importing():
+    import json.decoder as reference  # only the test imports it, to compare with inspect
+
+    source = Path(reference.__file__).read_text(encoding="utf-8")
+    found = embedded.docstrings(source)
+    assert found[0] == inspect.getdoc(reference)
+    assert inspect.getdoc(reference.JSONDecoder.raw_decode) in found
+    assert inspect.getdoc(reference.JSONDecoder) in found
+
+
+# ------------------------------------------------------------------------------------------ formats
+def test_glob_semantics():
+    assert path_selected("a.py", ["**/*.py"], []) and path_selected("x/y/a.py", ["**/*.py"], [])
+    assert path_selected("x/y/a.py", ["*.py"], [])  # no slash: the name at any depth
+    assert not path_selected("x/a.py", ["/*.py"], []) and path_selected("a.py", ["/*.py"], [])
+    assert path_selected("src/m/a.py", ["src/**/*.py"], []) and not path_selected("lib/a.py", ["src/**"], [])
+    assert not path_selected("src/a.pyc", ["*.py"], [])
+    assert not path_selected("build/x/a.py", ["**/*"], ["build"])  # excluding a directory excludes below it
+    assert path_selected("src/build.py", ["**/*"], ["build"])
+    assert not path_selected("a/test_x.py", ["*"], ["test_*.py"])
+    assert path_selected("a/b1.py", ["a/b[0-9].py"], []) and not path_selected("a/bx.py", ["a/b[!x].py"], [])
+
+
+def test_directory_source_with_globs_and_skips(tmp_path):
+    root = tmp_path / "repo"
+    (root / "pkg" / "sub").mkdir(parents=True)
+    (root / "build").mkdir()
+    (root / ".git").mkdir()
+    (root / "a.py").write_text("print('a')\n")
+    (root / "pkg" / "sub" / "b.py").write_text("print('b')\n")
+    (root / "pkg" / "notes.txt").write_text("notes\n")
+    (root / "build" / "gen.py").write_text("generated\n")
+    (root / ".git" / "config.py").write_text("never\n")
+    (root / "latin1.py").write_bytes("caf\xe9\n".encode("latin-1"))
+    (root / "blob.py").write_bytes(b"\x00\x01binary")
+    (root / "empty.py").write_text("")
+    cfg = _data([SourceConfig(path=str(root), include=["*.py"], exclude=["build"])])
+    source, docs = _docs(cfg)
+    assert sorted(Path(d.path).relative_to(root).as_posix() for d in docs) == ["a.py", "pkg/sub/b.py"]
+    assert source.skipped == Counter(not_utf8=1, binary=1, empty=1)
+    assert {d.kind for d in docs} == {"code"}
+    cfg = _data([SourceConfig(path=str(root / "a.py"))])  # a single text file
+    assert [d.text for d in _docs(cfg)[1]] == ["print('a')\n"]
+
+
+def test_directory_heldout_split_by_relative_path(tmp_path):
+    for i in range(60):
+        (tmp_path / f"f{i}.py").write_text(f"x = {i}\n")
+    cfg = _data([SourceConfig(path=str(tmp_path))], fraction=0.25)
+    train = {Path(d.path).name for d in _docs(cfg, "train")[1]}
+    held = {Path(d.path).name for d in _docs(cfg, "heldout")[1]}
+    assert train.isdisjoint(held) and len(train | held) == 60 and held
+    assert held == {f"f{i}.py" for i in range(60) if is_heldout(f"f{i}.py", 0.25)}
+
+
+def test_jsonl_custom_field_and_bad_lines(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"content": "one"}\n\n{"content": "two", "x": 1}\n{"content": null}\n')
+    source, docs = _docs(_data([SourceConfig(path=str(path), field="content", kind="nl")]))
+    assert [(d.text, d.kind) for d in docs] == [("one", "nl"), ("two", "nl")]
+    assert [d.path for d in docs] == [f"{path}:1", f"{path}:3"] and source.skipped == Counter(null=1)
+
+    path.write_text('{"content": "one"}\n{"content": "two"\n{"text": "three"}\n{"content": 5}\n')
+    with pytest.raises(UserError, match=rf"^{path}:2: malformed JSON line .*skip_bad_lines"):
+        _docs(_data([SourceConfig(path=str(path), field="content")]))
+    path.write_text('{"content": "one"}\n{"text": "three"}\n')
+    with pytest.raises(UserError, match=rf"^{path}:2: record has no field 'content' \(has: text\)"):
+        _docs(_data([SourceConfig(path=str(path), field="content")]))
+    path.write_text('{"content": 5}\n')
+    with pytest.raises(UserError, match=rf"^{path}:1: field 'content' is a int, not a string"):
+        _docs(_data([SourceConfig(path=str(path), field="content")]))
+
+    path.write_text('{"content": "one"}\n{"content": "two"\n{"text": "three"}\n[1]\n{"content": "ok"}\n')
+    source, docs = _docs(_data([SourceConfig(path=str(path), field="content", skip_bad_lines=True)]))
+    assert [d.text for d in docs] == ["one", "ok"]
+    assert source.skipped == Counter(bad_lines=1, missing_field=2)
+
+
+def test_parquet_source(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "code.parquet"
+    pq.write_table(pa.table({"code": ["a = 1", None, "b = 2"], "n": [1, 2, 3]}), path, row_group_size=2)
+    source, docs = _docs(_data([SourceConfig(path=str(path), field="code")]))
+    assert [d.text for d in docs] == ["a = 1", "b = 2"] and source.skipped == Counter(null=1)
+    assert docs[1].path == f"{path}:2"
+    with pytest.raises(UserError, match=r"code.parquet: no column 'text' \(columns: code, n\)"):
+        _docs(_data([SourceConfig(path=str(path))]))
+    with pytest.raises(UserError, match=r"column 'n' has type int64, not string"):
+        _docs(_data([SourceConfig(path=str(path), field="n")]))
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(UserError, match=r"bad.parquet: cannot read Parquet file"):
+        _docs(_data([SourceConfig(path=str(tmp_path / "bad.parquet"))]))
+
+
+def test_hf_saved_dataset_source(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"content": ["x = 1", "y = 2", "z = 3"], "id": [1, 2, 3]})
+    ds.save_to_disk(str(tmp_path / "single"))
+    datasets.DatasetDict({"train": ds.select([2, 0]), "test": ds}).save_to_disk(str(tmp_path / "dict"))
+    source, docs = _docs(_data([SourceConfig(path=str(tmp_path / "single"), field="content")]))
+    assert [d.text for d in docs] == ["x = 1", "y = 2", "z = 3"]
+    _, docs = _docs(_data([SourceConfig(path=str(tmp_path / "dict"), format="hf", field="content")]))
+    assert [d.text for d in docs] == ["z = 3", "x = 1"]
+    with pytest.raises(UserError, match=r"single: no column 'text' \(columns: content, id\)"):
+        _docs(_data([SourceConfig(path=str(tmp_path / "single"))]))
+    with pytest.raises(UserError, match="format 'hf' needs a directory written by datasets' save_to_disk"):
+        user_sources(_data([SourceConfig(path=str(tmp_path), format="hf")]), "train")
+
+
+def test_path_errors_are_one_line_and_name_the_path(tmp_path):
+    with pytest.raises(UserError, match=r"data source #1 \(data.sources\[0\]\) has an empty path"):
+        user_sources(_data([SourceConfig(path="")]), "train")
+    with pytest.raises(UserError, match=r"data source '.*missing': no such file or directory"):
+        user_sources(_data([SourceConfig(path=str(tmp_path / "missing"))]), "train")
+    with pytest.raises(UserError, match=r"--data .*nothing: no such file or directory"):
+        source_from_path(str(tmp_path / "nothing"))
+    assert source_from_path(str(tmp_path)) == SourceConfig(path=str(tmp_path), kind="code", weight=1.0)
+    (tmp_path / "x.json").write_text("[]")
+    with pytest.raises(UserError, match=r"x.json: a .json file is ambiguous"):
+        user_sources(_data([SourceConfig(path=str(tmp_path / "x.json"))]), "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"empty: no files match include"):
+        _docs(_data([SourceConfig(path=str(tmp_path / "empty"))]))
+    with pytest.raises(UserError, match="heldout_fraction=1.5"):
+        user_sources(_data([SourceConfig(path=str(tmp_path))], fraction=1.5), "train")
+
+
+def test_truncation_is_counted(tmp_path):
+    (tmp_path / "long.txt").write_text("x" * 100)
+    source, docs = _docs(_data([SourceConfig(path=str(tmp_path))], max_doc_chars=30))
+    assert [d.text for d in docs] == ["x" * 30] and source.truncated == 1
+
+
+# ------------------------------------------------------------------------------------- token cache
+def _split_docs(tokens: np.ndarray, eot: int) -> list[tuple[int, ...]]:
+    cuts = np.flatnonzero(tokens == eot)
+    assert len(cuts) and cuts[-1] == len(tokens) - 1, "every document is followed by one eot"
+    return [tuple(p) for p in np.split(np.asarray(tokens), cuts + 1)[:-1]]
+
+
+def test_cache_holds_exactly_the_training_documents_shuffled(tok, tmp_path):
+    cfg = DataConfig(embedded_max_files=16, heldout_fraction=0.3)
+    (code, nl) = embedded_sources(cfg, "train")
+    cache = build_token_cache(code, tok, tmp_path, seed=3, progress=False)
+    assert cache.tokens.dtype == np.uint16 and not cache.reused
+    stored = _split_docs(cache.tokens, tok.eot_id)
+    train = [tuple(tok.encode(d.text, literal_specials=True)) + (tok.eot_id,) for d in code.documents()]
+    assert Counter(stored) == Counter(train) and stored != train  # same documents, other order
+    assert cache.manifest["docs"] == len(train) and cache.manifest["tokens"] == len(cache.tokens)
+    held = [tuple(tok.encode(d.text, literal_specials=True)) + (tok.eot_id,)
+            for d in heldout_documents(cfg, kind="code")]
+    assert held and not set(held) & set(stored)
+    again = build_token_cache(code, tok, tmp_path, seed=3, progress=False)
+    assert again.reused and np.array_equal(again.tokens, cache.tokens)
+    reshuffled = build_token_cache(code, tok, tmp_path, seed=4, progress=False)
+    assert not reshuffled.reused and Counter(_split_docs(reshuffled.tokens, tok.eot_id)) == Counter(stored)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporaries left
+    manifest = json.loads(cache.path.with_suffix(".json").read_text())
+    assert manifest["tokenizer"] == tok.fingerprint() and manifest["split"] == "train"
+
+
+def test_cache_encodes_special_strings_as_text_and_rebuilds_on_change(tok, tmp_path):
+    data = tmp_path / "src"
+    data.mkdir()
+    (data / "a.py").write_text("s = '<|endoftext|><mask_1><sep>'\n")
+    (source,) = user_sources(_data([SourceConfig(path=str(data))]), "train")
+    cache = build_token_cache(source, tok, tmp_path / "cache", seed=0, progress=False)
+    assert int((cache.tokens == tok.eot_id).sum()) == 1 and tok.mask_id(1) not in cache.tokens
+    (data / "b.py").write_text("t = 2\n")
+    (source,) = user_sources(_data([SourceConfig(path=str(data))]), "train")
+    rebuilt = build_token_cache(source, tok, tmp_path / "cache", seed=0, progress=False)
+    assert not rebuilt.reused and rebuilt.manifest["docs"] == 2
+
+
+def test_source_without_documents_is_an_error(tok, tmp_path):
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x00")
+    (source,) = user_sources(_data([SourceConfig(path=str(tmp_path))]), "train")
+    with pytest.raises(UserError, match=rf"data source {tmp_path}: no train documents \(1 binary\)"):
+        build_token_cache(source, tok, tmp_path / "cache", seed=0, progress=False)
+
+
+# ------------------------------------------------------------------------------------------ mixture
+def _streams():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 500, size=n).astype(np.uint16) for n in (40_001, 9_001, 113)]
+
+
+def test_mixture_proportions_and_per_source_counters():
+    mix = PackedMixture(_streams(), [7, 2, 1], seq_len=16, seed=11)
+    n_blocks = 12
+    source, k, chunk = mix.locate(np.arange(n_blocks * BLOCK))
+    for s, w in enumerate([0.7, 0.2, 0.1]):
+        per_block = np.bincount(np.arange(n_blocks * BLOCK)[source == s] // BLOCK, minlength=n_blocks)
+        assert np.all(np.abs(per_block - w * BLOCK) < 1)  # systematic sampling: off by less than one
+        ks = np.sort(k[source == s])
+        assert np.array_equal(ks, np.arange(len(ks)))  # every per-source position used once, in order
+    # Blocks are mixed: a batch of 32 neighbours is not dominated by one source.
+    assert len(set(source[:32].tolist())) == 3
+
+
+def test_mixture_epochs_cycle_with_fresh_orders():
+    streams = _streams()
+    mix = PackedMixture(streams, [7, 2, 1], seq_len=16, seed=11)
+    n_small = mix.num_chunks[2]
+    assert n_small == (113 - 1) // 16 == 7
+    source, k, chunk = mix.locate(np.arange(3000))
+    small = chunk[source == 2][np.argsort(k[source == 2])]
+    epochs = [small[e * n_small:(e + 1) * n_small] for e in range(len(small) // n_small)]
+    assert len(epochs) > 30
+    assert all(sorted(e.tolist()) == list(range(n_small)) for e in epochs)
+    assert len({tuple(e.tolist()) for e in epochs}) > 1
+    assert mix.epochs_at(3000)[2] == pytest.approx(3000 * 0.1 / 7)
+    assert mix.num_samples_per_epoch == sum((len(s) - 1) // 16 for s in streams)
+
+
+def test_mixture_samples_are_pure_functions_of_index_and_seed():
+    streams = _streams()
+    a = PackedMixture(streams, [7, 2, 1], seq_len=16, seed=11)
+    idx = np.random.default_rng(1).integers(0, 50_000, size=200)
+    forward = a.get_batch(idx)
+    b = PackedMixture(streams, [7, 2, 1], seq_len=16, seed=11)
+    backward = np.stack([b[int(i)] for i in idx[::-1]])[::-1]
+    assert np.array_equal(forward, backward) and forward.dtype == np.int64 and forward.shape == (200, 17)
+    source, _, chunk = a.locate(idx)
+    for row, s, c in zip(forward, source, chunk):  # chunks of T+1 tokens, overlapping by one
+        assert np.array_equal(row, streams[s][c * 16:c * 16 + 17])
+    other = PackedMixture(streams, [7, 2, 1], seq_len=16, seed=12).get_batch(idx)
+    assert not np.array_equal(forward, other)
+    assert a[5_000_000].shape == (17,)
+
+
+def test_mixture_rejects_bad_input():
+    with pytest.raises(UserError, match="tiny has 5 tokens; seq_len=16 needs at least 17"):
+        PackedMixture([np.zeros(5, np.uint16)], [1.0], 16, 0, names=["tiny"])
+    with pytest.raises(UserError, match="weights must be positive"):
+        PackedMixture(_streams(), [1, 0, 1], 16, 0)
+
+
+# ------------------------------------------------------------------------------------------- loader
+@pytest.fixture(scope="module")
+def mixture_and_special(tok):
+    rng = np.random.default_rng(5)
+    eot = tok.eot_id
+    streams = []
+    for n_docs in (300, 80):
+        docs = [np.append(rng.integers(0, 500, size=rng.integers(5, 60)), eot) for _ in range(n_docs)]
+        streams.append(np.concatenate(docs).astype(np.uint16))
+    return PackedMixture(streams, [0.75, 0.25], seq_len=32, seed=9), tok.special_ids()
+
+
+OBJ = ObjectiveConfig(span_rate=0.4, fim_rate=0.2, prefix_lm=True)
+
+
+def _take(loader, n):
+    out = []
+    for i, step in enumerate(loader):
+        out.append(step)
+        if i + 1 == n:
+            break
+    return out
+
+
+def _same(a, b):
+    return all(
+        all(bool((getattr(x, f) == getattr(y, f)).all()) for f in x.__dataclass_fields__)
+        for sa, sb in zip(a, b) for x, y in zip(sa, sb)
+    ) and len(a) == len(b)
+
+
+def test_loader_is_deterministic_and_uses_make_example(mixture_and_special):
+    mix, special = mixture_and_special
+    make = lambda: BatchLoader(mix, OBJ, special, micro_batch_size=4, grad_accum=2, seed=21)
+    a, b = _take(make(), 3), _take(make(), 3)
+    assert _same(a, b) and len(a[0]) == 2
+    codes = {int(c) for step in a for mb in step for c in mb.objective}
+    assert codes == set(OBJECTIVE_CODES.values())
+    mb = a[1][1]
+    for row, index in enumerate(mb.sample_index.tolist()):
+        ex = make_example(mix[index], index, 21, OBJ, special)
+        assert np.array_equal(mb.input_ids[row].numpy(), ex.input_ids)
+        assert np.array_equal(mb.labels[row].numpy(), ex.labels)
+        assert np.array_equal(mb.doc_ids[row].numpy(), ex.doc_ids)
+        assert (int(mb.prefix_len[row]), int(mb.objective[row])) == (ex.prefix_len, OBJECTIVE_CODES[ex.objective])
+    other = _take(BatchLoader(mix, OBJ, special, 4, 2, seed=22), 1)
+    assert not _same(a[:1], other)
+
+
+def test_ranks_partition_the_sample_indices(mixture_and_special):
+    mix, special = mixture_and_special
+    world, steps = 3, 4
+    seen = []
+    for rank in range(world):
+        loader = BatchLoader(mix, OBJ, special, micro_batch_size=2, grad_accum=3, seed=1, rank=rank,
+                             world_size=world)
+        for step, micro_batches in enumerate(_take(loader, steps)):
+            for micro, mb in enumerate(micro_batches):
+                assert mb.sample_index.tolist() == loader.sample_indices(step, micro)
+                seen.extend(mb.sample_index.tolist())
+    assert sorted(seen) == list(range(steps * world * 3 * 2))
+
+
+def test_resume_from_state_dict_continues_the_same_stream(mixture_and_special):
+    mix, special = mixture_and_special
+    full = _take(BatchLoader(mix, OBJ, special, 3, 2, seed=5), 5)
+    first = BatchLoader(mix, OBJ, special, 3, 2, seed=5)
+    _take(first, 2)
+    state = first.state_dict()
+    assert state["step"] == 2
+    resumed = BatchLoader(mix, OBJ, special, 3, 2, seed=5)
+    resumed.load_state_dict(state)
+    assert _same(_take(resumed, 3), full[2:])
+    assert _same(_take(BatchLoader(mix, OBJ, special, 3, 2, seed=5, start_step=4), 1), full[4:])
+    with pytest.raises(UserError, match="cannot resume the data stream"):
+        BatchLoader(mix, OBJ, special, 4, 2, seed=5).load_state_dict(state)
+
+
+def _prefetch_threads():
+    return [t for t in threading.enumerate() if t.name == "codegen2-batch-prefetch"]
+
+
+def test_loader_shuts_down_cleanly_and_forwards_errors(mixture_and_special):
+    mix, special = mixture_and_special
+    loader = BatchLoader(mix, OBJ, special, 2, 1, seed=0, prefetch=1)
+    _take(loader, 2)
+    assert not _prefetch_threads()
+    iterator = iter(loader)
+    next(iterator)
+    loader.close()
+    iterator.close()
+    assert not _prefetch_threads()
+
+    class Broken:
+        def get_batch(self, indices):
+            raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        _take(BatchLoader(Broken(), OBJ, special, 2, 1, seed=0), 1)
+    assert not _prefetch_threads()
+
+
+# ----------------------------------------------------------------------------------------- pipeline
+def test_prepare_data_end_to_end(tmp_path):
+    data = tmp_path / "code"
+    data.mkdir()
+    root = embedded.stdlib_root()
+    for name in ("textwrap.py", "shlex.py", "bisect.py", "glob.py", "fnmatch.py", "this.py"):
+        (data / name).write_text((root / name).read_text(encoding="utf-8"))
+    config = Config()
+    config.data = _data([SourceConfig(path=str(data), weight=3), SourceConfig(path=str(data / "this.py"), kind="nl")])
+    config.tokenizer.vocab_size, config.tokenizer.num_masks, config.tokenizer.train_chars = 700, 8, 50_000
+    config.model.vocab_size, config.train.seq_len = 700, 32
+    run = tmp_path / "run"
+    tokenizer, mix, stats = prepare_data(config, run, progress=False)
+    assert (run / "tokenizer.json").is_file() and tokenizer.vocab_size == 700
+    assert stats["tokenizer"]["origin"] == "trained" and stats["tokenizer"]["train_chars"] <= 50_000
+    assert [s["name"] for s in stats["sources"]] == ["code", "this"]
+    assert [s["docs"] for s in stats["sources"]] == [6, 1] and mix.weights.tolist() == [0.75, 0.25]
+    assert stats["tokens"] == sum(len(s) for s in mix.streams)
+    again_tok, again_mix, again = prepare_data(config, run, progress=False)
+    assert again["tokenizer"]["origin"] == str(run / "tokenizer.json")
+    assert all(s["reused"] for s in again["sources"])
+    assert np.array_equal(again_mix.get_batch(range(50)), mix.get_batch(range(50)))
+    config.model.vocab_size = 600
+    with pytest.raises(UserError, match="model.vocab_size=600"):
+        prepare_data(config, run, progress=False)
+
+
+def test_tokenizer_sample_is_deterministic_and_bounded(tmp_path):
+    for i in range(40):
+        (tmp_path / f"f{i}.txt").write_text(f"doc {i} " * (i + 1))
+    (source,) = user_sources(_data([SourceConfig(path=str(tmp_path))]), "train")
+    texts = sample_texts(source, 600, seed=1)
+    assert texts == sample_texts(source, 600, seed=1) and 0 < sum(map(len, texts)) <= 600
+    assert texts != sample_texts(source, 600, seed=2)
+    assert sum(map(len, sample_texts(source, 10**9, seed=1))) == sum(len(d.text) for d in source.documents())
+
+
+def test_run_directory_inside_the_data_is_never_read(tmp_path):
+    project = tmp_path / "proj"
+    project.mkdir()
+    root = embedded.stdlib_root()
+    for name in ("textwrap.py", "shlex.py"):
+        (project / name).write_text((root / name).read_text(encoding="utf-8"))
+    config = Config()
+    config.data = _data([source_from_path(str(project))])
+    config.tokenizer.vocab_size, config.tokenizer.num_masks, config.tokenizer.train_chars = 600, 8, 20_000
+    config.model.vocab_size, config.train.seq_len = 600, 32
+    run = project / "runs" / "r1"
+    _, _, stats = prepare_data(config, run, progress=False)
+    assert stats["sources"][0]["docs"] == 2 and stats["sources"][0]["skipped"] == {}
+    (run / "metrics.jsonl").write_text('{"loss": 1.0}\n')  # the run keeps writing while it trains
+    _, _, again = prepare_data(config, run, progress=False)
+    assert again["sources"][0]["reused"] and again["sources"][0]["docs"] == 2
