@@ -166,6 +166,10 @@ def test_jsonl_custom_field_and_bad_lines(tmp_path):
     source, docs = _docs(_data([SourceConfig(path=str(path), field="content", skip_bad_lines=True)]))
     assert [d.text for d in docs] == ["one", "ok"]
     assert source.skipped == Counter(bad_lines=1, missing_field=2)
+    # A directory of JSONL shards is read as records (auto-detected), keyed per shard and line.
+    (tmp_path / "shard2.jsonl").write_text('{"content": "three"}\n')
+    source, docs = _docs(_data([SourceConfig(path=str(tmp_path), field="content", skip_bad_lines=True)]))
+    assert [d.text for d in docs] == ["one", "ok", "three"]
 
 
 def test_parquet_source(tmp_path):

@@ -23,7 +23,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -49,8 +49,9 @@ def is_hf_dataset_dir(path: Path) -> bool:
     return path.is_dir() and any(all((path / m).is_file() for m in markers) for markers in HF_MARKERS)
 
 
-def detect_format(path: Path, declared: str) -> str:
-    """The concrete format of a source path ('auto' resolved from the path itself)."""
+def detect_format(path: Path, declared: str, include: Sequence[str] = ("**/*",), exclude: Sequence[str] = ()) -> str:
+    """The concrete format of a source path ('auto' resolved from the path and, for a directory,
+    from its selected files: all JSONL -> jsonl, all Parquet -> parquet, else plain text files)."""
     if declared == "hf":
         if not is_hf_dataset_dir(path):
             raise UserError(f"data source {path}: format 'hf' needs a directory written by datasets' save_to_disk "
@@ -59,7 +60,14 @@ def detect_format(path: Path, declared: str) -> str:
     if declared != "auto":
         return declared
     if path.is_dir():
-        return "hf" if is_hf_dataset_dir(path) else "dir"
+        if is_hf_dataset_dir(path):
+            return "hf"
+        # A directory of JSONL (or Parquet) shards means records, not text files to train on verbatim.
+        names = [rel.lower() for rel, _ in list_files(path, include, exclude)]
+        for fmt, suffixes in (("jsonl", JSONL_SUFFIXES), ("parquet", PARQUET_SUFFIXES)):
+            if names and all(name.endswith(suffixes) for name in names):
+                return fmt
+        return "dir"
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
         return "jsonl"
@@ -107,7 +115,7 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out))
 
 
-def path_selected(rel: str, include: list[str], exclude: list[str]) -> bool:
+def path_selected(rel: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     """Whether relative POSIX path `rel` passes the include globs and no exclude glob."""
     if not any(glob_regex(p).fullmatch(rel) for p in include):
         return False
@@ -137,7 +145,8 @@ def walk_files(root: Path) -> Iterator[tuple[str, Path]]:
                 yield (rel_dir / name).as_posix(), here / name
 
 
-def list_files(root: Path, include: list[str], exclude: list[str], suffixes: tuple[str, ...] = ()) -> list[tuple[str, Path]]:
+def list_files(root: Path, include: Sequence[str], exclude: Sequence[str],
+               suffixes: tuple[str, ...] = ()) -> list[tuple[str, Path]]:
     """(relative POSIX path, path) of the selected files under `root`, sorted; a file root is itself."""
     if root.is_file():
         return [(root.name, root)]

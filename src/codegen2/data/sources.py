@@ -139,7 +139,7 @@ def user_sources(cfg: DataConfig, split: str) -> list[Source]:
         root = Path(scfg.path).expanduser()
         if not root.exists():
             raise UserError(f"data source {scfg.path!r}: no such file or directory")
-        fmt = detect_format(root, scfg.format)
+        fmt = detect_format(root, scfg.format, scfg.include, scfg.exclude)
         reader = READERS[fmt]
         identity = {"path": str(root.resolve()), "format": fmt, "kind": scfg.kind, "field": scfg.field,
                     "include": scfg.include, "exclude": scfg.exclude, "skip_bad_lines": scfg.skip_bad_lines,
