@@ -428,6 +428,8 @@ def test_loader_shuts_down_cleanly_and_forwards_errors(mixture_and_special):
     assert not _prefetch_threads()
 
     class Broken:
+        seq_len = 64
+
         def get_batch(self, indices):
             raise RuntimeError("disk gone")
 

@@ -130,6 +130,15 @@ class DataConfig:
     max_doc_chars: int = 1_000_000  # longer documents are truncated (and counted)
     cache_dir: str = ""  # token cache; defaults to RUN_DIR/data
 
+    def validate(self) -> None:
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(f"data.heldout_fraction={self.heldout_fraction} must lie in [0, 1)")
+        if self.embedded_code_weight < 0 or self.embedded_nl_weight < 0 or \
+                self.embedded_code_weight + self.embedded_nl_weight <= 0:
+            raise ConfigError("data.embedded_code_weight and data.embedded_nl_weight must be >= 0 with a positive sum")
+        for source in self.sources:
+            source.validate()
+
 
 @dataclass
 class TokenizerConfig:
@@ -181,8 +190,7 @@ class Config:
     def validate(self) -> "Config":
         self.model.validate()
         self.objective.validate()
-        for source in self.data.sources:
-            source.validate()
+        self.data.validate()
         if self.train.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision={self.train.precision!r} must be auto, fp32 or bf16")
         if self.train.parallel not in ("none", "ddp", "fsdp"):

@@ -25,7 +25,7 @@ import torch
 from codegen2.config import ObjectiveConfig
 from codegen2.data.mixture import PackedMixture
 from codegen2.errors import UserError
-from codegen2.objectives import OBJECTIVE_CODES, SpecialIds, make_example
+from codegen2.objectives import OBJECTIVE_CODES, SpecialIds, check_setup, make_example
 
 
 @dataclass
@@ -57,6 +57,8 @@ class BatchLoader:
             raise UserError(f"rank={rank} must lie in [0, world_size={world_size})")
         if start_step < 0:
             raise UserError(f"start_step={start_step} must be non-negative")
+        # Report a sequence too short for the corruption layout now, not from the prefetch thread.
+        check_setup(dataset.seq_len, objective_cfg, special)
         self.dataset = dataset
         self.objective_cfg = objective_cfg
         self.special = special
