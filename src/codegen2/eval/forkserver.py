@@ -476,7 +476,9 @@ def _child(sandbox: Sandbox, program: str, workdir: str, out_w: int, res_w: int,
         _drop_capabilities()
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    os.environ.update(HOME=workdir, TMPDIR=workdir, PWD=workdir)
+    # One BLAS/OpenMP thread: thread pools would otherwise eat the process and memory budgets.
+    os.environ.update(HOME=workdir, TMPDIR=workdir, PWD=workdir, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+                      MKL_NUM_THREADS="1")
     faulthandler.disable()
     if config["python_guard"]:
         _apply_parity_guard()

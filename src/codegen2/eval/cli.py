@@ -1,0 +1,193 @@
+"""`codegen2 eval ...`: sample and score HumanEval / HumanEval infilling, write tasks, score sample files.
+
+Every command that executes code prints a summary and, as its last line, pass@k as a JSON object.
+Heavy imports (torch, the model) happen inside the handlers so that `codegen2 --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..errors import UserError
+
+_INFILL_BENCHMARKS = {"infill-single": "single-line", "infill-multi": "multi-line"}
+
+
+def register(subparsers) -> argparse._SubParsersAction:
+    """Add the `eval` command; returns its sub-parsers so that other modules can add commands."""
+    parser = subparsers.add_parser("eval", help="evaluate: HumanEval pass@k, HumanEval infilling, held-out metrics")
+    eval_sub = parser.add_subparsers(dest="eval_command", required=True, metavar="{humaneval,infill-single,"
+                                     "infill-multi,tasks,score,...}")
+
+    p = eval_sub.add_parser("humaneval", help="sample HumanEval completions, execute them, report pass@k")
+    _generation_args(p, n=1, max_new_tokens=256)
+    _execution_args(p)
+    p.set_defaults(func=cmd_humaneval, benchmark="humaneval")
+
+    for name, kind in _INFILL_BENCHMARKS.items():
+        p = eval_sub.add_parser(name, help=f"HumanEval {kind} infilling (CodeGen2 infill format), pass@k")
+        _generation_args(p, n=1, max_new_tokens=128)
+        _execution_args(p)
+        p.set_defaults(func=cmd_humaneval, benchmark=name)
+
+    p = eval_sub.add_parser("tasks", help="write a benchmark's tasks (or its canonical solutions as samples) as JSONL")
+    p.add_argument("benchmark", choices=["humaneval", *_INFILL_BENCHMARKS])
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument("--canonical-samples", action="store_true",
+                   help="write {task_id, completion} rows holding the canonical solutions, for `eval score`")
+    p.set_defaults(func=cmd_tasks)
+
+    p = eval_sub.add_parser("score", help="execute an existing sample file and report pass@k")
+    p.add_argument("--samples", required=True, help="JSONL (or .jsonl.gz) with task_id and completion per line")
+    p.add_argument("--benchmark", default="auto", choices=["auto", "humaneval", *_INFILL_BENCHMARKS],
+                   help="default: recognised from the task ids")
+    _execution_args(p)
+    p.set_defaults(func=cmd_score)
+    return eval_sub
+
+
+def _generation_args(p: argparse.ArgumentParser, n: int, max_new_tokens: int) -> None:
+    p.add_argument("--checkpoint", required=True, help="codegen2 run directory or Hugging Face CodeGen directory")
+    p.add_argument("--out", required=True, help="output directory (samples, per-sample results, pass@k)")
+    p.add_argument("--n", type=int, default=n, help="samples per task (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, dest="top_p")
+    p.add_argument("--top-k", type=int, default=0, dest="top_k", help="0 = off")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, dest="max_new_tokens")
+    p.add_argument("--batch-size", type=int, default=8, dest="batch_size")
+    p.add_argument("--seed", type=int, default=0, help="sample j of task i uses seed + i*n + j")
+    p.add_argument("--limit", type=int, help="only the first N tasks (quick runs)")
+    p.add_argument("--mp-num", type=int, dest="mp_num", help="qkv groups of a Hugging Face checkpoint (default: detect)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+
+
+def _execution_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--k", default="1,10,100", help="pass@k values (default %(default)s; k > n is skipped)")
+    p.add_argument("--workers", type=int, help="parallel sandboxes (default: number of CPUs)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds per program (default %(default)s)")
+    p.add_argument("--memory-mb", type=int, default=1024, dest="memory_mb",
+                   help="address-space limit per program in MiB (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", dest="no_progress")
+
+
+def _ks(args) -> list[int]:
+    from .passk import parse_ks
+
+    try:
+        return parse_ks(args.k)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _executor(args):
+    from .executor import Executor, SandboxLimits, default_workers
+
+    if args.timeout <= 0:
+        raise UserError(f"--timeout must be positive (got {args.timeout})")
+    if args.memory_mb < 64:
+        raise UserError(f"--memory-mb must be at least 64 (got {args.memory_mb})")
+    return Executor(args.workers or default_workers(), SandboxLimits(memory_bytes=args.memory_mb << 20))
+
+
+def _describe_isolation(info: dict | None) -> str:
+    if not info:
+        return "sandbox: not started"
+    parts = [f"namespaces: {', '.join(info['namespaces']) or 'none'}",
+             "filesystem read-only outside scratch" if info["filesystem_readonly"] else "filesystem NOT read-only",
+             f"programs run as uid {info['run_uid']}" if info["run_uid"] is not None else "programs run as you"]
+    if not info["network_isolated"]:
+        parts.append("network NOT cut")
+    return "sandbox: " + "; ".join(parts) + "".join(f"; note: {n}" for n in info.get("notes", []))
+
+
+def _finish(report, out_json: Path | None, extra: dict | None = None) -> None:
+    print(_describe_isolation(report.isolation), file=sys.stderr)
+    summary = {**report.summary(), **(extra or {})}
+    if out_json is not None:
+        out_json.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{report.benchmark}: {len(report.rows)} samples over {report.n_problems} tasks; "
+          f"outcomes {json.dumps(report.outcomes, sort_keys=True)}")
+    print(json.dumps(report.pass_at_k))
+
+
+def cmd_humaneval(args) -> int:
+    """Sample (left-to-right or infill), write samples, execute, write results and pass@k."""
+    from .generation import HUMANEVAL_STOP, infill_middle, left_to_right, sample_tasks
+    from .scoring import results_path, score_samples
+    from .tasks import load_tasks, write_jsonl
+
+    ks = _ks(args)
+    for name, value, low in (("--n", args.n, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                             ("--batch-size", args.batch_size, 1),
+                             ("--limit", 1 if args.limit is None else args.limit, 1)):
+        if value < low:
+            raise UserError(f"{name} must be at least {low} (got {value})")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+    if args.temperature == 0 and args.n > 1:
+        print("note: --temperature 0 is greedy, so all n samples of a task are identical", file=sys.stderr)
+    tasks_by_id = load_tasks(args.benchmark)
+    tasks = list(tasks_by_id.values())[: args.limit]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    from ..loading import load_checkpoint
+    from ..sampling import SamplingParams
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    loaded = load_checkpoint(args.checkpoint, device=device, mp_num=args.mp_num)
+    infilling = args.benchmark in _INFILL_BENCHMARKS
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, stop=() if infilling else HUMANEVAL_STOP, seed=args.seed)
+    complete = infill_middle(loaded, params) if infilling else left_to_right(loaded, params)
+    started = time.perf_counter()
+    rows = sample_tasks(tasks, args.n, complete, batch_size=args.batch_size, seed=args.seed,
+                        progress=not args.no_progress)
+    sampling_seconds = time.perf_counter() - started
+    samples_file = out / "samples.jsonl"
+    write_jsonl(samples_file, rows)
+
+    with _executor(args) as executor:
+        report = score_samples(rows, tasks_by_id, executor, timeout=args.timeout, ks=ks, benchmark=args.benchmark,
+                               progress=not args.no_progress)
+    write_jsonl(results_path(samples_file), report.rows)
+    settings = {"checkpoint": str(args.checkpoint), "n": args.n, "temperature": args.temperature,
+                "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+                "stop": list(params.stop), "limit": args.limit, "sampling_seconds": round(sampling_seconds, 2)}
+    _finish(report, out / "pass_at_k.json", {"settings": settings})
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from .tasks import load_tasks, write_jsonl
+
+    keys = ("task_id", "prompt", "suffix", "canonical_solution", "test", "entry_point")
+    tasks = load_tasks(args.benchmark).values()
+    if args.canonical_samples:
+        rows = [{"task_id": t["task_id"], "completion": t["canonical_solution"]} for t in tasks]
+    else:
+        rows = [{k: t[k] for k in keys if k in t} for t in tasks]
+    write_jsonl(args.out, rows)
+    print(f"wrote {len(rows)} {args.benchmark} {'samples' if args.canonical_samples else 'tasks'} to {args.out}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .scoring import read_samples, results_path, score_samples
+    from .tasks import write_jsonl
+
+    ks = _ks(args)
+    benchmark, tasks, samples = read_samples(args.samples, args.benchmark)
+    with _executor(args) as executor:
+        report = score_samples(samples, tasks, executor, timeout=args.timeout, ks=ks, benchmark=benchmark,
+                               progress=not args.no_progress)
+    write_jsonl(results_path(args.samples), report.rows)
+    print(f"per-sample results: {results_path(args.samples)}", file=sys.stderr)
+    _finish(report, None)
+    return 0
