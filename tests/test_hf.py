@@ -22,7 +22,7 @@ from codegen2.checkpoint import WEIGHTS, list_checkpoints, write_checkpoint
 from codegen2.config import Config, ModelConfig, load_config, save_config
 from codegen2.errors import UserError
 from codegen2.hf import detect_mp_num, export_hf, from_pretrained, import_hf, is_hf_directory, load_hf_config, register
-from codegen2.hf_weights import regroup_qkv
+from codegen2.hf_weights import regroup_qkv, release_mapped_pages
 from codegen2.model import CodeGenModel
 from codegen2.tokenizer import train_tokenizer
 
@@ -100,6 +100,15 @@ def _rewrite_as_eight_groups(src: Path, dst: Path) -> None:
     (dst / "config.json").write_text(json.dumps(config))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy shared machine OpenMP spinning costs 10x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     import sysconfig
@@ -153,15 +162,27 @@ def test_every_weight_file_layout_loads(layout, tmp_path):
         assert _max_diff(ours(ids), hf(ids).logits) <= 1e-4
 
 
-def test_bf16_loading_converts_every_tensor(tmp_path):
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_bf16_loading_converts_every_tensor(fmt, tmp_path):
     hf = _hf_model(SHAPES[0])
     hf.save_pretrained(tmp_path)
+    if fmt == "bin":  # memory-mapped source pages are released after conversion: values must survive
+        torch.save(load_file(str(tmp_path / "model.safetensors")), tmp_path / "pytorch_model.bin")
+        (tmp_path / "model.safetensors").unlink()
     ours = from_pretrained(tmp_path, dtype=torch.bfloat16, load_tokenizer=False)
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
     assert not any(p.is_meta for p in ours.parameters())
     fp32 = from_pretrained(tmp_path, load_tokenizer=False)
     for (name, a), (_, b) in zip(ours.named_parameters(), fp32.named_parameters()):
         assert torch.equal(a, b.to(torch.bfloat16)), name
+
+
+def test_released_mapped_pages_read_back_from_the_file(tmp_path):
+    torch.save({"w": torch.arange(3 * 1024 * 1024, dtype=torch.float32)}, tmp_path / "w.bin")
+    mapped = torch.load(tmp_path / "w.bin", mmap=True, weights_only=True)["w"]
+    total = float(mapped.sum())
+    release_mapped_pages(mapped)
+    assert float(mapped.sum()) == total and torch.equal(mapped[-5:], torch.arange(3 * 1024 * 1024 - 5, 3 * 1024 * 1024).float())
 
 
 # ------------------------------------------------------------------------------------------------ 2
@@ -369,3 +390,33 @@ def test_missing_weights_and_missing_tokenizer(good_dir):
     (good_dir / "model.safetensors").unlink()
     with pytest.raises(UserError, match="no weights found"):
         from_pretrained(good_dir, load_tokenizer=False)
+
+
+def test_training_resumes_from_an_imported_directory(tmp_path, tokenizer):
+    """import-hf makes a run that `train --resume` continues from: with a tiny learning rate the first
+    trained checkpoint stays next to the imported weights (a fresh init would be far away)."""
+    import sysconfig
+
+    from codegen2.config import SourceConfig
+    from codegen2.train import train
+
+    hf = _hf_model(SHAPES[1], seed=4)
+    hf.save_pretrained(tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf")
+    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py", data)
+    config = load_config(run / "config.toml", overrides=[
+        "train.max_steps=1", "train.micro_batch_size=2", "train.checkpoint_every=1", "train.warmup_steps=0",
+        "train.lr=1e-6", "data.heldout_fraction=0.0", "train.seq_len=64"])
+    config.data.sources = [SourceConfig(path=str(data), kind="code")]
+    save_config(config, run / "config.toml")
+    result = train(config, run, resume=True)
+    assert result.final_step == 1
+    imported = load_file(str(list_checkpoints(run)[0] / WEIGHTS))
+    trained = load_file(str(list_checkpoints(run)[-1] / WEIGHTS))
+    assert list_checkpoints(run)[-1].name == "step_00000001"
+    for name, tensor in imported.items():
+        assert _max_diff(trained[name], tensor) < 1e-4, name
+    assert torch.equal(imported["lm_head.weight"], hf.state_dict()["lm_head.weight"])

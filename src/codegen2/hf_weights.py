@@ -9,8 +9,11 @@ built on the meta device, peak memory stays near one copy of the weights.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import mmap
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,40 +85,45 @@ def _files_from_index(index: Path) -> list[Path]:
 
 
 def iter_tensors(files: list[Path], device: str | torch.device = "cpu",
-                 converting: bool = False) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """Yield (name, tensor, file) one tensor at a time, skipping the ignored attention buffers unread."""
+                 converting: bool = False) -> Iterator[tuple[str, torch.Tensor, Path, bool]]:
+    """Yield (name, tensor, file, file_mapped) one tensor at a time, skipping the ignored buffers unread.
+
+    `file_mapped` says the tensor's memory is a private mapping of the file (clean pages, never written).
+    """
     for file in files:
         if file.suffix == ".safetensors":
             yield from _iter_safetensors(file, device, converting)
         else:
-            yield from _iter_torch_bin(file, device)
+            yield from _iter_torch_bin(file)
 
 
 def _open_safetensors(file: Path, device: str, converting: bool):
-    # pread (safetensors >= 0.8) keeps converted-away tensors out of memory; mmap is zero-copy otherwise.
+    """(handle, file_mapped): pread (safetensors >= 0.8) when converting, else zero-copy mmap."""
     if converting:
         try:
-            return safe_open(str(file), framework="pt", device=device, backend="pread")
+            return safe_open(str(file), framework="pt", device=device, backend="pread"), False
         except TypeError:
             pass
-    return safe_open(str(file), framework="pt", device=device)
+    return safe_open(str(file), framework="pt", device=device), device == "cpu"
 
 
-def _iter_safetensors(file: Path, device, converting: bool) -> Iterator[tuple[str, torch.Tensor, Path]]:
+def _iter_safetensors(file: Path, device, converting: bool) -> Iterator[tuple[str, torch.Tensor, Path, bool]]:
     try:
-        handle = _open_safetensors(file, str(device), converting)
+        handle, mapped = _open_safetensors(file, str(device), converting)
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise UserError(f"{file}: cannot read safetensors file ({exc})") from None
     with handle:
         for name in handle.keys():
             if not name.endswith(IGNORED_SUFFIXES):
-                yield name, handle.get_tensor(name), file
+                yield name, handle.get_tensor(name), file, mapped
 
 
-def _iter_torch_bin(file: Path, device) -> Iterator[tuple[str, torch.Tensor, Path]]:
+def _iter_torch_bin(file: Path) -> Iterator[tuple[str, torch.Tensor, Path, bool]]:
+    mapped = True
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as exc:
+        mapped = False
         if "zip" not in str(exc).lower() and "mmap" not in str(exc).lower():
             raise UserError(f"{file}: cannot read PyTorch weights ({exc})") from None
         log.warning("%s is in the legacy (pre-zip) torch format and cannot be memory-mapped; reading it whole", file)
@@ -132,7 +140,39 @@ def _iter_torch_bin(file: Path, device) -> Iterator[tuple[str, torch.Tensor, Pat
         if not name.endswith(IGNORED_SUFFIXES):
             if not isinstance(tensor, torch.Tensor):
                 raise UserError(f"{file}: entry {name} is a {type(tensor).__name__}, not a tensor")
-            yield name, tensor.to(device), file
+            yield name, tensor, file, mapped
+
+
+def release_mapped_pages(tensor: torch.Tensor) -> None:
+    """Let the kernel drop the file pages behind a memory-mapped tensor we have copied and no longer need.
+
+    Without this, a converted (e.g. fp32 -> bf16) checkpoint keeps every source page resident until
+    the whole file is unmapped, which costs a second copy of the weights. Only for private mappings
+    of a file that are never written: dropped pages would simply be read again from the file.
+    Linux only; a no-op elsewhere.
+    """
+    if sys.platform != "linux" or tensor.device.type != "cpu" or _libc() is None:
+        return
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // page) * page, end // page * page
+    if last > first:
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+            _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC or None
+
+
+_LIBC = None
 
 
 def read_checked_tensors(
@@ -151,7 +191,8 @@ def read_checked_tensors(
     files = [path] if path.is_file() else weight_files(path)
     seen: set[str] = set()
     target = dtype
-    for name, tensor, file in iter_tensors(files, device, converting=dtype is not None):
+    for name, source, file, mapped in iter_tensors(files, device, converting=dtype is not None):
+        tensor = source
         if name not in expected:
             raise UserError(f"{file}: unexpected tensor {name} (shape {list(tensor.shape)}); this is not a "
                             f"CodeGen checkpoint matching {config_name}")
@@ -164,8 +205,10 @@ def read_checked_tensors(
             raise UserError(f"{file}: tensor {name} has dtype {tensor.dtype}; weights must be floating point")
         if target is None:
             target = tensor.dtype
-        if tensor.dtype != target:
-            tensor = tensor.to(target)
+        tensor = tensor.to(device=device, dtype=target)
+        if mapped and tensor.data_ptr() != source.data_ptr():
+            release_mapped_pages(source)
+        del source
         seen.add(name)
         yield name, tensor
     missing = [name for name in expected if name not in seen]
