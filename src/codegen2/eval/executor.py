@@ -161,6 +161,9 @@ class Executor:
             raise RuntimeError("executor is closed")
         server = self._idle.get()
         try:
+            if server is not None and server.process.poll() is not None:  # died while idle: not this program's doing
+                self._retire(server)
+                server = None
             if server is None:
                 server = self._start_server()
             try:
