@@ -22,7 +22,7 @@ from codegen2.checkpoint import WEIGHTS, list_checkpoints, write_checkpoint
 from codegen2.config import Config, ModelConfig, load_config, save_config
 from codegen2.errors import UserError
 from codegen2.hf import detect_mp_num, export_hf, from_pretrained, import_hf, is_hf_directory, load_hf_config, register
-from codegen2.hf_weights import regroup_qkv, release_mapped_pages
+from codegen2.hf_weights import regroup_qkv, regroup_state_dict, release_mapped_pages
 from codegen2.model import CodeGenModel
 from codegen2.tokenizer import train_tokenizer
 
@@ -192,6 +192,20 @@ def test_regroup_matches_naive_row_mapping(n_embd, n_head):
     for from_mp, to_mp in [(4, 8), (8, 4), (8, 1), (1, 8), (4, 4)]:
         assert torch.equal(regroup_qkv(weight, n_head, from_mp, to_mp), naive_regroup(weight, n_head, from_mp, to_mp))
     assert torch.equal(regroup_qkv(regroup_qkv(weight, n_head, 4, 8), n_head, 8, 4), weight)
+
+
+def test_regrouped_state_dict_computes_the_same_function():
+    cfg8 = ModelConfig(vocab_size=VOCAB, n_layer=2, n_embd=64, n_head=8, rotary_dim=4, n_ctx=64, mp_num=8)
+    torch.manual_seed(5)
+    model8 = CodeGenModel(cfg8).eval()
+    model4 = CodeGenModel(ModelConfig(**{**cfg8.__dict__, "mp_num": 4})).eval()
+    state = regroup_state_dict(model8.state_dict(), 8, 8, 4)
+    assert torch.equal(state["lm_head.weight"], model8.lm_head.weight)
+    assert not torch.equal(state["transformer.h.0.attn.qkv_proj.weight"], model8.transformer.h[0].attn.qkv_proj.weight)
+    model4.load_state_dict(state)
+    ids = _prompt()
+    with torch.no_grad():
+        assert _max_diff(model4(ids), model8(ids)) <= 1e-5
 
 
 @pytest.mark.parametrize("shape", SHAPES[1:], ids=SHAPE_IDS[1:])

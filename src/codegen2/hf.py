@@ -31,11 +31,11 @@ from .hf_config import (
     model_config_from_hf,
     read_hf_config,
 )
-from .hf_weights import expected_shapes, is_qkv, load_into, read_checked_tensors, regroup_qkv
+from .hf_weights import expected_shapes, is_qkv, load_into, read_checked_tensors, regroup_qkv, regroup_state_dict
 from .model import CodeGenModel
 
 __all__ = [
-    "from_pretrained", "is_hf_directory", "load_hf_config", "detect_mp_num", "regroup_qkv",
+    "from_pretrained", "is_hf_directory", "load_hf_config", "detect_mp_num", "regroup_qkv", "regroup_state_dict",
     "export_hf", "import_hf", "register",
 ]
 

@@ -56,6 +56,12 @@ def is_qkv(name: str) -> bool:
     return name.endswith(".attn.qkv_proj.weight")
 
 
+def regroup_state_dict(state: dict[str, torch.Tensor], n_head: int, from_mp: int,
+                       to_mp: int) -> dict[str, torch.Tensor]:
+    """A state dict with every fused qkv weight regrouped (other tensors shared, not copied)."""
+    return {name: regroup_qkv(t, n_head, from_mp, to_mp) if is_qkv(name) else t for name, t in state.items()}
+
+
 def weight_files(path: str | Path) -> list[Path]:
     """The weight files of a HF directory, preferring safetensors; shards come from their index."""
     path = Path(path)
