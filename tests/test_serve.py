@@ -38,6 +38,7 @@ uvicorn = pytest.importorskip("uvicorn")
 KEY = "test-key-123"
 MODEL = "tiny-test"
 N_CTX = 256
+LONG_CTX = 4096
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,23 +50,40 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    import argparse as text_a
-    import json as text_b
-
-    texts = [Path(m.__file__).read_text(encoding="utf-8") for m in (text_a, text_b)]
-    tokenizer = train_tokenizer(texts, vocab_size=512, num_masks=8)
-    config = Config(model=ModelConfig(vocab_size=512, n_layer=2, n_embd=64, n_head=4, rotary_dim=16, n_ctx=N_CTX,
+def make_run(directory: Path, tokenizer, n_ctx: int, never_ends: bool = False) -> Path:
+    """A random-weight run directory; `never_ends` makes <|endoftext|> unreachable, so completions run to max_tokens."""
+    config = Config(model=ModelConfig(vocab_size=512, n_layer=2, n_embd=64, n_head=4, rotary_dim=16, n_ctx=n_ctx,
                                       mp_num=2),
                     tokenizer=TokenizerConfig(vocab_size=512, num_masks=8), train=TrainConfig(seq_len=128))
     torch.manual_seed(0)
     model = CodeGenModel(config.model)
-    run = tmp_path_factory.mktemp("serve_run")
-    save_config(config, run / "config.toml")
-    tokenizer.save(run)
-    write_checkpoint(run, 0, model.state_dict(), {"tokens_seen": 0})
-    return run
+    if never_ends:
+        with torch.no_grad():
+            model.lm_head.bias[tokenizer.eot_id] = -1e4
+    save_config(config, directory / "config.toml")
+    tokenizer.save(directory)
+    write_checkpoint(directory, 0, model.state_dict(), {"tokens_seen": 0})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import argparse as text_a
+    import json as text_b
+
+    texts = [Path(m.__file__).read_text(encoding="utf-8") for m in (text_a, text_b)]
+    return train_tokenizer(texts, vocab_size=512, num_masks=8)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tokenizer) -> Path:
+    return make_run(tmp_path_factory.mktemp("serve_run"), tokenizer, N_CTX)
+
+
+@pytest.fixture(scope="module")
+def long_run_dir(tmp_path_factory, tokenizer) -> Path:
+    """Same model with a long context, so that one stream lasts seconds: disconnect and 429 tests need it."""
+    return make_run(tmp_path_factory.mktemp("serve_long_run"), tokenizer, LONG_CTX, never_ends=True)
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +264,7 @@ BAD_REQUESTS = [
     ({"prompt": "x", "suffix": "y", "echo": True}, 400, "echo"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "x", "n": 100}, 400, "n"),  # more sequences than the queue (64) could ever hold
 ]
 
 
@@ -305,17 +324,16 @@ def test_a_full_queue_answers_429_at_once_and_a_vanished_client_leaves_the_queue
         assert http.post("/v1/completions", json=body, timeout=30).status_code == 200
 
 
-def test_a_client_leaving_mid_stream_frees_its_slot(server):
-    engine = server.engine
-    before = engine.snapshot()["rows_cancelled"]
-    body = {"prompt": "y", "max_tokens": N_CTX - 8, "temperature": 1.0, "stream": True}
-    headers = {"Authorization": f"Bearer {KEY}"}
-    with httpx.Client(base_url=server.url, headers=headers, timeout=30) as http:
+def test_a_client_leaving_mid_stream_frees_its_slot(long_run_dir):
+    loaded_long = load_checkpoint(long_run_dir)
+    engine = BatchEngine(loaded_long.model, loaded_long.tokenizer)
+    body = {"prompt": "y", "max_tokens": LONG_CTX - 8, "temperature": 1.0, "stream": True}
+    with ThreadServer(create_app(engine, MODEL)) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
         with http.stream("POST", "/v1/completions", json=body) as response:
             assert response.status_code == 200
-            first = next(response.iter_lines())
-            assert first.startswith("data: ")
-        wait_until(lambda: engine.snapshot()["rows_cancelled"] == before + 1 and engine.snapshot()["active"] == 0)
+            assert next(response.iter_lines()).startswith("data: ")
+        wait_until(lambda: engine.snapshot()["rows_cancelled"] == 1 and engine.snapshot()["active"] == 0)
+        assert engine.snapshot()["tokens_generated"] < LONG_CTX - 8  # stopped early, not run to the end
         again = http.post("/v1/completions", json={"prompt": "y", "max_tokens": 2})
         assert again.status_code == 200
 
@@ -359,16 +377,20 @@ def test_serve_command_defaults_to_loopback():
     assert (args.host, args.port, args.api_key, args.func.__name__) == ("127.0.0.1", 8000, None, "cmd_serve")
 
 
-def test_codegen2_serve_runs_as_a_command(run_dir):
+def test_codegen2_serve_runs_the_model_in_a_child_process(long_run_dir):
+    """The command as users run it: engine in a child process, queue bound, disconnects, clean exit."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "codegen2.cli", "serve", "--checkpoint", str(run_dir),
-                             "--port", str(port), "--api-key", KEY, "--model-name", MODEL, "--threads", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "codegen2.cli", "serve", "--checkpoint", str(long_run_dir),
+                             "--port", str(port), "--api-key", KEY, "--model-name", MODEL, "--threads", "1",
+                             "--max-batch-size", "1", "--max-queue", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {KEY}"}
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=10)
-        deadline = time.monotonic() + 60
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+        deadline = time.monotonic() + 120
         while True:
             assert proc.poll() is None, proc.stdout.read()
             try:
@@ -378,6 +400,23 @@ def test_codegen2_serve_runs_as_a_command(run_dir):
                 assert time.monotonic() < deadline, "server did not come up"
                 time.sleep(0.2)
         assert len(out.choices) == 1 and out.usage.completion_tokens >= 1
+
+        def health():
+            return httpx.get(url + "/health", headers=headers, timeout=30).json()
+
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+            too_many = http.post("/v1/completions", json={"prompt": "y", "n": 3, "max_tokens": 2})
+            assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"
+            long = {"prompt": "y", "max_tokens": LONG_CTX - 8, "temperature": 1.0, "stream": True}
+            with http.stream("POST", "/v1/completions", json=long) as response:
+                lines = response.iter_lines()  # kept referenced: dropping it would close the stream
+                assert next(lines).startswith("data: ")
+                # One sequence runs; two more would exceed batch 1 + queue 1: refused at once.
+                busy = http.post("/v1/completions", json={"prompt": "y", "n": 2, "max_tokens": 2})
+                assert busy.status_code == 429, busy.text
+            wait_until(lambda: health()["rows_cancelled"] == 1 and health()["in_flight"] == 0)
+            assert health()["tokens_generated"] < LONG_CTX - 8  # stopped early, not run to the end
+            assert http.post("/v1/completions", json={"prompt": "y", "n": 2, "max_tokens": 2}).status_code == 200
     finally:
         proc.terminate()
         proc.wait(30)

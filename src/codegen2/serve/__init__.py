@@ -38,6 +38,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mp-num", type=int, default=None, help="qkv grouping of a HF checkpoint (default: detect)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch default; 1 is fastest for small models on busy machines)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the model in the HTTP process (simpler to debug; slower under load, as model and "
+                        "HTTP work then share one GIL)")
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -68,6 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..loading import load_checkpoint
     from .app import create_app
     from .engine import BatchEngine
+    from .process import ProcessEngine
 
     if args.max_batch_size < 1 or args.max_queue < 1:
         raise UserError("--max-batch-size and --max-queue must be at least 1")
@@ -83,13 +87,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
-    loaded = load_checkpoint(args.checkpoint, device=args.device, dtype=_dtype(args.dtype, args.device),
-                             mp_num=args.mp_num)
     name = args.model_name or Path(args.checkpoint).resolve().name
-    engine = BatchEngine(loaded.model, loaded.tokenizer, max_batch_size=args.max_batch_size,
-                         max_queue=args.max_queue, bidirectional_prompt=loaded.prefix_lm)
+    dtype = _dtype(args.dtype, args.device)
+    if args.in_process:
+        loaded = load_checkpoint(args.checkpoint, device=args.device, dtype=dtype, mp_num=args.mp_num)
+        engine = BatchEngine(loaded.model, loaded.tokenizer, max_batch_size=args.max_batch_size,
+                             max_queue=args.max_queue, bidirectional_prompt=loaded.prefix_lm)
+        source = loaded.source
+    else:
+        engine = ProcessEngine(args.checkpoint, device=args.device, dtype=dtype, mp_num=args.mp_num,
+                               threads=args.threads, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+        source = engine.source
     app = create_app(engine, name, api_key=api_key)
-    print(f"serving {name} ({loaded.source}) on http://{args.host}:{args.port}/v1 "
+    print(f"serving {name} ({source}) on http://{args.host}:{args.port}/v1 "
           f"(batch {args.max_batch_size}, queue {args.max_queue}, auth {'on' if api_key else 'off'})",
           file=sys.stderr, flush=True)
     verbose = bool(getattr(args, "verbose", False))

@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import BatchEngine, EngineStopped, QueueFull, RowEvent, Ticket
+from .process import ProcessEngine
 from .protocol import (ApiError, check_model_name, choice, completion_body, completion_id, parse_request,
                        plan_request, usage)
 
@@ -27,7 +28,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 TOKENIZE_IN_THREAD_CHARS = 20_000  # longer prompts are tokenized off the event loop
 
 
-def create_app(engine: BatchEngine, model_name: str, api_key: str | None = None,
+def create_app(engine: "BatchEngine | ProcessEngine", model_name: str, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """An app serving `engine`; the engine thread starts and stops with the app's lifespan."""
     from contextlib import asynccontextmanager
@@ -55,7 +56,7 @@ def create_app(engine: BatchEngine, model_name: str, api_key: str | None = None,
     created = int(time.time())
     tokenizer = engine.tokenizer
     n_ctx = engine.n_ctx
-    vocab_size = engine.model.config.vocab_size
+    vocab_size = engine.vocab_size
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -73,7 +74,7 @@ def create_app(engine: BatchEngine, model_name: str, api_key: str | None = None,
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, **engine.snapshot()}
+        return {"status": "ok", "model": model_name, **await run_in_threadpool(engine.snapshot)}
 
     def model_card() -> dict[str, Any]:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "codegen2",
@@ -99,6 +100,9 @@ def create_app(engine: BatchEngine, model_name: str, api_key: str | None = None,
         else:
             plan = plan_request(req, tokenizer, n_ctx, vocab_size)
 
+        if len(plan.rows) > engine.max_rows_per_submit:
+            raise ApiError(400, f"this request asks for {len(plan.rows)} sequences; this server accepts at most "
+                                f"{engine.max_rows_per_submit} at once", "n")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[RowEvent] = asyncio.Queue()
 
@@ -160,10 +164,12 @@ async def _read_json(request: Request, limit: int) -> Any:
 
 
 async def _collect(count: int, events: asyncio.Queue) -> list[RowEvent]:
-    """Wait for the final event of every row; results in row order."""
+    """Wait for the final event of every row; results in row order (or just the first error)."""
     done: dict[int, RowEvent] = {}
     while len(done) < count:
         event = await events.get()
+        if event.finish_reason == "error":
+            return [event]
         if event.finish_reason is not None:
             done[event.index] = event
     return [done[i] for i in range(count)]

@@ -62,6 +62,16 @@ class RowEvent:
 Sink = Callable[[RowEvent], None]
 
 
+def check_rows(rows: list[RowRequest], n_ctx: int) -> None:
+    """Rows the engine can run: a non-empty prompt that, with max_tokens, fits the context."""
+    for spec in rows:
+        if not spec.prompt_ids:
+            raise ValueError("a row needs at least one prompt token")
+        if spec.max_tokens < 1 or len(spec.prompt_ids) + spec.max_tokens > n_ctx:
+            raise ValueError(f"prompt ({len(spec.prompt_ids)} tokens) + max_tokens ({spec.max_tokens}) "
+                             f"must fit the context of {n_ctx} tokens")
+
+
 class QueueFull(Exception):
     """The waiting queue cannot take this submission now; the client should retry later."""
 
@@ -73,9 +83,10 @@ class EngineStopped(Exception):
 class Ticket:
     """Handle of one submission: its rows can be cancelled together (e.g. the client went away)."""
 
-    def __init__(self, engine: "BatchEngine", size: int):
-        self._engine = engine
+    def __init__(self, engine, size: int, ticket_id: int = -1):
+        self._engine = engine  # a BatchEngine or a ProcessEngine
         self.size = size
+        self.id = ticket_id
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -132,6 +143,7 @@ class BatchEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.n_ctx = model.config.n_ctx
+        self.vocab_size = model.config.vocab_size
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         # Rows of different ages share one cache length, so it can exceed one context window.
@@ -153,6 +165,11 @@ class BatchEngine:
         self._next_pos: torch.Tensor | None = None  # [rows]: position of the next fed token
 
     # ------------------------------------------------------------------------------ public API
+    @property
+    def max_rows_per_submit(self) -> int:
+        """A submission with more rows than this could never be queued."""
+        return self.max_queue
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="codegen2-batch-engine", daemon=True)
@@ -175,12 +192,7 @@ class BatchEngine:
 
     def submit(self, rows: list[RowRequest], sink: Sink) -> Ticket:
         """Queue rows (all or none); `sink` receives their events from the engine thread."""
-        for spec in rows:
-            if not spec.prompt_ids:
-                raise ValueError("a row needs at least one prompt token")
-            if spec.max_tokens < 1 or len(spec.prompt_ids) + spec.max_tokens > self.n_ctx:
-                raise ValueError(f"prompt ({len(spec.prompt_ids)} tokens) + max_tokens ({spec.max_tokens}) "
-                                 f"must fit the context of {self.n_ctx} tokens")
+        check_rows(rows, self.n_ctx)
         ticket = Ticket(self, len(rows))
         decode = self.tokenizer.decode
         new = [_Row(spec, i, ticket, sink, IncrementalText(decode, spec.stop)) for i, spec in enumerate(rows)]

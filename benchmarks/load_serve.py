@@ -1,0 +1,271 @@
+"""Load test of `codegen2 serve`: 1,000 requests from 64 concurrent clients, then the same requests one at a time.
+
+    .venv/bin/python benchmarks/load_serve.py [--checkpoint RUN] [--requests 1000] [--concurrency 64]
+
+Starts the server as a separate process on loopback (on a small random-weight model unless
+--checkpoint is given), sends a fixed mix of requests (completions and `suffix` infills, greedy and
+seeded sampling, a quarter streamed) and reports p50/p99 latency, throughput, the server's RSS after
+the first 100 and after the last 100 requests, the speed-up of batched over one-at-a-time serving,
+and how many seeded/greedy requests gave identical text both ways. Exits 1 on any failure other
+than a deliberate 429/503 refusal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import threading
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_small_run(directory: Path) -> Path:
+    """A random-weight CodeGen (4 layers, width 128, 1.1M parameters) with a BPE trained on a few standard-library files."""
+    import argparse as src_a
+    import json as src_b
+    import textwrap as src_c
+
+    import torch
+
+    from codegen2.checkpoint import write_checkpoint
+    from codegen2.config import Config, ModelConfig, TokenizerConfig, TrainConfig, save_config
+    from codegen2.model import CodeGenModel
+    from codegen2.tokenizer import train_tokenizer
+
+    texts = [Path(m.__file__).read_text(encoding="utf-8") for m in (src_a, src_b, src_c)]
+    tokenizer = train_tokenizer(texts, vocab_size=1024, num_masks=8)
+    config = Config(model=ModelConfig(vocab_size=1024, n_layer=4, n_embd=128, n_head=4, rotary_dim=16, n_ctx=512,
+                                      mp_num=4),
+                    tokenizer=TokenizerConfig(vocab_size=1024, num_masks=8), train=TrainConfig(seq_len=256))
+    torch.manual_seed(0)
+    model = CodeGenModel(config.model)
+    save_config(config, directory / "config.toml")
+    tokenizer.save(directory)
+    write_checkpoint(directory, 0, model.state_dict(), {"tokens_seen": 0})
+    return directory
+
+
+def make_requests(count: int, max_tokens: int, seed: int = 0) -> list[dict]:
+    """A fixed mix: 1/8 infills, half greedy and half seeded sampling, 1/4 streamed."""
+    rng = random.Random(seed)
+    heads = ["def fib(n):\n    ", "import os\n\n", "class Stack:\n    def __init__(self):\n        ",
+             "for i in range(10):\n    ", "# parse the arguments\nparser = ", "x = [1, 2, 3]\ny = ",
+             "def read(path):\n    with open(path) as f:\n        ", "if __name__ == '__main__':\n    "]
+    requests = []
+    for i in range(count):
+        body = {"model": "bench", "prompt": rng.choice(heads) + "v" * rng.randint(0, 40), "max_tokens": max_tokens,
+                "temperature": 0.0 if i % 2 else 0.8, "seed": i}
+        if i % 8 == 3:
+            body["suffix"] = "\n    return result\n"
+        if i % 4 == 1:
+            body["stream"] = True
+        requests.append(body)
+    return requests
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of the server and its children (the model runs in a child process)."""
+    total_kib = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if entry == str(pid) or fields.get("PPid", "").strip() == str(pid):
+            total_kib += int(fields.get("VmRSS", "0 kB").split()[0])
+    return total_kib / 1024
+
+
+class Client:
+    """One persistent HTTP/1.1 connection (stdlib http.client: far less CPU per request than an async client)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+
+    def send(self, body: dict) -> tuple[int, str, float]:
+        """POST one request; returns (status, completion text, latency in seconds); status 0: transport error."""
+        began = time.perf_counter()
+        try:
+            status, text = self._send(body)
+        except (OSError, http.client.HTTPException) as exc:
+            self.conn.close()
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
+            status, text = 0, f"{type(exc).__name__}: {exc}"
+        return status, text, time.perf_counter() - began
+
+    def _send(self, body: dict) -> tuple[int, str]:
+        self.conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = self.conn.getresponse()
+        if response.status != 200 or not body.get("stream"):
+            payload = response.read().decode()
+            if response.status != 200:
+                return response.status, payload
+            return 200, json.loads(payload)["choices"][0]["text"]
+        parts = []
+        while True:
+            line = response.readline().decode()
+            if not line:
+                break
+            if not line.startswith("data: "):
+                continue
+            if line.strip() == "data: [DONE]":
+                response.read()
+                break
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return 500, chunk["error"]["message"]
+            parts.extend(c["text"] for c in chunk["choices"])
+        return 200, "".join(parts)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def run_load(port: int, requests: list[dict], concurrency: int, server_pid: int) -> dict:
+    """`concurrency` clients, each sending its next request as soon as the previous one is answered."""
+    results: list = [None] * len(requests)
+    rss: dict[str, float] = {}
+    lock = threading.Lock()
+    state = {"next": 0, "done": 0}
+
+    def worker() -> None:
+        client = Client(port)
+        try:
+            while True:
+                with lock:
+                    i = state["next"]
+                    if i >= len(requests):
+                        return
+                    state["next"] += 1
+                results[i] = client.send(requests[i])
+                with lock:
+                    state["done"] += 1
+                    if state["done"] % 100 == 0 or state["done"] == len(requests):
+                        rss[state["done"]] = rss_mib(server_pid)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"results": results, "wall": time.perf_counter() - began, "rss": rss}
+
+
+def summarize(name: str, run: dict) -> dict:
+    statuses = [r[0] for r in run["results"]]
+    latencies = sorted(r[2] for r in run["results"] if r[0] == 200)
+    ok = len(latencies)
+    out = {
+        "phase": name, "requests": len(statuses), "ok": ok,
+        "refused_429_503": sum(s in (429, 503) for s in statuses),
+        "failed": sum(s not in (200, 429, 503) for s in statuses),
+        "failures": sorted({f"{r[0]} {r[1][:80]}" for r in run["results"] if r[0] not in (200, 429, 503)})[:5],
+        "wall_s": round(run["wall"], 2), "throughput_rps": round(ok / run["wall"], 1),
+        "p50_ms": round(1000 * statistics.median(latencies), 1) if latencies else None,
+        "p99_ms": round(1000 * latencies[min(ok - 1, int(0.99 * ok))], 1) if latencies else None,
+    }
+    return out
+
+
+def get_json(port: int, path: str) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return {**json.loads(response.read()), "http_status": response.status}
+    finally:
+        conn.close()
+
+
+def wait_for_server(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with status {proc.returncode}")
+        try:
+            if get_json(port, "/health")["http_status"] == 200:
+                return
+        except (OSError, http.client.HTTPException, ValueError):
+            pass
+        time.sleep(0.3)
+    raise SystemExit("server did not start in time")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="model to serve (default: a small random-weight model)")
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--max-queue", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="server torch threads")
+    parser.add_argument("--skip-sequential", action="store_true")
+    parser.add_argument("--json", help="also write the summary here")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = args.checkpoint or str(build_small_run(Path(tmp)))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.Popen([sys.executable, "-m", "codegen2.cli", "serve", "--checkpoint", checkpoint,
+                                 "--port", str(port), "--model-name", "bench", "--max-batch-size",
+                                 str(args.max_batch_size), "--max-queue", str(args.max_queue),
+                                 "--threads", str(args.threads)], env=env)
+        try:
+            wait_for_server(port, proc)
+            requests = make_requests(args.requests, args.max_tokens)
+            run_load(port, make_requests(2 * args.concurrency, args.max_tokens, seed=1), args.concurrency,
+                     proc.pid)  # warm-up
+            rss_start = rss_mib(proc.pid)
+            batched = run_load(port, requests, args.concurrency, proc.pid)
+            summary = {"model": checkpoint if args.checkpoint else "random 4-layer d=128 (1.1M params)",
+                       "max_tokens": args.max_tokens, "concurrency": args.concurrency,
+                       "max_batch_size": args.max_batch_size, "batched": summarize("batched", batched),
+                       "rss_mib": {"after_warmup": round(rss_start, 1),
+                                   "after_first_100": round(batched["rss"][min(100, len(requests))], 1),
+                                   "after_last_100": round(batched["rss"][len(requests)], 1),
+                                   "every_100": [round(v, 1) for _, v in sorted(batched["rss"].items())]}}
+            health = get_json(port, "/health")
+            summary["load_average_during_run"] = round(os.getloadavg()[0], 1)
+            summary["server"] = {k: health[k] for k in ("max_batch_seen", "steps", "tokens_generated", "rows_failed")}
+            if not args.skip_sequential:
+                sequential = run_load(port, requests, 1, proc.pid)
+                summary["sequential"] = summarize("sequential", sequential)
+                summary["speedup"] = round(summary["batched"]["throughput_rps"]
+                                           / summary["sequential"]["throughput_rps"], 2)
+                same = sum(a[0] == b[0] == 200 and a[1] == b[1]
+                           for a, b in zip(batched["results"], sequential["results"]))
+                summary["identical_texts"] = f"{same}/{len(requests)}"
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    failed = summary["batched"]["failed"] + summary.get("sequential", {}).get("failed", 0)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
