@@ -6,12 +6,18 @@ Layout of a run directory:
     RUN_DIR/tokenizer.json                    the tokenizer (plus HF-loadable side files)
     RUN_DIR/log.jsonl                         one JSON object per logged step
     RUN_DIR/checkpoints/step_00000600/
-        model.safetensors                     weights (names as CodeGenModel, qkv in config.model.mp_num layout)
-        trainer_state.pt                      optimizer, scheduler, RNG states (absent for imported weights)
-        meta.json                             step, tokens seen, data position, world size
+        model.safetensors                     full weights (names as CodeGenModel, qkv in config.model.mp_num
+                                              layout); for FSDP runs consolidated from `sharded/`
+        sharded/                              FSDP runs only: model + optimizer shards written by every rank
+                                              with torch.distributed.checkpoint (reshardable to any rank count)
+        trainer_state.pt                      scheduler, RNG states, data-hash chain, and the full optimizer
+                                              state when there is no `sharded/` (absent for imported weights)
+        meta.json                             step, tokens seen, data position, world size, batch layout
 
-A checkpoint is first written to `step_XXXXXXXX.tmp-<pid>`, every file fsynced, then renamed into
-place and the parent directory fsynced; directories with a `.tmp-` suffix are ignored and cleaned up.
+A checkpoint is first written to `step_XXXXXXXX.tmp-<token>` (every rank of an FSDP run writes its shard
+there), every file is fsynced, then the directory is renamed into place and the parent directory fsynced.
+A directory whose name contains `.tmp-` is never a checkpoint; leftovers are cleaned up at the next start.
+Pruning renames a checkpoint to a `.tmp-` name before deleting it, so a half-deleted one is never read.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import contextlib
 import json
 import os
 import shutil
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,10 +38,28 @@ CHECKPOINTS = "checkpoints"
 WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 META = "meta.json"
+SHARDED = "sharded"
+MODEL_KEY = "model"  # top-level key of the model in a sharded (DCP) checkpoint
+OPTIM_KEY = "optim"
+
+# Seconds to sleep after each file written into a checkpoint: only for kill-during-save tests, which need
+# the save to last long enough for a SIGKILL to land inside it. Unset (0) in normal use.
+SAVE_PAUSE_ENV = "CODEGEN2_SAVE_PAUSE_S"
 
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(Path(path).name.split("_")[1])
+
+
+def save_pause() -> None:
+    """Test hook: widen the save window (see SAVE_PAUSE_ENV)."""
+    seconds = float(os.environ.get(SAVE_PAUSE_ENV, "0") or 0)
+    if seconds > 0:
+        time.sleep(seconds)
 
 
 def fsync_path(path: Path) -> None:
@@ -45,29 +71,45 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root` (children before parents)."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(Path(directory) / name)
+        fsync_path(Path(directory))
+
+
+def staging_path(final: Path, token: str) -> Path:
+    return final.parent / f"{final.name}.tmp-{token}"
+
+
+def commit_directory(tmp: Path, final: Path) -> None:
+    """Make the fully written `tmp` durable and atomically visible as `final`."""
+    fsync_tree(tmp)
+    if final.exists():
+        # Only reachable when re-saving an existing step; the old copy stays restorable until the swap is done
+        # (remove_stale_temporaries puts it back if we die in between).
+        trash = final.parent / f"{final.name}.tmp-old-{os.getpid()}"
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    fsync_path(final.parent)
+
+
 @contextlib.contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a temporary directory; on success fsync its files and rename it to `final`."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f"{final.name}.tmp-{os.getpid()}"
+    tmp = staging_path(final, str(os.getpid()))
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         yield tmp
-        for child in tmp.iterdir():
-            fsync_path(child)
-        fsync_path(tmp)
-        if final.exists():
-            # Only reachable when re-saving the same step (e.g. after a resume); move the old aside first.
-            trash = final.parent / f"{final.name}.tmp-old-{os.getpid()}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        fsync_path(final.parent)
+        commit_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -90,7 +132,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and ".tmp-" not in p.name
              and (p / WEIGHTS).is_file() and (p / META).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -99,18 +141,28 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> None:
+    """Delete what an interrupted save or prune left behind; restore a checkpoint caught mid-swap."""
     root = Path(run_dir) / CHECKPOINTS
-    if root.is_dir():
-        for p in root.iterdir():
-            if ".tmp-" in p.name:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if not root.is_dir():
+        return
+    for p in sorted(root.iterdir()):
+        if ".tmp-old-" in p.name:
+            final = root / p.name.split(".tmp-")[0]
+            if not final.exists():
+                os.rename(p, final)
+                continue
+        if ".tmp-" in p.name:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` checkpoints (0 keeps all)."""
     if keep_last <= 0:
         return
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = staging_path(old, f"prune-{os.getpid()}")
+        os.rename(old, doomed)  # invisible at once, so a kill mid-delete never leaves a partial checkpoint
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
@@ -126,6 +178,18 @@ def read_meta(checkpoint_dir: Path) -> dict[str, Any]:
     return json.loads((Path(checkpoint_dir) / META).read_text())
 
 
+def write_files(directory: Path, step: int, model_state: dict[str, torch.Tensor] | None, meta: dict[str, Any],
+                trainer_state: dict[str, Any] | None) -> None:
+    """Write the checkpoint files (weights unless None, trainer state, meta last) into `directory`."""
+    if model_state is not None:
+        save_weights(model_state, directory / WEIGHTS)
+        save_pause()
+    if trainer_state is not None:
+        torch.save(trainer_state, directory / TRAINER_STATE)
+        save_pause()
+    (directory / META).write_text(json.dumps({"step": step, **meta}, indent=2))
+
+
 def write_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -136,8 +200,27 @@ def write_checkpoint(
     """Write one complete checkpoint atomically and return its directory."""
     final = Path(run_dir) / CHECKPOINTS / checkpoint_name(step)
     with atomic_directory(final) as tmp:
-        save_weights(model_state, tmp / WEIGHTS)
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
-        (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=2))
+        write_files(tmp, step, model_state, meta, trainer_state)
     return final
+
+
+def consolidate_sharded(sharded_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Full model tensors from a torch.distributed.checkpoint directory, read without a process group.
+
+    Every tensor saved under the `model` key is allocated at its global size and filled from all the
+    shards that cover it, which is how a sharded FSDP checkpoint becomes one safetensors file.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(sharded_dir)).read_metadata()
+    prefix = MODEL_KEY + "."
+    model = {key[len(prefix):]: torch.empty(item.size, dtype=item.properties.dtype)
+             for key, item in metadata.state_dict_metadata.items()
+             if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)}
+    if not model:
+        raise ValueError(f"{sharded_dir}: no '{MODEL_KEY}' tensors in this distributed checkpoint")
+    with warnings.catch_warnings():  # DCP warns that it reads in one process, which is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({MODEL_KEY: model}, checkpoint_id=str(sharded_dir), no_dist=True)
+    return model

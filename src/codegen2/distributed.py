@@ -1,20 +1,29 @@
-"""torchrun integration: process groups, DDP / FSDP2 wrapping, and full-state checkpoint exchange.
+"""torchrun integration: process groups, DDP / FSDP2 wrapping, meta-device initialisation, and state exchange.
 
-Checkpoints always hold *full* (unsharded) model and optimizer state keyed by parameter name, gathered
-with `torch.distributed.checkpoint.state_dict`, so a run saved with N ranks (DDP or FSDP) resumes on any
-other number of ranks and two runs can be compared tensor by tensor.
+Two checkpoint formats meet here:
+- *full* state (model and optimizer unsharded, keyed by parameter name) gathered with
+  `torch.distributed.checkpoint.state_dict`: used by single-process and DDP runs;
+- *sharded* state written by every FSDP rank with `torch.distributed.checkpoint` (DCP): each rank writes
+  only its shards, and DCP reshards on load, so it resumes on any number of ranks and any layout.
+Both load into any layout (none, DDP, FSDP with any rank count).
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .errors import UserError
 
 
 @dataclass
@@ -23,6 +32,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this process created the process group (and so tears it down)
 
     @property
     def is_main(self) -> bool:
@@ -37,14 +47,12 @@ def pick_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if setting == "cuda" and not torch.cuda.is_available():
-        from .errors import UserError
-
         raise UserError("train.device=cuda but no CUDA device is available")
     return torch.device(setting)
 
 
 def init_distributed(device_setting: str = "auto") -> DistEnv:
-    """Join the torchrun process group when launched by torchrun; otherwise a single process."""
+    """Join the torchrun process group when launched by torchrun (NCCL on GPU, gloo on CPU); else one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_setting)
     if world <= 1:
@@ -54,15 +62,21 @@ def init_distributed(device_setting: str = "auto") -> DistEnv:
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+    owns = False
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
+                                device_id=device if device.type == "cuda" else None)
+        owns = True
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, owns_group=owns)
 
 
 def barrier(env: DistEnv) -> None:
     if env.distributed:
-        dist.barrier()
+        if env.device.type == "cuda":
+            dist.barrier(device_ids=[env.device.index])
+        else:
+            dist.barrier()
 
 
 def all_reduce_sum(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -79,6 +93,36 @@ def broadcast_object(obj: Any, env: DistEnv) -> Any:
     return holder[0]
 
 
+def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """`obj` of every rank, in rank order, on every rank."""
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def apply_fsdp(model: nn.Module, env: DistEnv, bf16: bool) -> nn.Module:
+    """FSDP2: shard every block, then the root (embeddings, final norm, head), over all ranks.
+
+    With `bf16`, parameters are all-gathered and computed in bf16 while the sharded master copy, the
+    optimizer and the gradient reduce-scatter stay fp32.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # The root returns the logits as a view, which FSDP2 warns could lose its backward hook if modified in
+    # place; the training loop only reads them (logits.float(), cross_entropy), so the warning is noise.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
 def wrap_model(model: nn.Module, parallel: str, env: DistEnv, bf16: bool) -> nn.Module:
     """DDP, or FSDP2 per block plus root (bf16 parameters, fp32 gradient reduction when `bf16`)."""
     if parallel == "none" or not env.distributed:
@@ -88,23 +132,81 @@ def wrap_model(model: nn.Module, parallel: str, env: DistEnv, bf16: bool) -> nn.
 
         ids = [env.local_rank] if env.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-        else MixedPrecisionPolicy()
-    for block in model.transformer.h:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
-    return model
+    return apply_fsdp(model, env, bf16)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) else model
 
 
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+@torch.no_grad()
+def copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into a parameter, keeping only this rank's shard when the parameter is a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor):
+        # Every rank holds the same `full`, so each can cut its own shard without communication.
+        local = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
+        target.to_local().copy_(local)
+    else:
+        target.copy_(full)
+
+
+def init_streaming(model: nn.Module, template: nn.Module, init_fn: Callable[[Any, torch.Generator], None],
+                   generator: torch.Generator, device: torch.device) -> None:
+    """Initialise a (possibly sharded, already materialised) model one module at a time.
+
+    `template` is an unsharded meta-device copy of the model. Each of its modules that owns parameters is
+    materialised alone, initialised by `init_fn(view, generator)` where `view` exposes only that module
+    through `named_modules()` and the model's `config`, and copied (sharded) into `model`. Because the
+    modules are visited in the same order as a whole-model `init_fn`, the generator yields exactly the
+    same numbers: the weights equal an unsharded initialisation bit for bit, while memory never holds
+    more than one full module (e.g. the 16B preset's embedding) on top of this rank's shards.
+    """
+    params = dict(model.named_parameters())
+    for name, module in template.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        module.to_empty(device=device, recurse=False)
+        view = SimpleNamespace(config=getattr(template, "config", None),
+                               named_modules=lambda n=name, m=module: iter([(n, m)]))
+        init_fn(view, generator)
+        for pname, full in module.named_parameters(recurse=False):
+            copy_full_into(params[f"{name}.{pname}" if name else pname], full)
+        module.to_empty(device="meta", recurse=False)  # free the full copy
+
+
+def build_sharded(make_meta_model: Callable[[], nn.Module], env: DistEnv, bf16: bool,
+                  init_fn: Callable[[Any, torch.Generator], None], generator: torch.Generator,
+                  prepare: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """Build on the meta device, shard with FSDP2, then materialise only this rank's shards and initialise them.
+
+    `prepare(model)` runs on the meta model before sharding (per-block compile goes there).
+    """
+    model = make_meta_model()
+    template = copy.deepcopy(model)
+    if prepare is not None:
+        prepare(model)
+    apply_fsdp(model, env, bf16)
+    model.to_empty(device=env.device)
+    init_streaming(model, template, init_fn, generator, env.device)
+    return model
+
+
+# ------------------------------------------------------------------------------------ state exchange
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
-    """Full model and optimizer state dicts (on CPU, keyed by parameter name), gathered to every rank."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, get_model_state_dict
+    """Full model and optimizer state dicts on CPU, keyed by parameter name; complete on rank 0 only.
+
+    A collective for FSDP (it all-gathers the shards), so every rank must call it.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if optimizer is None:
@@ -125,6 +227,40 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, m
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
 
 
+def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its own shards of the model and optimizer with DCP (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from .checkpoint import MODEL_KEY, OPTIM_KEY
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({MODEL_KEY: model_state, OPTIM_KEY: optim_state}, checkpoint_id=str(directory))
+
+
+def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a DCP checkpoint into this model's current layout; DCP reads whichever saved shards overlap ours."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, \
+        set_state_dict
+
+    from .checkpoint import MODEL_KEY, OPTIM_KEY
+
+    if optimizer is None:
+        model_state = get_model_state_dict(model)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({MODEL_KEY: model_state}, checkpoint_id=str(directory))
+        set_model_state_dict(model, model_state)
+        return
+    model_state, optim_state = get_state_dict(model, optimizer)  # creates empty optimizer state to fill
+    state = {MODEL_KEY: model_state, OPTIM_KEY: optim_state}
+    with warnings.catch_warnings():  # one process reading a multi-rank checkpoint is intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(model, optimizer, model_state_dict=state[MODEL_KEY], optim_state_dict=state[OPTIM_KEY])
+
+
 def shutdown(env: DistEnv) -> None:
-    if env.distributed and dist.is_initialized():
+    if env.owns_group and dist.is_initialized():
         dist.destroy_process_group()

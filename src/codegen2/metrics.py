@@ -1,10 +1,21 @@
 """Throughput accounting: FLOPs per token, the device's peak, and model FLOP utilisation (MFU).
 
-FLOPs per trained token (forward + backward) = 6 * N + 12 * n_layer * n_embd * seq_len, where N counts
-every parameter that takes part in a matmul (all but the token embedding, whose lookup is free) and the
-second term is the attention score and value products (PaLM appendix B). MFU = achieved model FLOP/s
-divided by the device's peak: a table for known GPUs (dense bf16), or a measured fp32 matmul peak on CPU,
-which is the physical limit there.
+FLOPs per trained token (forward + backward, PaLM appendix B):
+
+    6 * N  +  12 * n_layer * n_embd * seq_len
+
+N counts the weights of every matrix multiplication: qkv_proj, out_proj, fc_in, fc_out of each layer and
+lm_head (the token embedding is a lookup; biases and LayerNorm cost O(N / n_embd) and are left out). Each
+such weight costs 2 FLOPs per token forward and 4 backward. The second term is attention's two
+products, q.k over seq_len keys and the weighted sum of values, each 2 * n_embd * seq_len FLOPs per
+token and layer forward, times 3 for forward + backward; like PaLM and Megatron it counts the full
+seq_len x seq_len square, not the causal half. tests/test_distributed.py checks this formula against
+torch's FlopCounterMode on the real model.
+
+MFU = achieved model FLOP/s / the device's peak: a table of dense bf16 tensor-core peaks for known
+GPUs (used whatever the training precision), or on CPU a measured fp32 matmul peak at the current
+thread count, which is the physical limit there. Recomputation (activation checkpointing) is not
+counted as useful work, so it lowers MFU, as it should.
 """
 
 from __future__ import annotations
@@ -14,10 +25,13 @@ import time
 import torch
 
 from .config import ModelConfig
-from .model import count_parameters
 
-# Dense bf16 tensor-core peaks, FLOP/s (vendor data sheets, SXM parts where there are several).
+# Dense (no sparsity) bf16 tensor-core peaks with fp32 accumulation, FLOP/s, from vendor data sheets.
+# Matched by substring of torch.cuda.get_device_name in this order, so specific names come first.
 GPU_PEAK_BF16 = {
+    "B200": 2250e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
     "H200": 989e12,
     "H100": 989e12,
     "H800": 989e12,
@@ -29,13 +43,19 @@ GPU_PEAK_BF16 = {
     "A10": 125e12,
     "V100": 125e12,
     "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
+    "RTX 3090": 35.6e12,
 }
 
 
+def matmul_parameters(cfg: ModelConfig) -> int:
+    """Weights that multiply activations: per layer qkv (3 d^2), out (d^2), fc_in and fc_out (2 d inner); lm_head."""
+    d = cfg.n_embd
+    return cfg.n_layer * (4 * d * d + 2 * d * cfg.inner_dim) + cfg.vocab_size * d
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    matmul_params = count_parameters(cfg) - cfg.vocab_size * cfg.n_embd
-    return 6.0 * matmul_params + 12.0 * cfg.n_layer * cfg.n_embd * seq_len
+    """Training FLOPs per token (module docstring)."""
+    return 6.0 * matmul_parameters(cfg) + 12.0 * cfg.n_layer * cfg.n_embd * seq_len
 
 
 def measure_cpu_matmul_peak(size: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
@@ -70,6 +90,10 @@ class Throughput:
         self.peak_flops = peak_flops
         self.window = window
         self.samples: list[tuple[float, int]] = []
+
+    def start(self) -> None:
+        """Mark the moment training starts, so the first step already has a rate."""
+        self.samples = [(time.perf_counter(), 0)]
 
     def update(self, tokens: int) -> None:
         self.samples.append((time.perf_counter(), tokens))

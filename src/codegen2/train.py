@@ -1,17 +1,25 @@
-"""The training loop: one process or many under torchrun, resumable bit-for-bit from any checkpoint.
+"""The training loop: one process or many under torchrun (DDP or FSDP2), resumable bit-for-bit from any checkpoint.
 
-Determinism: sample i of the data is a pure function of (seed, i) and step s always consumes the same
-sample indices, so resuming needs only the step, the weights, the optimizer and the scheduler. The loss
-of a step is the sum of token losses over the whole global batch divided by its number of target
-tokens, so gradient accumulation and data parallelism give the same update as one big batch.
+Determinism: sample i of the data is a pure function of (seed, i) and step s always consumes the global
+sample indices [s*G, (s+1)*G) with G = micro_batch_size * grad_accum * world_size, whatever the layout.
+So the data-loader position is just the step (there is no token buffer to save), and resuming needs the
+step, the weights, the optimizer, the scheduler and the RNG states. The loss of a step is the sum of
+token losses over the whole global batch divided by its number of target tokens, so gradient
+accumulation and data parallelism give the same update as one big batch.
+
+Every step also folds a digest of the exact samples it trained on (index and tokens, summed over all
+ranks, so independent of the layout) into a hash chain that is logged (`data_hash`) and checkpointed:
+two runs saw the same data in the same order up to step s iff their `data_hash` at s agree.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -23,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, save_config
-from .distributed import (DistEnv, all_reduce_sum, barrier, full_state, init_distributed, load_full_state,
+from .config import Config, ConfigError, dump_toml
+from .distributed import (DistEnv, all_reduce_sum, barrier, broadcast_object, build_sharded, full_state,
+                          gather_objects, init_distributed, load_full_state, load_sharded, save_sharded, shutdown,
                           unwrap, wrap_model)
 from .errors import UserError
 from .metrics import Throughput, device_peak_flops, flops_per_token, format_duration
@@ -64,6 +73,7 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
 
 
+# ------------------------------------------------------------------------------------------- batching
 def derive_batching(config: Config, world_size: int) -> tuple[int, int]:
     """(micro_batch_size, grad_accum) per rank; from `global_batch_tokens` when it is set."""
     t = config.train
@@ -77,6 +87,36 @@ def derive_batching(config: Config, world_size: int) -> tuple[int, int]:
     return t.micro_batch_size, t.global_batch_tokens // per_micro
 
 
+def resume_batching(config: Config, world_size: int, meta: dict) -> tuple[int, int, str]:
+    """(micro_batch_size, grad_accum, note) that keep the checkpoint's samples per step on `world_size` ranks.
+
+    The data position of a checkpoint is the global sample index step * G; it stays a step boundary
+    only if G (samples per step) is unchanged, so a new rank count changes grad_accum (and, if it must,
+    the micro-batch size), never G.
+    """
+    micro, accum = derive_batching(config, world_size)
+    saved_world = int(meta.get("world_size", world_size))
+    saved_micro = int(meta.get("micro_batch_size", micro))
+    saved_accum = int(meta.get("grad_accum", accum))
+    samples = saved_micro * saved_accum * saved_world
+    if micro * accum * world_size != samples:
+        candidates = [m for m in range(min(micro, samples), 0, -1) if samples % (m * world_size) == 0]
+        if not candidates:
+            raise UserError(f"checkpoint step {meta.get('step')} was trained with {samples} samples per step "
+                            f"({saved_world} ranks x {saved_micro} x {saved_accum}); {world_size} ranks cannot "
+                            f"split that evenly - resume on a rank count that divides {samples}")
+        micro = candidates[0]
+        accum = samples // (micro * world_size)
+    if (saved_world, saved_micro, saved_accum) == (world_size, micro, accum):
+        return micro, accum, ""
+    step = int(meta.get("step", 0))
+    note = (f"checkpoint layout {saved_world} ranks x micro-batch {saved_micro} x accumulation {saved_accum}, "
+            f"now {world_size} x {micro} x {accum}: both take {samples} samples per step, so the data continues "
+            f"at global sample index {step} * {samples} = {step * samples}, exactly where it stopped")
+    return micro, accum, note
+
+
+# ---------------------------------------------------------------------------------------- run state
 def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -90,6 +130,26 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def sample_digest(micro_batches) -> int:
+    """Sum over this rank's samples of a 40-bit digest of (sample index, input ids, labels).
+
+    40 bits keep the cross-rank int64 sum exact for any batch under 2^23 samples; summing makes the
+    step's digest independent of how samples are spread over ranks and micro-batches.
+    """
+    total = 0
+    for mb in micro_batches:
+        for index, ids, labels in zip(mb.sample_index.tolist(), mb.input_ids.numpy(), mb.labels.numpy()):
+            h = hashlib.blake2b(index.to_bytes(8, "little"), digest_size=5)
+            h.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+            h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+            total += int.from_bytes(h.digest(), "little")
+    return total
+
+
+def chain_hash(previous: str, step: int, step_digest: int) -> str:
+    return hashlib.blake2b(f"{previous}:{step}:{step_digest}".encode(), digest_size=8).hexdigest()
+
+
 class RunLog:
     """JSONL log (plus TensorBoard when installed) written by rank 0 only."""
 
@@ -101,8 +161,13 @@ class RunLog:
             return
         if self.path.exists():
             # Steps after the checkpoint we resume from are about to be redone: drop their records.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
             ckpt.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -126,6 +191,7 @@ class RunLog:
             self.writer.close()
 
 
+# ------------------------------------------------------------------------------------------- model
 def _autocast(device: torch.device, precision: str):
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     if use_bf16:
@@ -133,24 +199,110 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, enabled=False), False
 
 
-def build_model(config: Config, env: DistEnv) -> CodeGenModel:
-    """Build on the meta device and materialise on the target device, seeded so every rank agrees."""
-    with torch.device("meta"):
-        model = CodeGenModel(config.model)
-    model.to_empty(device=env.device)
-    generator = torch.Generator(device=env.device).manual_seed(config.train.seed)
-    model.init_weights(generator=generator)
-    if config.train.init_from:
+def _compile_blocks(model: CodeGenModel) -> None:
+    """Compile each block in place (parameter names unchanged); one compiled graph serves every layer."""
+    for block in model.transformer.h:
+        block.compile()
+
+
+def build_model(config: Config, env: DistEnv, parallel: str = "none", bf16: bool = False) -> torch.nn.Module:
+    """Build on the meta device, then materialise on the target device, seeded so that every rank and
+    every layout starts from the same weights, and wrap for `parallel`.
+
+    FSDP shards while still on the meta device, so each rank only ever allocates its own shards (what
+    makes the big presets fit); the other layouts materialise the whole model.
+    """
+    t = config.train
+    generator = torch.Generator(device=env.device).manual_seed(t.seed)
+    if parallel == "fsdp" and env.distributed:
+        def make_meta():
+            with torch.device("meta"):
+                return CodeGenModel(config.model)
+
+        model = build_sharded(make_meta, env, bf16, CodeGenModel.init_weights, generator,
+                              prepare=_compile_blocks if t.compile else None)
+    else:
+        with torch.device("meta"):
+            model = CodeGenModel(config.model)
+        model.to_empty(device=env.device)
+        model.init_weights(generator=generator)
+        if t.compile:
+            _compile_blocks(model)
+    if t.init_from:
         from .loading import load_checkpoint
 
-        source = load_checkpoint(config.train.init_from).model
+        source = load_checkpoint(t.init_from).model
         if source.config.vocab_size != config.model.vocab_size or source.config.n_embd != config.model.n_embd:
-            raise UserError(f"train.init_from={config.train.init_from}: its shapes differ from model config")
-        model.load_state_dict(source.state_dict(), strict=True)
-    model.activation_checkpointing = config.train.activation_checkpointing
+            raise UserError(f"train.init_from={t.init_from}: its shapes differ from model config")
+        load_full_state(model, None, source.state_dict(), None)
+    model.activation_checkpointing = t.activation_checkpointing
+    if parallel == "ddp" and env.distributed:
+        model = wrap_model(model, "ddp", env, bf16=False)
     return model
 
 
+def _scalar(value: torch.Tensor) -> float:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        value = value.full_tensor()
+    return float(value)
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, env: DistEnv, sharded: bool,
+                    meta: dict, keep_last: int) -> None:
+    """Write the checkpoint of `step` atomically (a collective: every rank calls it).
+
+    Sharded (FSDP): every rank writes its DCP shards into the staging directory, then rank 0 consolidates
+    the model into one safetensors file. Otherwise rank 0 writes the gathered full state.
+    """
+    final = run_dir / ckpt.CHECKPOINTS / ckpt.checkpoint_name(step)
+    staging = ckpt.staging_path(final, str(broadcast_object(os.getpid(), env)))
+    if env.is_main:
+        staging.mkdir(parents=True)
+    barrier(env)
+    model_state = optim_state = None
+    if sharded:
+        save_sharded(staging / ckpt.SHARDED, model, optimizer)
+        ckpt.save_pause()
+    else:
+        model_state, optim_state = full_state(model, optimizer)
+    rngs = gather_objects(rng_state(), env)
+    barrier(env)
+    if env.is_main:
+        if sharded:
+            model_state = ckpt.consolidate_sharded(staging / ckpt.SHARDED)
+        trainer_state = {"scheduler": scheduler.state_dict(), "rng": rngs}
+        if not sharded:
+            trainer_state["optimizer"] = optim_state
+        ckpt.write_files(staging, step, model_state, {**meta, "format": "sharded" if sharded else "full"},
+                         trainer_state)
+        ckpt.commit_directory(staging, final)
+        ckpt.prune_checkpoints(run_dir, keep_last)
+    barrier(env)
+
+
+def restore_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv) -> dict:
+    """Load a checkpoint of any format and layout into this run; returns its meta."""
+    meta = ckpt.read_meta(path)
+    trainer_path = path / ckpt.TRAINER_STATE
+    trainer = torch.load(trainer_path, weights_only=False) if trainer_path.exists() else None
+    if (path / ckpt.SHARDED).is_dir():
+        load_sharded(path / ckpt.SHARDED, model, optimizer if trainer else None)
+    else:
+        state = ckpt.load_weights(path / ckpt.WEIGHTS)
+        load_full_state(model, optimizer, state, trainer.get("optimizer") if trainer else None)
+    if trainer:
+        scheduler.load_state_dict(trainer["scheduler"])
+        rngs = trainer["rng"]
+        set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
+    else:  # imported weights: a fresh run from them
+        meta = {**meta, "step": 0, "tokens_seen": 0, "data_hash": ""}
+    return meta
+
+
+# ------------------------------------------------------------------------------------------ the loop
 def train(config: Config, run_dir: str | Path, resume: bool = False, tokenizer=None,
           stop_after: int | None = None) -> TrainResult:
     """Train according to `config` in `run_dir`; `stop_after` ends early (tests of crash/resume)."""
@@ -158,6 +310,13 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, tokenizer=N
 
     run_dir = Path(run_dir)
     env = init_distributed(config.train.device)
+    try:
+        return _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, prepare_data)
+    finally:
+        shutdown(env)
+
+
+def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, prepare_data) -> TrainResult:
     t = config.train
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
@@ -165,13 +324,14 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, tokenizer=N
     random.seed(t.seed)
     np.random.seed(t.seed)
 
-    latest = ckpt.latest_checkpoint(run_dir) if resume else None
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temporaries(run_dir)
         if not (resume and (run_dir / "config.toml").exists()):
-            save_config(config, run_dir / "config.toml")
+            ckpt.atomic_write_text(run_dir / "config.toml", dump_toml(config))
     barrier(env)
+    latest = ckpt.latest_checkpoint(run_dir) if resume else None
+    saved_meta = ckpt.read_meta(latest) if latest is not None else None
 
     # Data: rank 0 trains the tokenizer and fills the token cache; the others then read the cache.
     if env.is_main:
@@ -183,85 +343,71 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, tokenizer=N
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                           f"{config.model.vocab_size}")
 
-    micro_bs, grad_accum = derive_batching(config, env.world_size)
-    model = build_model(config, env)
+    if saved_meta is not None:
+        micro_bs, grad_accum, layout_note = resume_batching(config, env.world_size, saved_meta)
+    else:
+        (micro_bs, grad_accum), layout_note = derive_batching(config, env.world_size), ""
+    parallel = t.parallel if env.distributed else "none"
     autocast, bf16 = _autocast(env.device, t.precision)
-    model = wrap_model(model, t.parallel if env.distributed else "none", env, bf16=bf16 and t.parallel == "fsdp")
-    if t.compile:
-        for block in unwrap(model).transformer.h:
-            block.compile()
+    model = build_model(config, env, parallel, bf16=bf16 and parallel == "fsdp")
+    sharded = parallel == "fsdp"
     optimizer = build_optimizer(model, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, t) / t.lr)
 
-    step, tokens_seen = 0, 0
+    step, tokens_seen, data_hash = 0, 0, ""
     if latest is not None:
-        meta = ckpt.read_meta(latest)
-        state = ckpt.load_weights(latest / ckpt.WEIGHTS)
-        trainer_path = latest / ckpt.TRAINER_STATE
-        trainer = torch.load(trainer_path, weights_only=False) if trainer_path.exists() else None
-        load_full_state(model, optimizer, state, trainer["optimizer"] if trainer else None)
-        if trainer:
-            scheduler.load_state_dict(trainer["scheduler"])
-            set_rng_state(trainer["rng"][env.rank] if env.rank < len(trainer["rng"]) else trainer["rng"][0])
-            step, tokens_seen = meta["step"], meta["tokens_seen"]
-        old_world = meta.get("world_size", env.world_size)
+        meta = restore_checkpoint(latest, model, optimizer, scheduler, env)
+        step, tokens_seen, data_hash = meta["step"], meta["tokens_seen"], meta.get("data_hash", "")
         if env.is_main:
-            mapping = ("" if old_world == env.world_size else
-                       f"; saved with {old_world} ranks, now {env.world_size}: the data position is the global "
-                       f"sample index {meta.get('next_sample_index', '?')}, which every layout reaches at step {step}")
-            print(f"resuming from {latest} at step {step}{mapping}", file=sys.stderr)
-        if old_world != env.world_size and t.global_batch_tokens <= 0:
-            raise UserError(f"checkpoint was saved with {old_world} ranks; resuming on {env.world_size} keeps the "
-                            f"data order only with train.global_batch_tokens set")
+            print(f"resuming from {latest} at step {step} (global sample index {meta.get('next_sample_index', '?')})"
+                  + (f"; {layout_note}" if layout_note else ""), file=sys.stderr)
     elif resume and env.is_main:
         print(f"no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
 
     loader = BatchLoader(dataset, config.objective, tokenizer.special_ids(), micro_bs, grad_accum, t.seed,
                          rank=env.rank, world_size=env.world_size, start_step=step)
-    tokens_per_step = micro_bs * grad_accum * env.world_size * t.seq_len
+    samples_per_step = micro_bs * grad_accum * env.world_size
+    tokens_per_step = samples_per_step * t.seq_len
     peak, peak_source = device_peak_flops(env.device)
     meter = Throughput(flops_per_token(config.model, t.seq_len), peak)
     run_log = RunLog(run_dir, env.is_main, step)
     if env.is_main:
         n_params = unwrap(model).num_parameters() if hasattr(unwrap(model), "num_parameters") else 0
-        print(f"training {n_params:,} parameters on {env.world_size}× {env.device.type}"
-              f" ({'bf16' if bf16 else 'fp32'}), {tokens_per_step:,} tokens/step, steps {step}->{t.max_steps}; "
+        print(f"training {n_params:,} parameters on {env.world_size}x {env.device.type} ({parallel}, "
+              f"{'bf16' if bf16 else 'fp32'}), {micro_bs} x {grad_accum} x {env.world_size} = {samples_per_step} "
+              f"samples = {tokens_per_step:,} tokens/step, steps {step}->{t.max_steps}; "
               f"data: {json.dumps(stats.get('summary', {}))}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})",
               file=sys.stderr)
 
-    def save(step_done: int) -> None:
-        model_state, optim_state = full_state(model, optimizer)
-        rngs = [None] * env.world_size
-        if env.distributed:
-            torch.distributed.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        if env.is_main:
-            meta = {"tokens_seen": tokens_seen, "world_size": env.world_size, "grad_accum": grad_accum,
-                    "micro_batch_size": micro_bs, "next_sample_index": step_done * micro_bs * grad_accum * env.world_size}
-            trainer_state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rngs}
-            ckpt.write_checkpoint(run_dir, step_done, model_state, meta, trainer_state)
-            ckpt.prune_checkpoints(run_dir, t.keep_last)
-        barrier(env)
+    def checkpoint_meta(step_done: int) -> dict:
+        next_index = step_done * samples_per_step
+        return {"tokens_seen": tokens_seen, "world_size": env.world_size, "grad_accum": grad_accum,
+                "micro_batch_size": micro_bs, "parallel": parallel, "next_sample_index": next_index,
+                "epochs": dataset.epochs_at(next_index), "data_hash": data_hash}
 
     history: list[dict] = []
     last_loss = float("nan")
     model.train()
     iterator = iter(loader)
     started = time.perf_counter()
+    meter.start()
     try:
         while step < t.max_steps:
             micro_batches = next(iterator)
             local_targets = sum(int((mb.labels != -100).sum()) for mb in micro_batches)
-            total_targets = all_reduce_sum(torch.tensor(float(local_targets), device=env.device), env).item()
+            # One collective for the step's target count (the loss normaliser) and its data digest.
+            step_totals = torch.tensor([local_targets, sample_digest(micro_batches)], dtype=torch.int64,
+                                       device=env.device)
+            step_totals = all_reduce_sum(step_totals, env).cpu()
+            total_targets, step_digest = float(step_totals[0]), int(step_totals[1])
             loss_sum = torch.zeros(3, device=env.device)  # per objective
             count = torch.zeros(3, device=env.device)
             for index, mb in enumerate(micro_batches):
                 sync = index == len(micro_batches) - 1
-                context = model.no_sync() if (env.distributed and t.parallel == "ddp" and not sync) else contextlib.nullcontext()
-                if env.distributed and t.parallel == "fsdp":
+                no_sync = parallel == "ddp" and not sync
+                if parallel == "fsdp":
                     model.set_requires_gradient_sync(sync)
-                with context:
+                with model.no_sync() if no_sync else contextlib.nullcontext():
                     input_ids = mb.input_ids.to(env.device, non_blocking=True)
                     labels = mb.labels.to(env.device, non_blocking=True)
                     kwargs = {}
@@ -273,6 +419,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, tokenizer=N
                         logits = model(input_ids, **kwargs)
                     token_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                                  reduction="none").view_as(labels)
+                    # Gradient averaging over ranks (DDP, FSDP) divides by world_size: undo it so the update
+                    # is d(sum of token losses / all targets of the global batch).
                     loss = token_loss.sum() / total_targets * env.world_size
                     loss.backward()
                     with torch.no_grad():
@@ -287,34 +435,38 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, tokenizer=N
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens_per_step
+            data_hash = chain_hash(data_hash, step, step_digest)
             meter.update(tokens_per_step)
 
             if step % t.log_every == 0 or step == t.max_steps or step == 1:
                 stats_vec = all_reduce_sum(torch.cat([loss_sum, count]).detach(), env).cpu()
                 sums, counts = stats_vec[:3], stats_vec[3:]
                 last_loss = float(sums.sum() / counts.sum().clamp_min(1))
+                eta = meter.eta_seconds(t.max_steps - step)
                 record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": float(grad_norm), "tokens": tokens_seen,
+                          "grad_norm": _scalar(grad_norm), "tokens": tokens_seen,
                           "tokens_per_s": meter.tokens_per_second(), "mfu": meter.mfu(env.world_size),
-                          "elapsed_s": time.perf_counter() - started}
+                          "eta_s": eta, "elapsed_s": time.perf_counter() - started, "data_hash": data_hash}
                 for code, name in enumerate(OBJECTIVE_NAMES):
                     if counts[code] > 0:
                         record[f"loss_{name}"] = float(sums[code] / counts[code])
+                if env.device.type == "cuda":
+                    record["peak_mem_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
                 history.append(record)
                 run_log.write(record)
                 if env.is_main:
                     parts = " ".join(f"{n} {record[f'loss_{n}']:.3f}" for n in OBJECTIVE_NAMES if f"loss_{n}" in record)
                     print(f"step {step}/{t.max_steps} | loss {last_loss:.4f} ({parts}) | lr {record['lr']:.2e} | "
                           f"gnorm {record['grad_norm']:.2f} | {record['tokens_per_s']:,.0f} tok/s | "
-                          f"MFU {100 * record['mfu']:.1f}% | ETA {format_duration(meter.eta_seconds(t.max_steps - step))}",
+                          f"MFU {100 * record['mfu']:.1f}% | ETA {format_duration(eta)}",
                           file=sys.stderr, flush=True)
             if step % t.checkpoint_every == 0 or step == t.max_steps:
-                save(step)
+                save_checkpoint(run_dir, step, model, optimizer, scheduler, env, sharded, checkpoint_meta(step),
+                                t.keep_last)
             if stop_after is not None and step >= stop_after:
                 break
     finally:
-        loader.close() if hasattr(loader, "close") else None
+        loader.close()
         run_log.close()
     return TrainResult(run_dir=run_dir, final_step=step, tokens_seen=tokens_seen, last_loss=last_loss,
                        history=history)
-

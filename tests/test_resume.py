@@ -1,0 +1,53 @@
+"""Exact resume: runs killed with SIGKILL (inside a checkpoint write, and at a random moment of training) and
+resumed with `--resume` end bitwise identical to an uninterrupted run, with the same data in the same order,
+for 1 process and for 2 FSDP processes. The short form of benchmarks/kill_resume_stress.py (10 random kills)."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+STRESS = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_resume_stress.py"
+
+
+def load_stress():
+    """The launch / kill / compare machinery of benchmarks/kill_resume_stress.py (one module for both users)."""
+    if "kill_resume_stress" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("kill_resume_stress", STRESS)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kill_resume_stress"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["kill_resume_stress"]
+
+
+stress = load_stress()
+
+
+@pytest.fixture
+def suite(tiny_config, tmp_path_factory):
+    """The config and reference runs shared with tests/test_distributed.py (same directory, same config)."""
+    base = tmp_path_factory.getbasetemp() / "distributed-suite"
+    config, path = stress.suite_setup(tiny_config(**{"train.global_batch_tokens": 512}), base)
+    return base, config, path
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_killed_and_resumed_run_is_bitwise_identical(suite, tmp_path, nproc):
+    base, config, path = suite
+    if nproc == 1:
+        reference = stress.reference_run(path, base / "ref-1", 1, "none", in_process=True)
+    else:
+        reference = stress.reference_run(path, base / "ref-2-fsdp", 2, "fsdp")
+    run = tmp_path / "killed"
+    # First kill lands inside a (slowed-down) checkpoint write; the second at a random point of training.
+    # With 2 processes the first takes every process down at once, the second only one rank.
+    kills = stress.killed_run(config, path, run, nproc, "fsdp", kills=2, rng=random.Random(nproc),
+                              kinds=["save", "step"], pause_s=0.2, in_order=True)
+    assert len(kills) == 2 and kills[0].landed, kills
+    assert stress.compare_runs(reference, run) == [], [k.landed for k in kills]
+    log = stress.read_log(run)
+    assert [r["step"] for r in log] == list(range(1, config.train.max_steps + 1))
