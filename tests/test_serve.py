@@ -338,6 +338,61 @@ def test_a_client_leaving_mid_stream_frees_its_slot(long_run_dir):
         assert again.status_code == 200
 
 
+def test_rows_joining_and_leaving_at_any_step_each_match_their_solo_run(loaded):
+    """Drive the engine step by step: dead slots reused in place, growth and compaction rebuilds, mixed params."""
+    tok = loaded.tokenizer
+    engine = BatchEngine(loaded.model, tok, max_batch_size=6, max_queue=100)
+    calls = {"in_place": 0, "rebuild_with_new_rows": 0, "compaction": 0}
+    place, rebuild = engine._place_in_dead_slots, engine._rebuild
+
+    def counting_place(new, *args):
+        leftover = place(new, *args)
+        calls["in_place"] += len(new) - len(leftover)
+        return leftover
+
+    def counting_rebuild(keep, new_rows=None, *args):
+        calls["rebuild_with_new_rows" if new_rows else "compaction"] += 1
+        return rebuild(keep, new_rows, *args)
+
+    engine._place_in_dead_slots, engine._rebuild = counting_place, counting_rebuild
+    rng = random.Random(3)
+    schedule: dict[int, list[RowRequest]] = {}
+    specs = []
+    for i in range(40):
+        prompt = tok.encode("def g(x):\n" + "  y = x\n" * rng.randint(0, 12))[: rng.randint(1, 60)]
+        spec = RowRequest(prompt, max_tokens=rng.randint(1, 25), temperature=rng.choice([0.0, 0.6, 1.0]),
+                          top_p=rng.choice([1.0, 0.8]), seed=100 + i, stop=rng.choice([(), ("e",), ("x", "\n")]),
+                          stop_ids=(tok.eot_id,), stream=bool(i % 3))
+        specs.append(spec)
+        schedule.setdefault(rng.choice([0, 0, 1, 2, 3, 5, 8, 13, 21, 34, 40, 55]), []).append(spec)
+    results: dict[int, list] = {}
+
+    def sink_for(i):
+        parts = []
+
+        def sink(event):
+            parts.append(event.text)
+            if event.finish_reason:
+                results[i] = ["".join(parts), event.finish_reason]
+        return sink
+
+    with torch.inference_mode():
+        for step in range(2000):
+            for spec in schedule.get(step, []):
+                engine.submit([spec], sink_for(specs.index(spec)))
+            engine._step()
+            if len(results) == len(specs):
+                break
+    assert len(results) == len(specs)
+    for i, spec in enumerate(specs):
+        params = SamplingParams(max_new_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
+                                stop=spec.stop)
+        ref = generate_ids(loaded.model, tok, [spec.prompt_ids], params, stop_ids=spec.stop_ids, seeds=[spec.seed])[0]
+        assert results[i] == [ref.text, ref.finish_reason], i
+    assert calls["in_place"] >= 5 and calls["rebuild_with_new_rows"] >= 2 and calls["compaction"] >= 1, calls
+    assert engine.snapshot()["max_batch_seen"] == 6
+
+
 def test_engine_refuses_rows_beyond_its_queue_without_queueing_any(loaded):
     engine = BatchEngine(loaded.model, loaded.tokenizer, max_batch_size=2, max_queue=3)
     row = RowRequest(prompt_ids=[1, 2], max_tokens=2)

@@ -158,11 +158,12 @@ class BatchEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.stats = EngineStats()
-        # State below is touched only by the engine thread.
-        self._rows: list[_Row] = []
+        # State below is touched only by the engine thread. Slot i is batch row i of the cache; a
+        # finished row leaves its slot dead (None) until a new row takes it or the cache is rebuilt.
+        self._slots: list[_Row | None] = []
         self._cache: KVCache | None = None
-        self._logits: torch.Tensor | None = None  # [rows, vocab]: next-token logits of every row
-        self._next_pos: torch.Tensor | None = None  # [rows]: position of the next fed token
+        self._logits: torch.Tensor | None = None  # [slots, vocab]: next-token logits of every slot
+        self._next_pos: torch.Tensor | None = None  # [slots]: position of the next fed token
 
     # ------------------------------------------------------------------------------ public API
     @property
@@ -185,10 +186,9 @@ class BatchEngine:
             self._thread = None
         with self._lock:
             waiting, self._waiting = list(self._waiting), collections.deque()
-        for row in waiting + self._rows:
+        for row in waiting + self._live_rows():
             self._emit(row, RowEvent(row.index, "", "error", row.sampled, error="the server is shutting down"))
-        self._rows = []
-        self._cache = self._logits = self._next_pos = None
+        self._reset()
 
     def submit(self, rows: list[RowRequest], sink: Sink) -> Ticket:
         """Queue rows (all or none); `sink` receives their events from the engine thread."""
@@ -228,11 +228,20 @@ class BatchEngine:
                     "max_queue": self.max_queue}
 
     # --------------------------------------------------------------------------- engine thread
+    def _live(self) -> list[int]:
+        return [i for i, row in enumerate(self._slots) if row is not None]
+
+    def _live_rows(self) -> list[_Row]:
+        return [row for row in self._slots if row is not None]
+
+    def _reset(self) -> None:
+        self._slots, self._cache, self._logits, self._next_pos = [], None, None, None
+
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not self._stopping and not self._waiting and not self._rows:
+                    while not self._stopping and not self._waiting and not self._slots:
                         self._lock.wait()
                     if self._stopping:
                         return
@@ -244,49 +253,61 @@ class BatchEngine:
                     self._fail_running(f"generation failed: {type(exc).__name__}: {exc}")
                 with self._lock:
                     self.stats.busy_seconds += time.perf_counter() - began
-                    self.stats.active = len(self._rows)
+                    self.stats.active = len(self._live())
 
     def _step(self) -> None:
         self._admit()
-        if not self._rows:
+        live = self._live()
+        if not live:
+            self._reset()
             return
-        tokens = self._choose()
-        keep: list[int] = []
-        for slot, row in enumerate(self._rows):
+        tokens = self._choose(live)
+        for slot in live:
+            row = self._slots[slot]
+            assert row is not None
             if row.ticket.cancelled:
                 with self._lock:
                     self.stats.rows_cancelled += 1
-                continue
-            if not self._advance(row, int(tokens[slot])):
-                keep.append(slot)
+                self._slots[slot] = None
+            elif self._advance(row, int(tokens[slot])):
+                self._slots[slot] = None
         with self._lock:
             self.stats.steps += 1
-            self.stats.tokens_generated += len(self._rows)
-        if len(keep) < len(self._rows):
-            self._rebuild(keep)
-            tokens = tokens[torch.tensor(keep, dtype=torch.long, device=tokens.device)]
-        if self._rows:
-            assert self._cache is not None and self._next_pos is not None
-            logits = self.model(tokens[:, None], position_ids=self._next_pos[:, None], cache=self._cache)
-            self._logits = logits[:, -1]
-            self._next_pos = self._next_pos + 1
+            self.stats.tokens_generated += len(live)
+        live = self._live()
+        if not live:
+            self._reset()
+            return
+        if len(self._slots) - len(live) >= max(4, len(live)) and not self._waiting:
+            # Mostly dead slots and nobody to take them: shrink, so dead slots stop costing compute.
+            tokens = tokens[torch.tensor(live, dtype=torch.long, device=tokens.device)]
+            self._rebuild(live)
+        assert self._cache is not None and self._next_pos is not None
+        logits = self.model(tokens[:, None], position_ids=self._next_pos[:, None], cache=self._cache)
+        self._logits = logits[:, -1]
+        alive = torch.tensor([row is not None for row in self._slots], device=self._next_pos.device)
+        # Dead slots decode junk at position 0 until reused; their keys are masked out on reuse.
+        self._next_pos = torch.where(alive, self._next_pos + 1, torch.zeros_like(self._next_pos))
 
-    def _choose(self) -> torch.Tensor:
-        """Next token of every row, grouping rows that share temperature and top-p."""
+    def _choose(self, live: list[int]) -> torch.Tensor:
+        """Next token of every slot (dead slots get a dummy), grouping rows that share temperature and top-p."""
         assert self._logits is not None
         logits = self._logits.float()
         groups: dict[tuple[float, float], list[int]] = collections.defaultdict(list)
-        for slot, row in enumerate(self._rows):
+        for slot in live:
+            row = self._slots[slot]
+            assert row is not None
             groups[(row.spec.temperature, row.spec.top_p)].append(slot)
-        if len(groups) == 1:
+        if len(groups) == 1 and len(live) == len(self._slots):
             (temperature, top_p), = groups
             params = SamplingParams(temperature=temperature, top_p=top_p)
-            return choose_tokens(logits, params, [r.generator for r in self._rows])
-        tokens = torch.empty(len(self._rows), dtype=torch.long, device=logits.device)
+            return choose_tokens(logits, params, [row.generator for row in self._live_rows()])
+        tokens = torch.full((len(self._slots),), self.tokenizer.eot_id, dtype=torch.long, device=logits.device)
         for (temperature, top_p), slots in groups.items():
             index = torch.tensor(slots, dtype=torch.long, device=logits.device)
             params = SamplingParams(temperature=temperature, top_p=top_p)
-            tokens[index] = choose_tokens(logits[index], params, [self._rows[s].generator for s in slots])
+            generators = [self._slots[s].generator for s in slots]  # type: ignore[union-attr]
+            tokens[index] = choose_tokens(logits[index], params, generators)
         return tokens
 
     def _advance(self, row: _Row, token: int) -> bool:
@@ -319,25 +340,27 @@ class BatchEngine:
             row.ticket.cancelled = True
 
     def _fail_running(self, message: str) -> None:
-        for row in self._rows:
+        rows = self._live_rows()
+        for row in rows:
             self._emit(row, RowEvent(row.index, "", "error", row.sampled, error=message))
         with self._lock:
-            self.stats.rows_failed += len(self._rows)
-        self._rows = []
-        self._cache = self._logits = self._next_pos = None
+            self.stats.rows_failed += len(rows)
+        self._reset()
 
     # ------------------------------------------------------------------------- admission, cache
     def _span(self) -> int:
-        """Cache columns the running rows occupy once leading all-padding columns are dropped."""
-        if not self._rows or self._cache is None:
+        """Cache columns the live rows occupy once leading all-padding columns are dropped."""
+        rows = self._live_rows()
+        if not rows or self._cache is None:
             return 0
-        return self._cache.length - min(r.start for r in self._rows)
+        return self._cache.length - min(r.start for r in rows)
 
     def _take_admissible(self) -> list[_Row]:
         """Pop waiting rows (oldest first) that fit the batch, the prefill budget and the cache bound."""
-        free = self.max_batch_size - len(self._rows)
+        rows = self._live_rows()
+        free = self.max_batch_size - len(rows)
         span = self._span()
-        remaining = max((r.remaining for r in self._rows), default=0)
+        remaining = max((r.remaining for r in rows), default=0)
         taken: list[_Row] = []
         longest = 0
         with self._lock:
@@ -350,7 +373,7 @@ class BatchEngine:
                 new_remaining = max(remaining, row.spec.max_tokens)
                 fits_cache = max(span, new_longest) + new_remaining <= self.max_cache_len
                 fits_prefill = new_longest * (len(taken) + 1) <= self.max_prefill_tokens
-                if taken and not fits_prefill or (taken or self._rows) and not fits_cache:
+                if taken and not fits_prefill or (taken or rows) and not fits_cache:
                     break
                 taken.append(self._waiting.popleft())
                 longest, remaining = new_longest, new_remaining
@@ -366,10 +389,13 @@ class BatchEngine:
                 row.generator = torch.Generator().manual_seed(int(row.spec.seed))
         cache, logits, next_pos = self._prefill(new)
         for row, pos in zip(new, next_pos.tolist()):
-            row.start = cache.length - int(pos)
-        self._rebuild(list(range(len(self._rows))), new, cache, logits, next_pos)
+            row.start = cache.length - int(pos)  # column of its first token in the prefill cache
+        leftover = self._place_in_dead_slots(new, cache, logits, next_pos)
+        if leftover:
+            index = torch.tensor(leftover, dtype=torch.long, device=self.device)
+            self._rebuild(self._live(), [new[i] for i in leftover], cache, index, logits[index], next_pos[index])
         with self._lock:
-            self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._rows))
+            self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._live()))
 
     def _prefill(self, rows: list[_Row]) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
         """Run new prompts as one left-padded batch (as `generate_ids` does); return cache, logits, positions."""
@@ -389,59 +415,95 @@ class BatchEngine:
         logits = self.model(input_ids, position_ids=positions, prefix_len=prefix_len, cache=cache)[:, -1]
         return cache, logits, positions[:, -1] + 1
 
+    def _place_in_dead_slots(self, new: list[_Row], fresh: KVCache, logits: torch.Tensor,
+                             next_pos: torch.Tensor) -> list[int]:
+        """Copy prefilled rows into dead slots of the running cache where they fit; return the others.
+
+        A row fits when its prompt is no longer than the cache so far (it is right-aligned there) and
+        its whole generation fits the remaining capacity. This costs one row's copy, not a rebuild.
+        """
+        cache = self._cache
+        dead = [i for i, row in enumerate(self._slots) if row is None]
+        if cache is None or not dead:
+            return list(range(len(new)))
+        assert self._logits is not None and self._next_pos is not None
+        length, leftover, placed = cache.length, [], False
+        for j, row in enumerate(new):
+            n = len(row.spec.prompt_ids)
+            if not dead or n > length or length + row.spec.max_tokens > cache.max_len:
+                leftover.append(j)
+                continue
+            slot = dead.pop(0)
+            cache.keys[:, slot, :, length - n:length] = fresh.keys[:, j, :, fresh.length - n:fresh.length]
+            cache.values[:, slot, :, length - n:length] = fresh.values[:, j, :, fresh.length - n:fresh.length]
+            cache.valid[slot] = True
+            cache.valid[slot, :length - n] = False
+            self._logits[slot] = logits[j]
+            self._next_pos[slot] = next_pos[j]
+            row.start = length - n
+            self._slots[slot] = row
+            placed = True
+        if placed:
+            cache.has_padding = bool((~cache.valid[:, :length]).any())
+        return leftover
+
     def _rebuild(
         self,
         keep: list[int],
         new_rows: list[_Row] | None = None,
         new_cache: KVCache | None = None,
+        new_index: torch.Tensor | None = None,
         new_logits: torch.Tensor | None = None,
         new_pos: torch.Tensor | None = None,
     ) -> None:
-        """Build the cache of the kept running rows plus new rows, right-aligned, dropping dead columns.
+        """A fresh cache holding the kept slots' rows plus new rows (rows `new_index` of `new_cache`).
 
-        The new cache is sized for the longest remaining generation, so decoding never overflows it.
+        Rows stay right-aligned and leading all-padding columns are dropped. The capacity covers the
+        longest remaining generation plus headroom, so that later rows can take dead slots in place.
         """
         new_rows = new_rows or []
-        old_rows = [self._rows[i] for i in keep]
-        rows = old_rows + new_rows
+        old_rows = [self._slots[i] for i in keep]
+        rows: list[_Row] = [r for r in old_rows if r is not None] + new_rows
         if not rows:
-            self._rows, self._cache, self._logits, self._next_pos = [], None, None, None
+            self._reset()
             return
         old = self._cache
-        span = 0
-        if old_rows:
+        span = first = 0
+        if keep:
             assert old is not None
-            first = min(r.start for r in old_rows)
+            first = min(r.start for r in old_rows if r is not None)
             span = old.length - first
         fresh = new_cache.length if new_cache is not None else 0
         length = max(span, fresh)
-        capacity = length + max(1, max(r.remaining for r in rows))
+        needed = length + max(1, max(r.remaining for r in rows))
+        capacity = max(needed, min(self.max_cache_len, needed + max(64, length)))
         cache = KVCache(self.model.config, len(rows), capacity, device=self.device, dtype=self.dtype)
         cache.valid[:, :length] = False
         logits, positions = [], []
-        if old_rows:
+        if keep:
             assert old is not None and self._logits is not None and self._next_pos is not None
             index = torch.tensor(keep, dtype=torch.long, device=self.device)
-            n, lo = len(old_rows), length - span
+            n, lo = len(keep), length - span
             cache.keys[:, :n, :, lo:length] = old.keys[:, index, :, first:old.length]
             cache.values[:, :n, :, lo:length] = old.values[:, index, :, first:old.length]
             cache.valid[:n, lo:length] = old.valid[index, first:old.length]
             for row in old_rows:
+                assert row is not None
                 row.start += lo - first
             logits.append(self._logits[index])
             positions.append(self._next_pos[index])
         if new_rows:
-            assert new_cache is not None and new_logits is not None and new_pos is not None
-            n, lo = len(old_rows), length - fresh
-            cache.keys[:, n:, :, lo:length] = new_cache.keys[:, :, :, :fresh]
-            cache.values[:, n:, :, lo:length] = new_cache.values[:, :, :, :fresh]
-            cache.valid[n:, lo:length] = new_cache.valid[:, :fresh]
+            assert new_cache is not None and new_index is not None and new_logits is not None and new_pos is not None
+            n, lo = len(keep), length - fresh
+            cache.keys[:, n:, :, lo:length] = new_cache.keys[:, new_index, :, :fresh]
+            cache.values[:, n:, :, lo:length] = new_cache.values[:, new_index, :, :fresh]
+            cache.valid[n:, lo:length] = new_cache.valid[new_index, :fresh]
             for row in new_rows:
                 row.start += lo
             logits.append(new_logits)
             positions.append(new_pos)
         cache.length = length
         cache.has_padding = bool((~cache.valid[:, :length]).any())
-        self._rows, self._cache = rows, cache
+        self._slots, self._cache = list(rows), cache
         self._logits = torch.cat(logits) if len(logits) > 1 else logits[0]
         self._next_pos = torch.cat(positions) if len(positions) > 1 else positions[0]
