@@ -238,7 +238,9 @@ def main() -> int:
             run_load(port, make_requests(2 * args.concurrency, args.max_tokens, seed=1), args.concurrency,
                      proc.pid)  # warm-up
             rss_start = rss_mib(proc.pid)
+            before = get_json(port, "/health")
             batched = run_load(port, requests, args.concurrency, proc.pid)
+            after = get_json(port, "/health")
             summary = {"model": checkpoint if args.checkpoint else "random 4-layer d=128 (1.1M params)",
                        "max_tokens": args.max_tokens, "concurrency": args.concurrency,
                        "max_batch_size": args.max_batch_size, "batched": summarize("batched", batched),
@@ -246,9 +248,12 @@ def main() -> int:
                                    "after_first_100": round(batched["rss"][min(100, len(requests))], 1),
                                    "after_last_100": round(batched["rss"][len(requests)], 1),
                                    "every_100": [round(v, 1) for _, v in sorted(batched["rss"].items())]}}
-            health = get_json(port, "/health")
-            summary["load_average_during_run"] = round(os.getloadavg()[0], 1)
-            summary["server"] = {k: health[k] for k in ("max_batch_seen", "steps", "tokens_generated", "rows_failed")}
+            summary["load_average_1min_after_batched"] = round(os.getloadavg()[0], 1)
+            delta = {k: after[k] - before[k] for k in ("steps", "tokens_generated", "rows_failed")}
+            summary["server_during_batched"] = {
+                **delta, "max_batch_seen": after["max_batch_seen"],
+                "mean_batch": round(delta["tokens_generated"] / max(1, delta["steps"]), 1),
+                "tokens_per_s": round(delta["tokens_generated"] / batched["wall"], 1)}
             if not args.skip_sequential:
                 sequential = run_load(port, requests, 1, proc.pid)
                 summary["sequential"] = summarize("sequential", sequential)
