@@ -50,7 +50,7 @@ TINY = {
     "model.n_ctx": 128, "model.mp_num": 2, "tokenizer.vocab_size": 512, "tokenizer.num_masks": 8,
     "tokenizer.train_chars": 200000, "objective.max_spans": 4, "objective.span_len_max": 8, "train.seq_len": 64,
     "train.micro_batch_size": 4, "train.global_batch_tokens": 512, "train.lr": 3e-3, "train.warmup_steps": 2,
-    "train.max_steps": 12, "train.checkpoint_every": 3, "train.keep_last": 2, "train.log_every": 1,
+    "train.max_steps": 24, "train.checkpoint_every": 4, "train.keep_last": 2, "train.log_every": 1,
     "train.num_threads": 1, "data.heldout_fraction": 0.0,
 }
 
@@ -248,9 +248,11 @@ def plan_kill(rng: random.Random, config: Config, resume_step: int, kinds: list[
     how = how or (rng.choice(["all", "rank"]) if nproc > 1 else "all")
     if kind == "start":
         return Kill("start", 0, rng.uniform(0, start_seconds), how)
+    # Targets within the next two checkpoints, so that successive kills spread over the whole run.
     if kind == "save":
-        return Kill("save", rng.choice(saves), rng.uniform(0, 3 * pause_s), how)
-    return Kill("step", rng.randint(resume_step + 1, t.max_steps), rng.uniform(0, 1.5 * step_seconds), how)
+        return Kill("save", rng.choice(saves[:2]), rng.uniform(0, 3 * pause_s), how)
+    last = min(t.max_steps, resume_step + 2 * t.checkpoint_every)
+    return Kill("step", rng.randint(resume_step + 1, last), rng.uniform(0, 1.5 * step_seconds), how)
 
 
 def staging_dirs(run_dir: Path, step: int) -> list[Path]:

@@ -32,6 +32,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    process_group: bool = False  # launched by torchrun: collectives go through a process group
     owns_group: bool = False  # this process created the process group (and so tears it down)
 
     @property
@@ -40,7 +41,8 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """True under torchrun, even with one process (so `--parallel fsdp` also applies to a single GPU)."""
+        return self.process_group
 
 
 def pick_device(setting: str) -> torch.device:
@@ -51,12 +53,16 @@ def pick_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
+def launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
 def init_distributed(device_setting: str = "auto") -> DistEnv:
     """Join the torchrun process group when launched by torchrun (NCCL on GPU, gloo on CPU); else one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_setting)
-    if world <= 1:
+    if not launched_by_torchrun():
         return DistEnv(device=device)
+    world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
@@ -68,7 +74,8 @@ def init_distributed(device_setting: str = "auto") -> DistEnv:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
                                 device_id=device if device.type == "cuda" else None)
         owns = True
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, owns_group=owns)
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, process_group=True,
+                   owns_group=owns)
 
 
 def barrier(env: DistEnv) -> None:

@@ -150,6 +150,14 @@ def chain_hash(previous: str, step: int, step_digest: int) -> str:
     return hashlib.blake2b(f"{previous}:{step}:{step_digest}".encode(), digest_size=8).hexdigest()
 
 
+def fold_digests(data_hash: str, pending: list[tuple[int, torch.Tensor]]) -> str:
+    """Fold the steps' digests (device tensors, read only now) into the chain, oldest first; empties `pending`."""
+    for step, digest in pending:
+        data_hash = chain_hash(data_hash, step, int(digest))
+    pending.clear()
+    return data_hash
+
+
 class RunLog:
     """JSONL log (plus TensorBoard when installed) written by rank 0 only."""
 
@@ -386,6 +394,7 @@ def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, pre
                 "epochs": dataset.epochs_at(next_index), "data_hash": data_hash}
 
     history: list[dict] = []
+    pending_digests: list[tuple[int, torch.Tensor]] = []  # (step, data digest) not yet in data_hash
     last_loss = float("nan")
     model.train()
     iterator = iter(loader)
@@ -398,8 +407,9 @@ def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, pre
             # One collective for the step's target count (the loss normaliser) and its data digest.
             step_totals = torch.tensor([local_targets, sample_digest(micro_batches)], dtype=torch.int64,
                                        device=env.device)
-            step_totals = all_reduce_sum(step_totals, env).cpu()
-            total_targets, step_digest = float(step_totals[0]), int(step_totals[1])
+            step_totals = all_reduce_sum(step_totals, env)  # stays on the device: no host sync per step
+            total_targets = step_totals[0].float()
+            pending_digests.append((step + 1, step_totals[1]))
             loss_sum = torch.zeros(3, device=env.device)  # per objective
             count = torch.zeros(3, device=env.device)
             for index, mb in enumerate(micro_batches):
@@ -435,9 +445,10 @@ def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, pre
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens_per_step
-            data_hash = chain_hash(data_hash, step, step_digest)
             meter.update(tokens_per_step)
 
+            if step % t.log_every == 0 or step == t.max_steps or step == 1 or step % t.checkpoint_every == 0:
+                data_hash = fold_digests(data_hash, pending_digests)
             if step % t.log_every == 0 or step == t.max_steps or step == 1:
                 stats_vec = all_reduce_sum(torch.cat([loss_sum, count]).detach(), env).cpu()
                 sums, counts = stats_vec[:3], stats_vec[3:]

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Multi-node training with torchrun's c10d rendezvous: run this same script on every node.
+#
+#   NNODES=2 NPROC_PER_NODE=8 MASTER_ADDR=node0.example RUN_DIR=/shared/runs/1b \
+#       scripts/torchrun_multinode.sh --preset 1b --data /shared/data/code
+#
+# - MASTER_ADDR: a host every node can reach (usually node 0); MASTER_PORT: a free TCP port on it.
+# - RUN_DIR must be on a filesystem all nodes share: FSDP checkpoints are written by every rank into
+#   the same staging directory, and every rank reads the data cache.
+# - --resume is always passed: a fresh run directory starts at step 0, a preempted one continues from its
+#   last complete checkpoint, so the same command serves first start and every restart.
+# - RDZV_ID must be the same on all nodes and different for concurrent jobs.
+set -euo pipefail
+
+NNODES=${NNODES:?set NNODES}
+NPROC_PER_NODE=${NPROC_PER_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+MASTER_ADDR=${MASTER_ADDR:?set MASTER_ADDR}
+MASTER_PORT=${MASTER_PORT:-29500}
+RDZV_ID=${RDZV_ID:-codegen2-$(basename "${RUN_DIR:?set RUN_DIR}")}
+PARALLEL=${PARALLEL:-fsdp}
+
+exec python -m torch.distributed.run \
+    --nnodes "$NNODES" \
+    --nproc_per_node "$NPROC_PER_NODE" \
+    --rdzv_backend c10d \
+    --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" \
+    --rdzv_id "$RDZV_ID" \
+    --max_restarts "${MAX_RESTARTS:-0}" \
+    -m codegen2.cli train \
+    --out "$RUN_DIR" \
+    --parallel "$PARALLEL" \
+    --resume \
+    "$@"
