@@ -129,3 +129,19 @@ def test_resume_batching_keeps_samples_per_step(tiny_config):
     assert (micro, accum) == (2, 1) and "now 4 x 2 x 1" in note
     with pytest.raises(UserError, match="cannot split"):
         resume_batching(config, 3, saved)
+
+
+def test_init_from_a_run_with_another_qkv_grouping_keeps_the_function(tiny_config, tmp_path):
+    from codegen2.distributed import DistEnv
+    from codegen2.loading import load_checkpoint
+    from codegen2.train import build_model, train
+
+    train(tiny_config(**{"train.max_steps": 1, "train.checkpoint_every": 1}), tmp_path / "source")  # mp_num=2
+    source = load_checkpoint(tmp_path / "source").model
+    config = tiny_config(**{"model.mp_num": 4, "train.init_from": str(tmp_path / "source")})
+    model = build_model(config, DistEnv()).eval()
+    tokens = torch.randint(0, config.model.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), source(tokens))
+    with pytest.raises(UserError, match="n_layer 2 vs 3"):
+        build_model(tiny_config(**{"model.n_layer": 3, "train.init_from": str(tmp_path / "source")}), DistEnv())

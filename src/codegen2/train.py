@@ -237,16 +237,28 @@ def build_model(config: Config, env: DistEnv, parallel: str = "none", bf16: bool
         if t.compile:
             _compile_blocks(model)
     if t.init_from:
-        from .loading import load_checkpoint
-
-        source = load_checkpoint(t.init_from).model
-        if source.config.vocab_size != config.model.vocab_size or source.config.n_embd != config.model.n_embd:
-            raise UserError(f"train.init_from={t.init_from}: its shapes differ from model config")
-        load_full_state(model, None, source.state_dict(), None)
+        load_full_state(model, None, init_state(t.init_from, config), None)
     model.activation_checkpointing = t.activation_checkpointing
     if parallel == "ddp" and env.distributed:
         model = wrap_model(model, "ddp", env, bf16=False)
     return model
+
+
+def init_state(path: str, config: Config) -> dict[str, torch.Tensor]:
+    """Weights to start from (run or HF directory), with qkv regrouped to this run's `mp_num`."""
+    from .hf_weights import regroup_state_dict
+    from .loading import load_checkpoint
+
+    source = load_checkpoint(path).model
+    fields = ("vocab_size", "n_layer", "n_embd", "n_head", "rotary_dim", "inner_dim")
+    differ = [f"{f} {getattr(source.config, f)} vs {getattr(config.model, f)}" for f in fields
+              if getattr(source.config, f) != getattr(config.model, f)]
+    if differ:
+        raise UserError(f"train.init_from={path}: its shapes differ from the model config ({', '.join(differ)})")
+    state = source.state_dict()
+    if source.config.mp_num != config.model.mp_num:
+        state = regroup_state_dict(state, config.model.n_head, source.config.mp_num, config.model.mp_num)
+    return state
 
 
 def _scalar(value: torch.Tensor) -> float:
