@@ -361,4 +361,7 @@ def dump_toml(config: Config) -> str:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(dump_toml(config), encoding="utf-8")
+    """Write atomically (temporary file, fsync, rename): a kill mid-write never leaves half a config."""
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), dump_toml(config))

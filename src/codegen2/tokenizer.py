@@ -101,9 +101,12 @@ class CodeGenTokenizer:
 
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json plus the two small files transformers' AutoTokenizer needs."""
+        from .checkpoint import atomic_write_text
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(directory / "tokenizer.json"))
+        # Atomic: a kill during the first save must not leave a truncated tokenizer for resume to read.
+        atomic_write_text(directory / "tokenizer.json", self.backend.to_str())
         config = {
             "tokenizer_class": "CodeGenTokenizer",
             "bos_token": EOT,
@@ -113,8 +116,8 @@ class CodeGenTokenizer:
             "clean_up_tokenization_spaces": False,
         }
         special_map = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (directory / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write_text(directory / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
 
     # --------------------------------------------------------------------------------- encoding
     def encode(self, text: str, literal_specials: bool = False) -> list[int]:
