@@ -19,29 +19,67 @@ from .config import ModelConfig
 from .masks import build_attention_mask
 
 
-def rotary_tables(rotary_dim: int, head_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-head rotation tables [..., head_dim] in fp32 for the given absolute positions.
+def rotary_table(rotary_dim: int, head_dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """Rotations [..., width, 2] (cos, sin) in fp32 for the given absolute positions.
 
-    Pair (2i, 2i+1) of the first `rotary_dim` dims rotates by angle p / 10000^(2i / rotary_dim): `cos` holds
-    cos for both dims of the pair, `sin` holds (-sin, +sin). Dims past `rotary_dim` get cos 1, sin 0, so
-    one fused expression rotates a whole head with no slicing or concatenation (cheaper backward).
+    Pair (2i, 2i+1) of a head rotates by angle p / 10000^(2i / rotary_dim) (GPT-J interleaved layout). The
+    table spans the whole head (width head_dim / 2) with angle 0 past `rotary_dim`, so the pass-through
+    dims need no slicing; for an odd head_dim it spans only the rotated dims (width rotary_dim / 2).
     """
     exponents = torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.int64).float() / rotary_dim
     angles = positions.float()[..., None] * (1.0 / (10000 ** exponents))
-    cos = angles.cos().repeat_interleave(2, dim=-1)
-    sin = torch.stack((-angles.sin(), angles.sin()), dim=-1).flatten(-2)
-    if rotary_dim < head_dim:
-        rest = head_dim - rotary_dim
-        cos = torch.cat((cos, cos.new_ones(*cos.shape[:-1], rest)), dim=-1)
-        sin = torch.cat((sin, sin.new_zeros(*sin.shape[:-1], rest)), dim=-1)
-    return cos, sin
+    width = head_dim // 2 if head_dim % 2 == 0 else rotary_dim // 2
+    if width > rotary_dim // 2:
+        angles = torch.cat((angles, angles.new_zeros(*angles.shape[:-1], width - rotary_dim // 2)), dim=-1)
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """GPT-J interleaved rotary on x [B, T, H, D] with tables [B or 1, T, D]; computed in fp32 as the original."""
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
-    out = x.float() * cos[:, :, None, :] + swapped.float() * sin[:, :, None, :]
-    return out.to(x.dtype)
+def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate the leading 2 * width dims of x's last axis by `table` [..., width, 2] (broadcast), in fp32.
+
+    An interleaved pair (x[2i], x[2i+1]) is the complex number x[2i] + i x[2i+1], so in eager mode the
+    rotation is one complex multiplication: one kernel forward and one backward. Inductor generates no
+    code for complex numbers, so under torch.compile the same product is spelled out in real arithmetic,
+    which it fuses into one kernel.
+    """
+    width = table.shape[-2]
+    if 2 * width != x.shape[-1]:
+        return torch.cat((apply_rotary(x[..., : 2 * width].contiguous(), table), x[..., 2 * width:]), dim=-1)
+    pairs = x.float().unflatten(-1, (width, 2))
+    if torch.compiler.is_compiling():
+        real, imag = pairs.unbind(-1)
+        cos, sin = table.unbind(-1)
+        rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(table))
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class RotaryCache:
+    """Rotations of every position up to the context length, per device, computed once.
+
+    Kept outside the module's parameters and buffers, so state dicts stay exactly the checkpoints'.
+    Each entry holds [positions, 3, width, 2]: the rotation for Q and K and none (angle 0) for V, so
+    the fused [Q | V | K] projection output is rotated as it lies, in one operation.
+    """
+
+    def __init__(self, rotary_dim: int, head_dim: int, n_ctx: int):
+        self.rotary_dim, self.head_dim, self.n_ctx = rotary_dim, head_dim, n_ctx
+        self.tables: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, position_ids: torch.Tensor, min_positions: int = 0) -> torch.Tensor:
+        """[B, T, 3, width, 2] rotations for position_ids [B, T], all below max(n_ctx, min_positions).
+
+        The bound comes from the caller (host integers) so that no device value is read back here.
+        """
+        device = position_ids.device
+        table = self.tables.get(device)
+        if table is None or table.shape[0] < min_positions:
+            rot = rotary_table(self.rotary_dim, self.head_dim, torch.arange(max(self.n_ctx, min_positions), device=device))
+            none = torch.stack((torch.ones_like(rot[..., 0]), torch.zeros_like(rot[..., 1])), dim=-1)
+            table = torch.stack((rot, none, rot), dim=1)
+            self.tables[device] = table
+        return table[position_ids]
 
 
 class KVCache:
@@ -86,14 +124,14 @@ class CodeGenAttention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, rotary, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         batch, time, width = x.shape
-        # Output rows are mp_num groups, each [Q | V | K] for n_head / mp_num consecutive heads.
-        query, value, key = self.qkv_proj(x).view(batch, time, self.mp_num, 3, width // self.mp_num).unbind(3)
+        # Output rows are mp_num groups, each [Q | V | K] for n_head / mp_num consecutive heads; `rotary`
+        # [B, T, 3, width, 2] rotates Q and K and leaves V (angle 0) as it is.
+        qkv = self.qkv_proj(x).view(batch, time, self.mp_num, 3, -1, self.head_dim)
+        query, value, key = apply_rotary(qkv, rotary[:, :, None, :, None]).unbind(3)
         heads = (batch, time, self.n_head, self.head_dim)
-        query = apply_rotary(query.reshape(heads), cos, sin).transpose(1, 2)
-        key = apply_rotary(key.reshape(heads), cos, sin).transpose(1, 2)
-        value = value.reshape(heads).transpose(1, 2)
+        query, key, value = (t.reshape(heads).transpose(1, 2) for t in (query, key, value))
         if cache is not None:
             key, value = cache.store(layer, key, value)
         if mask is None:
@@ -122,9 +160,9 @@ class CodeGenBlock(nn.Module):
         self.attn = CodeGenAttention(cfg)
         self.mlp = CodeGenMLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x, rotary, mask, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         normed = self.ln_1(x)
-        return x + self.attn(normed, cos, sin, mask, cache, layer) + self.mlp(normed)
+        return x + self.attn(normed, rotary, mask, cache, layer) + self.mlp(normed)
 
 
 class CodeGenTransformer(nn.Module):
@@ -145,6 +183,7 @@ class CodeGenModel(nn.Module):
         self.transformer = CodeGenTransformer(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=True)
         self.activation_checkpointing = False
+        self.rotary = RotaryCache(cfg.rotary_dim, cfg.head_dim, cfg.n_ctx)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -177,33 +216,41 @@ class CodeGenModel(nn.Module):
         prefix_len: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits for `input_ids` [B, T].
 
         doc_ids [B, T] forbids attention across packed documents; prefix_len [B] makes the first P
         positions bidirectional (prefix-LM); with `cache`, the tokens continue the cached ones.
+        `last_only` returns logits of the last position only ([B, 1, vocab]: what sampling needs after a
+        prompt).
         """
         batch, time = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + time, device=input_ids.device)[None].expand(batch, time)
-        cos, sin = rotary_tables(self.config.rotary_dim, self.config.head_dim, position_ids)
+        rotary = self.rotary(position_ids, past + time)
         mask = None
-        if doc_ids is not None or prefix_len is not None or (cache is not None and cache.has_padding):
+        if doc_ids is not None or prefix_len is not None:
             key_valid = cache.valid[:, : past + time] if cache is not None and cache.has_padding else None
             mask = build_attention_mask(doc_ids, prefix_len, time, input_ids.device, past_len=past, key_valid=key_valid)
-        elif cache is not None and past > 0 and time > 1:
+        elif cache is not None and time == 1 and cache.has_padding:
+            # One decoded token may see every cached key that is not padding (it is itself valid).
+            mask = cache.valid[:, None, None, : past + 1]
+        elif cache is not None and (cache.has_padding or (past > 0 and time > 1)):
             mask = build_attention_mask(None, None, time, input_ids.device, past_len=past,
-                                        key_valid=torch.ones(batch, past + time, dtype=torch.bool, device=input_ids.device))
+                                        key_valid=cache.valid[:, : past + time])
         x = self.transformer.wte(input_ids)
         for layer, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(block, x, rotary, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache, layer)
+                x = block(x, rotary, mask, cache, layer)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.length = past + time
+        if last_only:
+            x = x[:, -1:]
         if return_hidden:
             return x
         return self.lm_head(x)

@@ -115,20 +115,19 @@ def generate_ids(
     cache.valid[:, :longest] = valid
     cache.has_padding = bool((~valid).any())
     prefix_len = torch.full((batch,), longest, device=device) if bidirectional_prompt else None
-    logits = model(input_ids, position_ids=positions, prefix_len=prefix_len, cache=cache)[:, -1]
+    logits = model(input_ids, position_ids=positions, prefix_len=prefix_len, cache=cache, last_only=True)[:, -1]
     next_pos = positions[:, -1] + 1
 
     stop_window = max((len(s) for s in params.stop), default=0) + 2
-    stop_set = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    stop_set = set(stop_ids)
     generated: list[list[int]] = [[] for _ in range(batch)]
     finish = ["length"] * batch
     active = list(range(batch))  # original row of each cache row
     for _ in range(params.max_new_tokens):
         tokens = choose_tokens(logits.float(), params, [generators[r] for r in active])
         keep = []
-        for slot, row in enumerate(active):
-            token = int(tokens[slot])
-            if len(stop_set) and bool((stop_set == token).any()):
+        for slot, (row, token) in enumerate(zip(active, tokens.tolist())):  # one host transfer per step
+            if token in stop_set:
                 finish[row] = "stop"
                 continue
             generated[row].append(token)

@@ -1,0 +1,179 @@
+"""Shared helpers for the side-by-side benchmarks: interleaved timing, summaries, machine facts and a
+transformers `CodeGenForCausalLM` holding exactly the weights of a codegen2 model.
+
+The machines these run on are shared and noisy, so every benchmark times the peer and codegen2 in the
+same process, alternating run by run, and reports the median of several runs with the spread
+(min..max); ratios are taken between medians.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from codegen2.config import ModelConfig  # noqa: E402
+from codegen2.model import CodeGenModel  # noqa: E402
+
+# Shapes the issue asks for: the `tiny` preset and a GPT-2-small-sized (~125M parameter) CodeGen.
+SHAPES: dict[str, dict] = {
+    "tiny": dict(vocab_size=4096, n_layer=4, n_embd=256, n_head=4, rotary_dim=32, n_ctx=512, mp_num=4),
+    "125m": dict(vocab_size=51200, n_layer=12, n_embd=768, n_head=12, rotary_dim=64, n_ctx=2048, mp_num=4),
+}
+
+
+@dataclass
+class Summary:
+    """Median and spread of repeated timings (seconds) of one contender."""
+
+    samples: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def low(self) -> float:
+        return min(self.samples)
+
+    @property
+    def high(self) -> float:
+        return max(self.samples)
+
+    def rate(self, work: float) -> "Rate":
+        """Work per second (e.g. tokens/s): median and the range over runs."""
+        return Rate(work / self.median, work / self.high, work / self.low)
+
+
+@dataclass
+class Rate:
+    median: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{fmt(self.median)} ({fmt(self.low)}..{fmt(self.high)})"
+
+
+def fmt(value: float) -> str:
+    """Three significant digits, no exponent for the magnitudes these benchmarks produce."""
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}" if value >= 1 else f"{value:.3g}"
+
+
+def interleaved(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, Summary]:
+    """Time each callable `repeats` times, alternating between them (and their order) every round.
+
+    Alternation spreads the load of other processes over all contenders instead of penalising whichever
+    happened to run during a busy spell.
+    """
+    names = list(contenders)
+    for _ in range(warmup):
+        for name in names:
+            contenders[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        order = names if round_index % 2 == 0 else names[::-1]
+        for name in order:
+            start = time.perf_counter()
+            contenders[name]()
+            samples[name].append(time.perf_counter() - start)
+    return {name: Summary(times) for name, times in samples.items()}
+
+
+def spread(summary: Summary) -> str:
+    """Relative spread of the runs, (max - min) / median, as a percentage."""
+    return f"±{100 * (summary.high - summary.low) / (2 * summary.median):.0f}%"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_line() -> str:
+    """One line naming the machine, thread count, load and library versions, for the results table."""
+    parts = [f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"]
+    if torch.cuda.is_available():
+        parts = [f"{torch.cuda.get_device_name(0)}"]
+    parts.append(f"torch {torch.__version__}")
+    try:
+        import transformers
+
+        parts.append(f"transformers {transformers.__version__}")
+    except ImportError:
+        pass
+    try:
+        parts.append(f"load avg {os.getloadavg()[0]:.1f}")
+    except OSError:
+        pass
+    return "; ".join(parts)
+
+
+def ratio_line(label: str, peer: float, ours: float, target: float | None = None) -> str:
+    """`label: ours / peer = 1.23x (target >= 1.15x: met)` for rates where higher is better."""
+    value = ours / peer
+    verdict = ""
+    if target is not None:
+        verdict = f" (target >= {target:g}x: {'met' if value >= target else f'missed by {100 * (1 - value / target):.0f}%'})"
+    return f"{label}: {value:.2f}x{verdict}"
+
+
+def model_config(shape: str, **overrides) -> ModelConfig:
+    return ModelConfig(**{**SHAPES[shape], **overrides})
+
+
+def build_ours(cfg: ModelConfig, seed: int = 0, device: str = "cpu") -> CodeGenModel:
+    torch.manual_seed(seed)
+    return CodeGenModel(cfg).to(device)
+
+
+def hf_twin(model: CodeGenModel, attn_implementation: str = "sdpa"):
+    """transformers' CodeGenForCausalLM with a copy of `model`'s weights (model must use mp_num 4).
+
+    Falls back to eager attention if transformers refuses `attn_implementation`; the implementation
+    actually used is `twin.config._attn_implementation`.
+    """
+    import transformers
+
+    cfg = model.config
+    if cfg.mp_num != 4:
+        raise ValueError("transformers hard-codes mp_num=4; build the codegen2 model with mp_num=4")
+    hf_config = transformers.CodeGenConfig(
+        vocab_size=cfg.vocab_size, n_positions=cfg.n_ctx, n_ctx=cfg.n_ctx, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, rotary_dim=cfg.rotary_dim, n_inner=cfg.n_inner, activation_function="gelu_new",
+        layer_norm_epsilon=cfg.layer_norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    try:
+        twin = transformers.CodeGenForCausalLM._from_config(hf_config, attn_implementation=attn_implementation)
+    except (ValueError, ImportError) as exc:
+        print(f"transformers refused attn_implementation={attn_implementation!r} ({exc}); using eager")
+        twin = transformers.CodeGenForCausalLM._from_config(hf_config, attn_implementation="eager")
+    missing, unexpected = twin.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not name.endswith("embed_positions") for name in missing):
+        raise RuntimeError(f"weights do not line up with transformers: missing {missing}, unexpected {unexpected}")
+    return twin.to(next(model.parameters()).device)
+
+
+def parse_threads(value: int) -> None:
+    """Apply a --threads setting (0 keeps torch's default) to both engines, which share this process."""
+    if value > 0:
+        torch.set_num_threads(value)
