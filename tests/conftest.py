@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -50,3 +52,25 @@ def tiny_config(small_corpus):
         return config.validate()
 
     return make
+
+
+STRESS = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_resume_stress.py"
+
+
+def load_stress():
+    """The launch / kill / compare machinery of benchmarks/kill_resume_stress.py, shared by the
+    distributed and resume tests (one module, loaded once)."""
+    if "kill_resume_stress" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("kill_resume_stress", STRESS)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kill_resume_stress"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["kill_resume_stress"]
+
+
+@pytest.fixture
+def suite(tiny_config, tmp_path_factory):
+    """Config and reference runs shared by tests/test_distributed.py and tests/test_resume.py."""
+    base = tmp_path_factory.getbasetemp() / "distributed-suite"
+    config, path = load_stress().suite_setup(tiny_config(**{"train.global_batch_tokens": 512}), base)
+    return base, config, path

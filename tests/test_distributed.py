@@ -8,7 +8,6 @@ The reference runs are shared with tests/test_resume.py (same config, cached und
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -20,28 +19,9 @@ import torch
 from codegen2 import checkpoint as ckpt
 from codegen2.metrics import flops_per_token
 from codegen2.train import train
-
-STRESS = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_resume_stress.py"
-
-
-def load_stress():
-    """benchmarks/kill_resume_stress.py holds the launch / kill / compare machinery (one copy for both)."""
-    if "kill_resume_stress" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("kill_resume_stress", STRESS)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["kill_resume_stress"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["kill_resume_stress"]
-
+from conftest import load_stress
 
 stress = load_stress()
-
-
-@pytest.fixture
-def suite(tiny_config, tmp_path_factory):
-    base = tmp_path_factory.getbasetemp() / "distributed-suite"
-    config, path = stress.suite_setup(tiny_config(**{"train.global_batch_tokens": 512}), base)
-    return base, config, path
 
 
 def log(run: Path) -> list[dict]:

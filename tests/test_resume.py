@@ -4,35 +4,12 @@ for 1 process and for 2 FSDP processes. The short form of benchmarks/kill_resume
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
-from pathlib import Path
 
 import pytest
-
-STRESS = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_resume_stress.py"
-
-
-def load_stress():
-    """The launch / kill / compare machinery of benchmarks/kill_resume_stress.py (one module for both users)."""
-    if "kill_resume_stress" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("kill_resume_stress", STRESS)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["kill_resume_stress"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["kill_resume_stress"]
-
+from conftest import load_stress
 
 stress = load_stress()
-
-
-@pytest.fixture
-def suite(tiny_config, tmp_path_factory):
-    """The config and reference runs shared with tests/test_distributed.py (same directory, same config)."""
-    base = tmp_path_factory.getbasetemp() / "distributed-suite"
-    config, path = stress.suite_setup(tiny_config(**{"train.global_batch_tokens": 512}), base)
-    return base, config, path
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

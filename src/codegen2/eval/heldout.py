@@ -2,7 +2,7 @@
 
 Both read only the files the data split holds out (never trained on). Loss is next-token cross-entropy
 over the held-out documents, packed into windows of the model's training length. Infill exact match
-masks one non-blank line per held-out code file (chosen by a hash of the path, so the set never changes),
+masks non-blank lines spread over the held-out code files (chosen by a hash, so the set never changes),
 gives the model the surrounding code in CodeGen2's infill format, and counts a hit when the first line of
 the generated middle equals the masked line (leading/trailing whitespace ignored).
 """
@@ -68,19 +68,22 @@ def _stable_hash(text: str) -> int:
 
 
 def single_line_tasks(docs, n_tasks: int, min_line_chars: int = 4) -> list[InfillTask]:
-    """One task per held-out code file (sorted by path), the masked line chosen by a hash of the path."""
+    """Up to `n_tasks` tasks spread evenly over the held-out code files (sorted by path).
+
+    In each file the masked lines are those ranked first by a hash of (path, line number), so the task set
+    never changes between runs or checkpoints.
+    """
+    docs = sorted(docs, key=lambda d: d.path)
+    per_file = max(1, -(-n_tasks // max(len(docs), 1)))
     tasks = []
-    for doc in sorted(docs, key=lambda d: d.path):
+    for doc in docs:
         lines = doc.text.splitlines(keepends=True)
         candidates = [i for i, line in enumerate(lines) if len(line.strip()) >= min_line_chars]
-        if not candidates:
-            continue
-        i = candidates[_stable_hash(doc.path) % len(candidates)]
-        tasks.append(InfillTask(path=doc.path, prefix="".join(lines[:i]), line=lines[i].rstrip("\n"),
-                                suffix="\n" + "".join(lines[i + 1:]) if lines[i].endswith("\n") else ""))
-        if len(tasks) >= n_tasks:
-            break
-    return tasks
+        chosen = sorted(sorted(candidates, key=lambda i: _stable_hash(f"{doc.path}:{i}"))[:per_file])
+        for i in chosen:
+            tasks.append(InfillTask(path=doc.path, prefix="".join(lines[:i]), line=lines[i].rstrip("\n"),
+                                    suffix="\n" + "".join(lines[i + 1:]) if lines[i].endswith("\n") else ""))
+    return tasks[:n_tasks]
 
 
 @torch.inference_mode()
@@ -159,7 +162,7 @@ def register(eval_subparsers) -> None:
     parser = eval_subparsers.add_parser("heldout", help="held-out loss and single-line infill exact match")
     parser.add_argument("--checkpoint", required=True, help="run directory or Hugging Face directory")
     parser.add_argument("--max-tokens", type=int, default=100_000, help="held-out tokens scored for the loss")
-    parser.add_argument("--n-infill", type=int, default=100, help="single-line infill tasks (one per file)")
+    parser.add_argument("--n-infill", type=int, default=100, help="single-line infill tasks, spread over the held-out files")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--mp-num", type=int, default=None)
     parser.add_argument("--baseline", action="store_true", help="also score an untrained model of the same shape")
