@@ -29,7 +29,7 @@ install-dev: $(VENV)/.dev-installed
 
 run: $(VENV)/.core-installed
 	$(CG) train --preset tiny --out $(RUN_DIR) --resume
-	$(CG) eval heldout --checkpoint $(RUN_DIR) --baseline --max-tokens 40000 --n-infill 100
+	$(CG) eval heldout --checkpoint $(RUN_DIR) --baseline --max-tokens 40000 --n-infill 60
 	$(CG) sample --checkpoint $(RUN_DIR) --max-new-tokens 64 --stop $$'\n\n\n' \
 		--prompt $$'import os\n\n\ndef read_lines(path):\n    """Return the lines of the file at path."""\n'
 	$(CG) infill --checkpoint $(RUN_DIR) --max-new-tokens 32 --show-full \

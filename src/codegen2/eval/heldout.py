@@ -154,8 +154,27 @@ def run_heldout(args: argparse.Namespace) -> int:
         baseline = type(loaded)(model=untrained, tokenizer=loaded.tokenizer, config=loaded.config,
                                 prefix_lm=loaded.prefix_lm)
         result["untrained"] = evaluate_heldout(baseline, data_config, window, args.max_tokens, 0, args.batch_size)
+    print(summarize(result), file=sys.stderr)
     print(json.dumps(result, indent=None), file=sys.stdout)
     return 0
+
+
+def summarize(result: dict) -> str:
+    """One readable line per metric; the JSON that follows on stdout carries everything."""
+    lines = []
+    base = result.get("untrained", {})
+    for kind, label in (("code", "code"), ("nl", "prose")):
+        if kind in result:
+            line = f"held-out {label} loss {result[kind]['loss']:.3f} (perplexity {result[kind]['perplexity']:.1f})"
+            if kind in base:
+                line += f"; untrained model: {base[kind]['loss']:.3f}"
+            lines.append(line)
+    if "infill" in result:
+        infill = result["infill"]
+        hits = round(infill["exact_match"] * infill["tasks"])
+        lines.append(f"single-line infill exact match on held-out code: {100 * infill['exact_match']:.1f}% "
+                     f"({hits}/{infill['tasks']})")
+    return "\n".join(lines)
 
 
 def register(eval_subparsers) -> None:
