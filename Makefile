@@ -37,7 +37,7 @@ run: $(VENV)/.core-installed
 		--suffix $$'\n    return total / len(values)\n'
 
 test: $(VENV)/.dev-installed
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -p no:cacheprovider
 
 clean:
 	rm -rf runs .pytest_cache build
