@@ -3,7 +3,8 @@
 For each shape and batch size: 64-token prompts (random ids, seeded), then exactly 128 new tokens
 (no early stop) in every engine, fp32 on CPU. transformers runs the HF twin of the codegen2 model;
 CTranslate2 (if the `ctranslate2` package is installed) runs the same weights converted from that twin's
-saved directory with its own converter. The greedy tokens of the engines are compared (they should
+saved directory with its own converter. codegen2 runs `generate_ids` on a model switched to its inference
+weight layout (`CodeGenModel.use_decode_layout`: same values, input-major memory order). The greedy tokens of the engines are compared (they should
 agree: same weights, same arithmetic up to rounding), then runs alternate between engines; the table
 gives the median new tokens/s, the range over runs and the ratios of medians.
 
@@ -70,6 +71,7 @@ def run_shape(shape: str, batches: list[int], repeats: int, threads: int, use_ct
     cfg = model_config(shape)
     ours = build_ours(cfg).eval()
     theirs = hf_twin(ours).eval()
+    ours.use_decode_layout()  # codegen2's inference layout (same values): see CodeGenModel.use_decode_layout
     tokenizer = IdTokenizer(cfg.vocab_size)
     params = SamplingParams(max_new_tokens=NEW_TOKENS)
     print(f"\n== {shape}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, "
