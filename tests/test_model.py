@@ -92,3 +92,18 @@ def test_bad_shapes_are_rejected():
 
     with pytest.raises(ConfigError, match="mp_num"):
         ModelConfig(n_embd=96, n_head=6, mp_num=4, rotary_dim=8).validate()
+
+
+def test_last_only_and_decode_layout_keep_the_logits():
+    model = small_model()
+    ids = torch.randint(0, 300, (2, 17))
+    with torch.no_grad():
+        full = model(ids)
+        last = model(ids, last_only=True)
+        assert (last[:, -1] - full[:, -1]).abs().max() <= 1e-6
+        state_before = {k: v.clone() for k, v in model.state_dict().items()}
+        model.use_decode_layout()
+        after = model(ids)
+    assert (after - full).abs().max() <= 1e-5
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state_before[name]), name
