@@ -74,3 +74,18 @@ def suite(tiny_config, tmp_path_factory):
     base = tmp_path_factory.getbasetemp() / "distributed-suite"
     config, path = load_stress().suite_setup(tiny_config(**{"train.global_batch_tokens": 512}), base)
     return base, config, path
+
+
+class CharTokenizer:
+    """Test stand-in: one id per byte, specials above 255 (independent of the project's tokenizer)."""
+
+    eot_id, sep_id, eom_id = 256, 257, 258
+
+    def mask_id(self, k: int) -> int:
+        return 259 + k
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")

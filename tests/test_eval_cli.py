@@ -13,21 +13,7 @@ from codegen2 import cli  # noqa: E402
 from codegen2.eval import generation  # noqa: E402
 from codegen2.eval.scoring import results_path  # noqa: E402
 from codegen2.eval.tasks import load_tasks, read_jsonl, write_jsonl  # noqa: E402
-
-
-class CharTokenizer:
-    """One id per byte; specials above 255 (independent of the project's tokenizer)."""
-
-    eot_id, sep_id, eom_id = 256, 257, 258
-
-    def mask_id(self, k: int) -> int:
-        return 259 + k
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+from conftest import CharTokenizer  # noqa: E402
 
 
 def tiny_loaded():

@@ -5,21 +5,7 @@ import torch
 from codegen2.config import ModelConfig
 from codegen2.model import CodeGenModel
 from codegen2.sampling import SamplingParams, filter_logits, generate_ids, infill_prompt_ids
-
-
-class CharTokenizer:
-    """Independent stand-in: one id per byte, specials above 256."""
-
-    eot_id, sep_id, eom_id = 256, 257, 258
-
-    def mask_id(self, k: int) -> int:
-        return 259 + k
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+from conftest import CharTokenizer
 
 
 def model() -> CodeGenModel:

@@ -241,15 +241,9 @@ def parquet_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter)
         except Exception as exc:  # pyarrow raises several types for corrupt files
             raise UserError(f"{path}: cannot read Parquet file ({exc})") from None
         _require_string_column(str(path), table_file.schema_arrow, cfg.field)
-        row = 0
-        for batch in table_file.iter_batches(columns=[cfg.field], batch_size=BATCH_ROWS):
-            for value in batch.column(0).to_pylist():
-                if keep(f"{rel}:{row}"):
-                    if value is None:
-                        skipped["null"] += 1
-                    else:
-                        yield Document(text=value, path=f"{path}:{row}", kind=cfg.kind)
-                row += 1
+        values = (v for batch in table_file.iter_batches(columns=[cfg.field], batch_size=BATCH_ROWS)
+                  for v in batch.column(0).to_pylist())
+        yield from _row_documents(values, f"{rel}:", f"{path}:", cfg.kind, keep, skipped)
 
 
 # ------------------------------------------------------------------------------------- HF datasets
@@ -278,15 +272,19 @@ def hf_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter) -> I
     feature = dataset.features[cfg.field]
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise UserError(f"{root}: column {cfg.field!r} has type {feature}, not string")
-    row = 0
-    for batch in dataset.select_columns([cfg.field]).iter(batch_size=BATCH_ROWS):
-        for value in batch[cfg.field]:
-            if keep(f"{split}:{row}"):
-                if value is None:
-                    skipped["null"] += 1
-                else:
-                    yield Document(text=value, path=f"{root}:{split}:{row}", kind=cfg.kind)
-            row += 1
+    values = (v for batch in dataset.select_columns([cfg.field]).iter(batch_size=BATCH_ROWS) for v in batch[cfg.field])
+    yield from _row_documents(values, f"{split}:", f"{root}:{split}:", cfg.kind, keep, skipped)
+
+
+def _row_documents(values: Iterator, key_prefix: str, path_prefix: str, kind: str, keep: Keep,
+                   skipped: Counter) -> Iterator[Document]:
+    """Documents from a column of strings; a row's held-out key and path end in its row number."""
+    for row, value in enumerate(values):
+        if keep(f"{key_prefix}{row}"):
+            if value is None:
+                skipped["null"] += 1
+            else:
+                yield Document(text=value, path=f"{path_prefix}{row}", kind=kind)
 
 
 READERS = {"dir": dir_records, "jsonl": jsonl_records, "parquet": parquet_records, "hf": hf_records}
