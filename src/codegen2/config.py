@@ -170,7 +170,8 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_last: int = 3
     log_every: int = 10
-    eval_every: int = 0
+    eval_every: int = 0  # held-out code and prose loss every N steps (0 = never); logged as eval_*_loss
+    eval_tokens: int = 16384  # held-out tokens of each kind scored per evaluation
     document_mask: bool = False  # forbid attention across documents of a packed sequence
     activation_checkpointing: bool = False
     compile: bool = False
@@ -195,6 +196,8 @@ class Config:
             raise ConfigError(f"train.precision={self.train.precision!r} must be auto, fp32 or bf16")
         if self.train.parallel not in ("none", "ddp", "fsdp"):
             raise ConfigError(f"train.parallel={self.train.parallel!r} must be none, ddp or fsdp")
+        if self.train.eval_every < 0 or self.train.eval_tokens < 1:
+            raise ConfigError("train.eval_every must be >= 0 and train.eval_tokens >= 1")
         if self.train.seq_len > self.model.n_ctx:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.n_ctx={self.model.n_ctx}")
         return self

@@ -99,6 +99,10 @@ class Throughput:
         self.samples.append((time.perf_counter(), tokens))
         self.samples = self.samples[-(self.window + 1):]
 
+    def exclude(self, seconds: float) -> None:
+        """Leave out a pause (an evaluation) that was not training: shift the window's samples forward."""
+        self.samples = [(t + seconds, n) for t, n in self.samples]
+
     def tokens_per_second(self) -> float:
         if len(self.samples) < 2:
             return 0.0

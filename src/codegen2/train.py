@@ -391,6 +391,11 @@ def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, pre
     peak, peak_source = device_peak_flops(env.device)
     meter = Throughput(flops_per_token(config.model, t.seq_len), peak)
     run_log = RunLog(run_dir, env.is_main, step)
+    probe = None
+    if t.eval_every > 0:
+        from .eval.heldout import HeldoutProbe
+
+        probe = HeldoutProbe(config.data, tokenizer, t.seq_len, t.eval_tokens, micro_bs)
     if env.is_main:
         n_params = unwrap(model).num_parameters() if hasattr(unwrap(model), "num_parameters") else 0
         print(f"training {n_params:,} parameters on {env.world_size}x {env.device.type} ({parallel}, "
@@ -461,6 +466,17 @@ def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, pre
 
             if step % t.log_every == 0 or step == t.max_steps or step == 1 or step % t.checkpoint_every == 0:
                 data_hash = fold_digests(data_hash, pending_digests)
+            evaluation = {}
+            if probe is not None and (step % t.eval_every == 0 or step == t.max_steps):
+                eval_started = time.perf_counter()
+                evaluation = probe(model, env.device, autocast)
+                meter.exclude(time.perf_counter() - eval_started)
+                if env.is_main:
+                    print(f"eval step {step} | tokens {tokens_seen:,} | " + " | ".join(
+                        f"held-out {k[5:-5].replace('nl', 'prose')} loss {v:.4f}" for k, v in evaluation.items()),
+                        file=sys.stderr, flush=True)
+            if evaluation and not (step % t.log_every == 0 or step == t.max_steps or step == 1):
+                run_log.write({"step": step, "tokens": tokens_seen, **evaluation})
             if step % t.log_every == 0 or step == t.max_steps or step == 1:
                 stats_vec = all_reduce_sum(torch.cat([loss_sum, count]).detach(), env).cpu()
                 sums, counts = stats_vec[:3], stats_vec[3:]
@@ -469,7 +485,8 @@ def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, pre
                 record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
                           "grad_norm": _scalar(grad_norm), "tokens": tokens_seen,
                           "tokens_per_s": meter.tokens_per_second(), "mfu": meter.mfu(env.world_size),
-                          "eta_s": eta, "elapsed_s": time.perf_counter() - started, "data_hash": data_hash}
+                          "eta_s": eta, "elapsed_s": time.perf_counter() - started, "data_hash": data_hash,
+                          **evaluation}
                 for code, name in enumerate(OBJECTIVE_NAMES):
                     if counts[code] > 0:
                         record[f"loss_{name}"] = float(sums[code] / counts[code])
