@@ -1,10 +1,17 @@
-"""Held-out metrics that move for small models: left-to-right loss and single-line infill exact match.
+"""Held-out metrics that move for small models: left-to-right loss, single-line infill exact match and
+infill loss.
 
-Both read only the files the data split holds out (never trained on). Loss is next-token cross-entropy
+All read only the files the data split holds out (never trained on). Loss is next-token cross-entropy
 over the held-out documents, packed into windows of the model's training length. Infill exact match
 masks non-blank lines spread over the held-out code files (chosen by a hash, so the set never changes),
-gives the model the surrounding code in CodeGen2's infill format, and counts a hit when the first line of
-the generated middle equals the masked line (leading/trailing whitespace ignored).
+gives the model the surrounding code in an infill format, and counts a hit when the first line of the
+generated middle equals the masked line (leading/trailing whitespace ignored). Infill loss is the
+cross-entropy of the masked line and its end-of-middle token given that prompt: it moves long before
+exact matches appear, so it separates small models that all score 0% exact match.
+
+Two prompt formats, matching the two infill objectives a model may have been trained with:
+  codegen2: prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>   -> middle <eom>   (DESIGN section 2)
+  fim:      <mask_1> prefix <mask_2> suffix <sep>                   -> middle <eom>   (FIM, PSM order)
 """
 
 from __future__ import annotations
@@ -28,6 +35,36 @@ class InfillTask:
     prefix: str
     line: str
     suffix: str
+
+
+INFILL_FORMATS = ("codegen2", "fim")
+
+
+def default_infill_format(objective) -> str:
+    """The prompt format a model trained with `objective` (an ObjectiveConfig) has seen: FIM only if FIM
+    outweighs span corruption in its mixture."""
+    return "fim" if objective.fim_rate > objective.span_rate else "codegen2"
+
+
+def evaluation_data_config(data):
+    """The data config whose held-out split evaluation reads: the run's own, except that the embedded corpus
+    always contributes both code and prose, so a code-only or prose-only run is scored on the same files as
+    every other run (the split is a hash of each file's path, independent of the mixture weights)."""
+    import dataclasses
+
+    if data.sources:
+        return data
+    return dataclasses.replace(data, embedded_code_weight=1.0, embedded_nl_weight=1.0)
+
+
+def infill_prompt(tokenizer, prefix_ids: list[int], suffix_ids: list[int], fmt: str = "codegen2") -> list[int]:
+    """Token ids of an infill prompt in format `fmt` (module docstring); the model's next token starts the middle."""
+    if fmt == "codegen2":
+        mask = tokenizer.mask_id(1)
+        return prefix_ids + [mask] + suffix_ids + [tokenizer.eot_id, tokenizer.sep_id, mask]
+    if fmt == "fim":
+        return [tokenizer.mask_id(1)] + prefix_ids + [tokenizer.mask_id(2)] + suffix_ids + [tokenizer.sep_id]
+    raise ValueError(f"unknown infill format {fmt!r}; choose from {', '.join(INFILL_FORMATS)}")
 
 
 def chunk_tokens(docs_tokens: list[list[int]], eot: int, window: int, max_tokens: int) -> torch.Tensor:
@@ -86,18 +123,22 @@ def single_line_tasks(docs, n_tasks: int, min_line_chars: int = 4) -> list[Infil
     return tasks[:n_tasks]
 
 
-@torch.inference_mode()
-def infill_exact_match(model, tokenizer, tasks: list[InfillTask], context_tokens: int, max_new_tokens: int = 48,
-                       batch_size: int = 8, bidirectional_prompt: bool = False) -> dict:
-    """Greedy CodeGen2-format infill of each masked line; exact match of the first generated line."""
+def _task_prompts(tokenizer, tasks: list[InfillTask], context_tokens: int, fmt: str) -> list[list[int]]:
     prefix_budget = int(context_tokens * 0.6)
     suffix_budget = context_tokens - prefix_budget
-    mask = tokenizer.mask_id(1)
     prompts = []
     for task in tasks:
         prefix_ids = tokenizer.encode(task.prefix)[-prefix_budget:] if task.prefix else []
         suffix_ids = tokenizer.encode(task.suffix)[:suffix_budget] if task.suffix else []
-        prompts.append(prefix_ids + [mask] + suffix_ids + [tokenizer.eot_id, tokenizer.sep_id, mask])
+        prompts.append(infill_prompt(tokenizer, prefix_ids, suffix_ids, fmt))
+    return prompts
+
+
+@torch.inference_mode()
+def infill_exact_match(model, tokenizer, tasks: list[InfillTask], context_tokens: int, max_new_tokens: int = 48,
+                       batch_size: int = 8, bidirectional_prompt: bool = False, fmt: str = "codegen2") -> dict:
+    """Greedy infill of each masked line in format `fmt`; exact match of the first generated line."""
+    prompts = _task_prompts(tokenizer, tasks, context_tokens, fmt)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=("\n",))
     hits, examples = 0, []
     for start in range(0, len(prompts), batch_size):
@@ -109,16 +150,48 @@ def infill_exact_match(model, tokenizer, tasks: list[InfillTask], context_tokens
             hits += hit
             if len(examples) < 3:
                 examples.append({"path": task.path, "expected": task.line.strip(), "predicted": predicted.strip()})
-    return {"exact_match": hits / max(len(tasks), 1), "tasks": len(tasks), "examples": examples}
+    return {"exact_match": hits / max(len(tasks), 1), "tasks": len(tasks), "format": fmt, "examples": examples}
+
+
+@torch.inference_mode()
+def infill_loss(model, tokenizer, tasks: list[InfillTask], context_tokens: int, batch_size: int = 8,
+                bidirectional_prompt: bool = False, fmt: str = "codegen2") -> dict:
+    """Mean cross-entropy per token of each masked line followed by <eom>, given its infill prompt.
+
+    Rows are right-padded, so padding never precedes a scored token; with `bidirectional_prompt` (a
+    prefix-LM) each row's prompt is read bidirectionally, as at sampling time.
+    """
+    device = next(model.parameters()).device
+    prompts = _task_prompts(tokenizer, tasks, context_tokens, fmt)
+    targets = [tokenizer.encode(task.line) + [tokenizer.eom_id] for task in tasks]
+    total, count = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        rows = [p + t for p, t in zip(prompts[start: start + batch_size], targets[start: start + batch_size])]
+        width = max(map(len, rows))
+        input_ids = torch.full((len(rows), width), tokenizer.eot_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, (prompt, target) in enumerate(zip(prompts[start: start + batch_size], targets[start: start + batch_size])):
+            input_ids[i, : len(prompt) + len(target)] = torch.tensor(prompt + target)
+            labels[i, len(prompt) - 1: len(prompt) + len(target) - 1] = torch.tensor(target)
+        prefix_len = None
+        if bidirectional_prompt:
+            prefix_len = torch.tensor([len(p) for p in prompts[start: start + batch_size]], device=device)
+        logits = model(input_ids.to(device), prefix_len=prefix_len)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten(), ignore_index=-100,
+                               reduction="sum")
+        total += float(loss)
+        count += int((labels != -100).sum())
+    return {"loss": total / max(count, 1), "tokens": count, "tasks": len(tasks), "format": fmt}
 
 
 def evaluate_heldout(loaded, data_config, window: int, max_tokens: int = 100_000, n_infill: int = 100,
-                     batch_size: int = 8) -> dict:
-    """Code loss, prose loss and single-line infill exact match on the held-out split."""
+                     batch_size: int = 8, infill_format: str = "codegen2") -> dict:
+    """Code loss, prose loss, and single-line infill exact match and loss, on the held-out split."""
     from ..data import heldout_documents
 
     model, tokenizer = loaded.model, loaded.tokenizer
     window = min(window, loaded.config.n_ctx - 1)
+    data_config = evaluation_data_config(data_config)
     code = heldout_documents(data_config, kind="code")
     prose = heldout_documents(data_config, kind="nl")
     result = {}
@@ -128,9 +201,50 @@ def evaluate_heldout(loaded, data_config, window: int, max_tokens: int = 100_000
         result["nl"] = heldout_loss(model, tokenizer, [d.text for d in prose], window, max_tokens, batch_size)
     if code and n_infill > 0:
         context = min(window, loaded.config.n_ctx - 64) - 4
-        result["infill"] = infill_exact_match(model, tokenizer, single_line_tasks(code, n_infill), context,
-                                              batch_size=batch_size, bidirectional_prompt=loaded.prefix_lm)
+        tasks = single_line_tasks(code, n_infill)
+        result["infill"] = infill_exact_match(model, tokenizer, tasks, context, batch_size=batch_size,
+                                              bidirectional_prompt=loaded.prefix_lm, fmt=infill_format)
+        result["infill_loss"] = infill_loss(model, tokenizer, tasks, context, batch_size=batch_size,
+                                            bidirectional_prompt=loaded.prefix_lm, fmt=infill_format)
     return result
+
+
+class HeldoutProbe:
+    """Held-out code and prose loss during training (`train.eval_every`): the rows are tokenized once, then
+    every probe is a few forward passes with no randomness, so it never changes what training does next."""
+
+    def __init__(self, data_config, tokenizer, window: int, max_tokens: int, batch_size: int):
+        from ..data import heldout_documents
+
+        data_config = evaluation_data_config(data_config)
+        self.batch_size = batch_size
+        self.rows = {}
+        for kind in ("code", "nl"):
+            texts = [d.text for d in heldout_documents(data_config, kind=kind)]
+            rows = chunk_tokens(tokenizer.encode_batch(texts), tokenizer.eot_id, window, max_tokens) if texts else None
+            if rows is not None and len(rows):
+                self.rows[kind] = rows
+
+    @torch.no_grad()
+    def __call__(self, model, device, autocast) -> dict[str, float]:
+        """{"eval_code_loss": ..., "eval_nl_loss": ...} for the kinds the held-out split has."""
+        was_training = model.training
+        model.eval()
+        out = {}
+        try:
+            for kind, rows in self.rows.items():
+                total, count = 0.0, 0
+                for start in range(0, len(rows), self.batch_size):
+                    batch = rows[start: start + self.batch_size].to(device)
+                    with autocast:
+                        logits = model(batch[:, :-1])
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+                    total += float(loss)
+                    count += batch[:, 1:].numel()
+                out[f"eval_{kind}_loss"] = total / count
+        finally:
+            model.train(was_training)
+        return out
 
 
 def run_heldout(args: argparse.Namespace) -> int:
@@ -140,12 +254,15 @@ def run_heldout(args: argparse.Namespace) -> int:
 
     loaded = load_checkpoint(args.checkpoint, mp_num=getattr(args, "mp_num", None))
     run = Path(args.checkpoint)
+    infill_format = args.infill_format
     if is_run_directory(run):
         config = load_config(run / "config.toml")
         data_config, window = config.data, config.train.seq_len
+        infill_format = infill_format or default_infill_format(config.objective)
     else:
         data_config, window = DataConfig(), min(1024, loaded.config.n_ctx - 1)
-    result = evaluate_heldout(loaded, data_config, window, args.max_tokens, args.n_infill, args.batch_size)
+    result = evaluate_heldout(loaded, data_config, window, args.max_tokens, args.n_infill, args.batch_size,
+                              infill_format or "codegen2")
     if args.baseline:
         # The same shapes freshly initialised: the number training has to beat.
         from ..model import CodeGenModel
@@ -173,7 +290,9 @@ def summarize(result: dict) -> str:
         infill = result["infill"]
         hits = round(infill["exact_match"] * infill["tasks"])
         lines.append(f"single-line infill exact match on held-out code: {100 * infill['exact_match']:.1f}% "
-                     f"({hits}/{infill['tasks']})")
+                     f"({hits}/{infill['tasks']}, {infill.get('format', 'codegen2')} format)")
+    if "infill_loss" in result:
+        lines.append(f"single-line infill loss (masked line + <eom>): {result['infill_loss']['loss']:.3f}")
     return "\n".join(lines)
 
 
@@ -185,4 +304,6 @@ def register(eval_subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--mp-num", type=int, default=None)
     parser.add_argument("--baseline", action="store_true", help="also score an untrained model of the same shape")
+    parser.add_argument("--infill-format", choices=INFILL_FORMATS, default=None,
+                        help="infill prompt format (default: the one the run's objective trained, else codegen2)")
     parser.set_defaults(func=run_heldout)
