@@ -1,0 +1,174 @@
+"""The CodeGen2 lessons at small scale, in one command: train every arm for every seed, evaluate each on the
+held-out split, and write docs/lessons.md with its table and plots.
+
+    .venv/bin/python experiments/lessons/study.py            # the whole study (about 80 minutes on 2 cores)
+    .venv/bin/python experiments/lessons/study.py --report-only
+
+Arms are `experiments/lessons/arms/*.toml` over `common.toml`; each (arm, seed) is a normal `codegen2 train`
+run in RUN_ROOT/<arm>-seed<k>, evaluated by `codegen2 eval heldout` into its eval.json. Everything resumes:
+a finished run is skipped, a killed one continues from its last checkpoint. All arms share one tokenizer and
+one token cache (built first, in this process), so their losses are in the same units and two runs never
+write the same cache file at once. Each run gets one thread; `--jobs` runs go side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import report  # noqa: E402  (experiments/lessons/report.py)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class Arm:
+    name: str
+    description: str
+    overrides: list[str]  # `--set section.key=value` items
+
+
+def flatten_overrides(table: dict, section: str = "") -> list[str]:
+    """An arm's TOML tables as `--set` items (the arm file may only set keys of existing sections)."""
+    items = []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            items.extend(flatten_overrides(value, key))
+        elif section:
+            items.append(f"{section}.{key}={json.dumps(value)}")
+    return items
+
+
+def load_arms(names: list[str] | None = None) -> list[Arm]:
+    arms = []
+    for path in sorted((HERE / "arms").glob("*.toml")):
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+        arms.append(Arm(path.stem, values.pop("description", path.stem), flatten_overrides(values)))
+    if names:
+        known = {a.name for a in arms}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise SystemExit(f"error: unknown arm(s) {', '.join(unknown)}; arms: {', '.join(sorted(known))}")
+        arms = [a for a in arms if a.name in names]
+    return arms
+
+
+def shared_overrides(root: Path, steps: int | None) -> list[str]:
+    items = [f'tokenizer.path="{root / "shared" / "tokenizer.json"}"', f'data.cache_dir="{root / "cache"}"']
+    if steps is not None:
+        items += [f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 4)}",
+                  f"train.checkpoint_every={max(1, steps // 2)}", f"train.log_every={max(1, steps // 4)}",
+                  f"train.warmup_steps={max(1, steps // 10)}"]
+    return items
+
+
+def prepare_shared(root: Path, seeds: list[int], steps: int | None) -> None:
+    """Train the one tokenizer and fill the token cache for every seed before any run starts."""
+    from codegen2.config import load_config
+    from codegen2.data import prepare_data
+
+    shared = root / "shared"
+    shared.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        overrides = [f'data.cache_dir="{root / "cache"}"', f"train.seed={seed}"] + (
+            [f'tokenizer.path="{shared / "tokenizer.json"}"'] if (shared / "tokenizer.json").is_file() else [])
+        config = load_config(HERE / "common.toml", overrides=overrides)
+        prepare_data(config, shared)
+
+
+def codegen2_command() -> list[str]:
+    return [sys.executable, "-m", "codegen2.cli"]
+
+
+def run_one(root: Path, arm: Arm, seed: int, steps: int | None, n_infill: int, eval_tokens: int,
+            progress) -> dict:
+    """Train (or resume) and evaluate one (arm, seed); returns its timing record."""
+    run_dir = root / f"{arm.name}-seed{seed}"
+    eval_path = run_dir / "eval.json"
+    if eval_path.is_file():
+        progress(f"{run_dir.name}: already done")
+        return {"run": run_dir.name, "skipped": True}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    sets = [f"train.seed={seed}"] + arm.overrides + shared_overrides(root, steps)
+    train_cmd = codegen2_command() + ["train", "--config", str(HERE / "common.toml"), "--out", str(run_dir),
+                                      "--resume"] + [x for item in sets for x in ("--set", item)]
+    started = time.perf_counter()
+    with open(run_dir / "train.log", "a", encoding="utf-8") as log:
+        code = subprocess.run(train_cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        raise RuntimeError(f"{run_dir.name}: training failed (exit {code}); see {run_dir / 'train.log'}")
+    trained = time.perf_counter()
+    eval_cmd = codegen2_command() + ["eval", "heldout", "--checkpoint", str(run_dir), "--max-tokens",
+                                     str(eval_tokens), "--n-infill", str(n_infill)]
+    result = subprocess.run(eval_cmd, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{run_dir.name}: evaluation failed: {result.stderr.strip().splitlines()[-1:]}")
+    record = {"train_s": trained - started, "eval_s": time.perf_counter() - trained}
+    tmp = eval_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**json.loads(result.stdout), "timing": record}, indent=1), encoding="utf-8")
+    tmp.replace(eval_path)  # a run counts as done only once its evaluation is complete
+    progress(f"{run_dir.name}: trained in {record['train_s'] / 60:.1f} min, evaluated in {record['eval_s']:.0f} s | "
+             + result.stderr.strip().replace("\n", " | "))
+    return {"run": run_dir.name, **record}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/lessons", help="directory of the study's runs")
+    parser.add_argument("--seeds", default="1,2", help="comma-separated training seeds (at least 2 for a spread)")
+    parser.add_argument("--arms", default="", help="comma-separated subset of arms (default: all)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each)")
+    parser.add_argument("--steps", type=int, default=None, help="override train.max_steps (smoke tests)")
+    parser.add_argument("--n-infill", type=int, default=128, help="held-out single-line infill tasks")
+    parser.add_argument("--eval-tokens", type=int, default=100_000, help="held-out tokens per kind for the loss")
+    parser.add_argument("--doc", default="docs/lessons.md", help="report to write")
+    parser.add_argument("--plots", default="docs/lessons", help="directory for the PNG plots")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    args = parser.parse_args(argv)
+
+    root = Path(args.out).resolve()
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    arms = load_arms([a for a in args.arms.split(",") if a.strip()] or None)
+    started = time.perf_counter()
+    timing_path = root / "study.json"
+    if not args.report_only:
+        jobs = [(arm, seed) for seed in seeds for arm in arms]  # seed-major: a first full table comes early
+        done = [0]
+
+        def progress(message: str) -> None:
+            done[0] += 1 if "trained" in message or "already" in message else 0
+            print(f"[{done[0]}/{len(jobs)}] {message} ({(time.perf_counter() - started) / 60:.1f} min elapsed)",
+                  flush=True)
+
+        print(f"lessons study: {len(arms)} arms x {len(seeds)} seeds in {root}, {args.jobs} at a time", flush=True)
+        prepare_shared(root, seeds, args.steps)
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = [pool.submit(run_one, root, arm, seed, args.steps, args.n_infill, args.eval_tokens, progress)
+                       for arm, seed in jobs]
+            records = [f.result() for f in futures]
+        if not all(r.get("skipped") for r in records):
+            timing_path.write_text(json.dumps({"wall_s": time.perf_counter() - started, "jobs": args.jobs,
+                                               "runs": records, "argv": sys.argv[1:]}, indent=1), encoding="utf-8")
+    command = "python experiments/lessons/study.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+    report.write_report(root, [(a.name, a.description) for a in load_arms()], seeds, Path(args.doc),
+                        Path(args.plots), command)
+    print(f"wrote {args.doc} and plots in {args.plots}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
