@@ -7,6 +7,7 @@ valid ones) because a silently ignored typo in a training config wastes a whole 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from dataclasses import dataclass, field
@@ -246,12 +247,14 @@ def _build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
+    """`update` over `base` as a new nested dict: neither input is changed, and no table of the result is
+    shared with them (otherwise a later `--set` would write into PRESETS for the rest of the process)."""
+    out = copy.deepcopy(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
-            out[key] = value
+            out[key] = copy.deepcopy(value)
     return out
 
 
