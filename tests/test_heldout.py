@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from codegen2.data import Document
-from codegen2.eval.heldout import chunk_tokens, heldout_loss, single_line_tasks
+from codegen2.eval.heldout import (InfillTask, chunk_tokens, default_infill_format, evaluation_data_config,
+                                   heldout_loss, infill_loss, infill_prompt, single_line_tasks)
 from codegen2.model import CodeGenModel
 from codegen2.config import ModelConfig
 
@@ -42,3 +43,76 @@ def test_heldout_loss_equals_a_direct_cross_entropy():
     with torch.no_grad():
         direct = F.cross_entropy(model(rows[:, :-1]).flatten(0, 1), rows[:, 1:].flatten())
     assert abs(result["loss"] - float(direct)) < 1e-5
+
+
+def tiny_model(seed: int = 0) -> CodeGenModel:
+    torch.manual_seed(seed)
+    return CodeGenModel(ModelConfig(vocab_size=300, n_layer=2, n_embd=32, n_head=2, rotary_dim=8, n_ctx=128,
+                                    mp_num=1)).eval()
+
+
+def test_infill_prompts_follow_the_trained_layouts():
+    import numpy as np
+
+    from conftest import CharTokenizer
+    from codegen2.objectives import SpecialIds, fim_transform
+
+    tok = CharTokenizer()
+    prefix, suffix = tok.encode("def f(x):\n    "), tok.encode("\n    return y\n")
+    # CodeGen2 (DESIGN section 2): prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>
+    assert infill_prompt(tok, prefix, suffix, "codegen2") == (
+        prefix + [tok.mask_id(1)] + suffix + [tok.eot_id, tok.sep_id, tok.mask_id(1)])
+    # FIM PSM: the training transform's output up to and including <sep>, for a cut at the same places.
+    special = SpecialIds(eot=tok.eot_id, sep=tok.sep_id, eom=tok.eom_id, masks=tuple(tok.mask_id(k) for k in (1, 2)))
+    middle = tok.encode("y = x")
+    doc = np.array(prefix + middle + suffix)
+
+    class Cuts:  # the rng of fim_transform draws the two cut points
+        def integers(self, low, high, size):
+            return np.array([len(prefix), len(prefix) + len(middle)])
+
+    transformed = fim_transform(doc, Cuts(), special, spm=False).tolist()
+    sep = transformed.index(tok.sep_id)
+    assert infill_prompt(tok, prefix, suffix, "fim") == transformed[: sep + 1]
+    assert transformed[sep + 1:] == middle + [tok.eom_id]
+
+
+def test_infill_loss_equals_one_task_at_a_time():
+    from conftest import CharTokenizer
+
+    tok = CharTokenizer()
+    tasks = [InfillTask("a.py", "import os\n" * k, f"x_{k} = {k * 7}", "\nprint(x)\n" * (3 - k)) for k in range(3)]
+    for bidirectional in (False, True):
+        for fmt in ("codegen2", "fim"):
+            model = tiny_model()
+            batched = infill_loss(model, tok, tasks, context_tokens=60, batch_size=2, bidirectional_prompt=bidirectional,
+                                  fmt=fmt)
+            total, count = 0.0, 0
+            for task in tasks:  # no padding, no batching: the whole sequence scored directly
+                prompt = infill_prompt(tok, tok.encode(task.prefix)[-36:], tok.encode(task.suffix)[:24], fmt)
+                target = tok.encode(task.line) + [tok.eom_id]
+                ids = torch.tensor([prompt + target])
+                kwargs = {"prefix_len": torch.tensor([len(prompt)])} if bidirectional else {}
+                with torch.no_grad():
+                    logits = model(ids, **kwargs)[0, len(prompt) - 1: -1]
+                total += float(F.cross_entropy(logits, torch.tensor(target), reduction="sum"))
+                count += len(target)
+            assert batched["tokens"] == count
+            assert abs(batched["loss"] - total / count) < 1e-5, (bidirectional, fmt)
+
+
+def test_every_mixture_is_scored_on_the_same_heldout_files():
+    from codegen2.config import DataConfig, ObjectiveConfig
+    from codegen2.data import heldout_documents
+
+    code_only = evaluation_data_config(DataConfig(embedded_code_weight=1.0, embedded_nl_weight=0.0, embedded_max_files=40,
+                                                  heldout_fraction=0.2))
+    prose_only = evaluation_data_config(DataConfig(embedded_code_weight=0.0, embedded_nl_weight=1.0, embedded_max_files=40,
+                                                   heldout_fraction=0.2))
+    for kind in ("code", "nl"):
+        a = [d.path for d in heldout_documents(code_only, kind=kind)]
+        b = [d.path for d in heldout_documents(prose_only, kind=kind)]
+        assert a and a == b
+    assert default_infill_format(ObjectiveConfig(span_rate=0.0, fim_rate=0.5)) == "fim"
+    assert default_infill_format(ObjectiveConfig(span_rate=0.5)) == "codegen2"
+    assert default_infill_format(ObjectiveConfig(span_rate=0.0)) == "codegen2"

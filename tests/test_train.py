@@ -77,3 +77,32 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
 def test_cli_info_prints_exact_parameter_counts():
     out = run_cli("info", "--preset", "16b")
     assert out.returncode == 0 and "16,032,155,648" in out.stdout
+
+
+def test_eval_every_logs_heldout_loss_without_changing_training(tiny_config, tmp_path):
+    from codegen2.data import heldout_documents
+    from codegen2.eval.heldout import heldout_loss
+    from codegen2.loading import load_checkpoint
+
+    settings = {"train.eval_every": 4, "train.eval_tokens": 300, "train.log_every": 3}
+    probed_config = tiny_config(**settings)
+    probed_config.data.heldout_fraction = 0.3
+    plain_config = tiny_config(**{"train.log_every": 3})
+    plain_config.data.heldout_fraction = 0.3
+    train(probed_config, tmp_path / "probed")
+    train(plain_config, tmp_path / "plain")
+
+    records = [json.loads(line) for line in (tmp_path / "probed" / "log.jsonl").read_text().splitlines()]
+    evaluated = [r["step"] for r in records if "eval_code_loss" in r]
+    assert evaluated == [4, 6]  # every 4 steps and at the end
+    assert [r["step"] for r in records if "loss" in r] == [1, 3, 6]
+    a = load_weights(latest_checkpoint(tmp_path / "probed") / WEIGHTS)
+    b = load_weights(latest_checkpoint(tmp_path / "plain") / WEIGHTS)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # evaluating never changes what training does
+
+    loaded = load_checkpoint(tmp_path / "probed")
+    texts = [d.text for d in heldout_documents(probed_config.data, kind="code")]
+    assert texts
+    direct = heldout_loss(loaded.model, loaded.tokenizer, texts, window=probed_config.train.seq_len,
+                          max_tokens=300, batch_size=probed_config.train.micro_batch_size)
+    assert abs(records[-1]["eval_code_loss"] - direct["loss"]) < 1e-5

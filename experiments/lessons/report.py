@@ -156,8 +156,8 @@ def lesson_sentences(by_name: dict[str, ArmResult]) -> dict[int, str]:
                   + f" and infill exact match {100 * base.mean('infill_em'):.1f}% vs {100 * causal.mean('infill_em'):.1f}%.")
     span = by_name.get("span_only")
     if base and causal and span:
-        left = _recovered(causal, span, base, "code")
-        infill = _recovered(span, causal, base, "infill_loss")
+        left = _recovered(span, causal, base, "code")  # span-only is the worst left to right, causal-only the best
+        infill = _recovered(causal, span, base, "infill_loss")  # and the other way round for infilling
         enough = left >= 0.5 and infill >= 0.5
         verdict = ("reproduces: the 50/50 mixture keeps most of both skills" if enough else
                    "does not reproduce: the 50/50 mixture gives up more than half of one skill")
@@ -274,6 +274,7 @@ def write_report(root: Path, arms: list[tuple[str, str]], seeds: list[int], doc:
     by_name = {a.name: a for a in results}
     sentences = lesson_sentences(by_name)
     study = json.loads((root / "study.json").read_text()) if (root / "study.json").is_file() else {}
+    sessions = study.get("sessions", [study] if "wall_s" in study else [])  # (one-session layout of earlier versions)
     run = results[0].runs[0]
     shape = _run_shape(root / f"{results[0].name}-seed{run['seed']}" / "config.toml")
     notes_path = Path(__file__).resolve().parent / "notes.md"
@@ -303,8 +304,10 @@ def write_report(root: Path, arms: list[tuple[str, str]], seeds: list[int], doc:
         f"infill format it trained (`[codegen2]` sentinels, or `[fim]` PSM); `causal_only` never saw either.",
         "",
         f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, one thread per run, "
-        f"{study.get('jobs', '?')} runs side by side; torch {torch_version}; {date.today().isoformat()}."
-        + (f" Wall time of the whole study: {study['wall_s'] / 60:.0f} minutes." if "wall_s" in study else ""),
+        f"{sessions[-1]['jobs'] if sessions else '?'} runs side by side; torch {torch_version}; "
+        f"{date.today().isoformat()}."
+        + (f" Wall time of the whole study: {sum(s['wall_s'] for s in sessions) / 60:.0f} minutes"
+           f"{f' (in {len(sessions)} sessions)' if len(sessions) > 1 else ''}." if sessions else ""),
         "",
         "## Results (mean over seeds, min–max in brackets)",
         "",

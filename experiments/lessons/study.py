@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -66,16 +67,17 @@ def load_arms(names: list[str] | None = None) -> list[Arm]:
     return arms
 
 
-def shared_overrides(root: Path, steps: int | None) -> list[str]:
+def shared_overrides(root: Path, steps: int | None, extra: list[str]) -> list[str]:
+    """Overrides every run gets: the shared tokenizer and cache, a shorter schedule for --steps, then --set."""
     items = [f'tokenizer.path="{root / "shared" / "tokenizer.json"}"', f'data.cache_dir="{root / "cache"}"']
     if steps is not None:
         items += [f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 4)}",
                   f"train.checkpoint_every={max(1, steps // 2)}", f"train.log_every={max(1, steps // 4)}",
                   f"train.warmup_steps={max(1, steps // 10)}"]
-    return items
+    return items + extra
 
 
-def prepare_shared(root: Path, seeds: list[int], steps: int | None) -> None:
+def prepare_shared(root: Path, seeds: list[int], extra: list[str]) -> None:
     """Train the one tokenizer and fill the token cache for every seed before any run starts."""
     from codegen2.config import load_config
     from codegen2.data import prepare_data
@@ -83,7 +85,7 @@ def prepare_shared(root: Path, seeds: list[int], steps: int | None) -> None:
     shared = root / "shared"
     shared.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
-        overrides = [f'data.cache_dir="{root / "cache"}"', f"train.seed={seed}"] + (
+        overrides = [f'data.cache_dir="{root / "cache"}"', f"train.seed={seed}"] + extra + (
             [f'tokenizer.path="{shared / "tokenizer.json"}"'] if (shared / "tokenizer.json").is_file() else [])
         config = load_config(HERE / "common.toml", overrides=overrides)
         prepare_data(config, shared)
@@ -93,8 +95,8 @@ def codegen2_command() -> list[str]:
     return [sys.executable, "-m", "codegen2.cli"]
 
 
-def run_one(root: Path, arm: Arm, seed: int, steps: int | None, n_infill: int, eval_tokens: int,
-            progress) -> dict:
+def run_one(root: Path, arm: Arm, seed: int, steps: int | None, extra: list[str], n_infill: int,
+            eval_tokens: int, progress) -> dict:
     """Train (or resume) and evaluate one (arm, seed); returns its timing record."""
     run_dir = root / f"{arm.name}-seed{seed}"
     eval_path = run_dir / "eval.json"
@@ -103,7 +105,7 @@ def run_one(root: Path, arm: Arm, seed: int, steps: int | None, n_infill: int, e
         return {"run": run_dir.name, "skipped": True}
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    sets = [f"train.seed={seed}"] + arm.overrides + shared_overrides(root, steps)
+    sets = [f"train.seed={seed}"] + arm.overrides + shared_overrides(root, steps, extra)
     train_cmd = codegen2_command() + ["train", "--config", str(HERE / "common.toml"), "--out", str(run_dir),
                                       "--resume"] + [x for item in sets for x in ("--set", item)]
     started = time.perf_counter()
@@ -133,11 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", default="", help="comma-separated subset of arms (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each)")
     parser.add_argument("--steps", type=int, default=None, help="override train.max_steps (smoke tests)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override for every run (after the arm's own), e.g. train.device=\"cuda\"")
     parser.add_argument("--n-infill", type=int, default=128, help="held-out single-line infill tasks")
     parser.add_argument("--eval-tokens", type=int, default=100_000, help="held-out tokens per kind for the loss")
     parser.add_argument("--doc", default="docs/lessons.md", help="report to write")
     parser.add_argument("--plots", default="docs/lessons", help="directory for the PNG plots")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
 
     root = Path(args.out).resolve()
@@ -155,15 +160,21 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
 
         print(f"lessons study: {len(arms)} arms x {len(seeds)} seeds in {root}, {args.jobs} at a time", flush=True)
-        prepare_shared(root, seeds, args.steps)
+        prepare_shared(root, seeds, args.set)
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = [pool.submit(run_one, root, arm, seed, args.steps, args.n_infill, args.eval_tokens, progress)
-                       for arm, seed in jobs]
+            futures = [pool.submit(run_one, root, arm, seed, args.steps, args.set, args.n_infill, args.eval_tokens,
+                                   progress) for arm, seed in jobs]
             records = [f.result() for f in futures]
         if not all(r.get("skipped") for r in records):
-            timing_path.write_text(json.dumps({"wall_s": time.perf_counter() - started, "jobs": args.jobs,
-                                               "runs": records, "argv": sys.argv[1:]}, indent=1), encoding="utf-8")
-    command = "python experiments/lessons/study.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+            # A study resumed after a kill is several sessions; the report adds up their wall times.
+            previous = json.loads(timing_path.read_text()) if timing_path.is_file() else {"sessions": []}
+            session = {"wall_s": time.perf_counter() - started, "jobs": args.jobs, "runs": records, "argv": argv}
+            timing_path.write_text(json.dumps({"sessions": previous.get("sessions", []) + [session]}, indent=1),
+                                   encoding="utf-8")
+    if args.report_only and timing_path.is_file():  # the command that made the runs, not this one
+        saved = json.loads(timing_path.read_text())
+        argv = saved["sessions"][-1]["argv"] if "sessions" in saved else saved.get("argv", argv)
+    command = " ".join(["python experiments/lessons/study.py", *map(shlex.quote, argv)])
     report.write_report(root, [(a.name, a.description) for a in load_arms()], seeds, Path(args.doc),
                         Path(args.plots), command)
     print(f"wrote {args.doc} and plots in {args.plots}", flush=True)
