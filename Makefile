@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 CG := $(VENV)/bin/codegen2
 RUN_DIR ?= runs/tiny
 
-.PHONY: run test install install-dev clean
+.PHONY: run test lessons install install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ run: $(VENV)/.core-installed
 	$(CG) infill --checkpoint $(RUN_DIR) --max-new-tokens 32 --show-full \
 		--prefix $$'def mean(values):\n    total = 0\n    for value in values:\n' \
 		--suffix $$'\n    return total / len(values)\n'
+
+# The CodeGen2 lessons at small scale: 7 arms x 2 seeds, then docs/lessons.md (resumable; about 1.5 hours).
+lessons: $(VENV)/.core-installed
+	$(PY) -m pip install -q -e ".[viz]"
+	$(PY) experiments/lessons/study.py
 
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest -p no:cacheprovider

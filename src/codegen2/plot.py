@@ -11,6 +11,7 @@ from pathlib import Path
 from .errors import UserError
 
 LOSS_KEYS = ("loss", "loss_causal", "loss_span", "loss_fim")
+HELDOUT_KEYS = {"eval_code_loss": "held-out code", "eval_nl_loss": "held-out prose"}  # train.eval_every
 
 
 def read_log(run_dir: str | Path) -> list[dict]:
@@ -57,6 +58,10 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         if steps:
             ax.plot(steps, values, label=key.replace("loss_", "") if key != "loss" else "all",
                     linewidth=2 if key == "loss" else 1)
+    for key, label in HELDOUT_KEYS.items():
+        steps, values = _series(records, key)
+        if steps:
+            ax.plot(steps, values, label=label, linestyle="--", marker="o", markersize=3)
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=f"loss: {Path(run_dir).name}")
     ax.grid(alpha=0.3)
     ax.legend()
