@@ -4,7 +4,9 @@ For each shape and batch size: 64-token prompts (random ids, seeded), then exact
 (no early stop) in every engine, fp32 on CPU. transformers runs the HF twin of the codegen2 model;
 CTranslate2 (if the `ctranslate2` package is installed) runs the same weights converted from that twin's
 saved directory with its own converter. codegen2 runs `generate_ids` on a model switched to its inference
-weight layout (`CodeGenModel.use_decode_layout`: same values, input-major memory order). The greedy tokens of the engines are compared (they should
+weight layout (`CodeGenModel.use_decode_layout`: same values, input-major memory order) with each of its
+decoders: "model" (the model's forward with a KV cache), "fast" (`decode.FastDecoder`, eager) and
+"compiled" (the same step under torch.compile; its one-time compile is timed and printed separately). The greedy tokens of the engines are compared (they should
 agree: same weights, same arithmetic up to rounding), then runs alternate between engines; the table
 gives the median new tokens/s, the range over runs and the ratios of medians.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -67,7 +70,7 @@ def ct2_generator(hf_model, threads: int, workdir: Path):
                                  intra_threads=threads or torch.get_num_threads())
 
 
-def run_shape(shape: str, batches: list[int], repeats: int, threads: int, use_ct2: bool) -> None:
+def run_shape(shape: str, batches: list[int], repeats: int, threads: int, use_ct2: bool, compiled: bool) -> None:
     cfg = model_config(shape)
     ours = build_ours(cfg).eval()
     theirs = hf_twin(ours).eval()
@@ -84,8 +87,9 @@ def run_shape(shape: str, batches: list[int], repeats: int, threads: int, use_ct
             generator = torch.Generator().manual_seed(batch)
             prompts = torch.randint(0, cfg.vocab_size - 4, (batch, PROMPT_TOKENS), generator=generator)
 
-            def run_ours() -> list[list[int]]:
-                return [c.token_ids for c in generate_ids(ours, tokenizer, prompts.tolist(), params, stop_ids=())]
+            def run_ours(decoder: str = "model") -> list[list[int]]:
+                return [c.token_ids for c in generate_ids(ours, tokenizer, prompts.tolist(), params, stop_ids=(),
+                                                          decoder=decoder)]
 
             def run_transformers() -> list[list[int]]:
                 with torch.inference_mode():
@@ -104,10 +108,18 @@ def run_shape(shape: str, batches: list[int], repeats: int, threads: int, use_ct
 
                 contenders["ctranslate2"] = run_ct2
             contenders["codegen2"] = run_ours
+            contenders["codegen2 fast"] = lambda: run_ours("fast")
+            if compiled:
+                contenders["codegen2 compiled"] = lambda: run_ours("compiled")
 
             reference = run_ours()
             agreement = []
             for name, run in contenders.items():
+                if name == "codegen2 compiled":
+                    began = time.perf_counter()
+                    other = run()  # compiles the decode step for this batch size and capacity
+                    print(f"-- batch {batch}: compiling the decode step and one generation took "
+                          f"{time.perf_counter() - began:.1f} s")
                 if name != "codegen2":
                     other = run()
                     same = sum(a == b for x, y in zip(reference, other) for a, b in zip(x, y))
@@ -119,12 +131,13 @@ def run_shape(shape: str, batches: list[int], repeats: int, threads: int, use_ct
             for name, summary in results.items():
                 print(f"{name:<16}{str(summary.rate(tokens)):>32}{spread(summary):>9}"
                       f"{1e3 * summary.median / NEW_TOKENS:>9.2f}")
-            ours_rate = results["codegen2"].rate(tokens).median
-            print(ratio_line("codegen2 / transformers", results["transformers"].rate(tokens).median, ours_rate,
-                             TARGET_VS_TRANSFORMERS))
-            if "ctranslate2" in results:
-                print(ratio_line("codegen2 / ctranslate2", results["ctranslate2"].rate(tokens).median, ours_rate,
-                                 TARGET_VS_CT2))
+            for ours_name in [n for n in results if n.startswith("codegen2")]:
+                ours_rate = results[ours_name].rate(tokens).median
+                print(ratio_line(f"{ours_name} / transformers", results["transformers"].rate(tokens).median,
+                                 ours_rate, TARGET_VS_TRANSFORMERS))
+                if "ctranslate2" in results:
+                    print(ratio_line(f"{ours_name} / ctranslate2", results["ctranslate2"].rate(tokens).median,
+                                     ours_rate, TARGET_VS_CT2))
         infill_latency(ours, theirs, tokenizer, repeats)
 
 
@@ -160,11 +173,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per engine (median reported)")
     parser.add_argument("--threads", type=int, default=0, help="torch and CTranslate2 threads (0: torch's default)")
     parser.add_argument("--no-ct2", action="store_true", help="leave CTranslate2 out")
+    parser.add_argument("--no-compile", action="store_true", help="leave the compiled decode step out")
     args = parser.parse_args()
     parse_threads(args.threads)
     print(machine_line())
     for shape in args.shapes.split(","):
-        run_shape(shape, [int(b) for b in args.batches.split(",")], args.repeats, args.threads, not args.no_ct2)
+        run_shape(shape, [int(b) for b in args.batches.split(",")], args.repeats, args.threads, not args.no_ct2,
+                  not args.no_compile)
 
 
 if __name__ == "__main__":

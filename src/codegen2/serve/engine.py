@@ -417,7 +417,8 @@ class BatchEngine:
         cache.valid[:, :longest] = valid
         cache.has_padding = bool((~valid).any())
         prefix_len = torch.full((batch,), longest, device=self.device) if self.bidirectional_prompt else None
-        logits = self.model(input_ids, position_ids=positions, prefix_len=prefix_len, cache=cache)[:, -1]
+        logits = self.model(input_ids, position_ids=positions, prefix_len=prefix_len, cache=cache,
+                            last_only=True)[:, -1]
         return cache, logits, positions[:, -1] + 1
 
     def _place_in_dead_slots(self, new: list[_Row], fresh: KVCache, logits: torch.Tensor,
