@@ -180,10 +180,15 @@ class FastDecoder:
                               self.values, self.valid, self.shape)
             self.compile_seconds = time.perf_counter() - began
             self._warm = True
-        else:
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=self.compile):
+        elif self.compile:
+            # The graph was specialised on these very tensors (shapes, dtypes, devices): skipping dynamo's
+            # guard checks saves ~0.2 ms per step, a tenth of a tiny model's step.
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 logits = self._fn(self.weights, self.head, self.rotary, tokens, self.pos, self.col, self.keys,
                                   self.values, self.valid, self.shape)
+        else:
+            logits = decode_step(self.weights, self.head, self.rotary, tokens, self.pos, self.col, self.keys,
+                                 self.values, self.valid, self.shape)
         self.col += 1
         self.pos += 1
         self.length += 1

@@ -1,0 +1,157 @@
+"""Inference fast paths: decode weight layout in the loaders, fused FastDecoder, the compiled decode step.
+
+References: the model's own forward (full sequence, no cache), a naive greedy loop of full forward passes,
+the "model" decoder of `generate_ids`, and transformers' CodeGenForCausalLM on the same weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from codegen2.checkpoint import write_checkpoint
+from codegen2.config import Config, ModelConfig, TokenizerConfig, TrainConfig, save_config
+from codegen2.decode import FastDecoder, capacity_bucket
+from codegen2.loading import load_checkpoint
+from codegen2.model import CodeGenModel, KVCache
+from codegen2.sampling import SamplingParams, generate_ids
+from conftest import CharTokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matmuls on a shared 2-core machine run far faster on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_model(**shape) -> CodeGenModel:
+    torch.manual_seed(3)
+    cfg = dict(vocab_size=300, n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_ctx=256, mp_num=2)
+    return CodeGenModel(ModelConfig(**{**cfg, **shape})).eval()
+
+
+def naive_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("shape", [{}, {"rotary_dim": 16, "mp_num": 4}])
+def test_fast_decoder_logits_equal_a_full_forward_pass(shape):
+    model = small_model(**shape)
+    ids = torch.randint(0, 300, (3, 30))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model.config, 3, 10)
+        model(ids[:, :10], cache=cache)
+        decoder = FastDecoder(model, 3, 40)
+        decoder.start(cache, torch.full((3,), 10))
+        for t in range(10, 30):
+            assert (decoder.step(ids[:, t]) - full[:, t]).abs().max() <= 2e-5
+        # Fusing re-points the model's weights at the fused buffers: its own forward is unchanged.
+        assert torch.equal(model(ids), full)
+
+
+def test_fast_decoder_handles_left_padding_and_early_stops():
+    model, tok = small_model(), CharTokenizer()
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42]]
+    out = generate_ids(model, tok, prompts, SamplingParams(max_new_tokens=12), decoder="fast")
+    for prompt, completion in zip(prompts, out):
+        assert completion.token_ids == naive_greedy(model, prompt, 12)
+    # A stop id met by some rows only: the others go on exactly as the reference decoder does.
+    stop = out[1].token_ids[4]
+    ref = generate_ids(model, tok, prompts, SamplingParams(max_new_tokens=12), stop_ids=[stop])
+    fast = generate_ids(model, tok, prompts, SamplingParams(max_new_tokens=12), stop_ids=[stop], decoder="fast")
+    assert [c.token_ids for c in fast] == [c.token_ids for c in ref]
+    assert [c.finish_reason for c in fast] == [c.finish_reason for c in ref]
+    assert "stop" in [c.finish_reason for c in fast]
+
+
+def test_seeded_sampling_is_the_same_in_every_decoder():
+    model, tok = small_model(), CharTokenizer()
+    params = SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=11)
+    prompts = [[10, 11, 12], [50, 60]]
+    ref = [c.token_ids for c in generate_ids(model, tok, prompts, params)]
+    assert [c.token_ids for c in generate_ids(model, tok, prompts, params, decoder="fast")] == ref
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        generate_ids(model, tok, prompts, params, decoder="jit")
+
+
+def test_capacity_bucket():
+    assert capacity_bucket(100, 2048) == 128
+    assert capacity_bucket(128, 2048) == 128
+    assert capacity_bucket(200, 256) == 256
+    assert capacity_bucket(300, 256) == 300  # past the context: exactly what is needed
+
+
+def test_compiled_decode_step_gives_transformers_greedy_tokens():
+    """One compiled graph for all steps; greedy tokens equal transformers' generate and the eager decoders."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(5)
+    cfg = ModelConfig(vocab_size=320, n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_ctx=128, mp_num=4)
+    model = CodeGenModel(cfg).eval()
+    hf = transformers.CodeGenForCausalLM(transformers.CodeGenConfig(
+        vocab_size=320, n_positions=128, n_ctx=128, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)).eval()
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(name.endswith("embed_positions") for name in missing)
+    prompts = torch.randint(0, 316, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=20,
+                          min_new_tokens=20, pad_token_id=0)[:, 9:].tolist()
+    tok, params = CharTokenizer(), SamplingParams(max_new_tokens=20)
+    for decoder in ("model", "fast", "compiled"):
+        out = generate_ids(model, tok, prompts.tolist(), params, decoder=decoder)
+        assert [c.token_ids for c in out] == ref, decoder
+    # The same shapes again: no recompilation (the graph is reused), still the same tokens.
+    again = generate_ids(model, tok, prompts.tolist(), params, decoder="compiled")
+    assert [c.token_ids for c in again] == ref
+
+
+def _run_dir(directory: Path) -> Path:
+    from codegen2.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer([Path(torch.__file__).read_text(encoding="utf-8")], vocab_size=512, num_masks=4)
+    config = Config(model=ModelConfig(vocab_size=512, n_layer=2, n_embd=64, n_head=4, rotary_dim=16, n_ctx=64,
+                                      mp_num=2),
+                    tokenizer=TokenizerConfig(vocab_size=512, num_masks=4), train=TrainConfig(seq_len=32))
+    torch.manual_seed(0)
+    directory.mkdir(parents=True)
+    save_config(config, directory / "config.toml")
+    tokenizer.save(directory)
+    write_checkpoint(directory, 0, CodeGenModel(config.model).state_dict(), {"tokens_seen": 0})
+    return directory
+
+
+def test_inference_loading_uses_the_decode_layout_and_keeps_the_state_dict(tmp_path):
+    run = _run_dir(tmp_path / "run")
+    plain = load_checkpoint(run, inference=False).model
+    loaded = load_checkpoint(run).model
+    assert plain.lm_head.weight.is_contiguous() and not loaded.lm_head.weight.is_contiguous()
+    ids = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        assert (loaded(ids) - plain(ids)).abs().max() <= 1e-5
+        FastDecoder(loaded, 1, 16)  # fuses the block weights in place
+        assert (loaded(ids) - plain(ids)).abs().max() <= 1e-5
+    state = loaded.state_dict()
+    for name, value in plain.state_dict().items():
+        assert torch.equal(state[name], value), name
+    # Trained after all that, it follows the plain model step for step (same values, only strides differ).
+    for model in (plain, loaded):
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(ids).logsumexp(-1).mean().backward()
+            optimizer.step()
+    state = loaded.state_dict()
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
