@@ -189,22 +189,22 @@ def generate_ids(
 
 
 def generate(model, tokenizer, prompts: list[str], params: SamplingParams, seeds: Sequence[int] | None = None,
-             bidirectional_prompt: bool = False) -> list[str]:
+             bidirectional_prompt: bool = False, decoder: str = "model") -> list[str]:
     """Completions (text after the prompt, cut at the first stop string or end of text)."""
     ids = [tokenizer.encode(p) for p in prompts]
     if any(not p for p in ids):
         ids = [p or [tokenizer.eot_id] for p in ids]
     done = generate_ids(model, tokenizer, ids, params, stop_ids=[tokenizer.eot_id], seeds=seeds,
-                        bidirectional_prompt=bidirectional_prompt)
+                        bidirectional_prompt=bidirectional_prompt, decoder=decoder)
     return [c.text for c in done]
 
 
 def infill(model, tokenizer, prefixes: list[str], suffixes: list[str], params: SamplingParams,
-           seeds: Sequence[int] | None = None, bidirectional_prompt: bool = False) -> list[str]:
+           seeds: Sequence[int] | None = None, bidirectional_prompt: bool = False, decoder: str = "model") -> list[str]:
     """Middles for (prefix, suffix) pairs in CodeGen2's format; the middle ends at <eom>."""
     if len(prefixes) != len(suffixes):
         raise ValueError("infill needs as many suffixes as prefixes")
     ids = [infill_prompt_ids(tokenizer, p, s) for p, s in zip(prefixes, suffixes)]
     done = generate_ids(model, tokenizer, ids, params, stop_ids=[tokenizer.eom_id, tokenizer.eot_id], seeds=seeds,
-                        bidirectional_prompt=bidirectional_prompt)
+                        bidirectional_prompt=bidirectional_prompt, decoder=decoder)
     return [c.text for c in done]
