@@ -76,16 +76,16 @@ def test_humaneval_command_samples_scores_and_reports(tmp_path, capsys, monkeypa
     monkeypatch.setattr("codegen2.loading.load_checkpoint", lambda *a, **k: tiny_loaded())
     seen = {}
 
-    def canonical(loaded, params):
-        seen["stop"] = params.stop
+    def canonical(loaded, params, decoder="model"):
+        seen["stop"], seen["decoder"] = params.stop, decoder
         return lambda tasks, seeds: [problems[t["task_id"]]["canonical_solution"] for t in tasks]
 
     monkeypatch.setattr(generation, "left_to_right", canonical)
     out = tmp_path / "run"
     code, stdout, _ = run_cli(["eval", "humaneval", "--checkpoint", "x", "--out", str(out), "--limit", "3",
                                "--n", "2", "--temperature", "0.8", "--k", "1,2,10", "--workers", "2",
-                               "--no-progress", "--device", "cpu"], capsys)
-    assert code == 0 and seen["stop"] == generation.HUMANEVAL_STOP
+                               "--no-progress", "--device", "cpu", "--decoder", "fast"], capsys)
+    assert code == 0 and seen["stop"] == generation.HUMANEVAL_STOP and seen["decoder"] == "fast"
     assert json.loads(stdout.strip().splitlines()[-1]) == {"pass@1": 1.0, "pass@2": 1.0}
     samples = [row for _, row in read_jsonl(out / "samples.jsonl")]
     assert [s["task_id"] for s in samples] == ["HumanEval/0"] * 2 + ["HumanEval/1"] * 2 + ["HumanEval/2"] * 2
@@ -98,7 +98,7 @@ def test_humaneval_command_samples_scores_and_reports(tmp_path, capsys, monkeypa
 def test_infill_command_with_canonical_middles(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("codegen2.loading.load_checkpoint", lambda *a, **k: tiny_loaded())
     monkeypatch.setattr(generation, "infill_middle",
-                        lambda loaded, params: lambda tasks, seeds: [t["canonical_solution"] for t in tasks])
+                        lambda loaded, params, decoder: lambda tasks, seeds: [t["canonical_solution"] for t in tasks])
     code, stdout, _ = run_cli(["eval", "infill-multi", "--checkpoint", "x", "--out", str(tmp_path), "--limit", "4",
                                "--workers", "2", "--no-progress", "--device", "cpu"], capsys)
     assert code == 0 and json.loads(stdout.strip().splitlines()[-1]) == {"pass@1": 1.0}
@@ -139,3 +139,6 @@ def test_samplers_drive_the_real_model():
     assert got == [generation.truncate_at_stop(t, ("\n",)) for t in direct]
     middles = generation.infill_middle(loaded, params)([task], [3])
     assert middles == infill(loaded.model, loaded.tokenizer, [task["prompt"]], [task["suffix"]], params, seeds=[3])
+    # The fused fast decoder samples the same tokens from the same seeds.
+    assert generation.left_to_right(loaded, params, decoder="fast")([problem, problem], [5, 6]) == got
+    assert generation.infill_middle(loaded, params, decoder="fast")([task], [3]) == middles

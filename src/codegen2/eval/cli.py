@@ -59,6 +59,9 @@ def _generation_args(p: argparse.ArgumentParser, n: int, max_new_tokens: int) ->
     p.add_argument("--top-k", type=int, default=0, dest="top_k", help="0 = off")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, dest="max_new_tokens")
     p.add_argument("--batch-size", type=int, default=8, dest="batch_size")
+    p.add_argument("--decoder", choices=["model", "fast", "compiled"], default="model",
+                   help="token-by-token decoding: the model's forward (default), the fused fast step, or that step "
+                        "compiled once per batch shape (10-40 s each; worth it for full benchmark runs on CPU)")
     p.add_argument("--seed", type=int, default=0, help="sample j of task i uses seed + i*n + j")
     p.add_argument("--limit", type=int, help="only the first N tasks (quick runs)")
     p.add_argument("--mp-num", type=int, dest="mp_num", help="qkv groups of a Hugging Face checkpoint (default: detect)")
@@ -145,7 +148,7 @@ def cmd_humaneval(args) -> int:
     infilling = args.benchmark in _INFILL_BENCHMARKS
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, stop=() if infilling else HUMANEVAL_STOP, seed=args.seed)
-    complete = infill_middle(loaded, params) if infilling else left_to_right(loaded, params)
+    complete = (infill_middle if infilling else left_to_right)(loaded, params, decoder=args.decoder)
     started = time.perf_counter()
     rows = sample_tasks(tasks, args.n, complete, batch_size=args.batch_size, seed=args.seed,
                         progress=not args.no_progress)

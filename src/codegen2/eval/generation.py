@@ -52,25 +52,28 @@ def sample_tasks(tasks: Sequence[dict], n: int, complete: CompleteFn, *, batch_s
     return rows
 
 
-def left_to_right(loaded, params) -> CompleteFn:
-    """Complete each task's prompt with `codegen2.sampling.generate`, cut at the HumanEval stops."""
+def left_to_right(loaded, params, decoder: str = "model") -> CompleteFn:
+    """Complete each task's prompt with `codegen2.sampling.generate`, cut at the HumanEval stops.
+
+    `decoder` is passed through ("compiled" pays its one compile per batch shape back over a whole benchmark)."""
     from ..sampling import generate
 
     def complete(tasks: Sequence[dict], seeds: Sequence[int]) -> list[str]:
         texts = generate(loaded.model, loaded.tokenizer, [t["prompt"] for t in tasks], params, seeds=list(seeds),
-                         bidirectional_prompt=getattr(loaded, "prefix_lm", False))
+                         bidirectional_prompt=getattr(loaded, "prefix_lm", False), decoder=decoder)
         return [truncate_at_stop(text, params.stop) for text in texts]
 
     return complete
 
 
-def infill_middle(loaded, params) -> CompleteFn:
+def infill_middle(loaded, params, decoder: str = "model") -> CompleteFn:
     """Fill each task's hole between prompt and suffix with `codegen2.sampling.infill` (CodeGen2 format:
     prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>, middle ends at <eom>)."""
     from ..sampling import infill
 
     def complete(tasks: Sequence[dict], seeds: Sequence[int]) -> list[str]:
         return infill(loaded.model, loaded.tokenizer, [t["prompt"] for t in tasks], [t["suffix"] for t in tasks],
-                      params, seeds=list(seeds), bidirectional_prompt=getattr(loaded, "prefix_lm", False))
+                      params, seeds=list(seeds), bidirectional_prompt=getattr(loaded, "prefix_lm", False),
+                      decoder=decoder)
 
     return complete
