@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from codegen2.data import Document
-from codegen2.eval.heldout import (InfillTask, chunk_tokens, default_infill_format, evaluation_data_config,
+from codegen2.eval.heldout import (InfillTask, chunk_tokens, completion_loss, default_infill_format, evaluation_data_config,
                                    heldout_loss, infill_loss, infill_prompt, single_line_tasks)
 from codegen2.model import CodeGenModel
 from codegen2.config import ModelConfig
@@ -116,3 +116,23 @@ def test_every_mixture_is_scored_on_the_same_heldout_files():
     assert default_infill_format(ObjectiveConfig(span_rate=0.0, fim_rate=0.5)) == "fim"
     assert default_infill_format(ObjectiveConfig(span_rate=0.5)) == "codegen2"
     assert default_infill_format(ObjectiveConfig(span_rate=0.0)) == "codegen2"
+
+
+def test_completion_loss_scores_the_second_half_given_the_first():
+    model = tiny_model()
+    texts = [d.text for d in docs()]
+    rows = chunk_tokens(ByteTokenizer().encode_batch(texts), 256, 32, 200)
+    for bidirectional in (False, True):
+        result = completion_loss(model, ByteTokenizer(), texts, window=32, max_tokens=200, batch_size=4,
+                                 bidirectional=bidirectional)
+        losses = []
+        for row in rows:  # one window at a time (the prefix-LM mask itself is checked in test_masks.py)
+            with torch.no_grad():
+                logits = model(row[None, :-1], prefix_len=torch.tensor([16]) if bidirectional else None)[0]
+            losses.append(F.cross_entropy(logits[16:], row[17:], reduction="none"))
+        direct = torch.cat(losses).mean()
+        assert result["tokens"] == len(rows) * 16
+        assert abs(result["loss"] - float(direct)) < 1e-5
+    causal = completion_loss(model, ByteTokenizer(), texts, 32, 200, 4, bidirectional=False)["loss"]
+    mixed = completion_loss(model, ByteTokenizer(), texts, 32, 200, 4, bidirectional=True)["loss"]
+    assert abs(causal - mixed) > 1e-6  # the prefix really is read differently

@@ -65,6 +65,7 @@ def fake_run(root: Path, arm: str, seed: int, code: float, nl: float, infill: fl
     run.mkdir(parents=True)
     (run / "eval.json").write_text(json.dumps({
         "code": {"loss": code, "tokens": 1000}, "nl": {"loss": nl, "tokens": 500},
+        "code_completion": {"loss": code - 0.25},
         "infill": {"exact_match": em, "tasks": 10, "format": fmt}, "infill_loss": {"loss": infill}}))
     (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"step": 1, "loss": 8.0, "tokens": 100},
@@ -100,7 +101,7 @@ def test_report_table_plots_and_verdicts_that_reproduce(tmp_path):
     text = report.write_report(tmp_path / "runs", ARMS, [1, 2], doc, tmp_path / "docs" / "lessons", "CMD")
     assert doc.read_text() == text and "CMD" in text
     assert text.count("\n| `") == 7
-    assert "| `causal_decoder` | causal decoder | 2 | 3.010 (3.000–3.020) | 4.010 (4.000–4.020) |" in text
+    assert "| `causal_decoder` | causal decoder | 2 | 3.010 (3.000–3.020) | 2.760 (2.750–2.770) | 4.010 (4.000–4.020) |" in text
     assert "**Lesson 1 reproduces" in text and "**Lesson 2 reproduces" in text
     assert "**Lesson 3 reproduces" in text and "**Lesson 4 reproduces" in text
     assert "[fim]" in text and "6 steps = 12,288 training tokens per run" in text
@@ -140,7 +141,8 @@ def test_one_command_trains_evaluates_resumes_and_reports(tmp_path):
         for seed in (1, 2):
             run = tmp_path / "runs" / f"{arm}-seed{seed}"
             result = json.loads((run / "eval.json").read_text())
-            assert {"code", "nl", "infill", "infill_loss"} <= set(result)
+            assert {"code", "code_completion", "nl", "infill", "infill_loss"} <= set(result)
+            assert result["code_completion"]["bidirectional"] == (arm == "prefix_lm")
             assert any("eval_code_loss" in json.loads(line) for line in (run / "log.jsonl").read_text().splitlines())
     config = (tmp_path / "runs" / "prefix_lm-seed2" / "config.toml").read_text()
     assert "prefix_lm = true" in config and "seed = 2" in config and "max_steps = 2" in config
@@ -150,3 +152,7 @@ def test_one_command_trains_evaluates_resumes_and_reports(tmp_path):
     before = (tmp_path / "runs" / "study.json").read_text()
     assert study.main(args) == 0
     assert (tmp_path / "runs" / "study.json").read_text() == before
+    # --reevaluate scores finished runs again (after the metrics changed) without training them again.
+    log = (tmp_path / "runs" / "prefix_lm-seed1" / "train.log").read_text()
+    assert study.main(args + ["--arms", "prefix_lm", "--seeds", "1", "--reevaluate"]) == 0
+    assert (tmp_path / "runs" / "prefix_lm-seed1" / "train.log").read_text() == log

@@ -19,6 +19,7 @@ from pathlib import Path
 
 METRICS = {  # key: (label, lower is better)
     "code": ("held-out code loss", True),
+    "code_completion": ("code completion loss (2nd half given 1st)", True),
     "nl": ("held-out prose loss", True),
     "infill_loss": ("infill loss (line + <eom>)", True),
     "infill_em": ("infill exact match", False),
@@ -73,6 +74,7 @@ def collect(root: Path, arms: list[tuple[str, str]], seeds: list[int]) -> list[A
             arm.runs.append({
                 "seed": seed,
                 "code": data.get("code", {}).get("loss"),
+                "code_completion": data.get("code_completion", {}).get("loss"),
                 "nl": data.get("nl", {}).get("loss"),
                 "infill_loss": data.get("infill_loss", {}).get("loss"),
                 "infill_em": data.get("infill", {}).get("exact_match"),
@@ -105,7 +107,7 @@ def table(results: list[ArmResult]) -> str:
     for arm in results:
         formats = sorted({r["infill_format"] for r in arm.runs})
         cells = [fmt_cell(arm, m) for m in METRICS]
-        cells[2] += f" [{'/'.join(formats)}]"
+        cells[list(METRICS).index("infill_loss")] += f" [{'/'.join(formats)}]"
         rows.append(f"| `{arm.name}` | {arm.description} | {len(arm.runs)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -134,11 +136,12 @@ def lesson_sentences(by_name: dict[str, ArmResult]) -> dict[int, str]:
     out: dict[int, str] = {}
     base, prefix = by_name.get("causal_decoder"), by_name.get("prefix_lm")
     if base and prefix:
-        better = [m for m in ("code", "infill_loss") if compare(prefix, base, m)[0] < 0 and compare(prefix, base, m)[1]]
+        metrics = [m for m in ("code", "code_completion", "nl", "infill_loss") if prefix.values(m) and base.values(m)]
+        better = [m for m in metrics if m != "nl" and compare(prefix, base, m)[0] < 0 and compare(prefix, base, m)[1]]
         verdict = ("does not reproduce: the prefix-LM is clearly better on " + " and ".join(METRICS[m][0] for m in better)
                    if better else "reproduces: the prefix-LM shows no clear gain over the causal decoder")
         out[1] = (f"**Lesson 1 {verdict}.** " + "; ".join(describe(prefix, base, m) + " vs `causal_decoder`"
-                                                        for m in ("code", "nl", "infill_loss")) + ".")
+                                                        for m in metrics) + ".")
     causal = by_name.get("causal_only")
     if base and causal:
         diff, clear = compare(base, causal, "code")
@@ -320,7 +323,8 @@ def write_report(root: Path, arms: list[tuple[str, str]], seeds: list[int], doc:
     ]
     rules = {
         1: "(1) A prefix-LM brings no clear gain over a causal decoder. Rule: reproduces unless `prefix_lm` is "
-           "clearly better on left-to-right code loss or infill loss.",
+           "clearly better on left-to-right code loss, code completion loss (where it reads the first half of each "
+           "window bidirectionally, as it was trained to) or infill loss.",
         2: "(2) Infilling is not a free lunch. Rule: reproduces if the 50/50 arm's left-to-right code loss is "
            "clearly worse than `causal_only`'s.",
         3: "(3) A 50/50 mix of causal LM and span corruption is enough. Rule: reproduces if `causal_decoder` keeps "

@@ -96,13 +96,17 @@ def codegen2_command() -> list[str]:
 
 
 def run_one(root: Path, arm: Arm, seed: int, steps: int | None, extra: list[str], n_infill: int,
-            eval_tokens: int, progress) -> dict:
-    """Train (or resume) and evaluate one (arm, seed); returns its timing record."""
+            eval_tokens: int, progress, reevaluate: bool = False) -> dict:
+    """Train (or resume) and evaluate one (arm, seed); returns its timing record. With `reevaluate`, a finished
+    run is only evaluated again (its training time is kept)."""
     run_dir = root / f"{arm.name}-seed{seed}"
     eval_path = run_dir / "eval.json"
-    if eval_path.is_file():
+    if eval_path.is_file() and not reevaluate:
         progress(f"{run_dir.name}: already done")
         return {"run": run_dir.name, "skipped": True}
+    if eval_path.is_file():
+        return evaluate_run(run_dir, n_infill, eval_tokens, progress,
+                            json.loads(eval_path.read_text())["timing"]["train_s"])
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     sets = [f"train.seed={seed}"] + arm.overrides + shared_overrides(root, steps, extra)
@@ -113,16 +117,23 @@ def run_one(root: Path, arm: Arm, seed: int, steps: int | None, extra: list[str]
         code = subprocess.run(train_cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
         raise RuntimeError(f"{run_dir.name}: training failed (exit {code}); see {run_dir / 'train.log'}")
-    trained = time.perf_counter()
+    return evaluate_run(run_dir, n_infill, eval_tokens, progress, time.perf_counter() - started)
+
+
+def evaluate_run(run_dir: Path, n_infill: int, eval_tokens: int, progress, train_s: float) -> dict:
+    """`codegen2 eval heldout` of a trained run into its eval.json (written last, atomically: the run's 'done')."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    started = time.perf_counter()
     eval_cmd = codegen2_command() + ["eval", "heldout", "--checkpoint", str(run_dir), "--max-tokens",
                                      str(eval_tokens), "--n-infill", str(n_infill)]
     result = subprocess.run(eval_cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{run_dir.name}: evaluation failed: {result.stderr.strip().splitlines()[-1:]}")
-    record = {"train_s": trained - started, "eval_s": time.perf_counter() - trained}
+    record = {"train_s": train_s, "eval_s": time.perf_counter() - started}
+    eval_path = run_dir / "eval.json"
     tmp = eval_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({**json.loads(result.stdout), "timing": record}, indent=1), encoding="utf-8")
-    tmp.replace(eval_path)  # a run counts as done only once its evaluation is complete
+    tmp.replace(eval_path)
     progress(f"{run_dir.name}: trained in {record['train_s'] / 60:.1f} min, evaluated in {record['eval_s']:.0f} s | "
              + result.stderr.strip().replace("\n", " | "))
     return {"run": run_dir.name, **record}
@@ -142,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", default="docs/lessons.md", help="report to write")
     parser.add_argument("--plots", default="docs/lessons", help="directory for the PNG plots")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="evaluate finished runs again (after the held-out metrics changed), then report")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
 
@@ -163,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_shared(root, seeds, args.set)
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             futures = [pool.submit(run_one, root, arm, seed, args.steps, args.set, args.n_infill, args.eval_tokens,
-                                   progress) for arm, seed in jobs]
+                                   progress, args.reevaluate) for arm, seed in jobs]
             records = [f.result() for f in futures]
         if not all(r.get("skipped") for r in records):
             # A study resumed after a kill is several sessions; the report adds up their wall times.
@@ -174,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only and timing_path.is_file():  # the command that made the runs, not this one
         saved = json.loads(timing_path.read_text())
         argv = saved["sessions"][-1]["argv"] if "sessions" in saved else saved.get("argv", argv)
-    command = " ".join(["python experiments/lessons/study.py", *map(shlex.quote, argv)])
+    kept = [a for a in argv if a not in ("--report-only", "--reevaluate")]  # how the runs were made
+    command = " ".join(["python experiments/lessons/study.py", *map(shlex.quote, kept)])
     report.write_report(root, [(a.name, a.description) for a in load_arms()], seeds, Path(args.doc),
                         Path(args.plots), command)
     print(f"wrote {args.doc} and plots in {args.plots}", flush=True)

@@ -100,6 +100,31 @@ def heldout_loss(model, tokenizer, texts: list[str], window: int, max_tokens: in
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
 
 
+@torch.inference_mode()
+def completion_loss(model, tokenizer, texts: list[str], window: int, max_tokens: int = 100_000,
+                    batch_size: int = 8, bidirectional: bool = False) -> dict:
+    """Loss on the second half of each held-out window given its first half, the way a prompt is completed.
+
+    With `bidirectional` (a prefix-LM) the first half is read as the model's bidirectional prefix, as it was
+    trained and as it samples; a causal decoder reads it left to right. Scored positions are those after the
+    prefix (the prefix positions themselves are never scored in prefix-LM training), the same for both, so
+    the two kinds of model are compared where each does what it was built for.
+    """
+    device = next(model.parameters()).device
+    rows = chunk_tokens(tokenizer.encode_batch(texts), tokenizer.eot_id, window, max_tokens)
+    split = window // 2
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start: start + batch_size].to(device)
+        prefix_len = torch.full((len(batch),), split, device=device) if bidirectional else None
+        logits = model(batch[:, :-1], prefix_len=prefix_len)[:, split:]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, split + 1:].flatten(), reduction="sum")
+        total += float(loss)
+        count += batch[:, split + 1:].numel()
+    mean = total / max(count, 1)
+    return {"loss": mean, "tokens": count, "prefix_tokens": split, "bidirectional": bidirectional}
+
+
 def _stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
 
@@ -197,6 +222,8 @@ def evaluate_heldout(loaded, data_config, window: int, max_tokens: int = 100_000
     result = {}
     if code:
         result["code"] = heldout_loss(model, tokenizer, [d.text for d in code], window, max_tokens, batch_size)
+        result["code_completion"] = completion_loss(model, tokenizer, [d.text for d in code], window, max_tokens,
+                                                    batch_size, bidirectional=loaded.prefix_lm)
     if prose:
         result["nl"] = heldout_loss(model, tokenizer, [d.text for d in prose], window, max_tokens, batch_size)
     if code and n_infill > 0:
@@ -286,6 +313,10 @@ def summarize(result: dict) -> str:
             if kind in base:
                 line += f"; untrained model: {base[kind]['loss']:.3f}"
             lines.append(line)
+    if "code_completion" in result:
+        done = result["code_completion"]
+        lines.append(f"held-out code completion loss (2nd half of each window given the 1st"
+                     f"{', read bidirectionally' if done['bidirectional'] else ''}): {done['loss']:.3f}")
     if "infill" in result:
         infill = result["infill"]
         hits = round(infill["exact_match"] * infill["tasks"])
