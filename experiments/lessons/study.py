@@ -1,7 +1,7 @@
 """The CodeGen2 lessons at small scale, in one command: train every arm for every seed, evaluate each on the
 held-out split, and write docs/lessons.md with its table and plots.
 
-    .venv/bin/python experiments/lessons/study.py            # the whole study (about 70 minutes on an idle 2-core machine)
+    .venv/bin/python experiments/lessons/study.py            # the whole study (about an hour on 2 cores)
     .venv/bin/python experiments/lessons/study.py --report-only
 
 Arms are `experiments/lessons/arms/*.toml` over `common.toml`; each (arm, seed) is a normal `codegen2 train`
