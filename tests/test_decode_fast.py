@@ -17,16 +17,10 @@ from codegen2.decode import FastDecoder, capacity_bucket
 from codegen2.loading import load_checkpoint
 from codegen2.model import CodeGenModel, KVCache
 from codegen2.sampling import SamplingParams, generate_ids
-from conftest import CharTokenizer
+from conftest import CharTokenizer, naive_greedy
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls on a shared 2-core machine run far faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (fixture in conftest.py)
 
 
 def small_model(**shape) -> CodeGenModel:
@@ -35,12 +29,6 @@ def small_model(**shape) -> CodeGenModel:
     return CodeGenModel(ModelConfig(**{**cfg, **shape})).eval()
 
 
-def naive_greedy(model, prompt: list[int], steps: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 @pytest.mark.parametrize("shape", [{}, {"rotary_dim": 16, "mp_num": 4}])

@@ -5,7 +5,7 @@ import torch
 from codegen2.config import ModelConfig
 from codegen2.model import CodeGenModel
 from codegen2.sampling import SamplingParams, filter_logits, generate_ids, infill_prompt_ids
-from conftest import CharTokenizer
+from conftest import CharTokenizer, naive_greedy
 
 
 def model() -> CodeGenModel:
@@ -14,12 +14,6 @@ def model() -> CodeGenModel:
     return CodeGenModel(cfg).eval()
 
 
-def naive_greedy(m, prompt: list[int], steps: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids.append(int(m(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def test_greedy_with_cache_equals_naive_loop_in_a_padded_batch():

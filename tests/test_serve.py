@@ -41,13 +41,7 @@ N_CTX = 256
 LONG_CTX = 4096
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls on a shared 2-core machine run far faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (fixture in conftest.py)
 
 
 def make_run(directory: Path, tokenizer, n_ctx: int, never_ends: bool = False) -> Path:
