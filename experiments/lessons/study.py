@@ -95,6 +95,9 @@ def codegen2_command() -> list[str]:
     return [sys.executable, "-m", "codegen2.cli"]
 
 
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # each run's subprocess environment
+
+
 def run_one(root: Path, arm: Arm, seed: int, steps: int | None, extra: list[str], n_infill: int,
             eval_tokens: int, progress, reevaluate: bool = False) -> dict:
     """Train (or resume) and evaluate one (arm, seed); returns its timing record. With `reevaluate`, a finished
@@ -108,13 +111,12 @@ def run_one(root: Path, arm: Arm, seed: int, steps: int | None, extra: list[str]
         return evaluate_run(run_dir, n_infill, eval_tokens, progress,
                             json.loads(eval_path.read_text())["timing"]["train_s"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     sets = [f"train.seed={seed}"] + arm.overrides + shared_overrides(root, steps, extra)
     train_cmd = codegen2_command() + ["train", "--config", str(HERE / "common.toml"), "--out", str(run_dir),
                                       "--resume"] + [x for item in sets for x in ("--set", item)]
     started = time.perf_counter()
     with open(run_dir / "train.log", "a", encoding="utf-8") as log:
-        code = subprocess.run(train_cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        code = subprocess.run(train_cmd, stdout=log, stderr=subprocess.STDOUT, env=ONE_THREAD).returncode
     if code != 0:
         raise RuntimeError(f"{run_dir.name}: training failed (exit {code}); see {run_dir / 'train.log'}")
     return evaluate_run(run_dir, n_infill, eval_tokens, progress, time.perf_counter() - started)
@@ -122,11 +124,10 @@ def run_one(root: Path, arm: Arm, seed: int, steps: int | None, extra: list[str]
 
 def evaluate_run(run_dir: Path, n_infill: int, eval_tokens: int, progress, train_s: float) -> dict:
     """`codegen2 eval heldout` of a trained run into its eval.json (written last, atomically: the run's 'done')."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     started = time.perf_counter()
     eval_cmd = codegen2_command() + ["eval", "heldout", "--checkpoint", str(run_dir), "--max-tokens",
                                      str(eval_tokens), "--n-infill", str(n_infill)]
-    result = subprocess.run(eval_cmd, capture_output=True, text=True, env=env)
+    result = subprocess.run(eval_cmd, capture_output=True, text=True, env=ONE_THREAD)
     if result.returncode != 0:
         raise RuntimeError(f"{run_dir.name}: evaluation failed: {result.stderr.strip().splitlines()[-1:]}")
     record = {"train_s": train_s, "eval_s": time.perf_counter() - started}

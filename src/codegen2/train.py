@@ -471,7 +471,7 @@ def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, pre
             evaluation = {}
             if probe is not None and (step % t.eval_every == 0 or step == t.max_steps):
                 eval_started = time.perf_counter()
-                evaluation = probe(model, env.device, autocast)
+                evaluation = probe(model, autocast)
                 meter.exclude(time.perf_counter() - eval_started)
                 if env.is_main:
                     print(f"eval step {step} | tokens {tokens_seen:,} | " + " | ".join(

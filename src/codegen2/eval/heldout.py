@@ -17,6 +17,7 @@ Two prompt formats, matching the two infill objectives a model may have been tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -84,18 +85,32 @@ def chunk_tokens(docs_tokens: list[list[int]], eot: int, window: int, max_tokens
 
 
 @torch.inference_mode()
-def heldout_loss(model, tokenizer, texts: list[str], window: int, max_tokens: int = 100_000,
-                 batch_size: int = 8) -> dict:
-    """Mean next-token loss and perplexity over up to `max_tokens` held-out tokens."""
+def rows_loss(model, rows: torch.Tensor, batch_size: int, split: int = 0, bidirectional: bool = False,
+              autocast=None) -> tuple[float, int]:
+    """(summed cross-entropy, scored tokens) of [N, window + 1] rows, scoring the positions from `split` on.
+
+    The one scoring loop behind the held-out loss, the completion loss and the in-training probe; with
+    `bidirectional` the first `split` positions are the model's bidirectional prefix.
+    """
     device = next(model.parameters()).device
-    rows = chunk_tokens(tokenizer.encode_batch(texts), tokenizer.eot_id, window, max_tokens)
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = rows[start: start + batch_size].to(device)
-        logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-        total += float(loss)
-        count += batch[:, 1:].numel()
+        prefix_len = torch.full((len(batch),), split, device=device) if bidirectional else None
+        with autocast if autocast is not None else contextlib.nullcontext():
+            logits = model(batch[:, :-1], prefix_len=prefix_len)[:, split:]
+        targets = batch[:, split + 1:]
+        total += float(F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum"))
+        count += targets.numel()
+    return total, count
+
+
+@torch.inference_mode()
+def heldout_loss(model, tokenizer, texts: list[str], window: int, max_tokens: int = 100_000,
+                 batch_size: int = 8) -> dict:
+    """Mean next-token loss and perplexity over up to `max_tokens` held-out tokens."""
+    rows = chunk_tokens(tokenizer.encode_batch(texts), tokenizer.eot_id, window, max_tokens)
+    total, count = rows_loss(model, rows, batch_size)
     mean = total / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
 
@@ -110,17 +125,9 @@ def completion_loss(model, tokenizer, texts: list[str], window: int, max_tokens:
     prefix (the prefix positions themselves are never scored in prefix-LM training), the same for both, so
     the two kinds of model are compared where each does what it was built for.
     """
-    device = next(model.parameters()).device
     rows = chunk_tokens(tokenizer.encode_batch(texts), tokenizer.eot_id, window, max_tokens)
     split = window // 2
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start: start + batch_size].to(device)
-        prefix_len = torch.full((len(batch),), split, device=device) if bidirectional else None
-        logits = model(batch[:, :-1], prefix_len=prefix_len)[:, split:]
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, split + 1:].flatten(), reduction="sum")
-        total += float(loss)
-        count += batch[:, split + 1:].numel()
+    total, count = rows_loss(model, rows, batch_size, split, bidirectional)
     mean = total / max(count, 1)
     return {"loss": mean, "tokens": count, "prefix_tokens": split, "bidirectional": bidirectional}
 
@@ -253,21 +260,14 @@ class HeldoutProbe:
                 self.rows[kind] = rows
 
     @torch.no_grad()
-    def __call__(self, model, device, autocast) -> dict[str, float]:
+    def __call__(self, model, autocast=None) -> dict[str, float]:
         """{"eval_code_loss": ..., "eval_nl_loss": ...} for the kinds the held-out split has."""
         was_training = model.training
         model.eval()
         out = {}
         try:
             for kind, rows in self.rows.items():
-                total, count = 0.0, 0
-                for start in range(0, len(rows), self.batch_size):
-                    batch = rows[start: start + self.batch_size].to(device)
-                    with autocast:
-                        logits = model(batch[:, :-1])
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-                    total += float(loss)
-                    count += batch[:, 1:].numel()
+                total, count = rows_loss(model, rows, self.batch_size, autocast=autocast)
                 out[f"eval_{kind}_loss"] = total / count
         finally:
             model.train(was_training)
