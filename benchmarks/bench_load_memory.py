@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from codegen2.config import config_from_dict, preset_dict
-from codegen2.hf_config import hf_config_from_model
-from codegen2.model import CodeGenModel
+from codegen2.models.codegen.hf import hf_config_from_model
+from codegen2.models.codegen.model import CodeGenModel
 
 CHILD = r"""
 import json, sys, torch

@@ -1,7 +1,7 @@
 """Training-step throughput: codegen2 against transformers' CodeGenForCausalLM, same weights and batch.
 
 One step = forward + cross-entropy + backward + gradient clipping (1.0) + AdamW update, for both engines:
-codegen2 runs the step exactly as `codegen2.train` does (its `build_optimizer`); transformers computes its
+codegen2 runs `codegen2.train.train_step` itself (with its `build_optimizer`); transformers computes its
 own shifted loss from `labels` and uses the AdamW that its Trainer picks by default (torch's fused AdamW).
 Both see identical weights and token batches (targets are the next tokens in both). Runs alternate between
 the engines; the table gives the median tokens/s, the range over runs, the ratio of medians and the model
@@ -19,13 +19,13 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from common import (SHAPES, Summary, build_ours, fmt, hf_twin, interleaved, machine_line, model_config,
                     parse_threads, ratio_line, spread)
 from codegen2.config import TrainConfig
 from codegen2.metrics import flops_per_token
-from codegen2.train import build_optimizer
+from codegen2.data.loader import Batch
+from codegen2.train import StepSettings, compile_blocks, build_optimizer, train_step
 
 DEFAULT_BATCH = {"tiny": (8, 256), "125m": (4, 512)}  # (batch, sequence length)
 TARGET_RATIO = 1.15
@@ -33,16 +33,14 @@ TARGET_MFU = 0.75
 
 
 def codegen2_step(model, optimizer, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The inner step of `codegen2.train` for one micro-batch (summed token loss over all targets)."""
-    logits = model(input_ids)
-    token_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                 reduction="none").view_as(labels)
-    loss = token_loss.sum() / (labels != -100).sum()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    """`codegen2.train.train_step` itself on one micro-batch (all causal), clipping at 1.0; returns the loss."""
+    batch = Batch(input_ids=input_ids, labels=labels, doc_ids=torch.zeros_like(input_ids),
+                  prefix_len=torch.zeros(len(input_ids), dtype=torch.int64),
+                  objective=torch.zeros(len(input_ids), dtype=torch.int64),
+                  sample_index=torch.arange(len(input_ids)))
+    targets = (labels != -100).sum().float()
+    _, loss_sum, _ = train_step(model, optimizer, [batch], targets, StepSettings(grad_clip=1.0))
+    return loss_sum.sum() / targets
 
 
 def transformers_step(model, optimizer, input_ids: torch.Tensor) -> torch.Tensor:
@@ -102,8 +100,7 @@ def run_shape(shape: str, batch: int, seq_len: int, repeats: int, use_compile: b
     if use_compile:
         compiled = build_ours(cfg).train()
         compiled_opt = build_optimizer(compiled, hyper)
-        for block in compiled.transformer.h:
-            block.compile()
+        compile_blocks(compiled)
         start = time.perf_counter()
         codegen2_step(compiled, compiled_opt, input_ids, labels)
         compile_seconds = time.perf_counter() - start

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from codegen2.config import ModelConfig  # noqa: E402
-from codegen2.model import CodeGenModel  # noqa: E402
+from codegen2.models.codegen.model import CodeGenModel  # noqa: E402
 
 # Shapes the issue asks for: the `tiny` preset and a GPT-2-small-sized (~125M parameter) CodeGen.
 SHAPES: dict[str, dict] = {

@@ -40,7 +40,7 @@ def build_small_run(directory: Path) -> Path:
 
     from codegen2.checkpoint import write_checkpoint
     from codegen2.config import Config, ModelConfig, TokenizerConfig, TrainConfig, save_config
-    from codegen2.model import CodeGenModel
+    from codegen2.models.codegen.model import CodeGenModel
     from codegen2.tokenizer import train_tokenizer
 
     texts = [Path(m.__file__).read_text(encoding="utf-8") for m in (src_a, src_b, src_c)]

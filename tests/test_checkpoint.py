@@ -19,7 +19,7 @@ from codegen2 import checkpoint as ckpt
 from codegen2.config import ModelConfig
 from codegen2.distributed import init_streaming
 from codegen2.errors import UserError
-from codegen2.model import CodeGenModel
+from codegen2.models.codegen.model import CodeGenModel
 from codegen2.train import resume_batching
 
 
@@ -134,14 +134,14 @@ def test_resume_batching_keeps_samples_per_step(tiny_config):
 def test_init_from_a_run_with_another_qkv_grouping_keeps_the_function(tiny_config, tmp_path):
     from codegen2.distributed import DistEnv
     from codegen2.loading import load_checkpoint
-    from codegen2.train import build_model, train
+    from codegen2.train import build_training_model, train
 
     train(tiny_config(**{"train.max_steps": 1, "train.checkpoint_every": 1}), tmp_path / "source")  # mp_num=2
     source = load_checkpoint(tmp_path / "source").model
     config = tiny_config(**{"model.mp_num": 4, "train.init_from": str(tmp_path / "source")})
-    model = build_model(config, DistEnv()).eval()
+    model = build_training_model(config, DistEnv()).eval()
     tokens = torch.randint(0, config.model.vocab_size, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), source(tokens))
     with pytest.raises(UserError, match="n_layer 2 vs 3"):
-        build_model(tiny_config(**{"model.n_layer": 3, "train.init_from": str(tmp_path / "source")}), DistEnv())
+        build_training_model(tiny_config(**{"model.n_layer": 3, "train.init_from": str(tmp_path / "source")}), DistEnv())

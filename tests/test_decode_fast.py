@@ -15,7 +15,8 @@ from codegen2.checkpoint import write_checkpoint
 from codegen2.config import Config, ModelConfig, TokenizerConfig, TrainConfig, save_config
 from codegen2.decode import FastDecoder, capacity_bucket
 from codegen2.loading import load_checkpoint
-from codegen2.model import CodeGenModel, KVCache
+from codegen2.models.codegen.model import CodeGenModel
+from codegen2.models.common import KVCache
 from codegen2.sampling import SamplingParams, generate_ids
 from conftest import CharTokenizer, naive_greedy
 

@@ -131,7 +131,7 @@ def test_flops_per_token_matches_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     from codegen2.config import ModelConfig
-    from codegen2.model import CodeGenModel
+    from codegen2.models.codegen.model import CodeGenModel
 
     for d, layers, seq, vocab in [(128, 2, 96, 500), (64, 3, 160, 300)]:
         cfg = ModelConfig(vocab_size=vocab, n_layer=layers, n_embd=d, n_head=4, rotary_dim=8, n_ctx=seq, mp_num=2)

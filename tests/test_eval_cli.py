@@ -20,7 +20,7 @@ def tiny_loaded():
     import torch
 
     from codegen2.config import ModelConfig
-    from codegen2.model import CodeGenModel
+    from codegen2.models.codegen.model import CodeGenModel
 
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=300, n_layer=1, n_embd=32, n_head=2, rotary_dim=8, n_ctx=2048, mp_num=1)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from codegen2.data import Document
 from codegen2.eval.heldout import (InfillTask, chunk_tokens, completion_loss, default_infill_format, evaluation_data_config,
                                    heldout_loss, infill_loss, infill_prompt, single_line_tasks)
-from codegen2.model import CodeGenModel
+from codegen2.models.codegen.model import CodeGenModel
 from codegen2.config import ModelConfig
 
 

@@ -71,3 +71,42 @@ def test_matches_naive_rule_with_cache_and_padding():
         )
         want = naive_mask(docs, prefix, batch, T, past_len=past, key_valid=valid)
         np.testing.assert_array_equal(got.numpy(), want, err_msg=f"trial {trial}")
+
+
+def test_decode_step_bias_matches_naive_rule_for_one_token():
+    """The fused decode step's additive mask allows exactly what the naive rule allows for one new token."""
+    rng = np.random.default_rng(3)
+    from codegen2.masks import decode_step_bias
+
+    batch, capacity, col = 3, 9, 5
+    valid = torch.from_numpy(rng.random((batch, capacity)) < 0.7)
+    valid[:, col] = True  # the new token's own column is always real
+    bias = decode_step_bias(valid, torch.tensor(col), torch.float32)
+    expected = naive_mask(None, None, batch, 1, past_len=col, key_valid=valid[:, : col + 1].numpy())
+    assert bias.shape == (batch, 1, 1, capacity)
+    assert torch.equal(torch.isfinite(bias[..., : col + 1]), torch.from_numpy(expected))
+    assert torch.isinf(bias[..., col + 1:]).all()
+
+
+class _Cache:
+    def __init__(self, valid, length):
+        self.valid, self.length, self.has_padding = valid, length, bool((~valid[:, :length]).any())
+
+
+@pytest.mark.parametrize("past,T,pad", [(0, 5, False), (4, 1, True), (4, 3, True), (4, 3, False), (4, 1, False)])
+def test_forward_attention_mask_matches_naive_rule(past, T, pad):
+    """None (SDPA's implicit masks) or an explicit mask: either way what the naive rule allows."""
+    from codegen2.masks import forward_attention_mask, sdpa_is_causal
+
+    batch = 2
+    valid = torch.ones(batch, past + T, dtype=torch.bool)
+    if pad:
+        valid[0, :2] = False
+    cache = _Cache(valid, past) if past or pad else None
+    mask = forward_attention_mask(None, None, T, torch.device("cpu"), cache)
+    expected = naive_mask(None, None, batch, T, past_len=past, key_valid=valid.numpy())
+    if mask is None:
+        causal = torch.ones(T, past + T, dtype=torch.bool).tril(past) if sdpa_is_causal(T, cache) else \
+            torch.ones(T, past + T, dtype=torch.bool)
+        mask = causal.expand(batch, 1, T, past + T)
+    assert torch.equal(mask.expand(batch, 1, T, past + T), torch.from_numpy(expected))

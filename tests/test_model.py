@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from codegen2.config import ModelConfig, config_from_dict, preset_dict
-from codegen2.model import CodeGenModel, KVCache, count_parameters
+from codegen2.models.codegen.model import CodeGenModel, count_parameters
+from codegen2.models.common import KVCache
 
 
 def small_model(**overrides) -> CodeGenModel:

@@ -3,7 +3,7 @@
 import torch
 
 from codegen2.config import ModelConfig
-from codegen2.model import CodeGenModel
+from codegen2.models.codegen.model import CodeGenModel
 from codegen2.sampling import SamplingParams, filter_logits, generate_ids, infill_prompt_ids
 from conftest import CharTokenizer, naive_greedy
 

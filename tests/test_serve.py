@@ -26,7 +26,7 @@ from codegen2 import cli
 from codegen2.checkpoint import write_checkpoint
 from codegen2.config import Config, ModelConfig, TokenizerConfig, TrainConfig, save_config
 from codegen2.loading import load_checkpoint
-from codegen2.model import CodeGenModel
+from codegen2.models.codegen.model import CodeGenModel
 from codegen2.sampling import SamplingParams, generate_ids, infill_prompt_ids
 from codegen2.serve.app import create_app
 from codegen2.serve.engine import BatchEngine, QueueFull, RowRequest

@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 
 def from_pretrained(path, mp_num=None, device="cpu", dtype=None):
-    """Load a Hugging Face CodeGen directory; the tokenizer is attached as `model.tokenizer` (see hf.py)."""
+    """Load a Hugging Face CodeGen directory; the tokenizer is attached as `model.tokenizer` (see codegen2.hf)."""
     from .hf import from_pretrained as _from_pretrained
 
     return _from_pretrained(path, mp_num=mp_num, device=device, dtype=dtype)

@@ -6,7 +6,7 @@ Layout of a run directory:
     RUN_DIR/tokenizer.json                    the tokenizer (plus HF-loadable side files)
     RUN_DIR/log.jsonl                         one JSON object per logged step
     RUN_DIR/checkpoints/step_00000600/
-        model.safetensors                     full weights (names as CodeGenModel, qkv in config.model.mp_num
+        model.safetensors                     full weights (the model's own names; CodeGen qkv in config.model.mp_num
                                               layout); for FSDP runs consolidated from `sharded/`
         sharded/                              FSDP runs only: model + optimizer shards written by every rank
                                               with torch.distributed.checkpoint (reshardable to any rank count)
@@ -25,14 +25,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from .distributed import (DistEnv, barrier, broadcast_object, full_state, gather_objects, load_full_state,
+                          load_sharded, save_sharded)
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "model.safetensors"
@@ -224,3 +229,70 @@ def consolidate_sharded(sharded_dir: str | Path) -> dict[str, torch.Tensor]:
         warnings.simplefilter("ignore", UserWarning)
         dcp.load({MODEL_KEY: model}, checkpoint_id=str(sharded_dir), no_dist=True)
     return model
+
+
+# ------------------------------------------------------------------------- training checkpoints
+def rng_state() -> dict:
+    """Every RNG a training step may draw from (Python, NumPy, torch CPU and CUDA): saved per rank."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, env: DistEnv, sharded: bool,
+                    meta: dict, keep_last: int) -> None:
+    """Write the checkpoint of `step` atomically (a collective: every rank calls it).
+
+    Sharded (FSDP): every rank writes its DCP shards into the staging directory, then rank 0 consolidates
+    the model into one safetensors file. Otherwise rank 0 writes the gathered full state.
+    """
+    final = run_dir / CHECKPOINTS / checkpoint_name(step)
+    staging = staging_path(final, str(broadcast_object(os.getpid(), env)))
+    if env.is_main:
+        staging.mkdir(parents=True)
+    barrier(env)
+    model_state = optim_state = None
+    if sharded:
+        save_sharded(staging / SHARDED, model, optimizer)
+        save_pause()
+    else:
+        model_state, optim_state = full_state(model, optimizer)
+    rngs = gather_objects(rng_state(), env)
+    barrier(env)
+    if env.is_main:
+        if sharded:
+            model_state = consolidate_sharded(staging / SHARDED)
+        trainer_state = {"scheduler": scheduler.state_dict(), "rng": rngs}
+        if not sharded:
+            trainer_state["optimizer"] = optim_state
+        write_files(staging, step, model_state, {**meta, "format": "sharded" if sharded else "full"},
+                         trainer_state)
+        commit_directory(staging, final)
+        prune_checkpoints(run_dir, keep_last)
+    barrier(env)
+
+
+def restore_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv) -> dict:
+    """Load a checkpoint of any format and layout into this run; returns its meta."""
+    meta = read_meta(path)
+    trainer_path = path / TRAINER_STATE
+    trainer = torch.load(trainer_path, weights_only=False) if trainer_path.exists() else None
+    if (path / SHARDED).is_dir():
+        load_sharded(path / SHARDED, model, optimizer if trainer else None)
+    else:
+        state = load_weights(path / WEIGHTS)
+        load_full_state(model, optimizer, state, trainer.get("optimizer") if trainer else None)
+    if trainer:
+        scheduler.load_state_dict(trainer["scheduler"])
+        rngs = trainer["rng"]
+        set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
+    else:  # imported weights: a fresh run from them
+        meta = {**meta, "step": 0, "tokens_seen": 0, "data_hash": ""}
+    return meta

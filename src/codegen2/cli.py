@@ -30,13 +30,13 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .model import count_parameters
+    from .models import architecture
 
     config = config_from_dict(preset_dict(args.preset)).validate()
     m = config.model
     print(f"preset {args.preset}: n_layer={m.n_layer} n_embd={m.n_embd} n_head={m.n_head} head_dim={m.head_dim} "
           f"rotary_dim={m.rotary_dim} vocab_size={m.vocab_size} n_ctx={m.n_ctx} mp_num={m.mp_num}")
-    print(f"parameters: {count_parameters(m):,}")
+    print(f"parameters: {architecture(m).count_parameters(m):,}")
     return 0
 
 

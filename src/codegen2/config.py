@@ -26,8 +26,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Shapes of a CodeGen decoder (DESIGN §3)."""
+    """Shapes of a decoder (DESIGN §3); `arch` picks the architecture (`codegen2.models.ARCHITECTURES`)."""
 
+    arch: str = "codegen"
     vocab_size: int = 51200
     n_layer: int = 16
     n_embd: int = 2048
@@ -35,9 +36,12 @@ class ModelConfig:
     rotary_dim: int = 64
     n_ctx: int = 2048
     n_inner: int | None = None  # MLP width; None means 4 * n_embd
-    mp_num: int = 4  # number of [Q|V|K] groups in the fused qkv projection
-    layer_norm_eps: float = 1e-5
+    mp_num: int = 4  # CodeGen: number of [Q|V|K] groups in the fused qkv projection
+    layer_norm_eps: float = 1e-5  # epsilon of every norm (LayerNorm or RMSNorm)
     init_std: float = 0.02
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); None means n_head
+    rope_theta: float = 10000.0  # rotary base
+    tie_word_embeddings: bool = False  # output head shares the token embedding
 
     @property
     def head_dim(self) -> int:
@@ -47,15 +51,24 @@ class ModelConfig:
     def inner_dim(self) -> int:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
+
     def validate(self) -> None:
+        from .models import ARCHITECTURES
+
+        if self.arch not in ARCHITECTURES:
+            raise ConfigError(f"model.arch={self.arch!r} must be one of {', '.join(ARCHITECTURES)}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
-        if self.n_head % self.mp_num:
-            raise ConfigError(f"model.mp_num={self.mp_num} does not divide model.n_head={self.n_head}")
+        if self.kv_heads < 1 or self.n_head % self.kv_heads:
+            raise ConfigError(f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head}")
         if self.rotary_dim > self.head_dim or self.rotary_dim % 2:
             raise ConfigError(
                 f"model.rotary_dim={self.rotary_dim} must be even and at most head_dim={self.head_dim}"
             )
+        ARCHITECTURES[self.arch].check_config(self)
 
 
 @dataclass
@@ -94,6 +107,10 @@ class ObjectiveConfig:
             raise ConfigError("objective.max_spans must be at least 1")
 
 
+SOURCE_KINDS = ("code", "nl")  # code, or natural language (prose)
+SOURCE_FORMATS = ("dir", "jsonl", "parquet", "hf")  # readers: codegen2.data.formats.READERS
+
+
 @dataclass
 class SourceConfig:
     """One data source of the mixture."""
@@ -109,11 +126,11 @@ class SourceConfig:
     name: str = ""
 
     def validate(self) -> None:
-        if self.kind not in ("code", "nl"):
-            raise ConfigError(f"data source {self.path!r}: kind={self.kind!r} must be 'code' or 'nl'")
-        if self.format not in ("auto", "dir", "jsonl", "parquet", "hf"):
+        if self.kind not in SOURCE_KINDS:
+            raise ConfigError(f"data source {self.path!r}: kind={self.kind!r} must be one of {', '.join(SOURCE_KINDS)}")
+        if self.format not in ("auto", *SOURCE_FORMATS):
             raise ConfigError(
-                f"data source {self.path!r}: format={self.format!r} must be auto, dir, jsonl, parquet or hf"
+                f"data source {self.path!r}: format={self.format!r} must be auto, {', '.join(SOURCE_FORMATS)}"
             )
         if not self.weight > 0:
             raise ConfigError(f"data source {self.path!r}: weight={self.weight} must be positive")

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import UserError
+from .models import architecture
 
 
 @dataclass
@@ -124,7 +125,7 @@ def apply_fsdp(model: nn.Module, env: DistEnv, bf16: bool) -> nn.Module:
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
-    for block in model.transformer.h:
+    for block in architecture(model.config).blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model

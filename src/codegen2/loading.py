@@ -11,14 +11,14 @@ import torch
 from .checkpoint import WEIGHTS, latest_checkpoint, list_checkpoints, load_weights
 from .config import Config, ModelConfig, load_config
 from .errors import UserError
-from .model import CodeGenModel
+from .models import build_model
 
 log = logging.getLogger("codegen2")
 
 
 @dataclass
 class LoadedModel:
-    model: CodeGenModel
+    model: torch.nn.Module
     tokenizer: object  # CodeGenTokenizer
     config: ModelConfig
     prefix_lm: bool = False  # trained as a prefix-LM: prompts are read bidirectionally
@@ -44,7 +44,7 @@ def load_checkpoint(
     """Load weights + tokenizer from a run directory (latest or given step) or a Hugging Face directory.
 
     With `inference` (the default: sampling, infilling, evaluation, serving), a model on the CPU gets
-    the decode weight layout (`CodeGenModel.use_decode_layout`): same values and state dict, faster
+    the decode weight layout (the model's `use_decode_layout`): same values and state dict, faster
     one-token matmuls. Callers that go on to train the loaded modules themselves pass `inference=False`;
     copying the state dict into another model (as `train.init_from` does) is unaffected either way.
     """
@@ -81,7 +81,7 @@ def _load_run(run_dir: Path, device, dtype, step: int | None) -> LoadedModel:
         ckpt = matches[0]
     tokenizer = CodeGenTokenizer.load(run_dir)
     with torch.device("meta"):
-        model = CodeGenModel(config.model)
+        model = build_model(config.model)
     state = load_weights(ckpt / WEIGHTS, device=device)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}

@@ -57,3 +57,42 @@ def build_attention_mask(
         diagonal = key_pos == query_pos
         allowed = allowed & (key_valid[:, None, :].to(device) | diagonal[None])
     return allowed[:, None]
+
+
+def forward_attention_mask(doc_ids: torch.Tensor | None, prefix_len: torch.Tensor | None, seq_len: int,
+                           device: torch.device, cache=None) -> torch.Tensor | None:
+    """The mask a model's forward passes to SDPA for `seq_len` new tokens (after `cache.length` cached ones).
+
+    None means "no explicit mask": plain causal over a fresh sequence, or one new token attending to every
+    cached key (see `sdpa_is_causal`). Every architecture's forward calls this, so they share one rule.
+    """
+    past = cache.length if cache is not None else 0
+    if doc_ids is not None or prefix_len is not None:
+        key_valid = cache.valid[:, : past + seq_len] if cache is not None and cache.has_padding else None
+        return build_attention_mask(doc_ids, prefix_len, seq_len, device, past_len=past, key_valid=key_valid)
+    if cache is not None and seq_len == 1 and cache.has_padding:
+        # One decoded token may see every cached key that is not padding (it is itself valid).
+        return cache.valid[:, None, None, : past + 1]
+    if cache is not None and (cache.has_padding or (past > 0 and seq_len > 1)):
+        return build_attention_mask(None, None, seq_len, device, past_len=past, key_valid=cache.valid[:, : past + seq_len])
+    return None
+
+
+def sdpa_is_causal(seq_len: int, cache=None) -> bool:
+    """With no explicit mask: causal over a fresh sequence; a single token (or a continuation) sees all keys.
+
+    Call before the layer's keys are stored, i.e. while `cache.length` still counts only earlier tokens.
+    """
+    return seq_len > 1 and (cache is None or cache.length == 0)
+
+
+def decode_step_bias(valid: torch.Tensor, col: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, 1, capacity] for one new token per row written at cache column `col`.
+
+    The same rule as `forward_attention_mask` for one token: it sees the keys up to and including its own
+    column that are not padding. Additive rather than boolean because the fused decode step attends with
+    two matmuls and a softmax (SDPA's CPU kernel with a mask is slow for a single query).
+    """
+    seen = valid & (torch.arange(valid.shape[1], device=valid.device) <= col)
+    bias = torch.zeros(seen.shape, dtype=dtype, device=valid.device).masked_fill(~seen, float("-inf"))
+    return bias[:, None, None, :]

@@ -4,11 +4,12 @@ FLOPs per trained token (forward + backward, PaLM appendix B):
 
     6 * N  +  12 * n_layer * n_embd * seq_len
 
-N counts the weights of every matrix multiplication: qkv_proj, out_proj, fc_in, fc_out of each layer and
-lm_head (the token embedding is a lookup; biases and LayerNorm cost O(N / n_embd) and are left out). Each
+N counts the weights of every matrix multiplication (`Architecture.matmul_parameters`: for CodeGen qkv_proj,
+out_proj, fc_in, fc_out of each layer and lm_head; the token embedding is a lookup; biases and norms cost
+O(N / n_embd) and are left out). Each
 such weight costs 2 FLOPs per token forward and 4 backward. The second term is attention's two
 products, q.k over seq_len keys and the weighted sum of values, each 2 * n_embd * seq_len FLOPs per
-token and layer forward, times 3 for forward + backward; like PaLM and Megatron it counts the full
+token and layer forward (n_head * head_dim = n_embd whatever the number of key/value heads), times 3 for forward + backward; like PaLM and Megatron it counts the full
 seq_len x seq_len square, not the causal half. tests/test_distributed.py checks this formula against
 torch's FlopCounterMode on the real model.
 
@@ -25,6 +26,7 @@ import time
 import torch
 
 from .config import ModelConfig
+from .models import architecture
 
 # Dense (no sparsity) bf16 tensor-core peaks with fp32 accumulation, FLOP/s, from vendor data sheets.
 # Matched by substring of torch.cuda.get_device_name in this order, so specific names come first.
@@ -47,15 +49,9 @@ GPU_PEAK_BF16 = {
 }
 
 
-def matmul_parameters(cfg: ModelConfig) -> int:
-    """Weights that multiply activations: per layer qkv (3 d^2), out (d^2), fc_in and fc_out (2 d inner); lm_head."""
-    d = cfg.n_embd
-    return cfg.n_layer * (4 * d * d + 2 * d * cfg.inner_dim) + cfg.vocab_size * d
-
-
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (module docstring)."""
-    return 6.0 * matmul_parameters(cfg) + 12.0 * cfg.n_layer * cfg.n_embd * seq_len
+    return 6.0 * architecture(cfg).matmul_parameters(cfg) + 12.0 * cfg.n_layer * cfg.n_embd * seq_len
 
 
 def measure_cpu_matmul_peak(size: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:

@@ -72,6 +72,7 @@ from codegen2.errors import UserError
 
 IGNORE_INDEX = -100
 OBJECTIVE_CODES = {"causal": 0, "span": 1, "fim": 2}
+OBJECTIVE_NAMES = tuple(OBJECTIVE_CODES)  # in code order: index i is the objective with code i
 SPAN_FIXED_OVERHEAD = 2  # <|endoftext|> <sep> for a piece cut by the chunk end (worst case)
 FIM_OVERHEAD = 4  # <mask_1> <mask_2> <sep> <eom>
 _RNG_DOMAIN = 0x0B1EC7  # separates these streams from other users of the same seed

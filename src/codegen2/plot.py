@@ -9,8 +9,9 @@ import json
 from pathlib import Path
 
 from .errors import UserError
+from .objectives import OBJECTIVE_NAMES
 
-LOSS_KEYS = ("loss", "loss_causal", "loss_span", "loss_fim")
+LOSS_KEYS = ("loss", *(f"loss_{name}" for name in OBJECTIVE_NAMES))
 HELDOUT_KEYS = {"eval_code_loss": "held-out code", "eval_nl_loss": "held-out prose"}  # train.eval_every
 
 

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .model import CodeGenModel, KVCache
+from .models.common import KVCache
 
 
 DECODERS = ("model", "fast", "compiled")
@@ -80,7 +80,7 @@ def _first_stop(text: str, stops: Sequence[str]) -> int:
 
 @torch.inference_mode()
 def generate_ids(
-    model: CodeGenModel,
+    model: torch.nn.Module,
     tokenizer,
     prompts: list[list[int]],
     params: SamplingParams,

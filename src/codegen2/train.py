@@ -19,12 +19,12 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,16 +32,14 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_toml
-from .distributed import (DistEnv, all_reduce_sum, barrier, broadcast_object, build_sharded, full_state,
-                          gather_objects, init_distributed, load_full_state, load_sharded, save_sharded, shutdown,
-                          unwrap, wrap_model)
+from .distributed import (DistEnv, all_reduce_sum, barrier, build_sharded, init_distributed, load_full_state,
+                          shutdown, unwrap, wrap_model)
 from .errors import UserError
 from .metrics import Throughput, device_peak_flops, flops_per_token, format_duration
-from .model import CodeGenModel
+from .models import architecture, build_model
+from .objectives import OBJECTIVE_NAMES
 
 log = logging.getLogger("codegen2")
-
-OBJECTIVE_NAMES = ("causal", "span", "fim")
 
 
 @dataclass
@@ -119,19 +117,6 @@ def resume_batching(config: Config, world_size: int, meta: dict) -> tuple[int, i
 
 
 # ---------------------------------------------------------------------------------------- run state
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def sample_digest(micro_batches) -> int:
     """Sum over this rank's samples of a 40-bit digest of (sample index, input ids, labels).
 
@@ -209,13 +194,13 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, enabled=False), False
 
 
-def _compile_blocks(model: CodeGenModel) -> None:
+def compile_blocks(model: torch.nn.Module) -> None:
     """Compile each block in place (parameter names unchanged); one compiled graph serves every layer."""
-    for block in model.transformer.h:
+    for block in architecture(model.config).blocks(model):
         block.compile()
 
 
-def build_model(config: Config, env: DistEnv, parallel: str = "none", bf16: bool = False) -> torch.nn.Module:
+def build_training_model(config: Config, env: DistEnv, parallel: str = "none", bf16: bool = False) -> torch.nn.Module:
     """Build on the meta device, then materialise on the target device, seeded so that every rank and
     every layout starts from the same weights, and wrap for `parallel`.
 
@@ -223,21 +208,22 @@ def build_model(config: Config, env: DistEnv, parallel: str = "none", bf16: bool
     makes the big presets fit); the other layouts materialise the whole model.
     """
     t = config.train
+    arch = architecture(config.model)
     generator = torch.Generator(device=env.device).manual_seed(t.seed)
     if parallel == "fsdp" and env.distributed:
         def make_meta():
             with torch.device("meta"):
-                return CodeGenModel(config.model)
+                return build_model(config.model)
 
-        model = build_sharded(make_meta, env, bf16, CodeGenModel.init_weights, generator,
-                              prepare=_compile_blocks if t.compile else None)
+        model = build_sharded(make_meta, env, bf16, arch.init_weights, generator,
+                              prepare=compile_blocks if t.compile else None)
     else:
         with torch.device("meta"):
-            model = CodeGenModel(config.model)
+            model = build_model(config.model)
         model.to_empty(device=env.device)
-        model.init_weights(generator=generator)
+        arch.init_weights(model, generator)
         if t.compile:
-            _compile_blocks(model)
+            compile_blocks(model)
     if t.init_from:
         load_full_state(model, None, init_state(t.init_from, config), None)
     model.activation_checkpointing = t.activation_checkpointing
@@ -247,20 +233,16 @@ def build_model(config: Config, env: DistEnv, parallel: str = "none", bf16: bool
 
 
 def init_state(path: str, config: Config) -> dict[str, torch.Tensor]:
-    """Weights to start from (run or HF directory), with qkv regrouped to this run's `mp_num`."""
-    from .hf_weights import regroup_state_dict
+    """Weights to start from (run or HF directory), converted to this run's layout (CodeGen: its `mp_num`)."""
     from .loading import load_checkpoint
 
     source = load_checkpoint(path, inference=False).model
-    fields = ("vocab_size", "n_layer", "n_embd", "n_head", "rotary_dim", "inner_dim")
+    fields = ("arch", "vocab_size", "n_layer", "n_embd", "n_head", "kv_heads", "rotary_dim", "inner_dim")
     differ = [f"{f} {getattr(source.config, f)} vs {getattr(config.model, f)}" for f in fields
               if getattr(source.config, f) != getattr(config.model, f)]
     if differ:
         raise UserError(f"train.init_from={path}: its shapes differ from the model config ({', '.join(differ)})")
-    state = source.state_dict()
-    if source.config.mp_num != config.model.mp_num:
-        state = regroup_state_dict(state, config.model.n_head, source.config.mp_num, config.model.mp_num)
-    return state
+    return architecture(config.model).hf.convert_state(source.state_dict(), source.config, config.model)
 
 
 def _scalar(value: torch.Tensor) -> float:
@@ -271,57 +253,64 @@ def _scalar(value: torch.Tensor) -> float:
     return float(value)
 
 
-# -------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, env: DistEnv, sharded: bool,
-                    meta: dict, keep_last: int) -> None:
-    """Write the checkpoint of `step` atomically (a collective: every rank calls it).
+# ------------------------------------------------------------------------------------------ one step
+@dataclass
+class StepSettings:
+    """What a training step needs besides the model, the optimizer and the batch."""
 
-    Sharded (FSDP): every rank writes its DCP shards into the staging directory, then rank 0 consolidates
-    the model into one safetensors file. Otherwise rank 0 writes the gathered full state.
+    device: torch.device = torch.device("cpu")
+    world_size: int = 1
+    parallel: str = "none"  # none | ddp | fsdp
+    autocast: Any = field(default_factory=contextlib.nullcontext)
+    grad_clip: float = 0.0  # 0 = no clipping (the norm is still computed and returned)
+    document_mask: bool = False
+    prefix_lm: bool = False
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches, total_targets: torch.Tensor,
+               settings: StepSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer update over `micro_batches` (gradient accumulation); returns (grad_norm, loss_sum, count).
+
+    The loss is the sum of token losses over the global batch divided by `total_targets` (its number of
+    target tokens over all ranks), so any split into micro-batches and ranks gives the same update.
+    `loss_sum` / `count` [len(OBJECTIVE_NAMES)] are this rank's summed token losses and targets per
+    objective, left on the device. The caller steps the learning-rate scheduler.
     """
-    final = run_dir / ckpt.CHECKPOINTS / ckpt.checkpoint_name(step)
-    staging = ckpt.staging_path(final, str(broadcast_object(os.getpid(), env)))
-    if env.is_main:
-        staging.mkdir(parents=True)
-    barrier(env)
-    model_state = optim_state = None
-    if sharded:
-        save_sharded(staging / ckpt.SHARDED, model, optimizer)
-        ckpt.save_pause()
-    else:
-        model_state, optim_state = full_state(model, optimizer)
-    rngs = gather_objects(rng_state(), env)
-    barrier(env)
-    if env.is_main:
-        if sharded:
-            model_state = ckpt.consolidate_sharded(staging / ckpt.SHARDED)
-        trainer_state = {"scheduler": scheduler.state_dict(), "rng": rngs}
-        if not sharded:
-            trainer_state["optimizer"] = optim_state
-        ckpt.write_files(staging, step, model_state, {**meta, "format": "sharded" if sharded else "full"},
-                         trainer_state)
-        ckpt.commit_directory(staging, final)
-        ckpt.prune_checkpoints(run_dir, keep_last)
-    barrier(env)
+    s = settings
+    n = len(OBJECTIVE_NAMES)
+    loss_sum = torch.zeros(n, device=s.device)
+    count = torch.zeros(n, device=s.device)
+    for index, mb in enumerate(micro_batches):
+        sync = index == len(micro_batches) - 1
+        if s.parallel == "fsdp":
+            model.set_requires_gradient_sync(sync)
+        with model.no_sync() if s.parallel == "ddp" and not sync else contextlib.nullcontext():
+            labels = mb.labels.to(s.device, non_blocking=True)
+            kwargs = {}
+            if s.document_mask:
+                kwargs["doc_ids"] = mb.doc_ids.to(s.device)
+            if s.prefix_lm:
+                kwargs["prefix_len"] = mb.prefix_len.to(s.device)
+            with s.autocast:
+                logits = model(mb.input_ids.to(s.device, non_blocking=True), **kwargs)
+            token_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                         reduction="none").view_as(labels)
+            # Gradient averaging over ranks (DDP, FSDP) divides by world_size: undo it so the update
+            # is d(sum of token losses / all targets of the global batch).
+            (token_loss.sum() / total_targets * s.world_size).backward()
+            with torch.no_grad():
+                codes = mb.objective.to(s.device)
+                loss_sum.index_add_(0, codes, token_loss.sum(dim=1))
+                count.index_add_(0, codes, (labels != -100).sum(dim=1).float())
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip if s.grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, loss_sum, count
 
 
-def restore_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv) -> dict:
-    """Load a checkpoint of any format and layout into this run; returns its meta."""
-    meta = ckpt.read_meta(path)
-    trainer_path = path / ckpt.TRAINER_STATE
-    trainer = torch.load(trainer_path, weights_only=False) if trainer_path.exists() else None
-    if (path / ckpt.SHARDED).is_dir():
-        load_sharded(path / ckpt.SHARDED, model, optimizer if trainer else None)
-    else:
-        state = ckpt.load_weights(path / ckpt.WEIGHTS)
-        load_full_state(model, optimizer, state, trainer.get("optimizer") if trainer else None)
-    if trainer:
-        scheduler.load_state_dict(trainer["scheduler"])
-        rngs = trainer["rng"]
-        set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
-    else:  # imported weights: a fresh run from them
-        meta = {**meta, "step": 0, "tokens_seen": 0, "data_hash": ""}
-    return meta
+def is_due(step: int, every: int, last_step: int) -> bool:
+    """The one cadence rule for logging, evaluation and checkpoints: every `every` steps and at the last step."""
+    return step == last_step or (every > 0 and step % every == 0)
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -338,24 +327,25 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, tokenizer=N
         shutdown(env)
 
 
-def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, prepare_data) -> TrainResult:
+def _start_run_directory(config: Config, run_dir: Path, resume: bool, env: DistEnv) -> Path | None:
+    """Seed every RNG, create the run directory (config.toml unless resuming) and find the checkpoint to resume."""
     t = config.train
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     np.random.seed(t.seed)
-
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temporaries(run_dir)
         if not (resume and (run_dir / "config.toml").exists()):
             ckpt.atomic_write_text(run_dir / "config.toml", dump_toml(config))
     barrier(env)
-    latest = ckpt.latest_checkpoint(run_dir) if resume else None
-    saved_meta = ckpt.read_meta(latest) if latest is not None else None
+    return ckpt.latest_checkpoint(run_dir) if resume else None
 
-    # Data: rank 0 trains the tokenizer and fills the token cache; the others then read the cache.
+
+def _prepare_data_on_ranks(config: Config, run_dir: Path, tokenizer, env: DistEnv, prepare_data):
+    """Rank 0 trains the tokenizer and fills the token cache; the others then read the cache."""
     if env.is_main:
         tokenizer, dataset, stats = prepare_data(config, run_dir, tokenizer)
     barrier(env)
@@ -364,6 +354,38 @@ def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, pre
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                           f"{config.model.vocab_size}")
+    return tokenizer, dataset, stats
+
+
+def _log_record(step: int, tokens: int, t, loss_sum: torch.Tensor, count: torch.Tensor, grad_norm, scheduler,
+                meter: Throughput, env: DistEnv, extra: dict) -> dict:
+    """The logged record of `step` (a collective: the per-objective losses are summed over ranks)."""
+    n = len(OBJECTIVE_NAMES)
+    stats_vec = all_reduce_sum(torch.cat([loss_sum, count]).detach(), env).cpu()
+    sums, counts = stats_vec[:n], stats_vec[n:]
+    record = {"step": step, "loss": float(sums.sum() / counts.sum().clamp_min(1)), "lr": scheduler.get_last_lr()[0],
+              "grad_norm": _scalar(grad_norm), "tokens": tokens, "tokens_per_s": meter.tokens_per_second(),
+              "mfu": meter.mfu(env.world_size), "eta_s": meter.eta_seconds(t.max_steps - step), **extra}
+    for code, name in enumerate(OBJECTIVE_NAMES):
+        if counts[code] > 0:
+            record[f"loss_{name}"] = float(sums[code] / counts[code])
+    if env.device.type == "cuda":
+        record["peak_mem_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+    return record
+
+
+def _print_record(record: dict, max_steps: int) -> None:
+    parts = " ".join(f"{n} {record[f'loss_{n}']:.3f}" for n in OBJECTIVE_NAMES if f"loss_{n}" in record)
+    print(f"step {record['step']}/{max_steps} | loss {record['loss']:.4f} ({parts}) | lr {record['lr']:.2e} | "
+          f"gnorm {record['grad_norm']:.2f} | {record['tokens_per_s']:,.0f} tok/s | "
+          f"MFU {100 * record['mfu']:.1f}% | ETA {format_duration(record['eta_s'])}", file=sys.stderr, flush=True)
+
+
+def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, prepare_data) -> TrainResult:
+    t = config.train
+    latest = _start_run_directory(config, run_dir, resume, env)
+    saved_meta = ckpt.read_meta(latest) if latest is not None else None
+    tokenizer, dataset, stats = _prepare_data_on_ranks(config, run_dir, tokenizer, env, prepare_data)
 
     if saved_meta is not None:
         micro_bs, grad_accum, layout_note = resume_batching(config, env.world_size, saved_meta)
@@ -371,14 +393,15 @@ def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, pre
         (micro_bs, grad_accum), layout_note = derive_batching(config, env.world_size), ""
     parallel = t.parallel if env.distributed else "none"
     autocast, bf16 = _autocast(env.device, t.precision)
-    model = build_model(config, env, parallel, bf16=bf16 and parallel == "fsdp")
-    sharded = parallel == "fsdp"
+    model = build_training_model(config, env, parallel, bf16=bf16 and parallel == "fsdp")
     optimizer = build_optimizer(model, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, t) / t.lr)
+    settings = StepSettings(device=env.device, world_size=env.world_size, parallel=parallel, autocast=autocast,
+                            grad_clip=t.grad_clip, document_mask=t.document_mask, prefix_lm=config.objective.prefix_lm)
 
     step, tokens_seen, data_hash = 0, 0, ""
     if latest is not None:
-        meta = restore_checkpoint(latest, model, optimizer, scheduler, env)
+        meta = ckpt.restore_checkpoint(latest, model, optimizer, scheduler, env)
         step, tokens_seen, data_hash = meta["step"], meta["tokens_seen"], meta.get("data_hash", "")
         if env.is_main:
             print(f"resuming from {latest} at step {step} (global sample index {meta.get('next_sample_index', '?')})"
@@ -399,10 +422,9 @@ def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, pre
 
         probe = HeldoutProbe(config.data, tokenizer, t.seq_len, t.eval_tokens, micro_bs)
     if env.is_main:
-        n_params = unwrap(model).num_parameters() if hasattr(unwrap(model), "num_parameters") else 0
-        print(f"training {n_params:,} parameters on {env.world_size}x {env.device.type} ({parallel}, "
-              f"{'bf16' if bf16 else 'fp32'}), {micro_bs} x {grad_accum} x {env.world_size} = {samples_per_step} "
-              f"samples = {tokens_per_step:,} tokens/step, steps {step}->{t.max_steps}; "
+        print(f"training {unwrap(model).num_parameters():,} parameters on {env.world_size}x {env.device.type} "
+              f"({parallel}, {'bf16' if bf16 else 'fp32'}), {micro_bs} x {grad_accum} x {env.world_size} = "
+              f"{samples_per_step} samples = {tokens_per_step:,} tokens/step, steps {step}->{t.max_steps}; "
               f"data: {json.dumps(stats.get('summary', {}))}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})",
               file=sys.stderr)
 
@@ -427,49 +449,19 @@ def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, pre
             step_totals = torch.tensor([local_targets, sample_digest(micro_batches)], dtype=torch.int64,
                                        device=env.device)
             step_totals = all_reduce_sum(step_totals, env)  # stays on the device: no host sync per step
-            total_targets = step_totals[0].float()
             pending_digests.append((step + 1, step_totals[1]))
-            loss_sum = torch.zeros(3, device=env.device)  # per objective
-            count = torch.zeros(3, device=env.device)
-            for index, mb in enumerate(micro_batches):
-                sync = index == len(micro_batches) - 1
-                no_sync = parallel == "ddp" and not sync
-                if parallel == "fsdp":
-                    model.set_requires_gradient_sync(sync)
-                with model.no_sync() if no_sync else contextlib.nullcontext():
-                    input_ids = mb.input_ids.to(env.device, non_blocking=True)
-                    labels = mb.labels.to(env.device, non_blocking=True)
-                    kwargs = {}
-                    if t.document_mask:
-                        kwargs["doc_ids"] = mb.doc_ids.to(env.device)
-                    if config.objective.prefix_lm:
-                        kwargs["prefix_len"] = mb.prefix_len.to(env.device)
-                    with autocast:
-                        logits = model(input_ids, **kwargs)
-                    token_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                                 reduction="none").view_as(labels)
-                    # Gradient averaging over ranks (DDP, FSDP) divides by world_size: undo it so the update
-                    # is d(sum of token losses / all targets of the global batch).
-                    loss = token_loss.sum() / total_targets * env.world_size
-                    loss.backward()
-                    with torch.no_grad():
-                        per_row = token_loss.sum(dim=1)
-                        rows_targets = (labels != -100).sum(dim=1).float()
-                        codes = mb.objective.to(env.device)
-                        loss_sum.index_add_(0, codes, per_row)
-                        count.index_add_(0, codes, rows_targets)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-            optimizer.step()
+            grad_norm, loss_sum, count = train_step(model, optimizer, micro_batches, step_totals[0].float(), settings)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens_per_step
             meter.update(tokens_per_step)
 
-            if step % t.log_every == 0 or step == t.max_steps or step == 1 or step % t.checkpoint_every == 0:
+            log_due = is_due(step, t.log_every, t.max_steps) or step == 1
+            checkpoint_due = is_due(step, t.checkpoint_every, t.max_steps)
+            if log_due or checkpoint_due:
                 data_hash = fold_digests(data_hash, pending_digests)
             evaluation = {}
-            if probe is not None and (step % t.eval_every == 0 or step == t.max_steps):
+            if probe is not None and is_due(step, t.eval_every, t.max_steps):
                 eval_started = time.perf_counter()
                 evaluation = probe(model, autocast)
                 meter.exclude(time.perf_counter() - eval_started)
@@ -477,34 +469,19 @@ def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, pre
                     print(f"eval step {step} | tokens {tokens_seen:,} | " + " | ".join(
                         f"held-out {k[5:-5].replace('nl', 'prose')} loss {v:.4f}" for k, v in evaluation.items()),
                         file=sys.stderr, flush=True)
-            if evaluation and not (step % t.log_every == 0 or step == t.max_steps or step == 1):
-                run_log.write({"step": step, "tokens": tokens_seen, **evaluation})
-            if step % t.log_every == 0 or step == t.max_steps or step == 1:
-                stats_vec = all_reduce_sum(torch.cat([loss_sum, count]).detach(), env).cpu()
-                sums, counts = stats_vec[:3], stats_vec[3:]
-                last_loss = float(sums.sum() / counts.sum().clamp_min(1))
-                eta = meter.eta_seconds(t.max_steps - step)
-                record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": _scalar(grad_norm), "tokens": tokens_seen,
-                          "tokens_per_s": meter.tokens_per_second(), "mfu": meter.mfu(env.world_size),
-                          "eta_s": eta, "elapsed_s": time.perf_counter() - started, "data_hash": data_hash,
-                          **evaluation}
-                for code, name in enumerate(OBJECTIVE_NAMES):
-                    if counts[code] > 0:
-                        record[f"loss_{name}"] = float(sums[code] / counts[code])
-                if env.device.type == "cuda":
-                    record["peak_mem_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+                if evaluation and not log_due:
+                    run_log.write({"step": step, "tokens": tokens_seen, **evaluation})
+            if log_due:
+                extra = {"elapsed_s": time.perf_counter() - started, "data_hash": data_hash, **evaluation}
+                record = _log_record(step, tokens_seen, t, loss_sum, count, grad_norm, scheduler, meter, env, extra)
+                last_loss = record["loss"]
                 history.append(record)
                 run_log.write(record)
                 if env.is_main:
-                    parts = " ".join(f"{n} {record[f'loss_{n}']:.3f}" for n in OBJECTIVE_NAMES if f"loss_{n}" in record)
-                    print(f"step {step}/{t.max_steps} | loss {last_loss:.4f} ({parts}) | lr {record['lr']:.2e} | "
-                          f"gnorm {record['grad_norm']:.2f} | {record['tokens_per_s']:,.0f} tok/s | "
-                          f"MFU {100 * record['mfu']:.1f}% | ETA {format_duration(eta)}",
-                          file=sys.stderr, flush=True)
-            if step % t.checkpoint_every == 0 or step == t.max_steps:
-                save_checkpoint(run_dir, step, model, optimizer, scheduler, env, sharded, checkpoint_meta(step),
-                                t.keep_last)
+                    _print_record(record, t.max_steps)
+            if checkpoint_due:
+                ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler, env, parallel == "fsdp",
+                                     checkpoint_meta(step), t.keep_last)
             if stop_after is not None and step >= stop_after:
                 break
     finally:

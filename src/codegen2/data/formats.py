@@ -31,7 +31,6 @@ from codegen2.config import SourceConfig
 from codegen2.data.documents import Document
 from codegen2.errors import UserError
 
-FORMATS = ("dir", "jsonl", "parquet", "hf")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 HF_MARKERS = (("dataset_info.json", "state.json"), ("dataset_dict.json",))
@@ -287,4 +286,4 @@ def _row_documents(values: Iterator, key_prefix: str, path_prefix: str, kind: st
                 yield Document(text=value, path=f"{path_prefix}{row}", kind=kind)
 
 
-READERS = {"dir": dir_records, "jsonl": jsonl_records, "parquet": parquet_records, "hf": hf_records}
+READERS = {"dir": dir_records, "jsonl": jsonl_records, "parquet": parquet_records, "hf": hf_records}  # one per config.SOURCE_FORMATS

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from codegen2.config import DataConfig, SourceConfig
+from codegen2.config import SOURCE_KINDS, DataConfig, SourceConfig
 from codegen2.data import embedded
 from codegen2.data.documents import Document, is_heldout, split_filter
 from codegen2.data.formats import READERS, Keep, detect_format, walk_files
@@ -159,7 +159,7 @@ def data_sources(cfg: DataConfig, split: str) -> list[Source]:
 
 def heldout_documents(cfg: DataConfig, kind: str | None = None) -> list[Document]:
     """All held-out documents (optionally of one kind), for evaluation; never in any training cache."""
-    if kind not in (None, "code", "nl"):
-        raise UserError(f"kind={kind!r} must be 'code', 'nl' or None")
+    if kind not in (None, *SOURCE_KINDS):
+        raise UserError(f"kind={kind!r} must be one of {', '.join(SOURCE_KINDS)} or None")
     return [doc for source in data_sources(cfg, "heldout") if kind in (None, source.kind)
             for doc in source.documents()]

@@ -292,9 +292,9 @@ def run_heldout(args: argparse.Namespace) -> int:
                               infill_format or "codegen2")
     if args.baseline:
         # The same shapes freshly initialised: the number training has to beat.
-        from ..model import CodeGenModel
+        from ..models import build_model
 
-        untrained = CodeGenModel(loaded.config).eval()
+        untrained = build_model(loaded.config).eval()
         baseline = type(loaded)(model=untrained, tokenizer=loaded.tokenizer, config=loaded.config,
                                 prefix_lm=loaded.prefix_lm)
         result["untrained"] = evaluate_heldout(baseline, data_config, window, args.max_tokens, 0, args.batch_size)

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from ..model import CodeGenModel, KVCache
+from ..models.common import KVCache
 from ..sampling import SamplingParams, choose_tokens
 from .text import IncrementalText
 
@@ -134,7 +134,7 @@ class BatchEngine:
 
     def __init__(
         self,
-        model: CodeGenModel,
+        model: torch.nn.Module,
         tokenizer,
         *,
         max_batch_size: int = 32,

@@ -1,21 +1,24 @@
-"""Hugging Face `codegen` config.json <-> codegen2 `ModelConfig`, and the qkv-grouping (mp_num) decision.
+"""CodeGen <-> Hugging Face `codegen`: config.json keys, and the qkv grouping (mp_num) decision.
 
 The published CodeGen2 config.json files do not say how the fused qkv projection is grouped: the
 1B and 3.7B checkpoints use 8 groups, the 7B and 16B ones 4 (DESIGN §3), and transformers assumes 4.
 A wrong guess loads without any error and produces garbage, so the choice is made in one place,
 from (in order) an explicit argument, an `mp_num` key in config.json (codegen2's export writes one),
-or the published shapes, and it is always logged.
+or the published shapes, and it is always logged. Exports regroup qkv to transformers' 4 groups;
+imports keep the checkpoint's own grouping, so imported weights are bitwise the HF tensors.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig
-from .errors import UserError
+import torch
+
+from ...config import ModelConfig
+from ...errors import UserError
+from ..spec import HFMapping
 
 log = logging.getLogger("codegen2")
 
@@ -23,35 +26,43 @@ CONFIG_FILE = "config.json"
 # (n_embd, n_layer) of the published checkpoints trained with 8 qkv groups: CodeGen2-1B and -3.7B.
 EIGHT_GROUP_SHAPES = {(2048, 16): "CodeGen2-1B", (4096, 16): "CodeGen2-3.7B"}
 TRANSFORMERS_MP_NUM = 4  # the grouping transformers' CodeGen implementation hard-codes
-_REQUIRED_KEYS = ("vocab_size", "n_embd", "n_layer", "n_head")
+
+def regroup_qkv(weight: torch.Tensor, n_head: int, from_mp: int, to_mp: int) -> torch.Tensor:
+    """Reorder the rows of a fused qkv weight [3 * d, d] from `from_mp` to `to_mp` groups.
+
+    With mp_num groups the rows are, per group g, [Q | V | K] for heads g * n_head / mp_num onward
+    (DESIGN §3). The function is the same whatever the grouping; only the row order differs.
+    """
+    if weight.dim() != 2 or weight.shape[0] != 3 * weight.shape[1]:
+        raise ValueError(f"qkv weight must have shape [3 * d, d], got {list(weight.shape)}")
+    for mp in (from_mp, to_mp):
+        if mp < 1 or n_head % mp:
+            raise ValueError(f"mp_num={mp} does not divide n_head={n_head}")
+    if from_mp == to_mp:
+        return weight
+    d = weight.shape[1]
+    # [from_mp, (q, v, k), d / from_mp, d] -> [(q, v, k), all heads in order, d] -> [to_mp, (q, v, k), ...]
+    per_kind = weight.reshape(from_mp, 3, d // from_mp, d).transpose(0, 1).reshape(3, d, d)
+    return per_kind.reshape(3, to_mp, d // to_mp, d).transpose(0, 1).reshape(3 * d, d).contiguous()
 
 
-def read_hf_config(path: str | Path) -> dict[str, Any]:
-    """The raw config.json of a Hugging Face directory, checked to describe a CodeGen model."""
-    path = Path(path)
-    file = path / CONFIG_FILE
-    if not path.is_dir():
-        raise UserError(f"{path}: not a directory (expected a Hugging Face model directory with {CONFIG_FILE})")
-    if not file.is_file():
-        raise UserError(f"{path}: no {CONFIG_FILE}; a Hugging Face CodeGen directory needs one next to its weights")
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{file}: invalid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{file}: expected a JSON object")
-    model_type = raw.get("model_type")
-    if model_type != "codegen":
-        raise UserError(f"{file}: model_type is {model_type!r}, but only 'codegen' (CodeGen / CodeGen2) is supported")
-    missing = [key for key in _REQUIRED_KEYS if not isinstance(raw.get(key), int)]
-    if missing:
-        raise UserError(f"{file}: missing or non-integer key(s) {', '.join(missing)}")
+def is_qkv(name: str) -> bool:
+    return name.endswith(".attn.qkv_proj.weight")
+
+
+def regroup_state_dict(state: dict[str, torch.Tensor], n_head: int, from_mp: int,
+                       to_mp: int) -> dict[str, torch.Tensor]:
+    """A state dict with every fused qkv weight regrouped (other tensors shared, not copied)."""
+    return {name: regroup_qkv(t, n_head, from_mp, to_mp) if is_qkv(name) else t for name, t in state.items()}
+
+
+def check_hf_config(raw: dict[str, Any], file: Path) -> None:
+    """Refuse CodeGen config.json variants this implementation does not compute."""
     activation = raw.get("activation_function", "gelu_new")
     if activation != "gelu_new":
         raise UserError(f"{file}: activation_function {activation!r} is not supported (CodeGen uses 'gelu_new')")
     if raw.get("tie_word_embeddings", False):
         raise UserError(f"{file}: tie_word_embeddings=true is not supported; CodeGen checkpoints have a separate lm_head")
-    return raw
 
 
 def detect_mp_num(hf_config: dict[str, Any]) -> int:
@@ -123,12 +134,6 @@ def model_config_from_hf(hf_config: dict[str, Any], mp_num: int, where: str | Pa
     return cfg
 
 
-def load_hf_config(path: str | Path, mp_num: int | None = None) -> ModelConfig:
-    """ModelConfig of a Hugging Face CodeGen directory, with its qkv grouping decided (and logged)."""
-    raw = read_hf_config(path)
-    return model_config_from_hf(raw, choose_mp_num(raw, mp_num, path), Path(path) / CONFIG_FILE)
-
-
 def hf_config_from_model(cfg: ModelConfig, eot_id: int, dtype_name: str) -> dict[str, Any]:
     """config.json for transformers' CodeGenForCausalLM (no remote code), weights in the 4-group layout.
 
@@ -159,3 +164,31 @@ def hf_config_from_model(cfg: ModelConfig, eot_id: int, dtype_name: str) -> dict
         "dtype": dtype_name,
         "mp_num": TRANSFORMERS_MP_NUM,
     }
+
+
+def config_from_hf(raw: dict[str, Any], where: Path, overrides: dict[str, Any]) -> ModelConfig:
+    """ModelConfig of a checked config.json, with the qkv grouping decided (explicit `mp_num` override first)."""
+    check_hf_config(raw, where)
+    return model_config_from_hf(raw, choose_mp_num(raw, overrides.get("mp_num"), where.parent), where)
+
+
+def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Exported weights: qkv in the 4-group layout transformers hard-codes."""
+    return regroup_state_dict(state, cfg.n_head, cfg.mp_num, TRANSFORMERS_MP_NUM)
+
+
+def state_from_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Imported weights keep the checkpoint's grouping (`cfg.mp_num` is that grouping): nothing to change."""
+    return state
+
+
+def convert_state(state: dict[str, torch.Tensor], source: ModelConfig, target: ModelConfig) -> dict[str, torch.Tensor]:
+    """`state` of a model shaped like `source`, regrouped to `target`'s mp_num."""
+    if source.mp_num == target.mp_num:
+        return state
+    return regroup_state_dict(state, target.n_head, source.mp_num, target.mp_num)
+
+
+HF_MAPPING = HFMapping(model_type="codegen", config_from_hf=config_from_hf, config_to_hf=hf_config_from_model,
+                       state_to_hf=state_to_hf, state_from_hf=state_from_hf, convert_state=convert_state,
+                       layout_fields=("mp_num",))

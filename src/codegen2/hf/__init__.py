@@ -1,6 +1,9 @@
 """Run the published CodeGen2 checkpoints and move weights between codegen2 and Hugging Face.
 
-- `from_pretrained(dir)` loads a local HF `codegen` directory into a `CodeGenModel`, with the
+Each architecture's own mapping (`Architecture.hf`, e.g. `models/codegen/hf.py`) says how its config.json
+and tensors translate; this package reads, checks and writes the files.
+
+- `from_pretrained(dir)` loads a local HF directory (`codegen`: CodeGen / CodeGen2) into a model, with the
   tokenizer attached as `model.tokenizer`. The model keeps the checkpoint's own qkv grouping
   (`model.config.mp_num`: 8 for CodeGen2-1B/3.7B, 4 otherwise), so nothing is regrouped or copied.
 - `export_hf(run, out)` writes a directory that `transformers` loads with no remote code: weights in
@@ -18,21 +21,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CHECKPOINTS, WEIGHTS, atomic_directory, list_checkpoints, write_checkpoint
-from .config import Config, load_config, save_config
-from .errors import UserError
-from .hf_config import (
-    CONFIG_FILE,
-    TRANSFORMERS_MP_NUM,
-    choose_mp_num,
-    detect_mp_num,
-    hf_config_from_model,
-    load_hf_config,
-    model_config_from_hf,
-    read_hf_config,
-)
-from .hf_weights import expected_shapes, is_qkv, load_into, read_checked_tensors, regroup_qkv, regroup_state_dict
-from .model import CodeGenModel
+from ..checkpoint import CHECKPOINTS, WEIGHTS, atomic_directory, list_checkpoints, write_checkpoint
+from ..config import Config, load_config, save_config
+from ..errors import UserError
+from ..models import architecture, build_model
+from ..models.codegen.hf import detect_mp_num, regroup_qkv, regroup_state_dict
+from .config import CONFIG_FILE, load_hf_config, model_config_from_raw, read_hf_config
+from .weights import expected_shapes, load_into, read_checked_tensors
 
 __all__ = [
     "from_pretrained", "is_hf_directory", "load_hf_config", "detect_mp_num", "regroup_qkv", "regroup_state_dict",
@@ -59,7 +54,7 @@ def has_tokenizer_files(path: str | Path) -> bool:
 
 def load_hf_tokenizer(path: str | Path, vocab_size: int):
     """The tokenizer of a HF directory (tokenizer.json, or vocab.json + merges.txt + added_tokens.json)."""
-    from .tokenizer import CodeGenTokenizer
+    from ..tokenizer import CodeGenTokenizer
 
     path = Path(path)
     if not has_tokenizer_files(path):
@@ -82,8 +77,8 @@ def from_pretrained(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     load_tokenizer: bool = True,
-) -> CodeGenModel:
-    """Load a local Hugging Face CodeGen / CodeGen2 directory as a CodeGenModel in eval mode.
+) -> torch.nn.Module:
+    """Load a local Hugging Face directory (CodeGen / CodeGen2) as a codegen2 model in eval mode.
 
     The tokenizer is attached as `model.tokenizer` (None with load_tokenizer=False); the shapes are
     `model.config` (a ModelConfig whose mp_num is the checkpoint's qkv grouping: explicit `mp_num`,
@@ -92,11 +87,10 @@ def from_pretrained(
     memory-mapped or read once, so the weights are never held twice.
     """
     path = Path(path)
-    raw = read_hf_config(path)
-    cfg = model_config_from_hf(raw, choose_mp_num(raw, mp_num, path), path / CONFIG_FILE)
+    cfg = model_config_from_raw(read_hf_config(path), path, mp_num)
     tokenizer = load_hf_tokenizer(path, cfg.vocab_size) if load_tokenizer else None
     with torch.device("meta"):
-        model = CodeGenModel(cfg)
+        model = build_model(cfg)
     load_into(model, path, device=device, dtype=dtype)
     model.eval()
     model.tokenizer = tokenizer
@@ -126,7 +120,7 @@ def _require_empty(directory: Path, what: str) -> None:
 
 def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
     """Write a transformers-loadable CodeGen directory from a run's checkpoint (latest, or `step`)."""
-    from .tokenizer import CodeGenTokenizer
+    from ..tokenizer import CodeGenTokenizer
     from safetensors.torch import save_file
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -138,21 +132,19 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None)
     tokenizer = CodeGenTokenizer.load(run_dir)
     _require_empty(out_dir, "output directory")
     with torch.device("meta"):
-        expected = expected_shapes(CodeGenModel(cfg))
-    tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in read_checked_tensors(ckpt / WEIGHTS, expected, config_name="config.toml"):
-        if is_qkv(name):
-            tensor = regroup_qkv(tensor, cfg.n_head, cfg.mp_num, TRANSFORMERS_MP_NUM)
-        tensors[name] = tensor.contiguous()
+        expected = expected_shapes(build_model(cfg))
+    mapping = architecture(cfg).hf
+    state = dict(read_checked_tensors(ckpt / WEIGHTS, expected, config_name="config.toml"))
+    tensors = {name: tensor.contiguous() for name, tensor in mapping.state_to_hf(state, cfg).items()}
     dtype_name = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    hf_config = hf_config_from_model(cfg, tokenizer.eot_id, dtype_name)
+    hf_config = mapping.config_to_hf(cfg, tokenizer.eot_id, dtype_name)
     generation = {"_from_model_config": True, "bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
     with atomic_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         tokenizer.save(tmp)
-    log.info("exported %s (mp_num %d -> %d) to %s", ckpt, cfg.mp_num, TRANSFORMERS_MP_NUM, out_dir)
+    log.info("exported %s (%s) to %s", ckpt, mapping.model_type, out_dir)
     return out_dir
 
 
@@ -166,14 +158,12 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, mp_num: int | None = None
     starts a fresh optimizer at step 0 from these weights.
     """
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
-    raw = read_hf_config(hf_dir)
-    chosen = choose_mp_num(raw, mp_num, hf_dir)
-    cfg = model_config_from_hf(raw, chosen, hf_dir / CONFIG_FILE)
+    cfg = model_config_from_raw(read_hf_config(hf_dir), hf_dir, mp_num)
     tokenizer = load_hf_tokenizer(hf_dir, cfg.vocab_size)
     _require_empty(run_dir, "run directory")
     with torch.device("meta"):
-        expected = expected_shapes(CodeGenModel(cfg))
-    state = dict(read_checked_tensors(hf_dir, expected, dtype=dtype))
+        expected = expected_shapes(build_model(cfg))
+    state = architecture(cfg).hf.state_from_hf(dict(read_checked_tensors(hf_dir, expected, dtype=dtype)), cfg)
     config = Config(model=cfg)
     config.tokenizer.vocab_size = cfg.vocab_size
     config.tokenizer.num_masks = tokenizer.num_masks
@@ -181,11 +171,11 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, mp_num: int | None = None
     config.validate()
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(run_dir)
-    meta = {"tokens_seen": 0, "imported_from": str(hf_dir.resolve()), "mp_num": chosen}
+    meta = {"tokens_seen": 0, "imported_from": str(hf_dir.resolve()), "mp_num": cfg.mp_num}
     write_checkpoint(run_dir, 0, state, meta)
     # config.toml last: its presence is what marks the directory as a complete run directory.
     save_config(config, run_dir / "config.toml")
-    log.info("imported %s into %s (mp_num=%d, step 0)", hf_dir, run_dir, chosen)
+    log.info("imported %s into %s (mp_num=%d, step 0)", hf_dir, run_dir, cfg.mp_num)
     return run_dir
 
 

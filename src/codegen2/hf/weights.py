@@ -1,4 +1,4 @@
-"""Read Hugging Face CodeGen weight files frugally, check them, and regroup the fused qkv projection.
+"""Read Hugging Face weight files frugally and check them against the model they are for.
 
 Supported layouts: `model.safetensors`, `pytorch_model.bin`, and either one sharded with its
 `*.index.json`. Tensors are memory-mapped (safetensors' mmap, `torch.load(mmap=True)`), so a tensor
@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger("codegen2")
 
@@ -31,35 +31,6 @@ PYTORCH_BIN = "pytorch_model.bin"
 PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 # Non-persistent attention buffers that old transformers versions saved alongside the weights.
 IGNORED_SUFFIXES = (".attn.causal_mask", ".attn.masked_bias", ".attn.bias")
-
-
-def regroup_qkv(weight: torch.Tensor, n_head: int, from_mp: int, to_mp: int) -> torch.Tensor:
-    """Reorder the rows of a fused qkv weight [3 * d, d] from `from_mp` to `to_mp` groups.
-
-    With mp_num groups the rows are, per group g, [Q | V | K] for heads g * n_head / mp_num onward
-    (DESIGN §3). The function is the same whatever the grouping; only the row order differs.
-    """
-    if weight.dim() != 2 or weight.shape[0] != 3 * weight.shape[1]:
-        raise ValueError(f"qkv weight must have shape [3 * d, d], got {list(weight.shape)}")
-    for mp in (from_mp, to_mp):
-        if mp < 1 or n_head % mp:
-            raise ValueError(f"mp_num={mp} does not divide n_head={n_head}")
-    if from_mp == to_mp:
-        return weight
-    d = weight.shape[1]
-    # [from_mp, (q, v, k), d / from_mp, d] -> [(q, v, k), all heads in order, d] -> [to_mp, (q, v, k), ...]
-    per_kind = weight.reshape(from_mp, 3, d // from_mp, d).transpose(0, 1).reshape(3, d, d)
-    return per_kind.reshape(3, to_mp, d // to_mp, d).transpose(0, 1).reshape(3 * d, d).contiguous()
-
-
-def is_qkv(name: str) -> bool:
-    return name.endswith(".attn.qkv_proj.weight")
-
-
-def regroup_state_dict(state: dict[str, torch.Tensor], n_head: int, from_mp: int,
-                       to_mp: int) -> dict[str, torch.Tensor]:
-    """A state dict with every fused qkv weight regrouped (other tensors shared, not copied)."""
-    return {name: regroup_qkv(t, n_head, from_mp, to_mp) if is_qkv(name) else t for name, t in state.items()}
 
 
 def weight_files(path: str | Path) -> list[Path]:
@@ -201,7 +172,7 @@ def read_checked_tensors(
         tensor = source
         if name not in expected:
             raise UserError(f"{file}: unexpected tensor {name} (shape {list(tensor.shape)}); this is not a "
-                            f"CodeGen checkpoint matching {config_name}")
+                            f"checkpoint matching {config_name}")
         if name in seen:
             raise UserError(f"{file}: tensor {name} appears twice in the checkpoint")
         if tuple(tensor.shape) != tuple(expected[name]):

@@ -2,7 +2,7 @@
 
 Parameter names and the fused-qkv layout are exactly those of the published checkpoints, so a
 state dict moves between codegen2 and Hugging Face `codegen` with at most a regrouping of qkv rows
-(see `hf.py`). The block is GPT-J style: one LayerNorm feeds attention and the MLP in parallel,
+(see `models/codegen/hf.py`). The block is GPT-J style: one LayerNorm feeds attention and the MLP in parallel,
 `h = x + attn(ln_1(x)) + mlp(ln_1(x))`, with partial interleaved rotary embeddings.
 """
 
@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
-from .masks import build_attention_mask
+from ...config import ModelConfig
+from ...masks import forward_attention_mask, sdpa_is_causal
+from ..common import KVCache, rotary_angles
 
 
 def rotary_table(rotary_dim: int, head_dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -26,8 +27,7 @@ def rotary_table(rotary_dim: int, head_dim: int, positions: torch.Tensor) -> tor
     table spans the whole head (width head_dim / 2) with angle 0 past `rotary_dim`, so the pass-through
     dims need no slicing; for an odd head_dim it spans only the rotated dims (width rotary_dim / 2).
     """
-    exponents = torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.int64).float() / rotary_dim
-    angles = positions.float()[..., None] * (1.0 / (10000 ** exponents))
+    angles = rotary_angles(rotary_dim, positions)
     width = head_dim // 2 if head_dim % 2 == 0 else rotary_dim // 2
     if width > rotary_dim // 2:
         angles = torch.cat((angles, angles.new_zeros(*angles.shape[:-1], width - rotary_dim // 2)), dim=-1)
@@ -83,39 +83,6 @@ class RotaryCache:
         return table[position_ids]
 
 
-class KVCache:
-    """Preallocated keys/values for every layer, so decoding never reallocates or concatenates.
-
-    `valid` marks real (not padding) key positions for left-padded prompt batches; `doc_ids` keeps the
-    document index of cached positions when document masking is used.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.valid = torch.ones(batch_size, max_len, device=device, dtype=torch.bool)
-        self.max_len = max_len
-        self.length = 0
-        self.has_padding = False
-
-    def store(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's [B, H, T, D] keys/values and return views over everything cached so far."""
-        end = self.length + key.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions exceed its capacity of {self.max_len}")
-        keys, values = self.keys[layer], self.values[layer]
-        keys.narrow(2, self.length, end - self.length).copy_(key)
-        values.narrow(2, self.length, end - self.length).copy_(value)
-        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows in `index` (e.g. drop finished sequences)."""
-        self.keys = self.keys[:, index]
-        self.values = self.values[:, index]
-        self.valid = self.valid[index]
-
-
 class CodeGenAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -137,9 +104,7 @@ class CodeGenAttention(nn.Module):
         if cache is not None:
             key, value = cache.store(layer, key, value)
         if mask is None:
-            # Without an explicit mask: causal over a fresh sequence, or one new token attending to all.
-            is_causal = time > 1 and (cache is None or cache.length == 0)
-            out = F.scaled_dot_product_attention(query, key, value, is_causal=is_causal)
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=sdpa_is_causal(time, cache))
         else:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).reshape(batch, time, width))
@@ -248,16 +213,7 @@ class CodeGenModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + time, device=input_ids.device)[None].expand(batch, time)
         rotary = self.rotary(position_ids, past + time)[:, :, None, :, None]  # broadcast over groups, heads
-        mask = None
-        if doc_ids is not None or prefix_len is not None:
-            key_valid = cache.valid[:, : past + time] if cache is not None and cache.has_padding else None
-            mask = build_attention_mask(doc_ids, prefix_len, time, input_ids.device, past_len=past, key_valid=key_valid)
-        elif cache is not None and time == 1 and cache.has_padding:
-            # One decoded token may see every cached key that is not padding (it is itself valid).
-            mask = cache.valid[:, None, None, : past + 1]
-        elif cache is not None and (cache.has_padding or (past > 0 and time > 1)):
-            mask = build_attention_mask(None, None, time, input_ids.device, past_len=past,
-                                        key_valid=cache.valid[:, : past + time])
+        mask = forward_attention_mask(doc_ids, prefix_len, time, input_ids.device, cache)
         x = self.transformer.wte(input_ids)
         for layer, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and self.training:
@@ -272,6 +228,12 @@ class CodeGenModel(nn.Module):
         if return_hidden:
             return x
         return self.lm_head(x)
+
+
+def matmul_parameters(cfg: ModelConfig) -> int:
+    """Weights that multiply activations: per layer qkv (3 d^2), out (d^2), fc_in and fc_out (2 d inner); lm_head."""
+    d = cfg.n_embd
+    return cfg.n_layer * (4 * d * d + 2 * d * cfg.inner_dim) + cfg.vocab_size * d
 
 
 def count_parameters(cfg: ModelConfig) -> int:

@@ -1,0 +1,76 @@
+"""What an architecture tells the rest of codegen2: one `Architecture` record per model family.
+
+Training, distribution, metrics, decoding and the Hugging Face layer never look inside a model; they ask
+its `Architecture` (found with `codegen2.models.architecture(cfg)`). So a new family is one module that
+builds such a record plus one line in `codegen2.models.ARCHITECTURES` (docs/design.md, "where to change what").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+
+
+@dataclass(frozen=True)
+class HFMapping:
+    """How one architecture meets Hugging Face transformers (config.json and state-dict names/layout).
+
+    - `model_type`: config.json's `model_type` this architecture reads and writes.
+    - `config_from_hf(raw, where, overrides)`: a ModelConfig from a checked config.json dict; `where` names
+      the file for errors; `overrides` are the user's explicit choices (e.g. {"mp_num": 8} for CodeGen).
+    - `config_to_hf(cfg, eot_id, dtype_name)`: the config.json dict of an export.
+    - `state_to_hf(state, cfg)` / `state_from_hf(state, cfg)`: rename / re-layout tensors on export / import
+      (identity when codegen2's names are the HF ones).
+    - `convert_state(state, source_cfg, target_cfg)`: adapt a state dict between two configs of this
+      architecture that differ only in layout (CodeGen's qkv grouping), for `train.init_from`.
+    - `layout_fields`: the ModelConfig fields whose difference `convert_state` absorbs.
+    """
+
+    model_type: str
+    config_from_hf: Callable[[dict, Path, dict], ModelConfig]
+    config_to_hf: Callable[[ModelConfig, int, str], dict]
+    state_to_hf: Callable[[dict, ModelConfig], dict]
+    state_from_hf: Callable[[dict, ModelConfig], dict]
+    convert_state: Callable[[dict, ModelConfig, ModelConfig], dict]
+    layout_fields: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One model family (see the module docstring for who calls what).
+
+    - `model_cls(cfg)`: the nn.Module. Its forward is `(input_ids, *, position_ids=None, doc_ids=None,
+      prefix_len=None, cache=None, return_hidden=False, last_only=False) -> logits [B, T, vocab]`, masks
+      from `masks.forward_attention_mask`, keys/values through a `models.common.KVCache`; it has an
+      `activation_checkpointing` flag, `num_parameters()`, `use_decode_layout()` (an inference-only memory
+      layout, may return self unchanged) and a `config` attribute.
+    - `blocks(model)`: the repeated layers, in order: the unit of FSDP sharding, per-block compile and
+      activation checkpointing.
+    - `init_weights(model, generator)`: fresh weights. `model` may be a stand-in exposing only `config` and
+      `named_modules()` (FSDP initialises one module at a time), so it must visit modules in order and
+      decide by module type and name only.
+    - `matmul_parameters(cfg)`: weights that multiply activations (for FLOPs, `metrics.flops_per_token`).
+    - `count_parameters(cfg)`: exact parameter count without building the model.
+    - `check_config(cfg)`: raise ConfigError for shapes this family cannot build.
+    - `decode_weights(model)` -> W and `decode_step(W, tokens, pos, col, keys, values, valid)` -> logits
+      [B, vocab]: the fused one-token step `decode.FastDecoder` runs (eager or compiled); W is any nest of
+      tensors and Python constants, keys/values per layer [B, kv_heads, capacity, head_dim].
+    - `hf`: its Hugging Face mapping.
+    """
+
+    name: str
+    model_cls: type[nn.Module]
+    blocks: Callable[[nn.Module], Sequence[nn.Module]]
+    init_weights: Callable[[Any, torch.Generator | None], None]
+    matmul_parameters: Callable[[ModelConfig], int]
+    count_parameters: Callable[[ModelConfig], int]
+    check_config: Callable[[ModelConfig], None]
+    decode_weights: Callable[[nn.Module], Any]
+    decode_step: Callable[..., torch.Tensor]
+    hf: HFMapping
