@@ -59,7 +59,7 @@ def test_infill_prompts_follow_the_trained_layouts():
 
     tok = CharTokenizer()
     prefix, suffix = tok.encode("def f(x):\n    "), tok.encode("\n    return y\n")
-    # CodeGen2 (DESIGN section 2): prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>
+    # CodeGen2 (docs/design.md §2): prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>
     assert infill_prompt(tok, prefix, suffix, "codegen2") == (
         prefix + [tok.mask_id(1)] + suffix + [tok.eot_id, tok.sep_id, tok.mask_id(1)])
     # FIM PSM: the training transform's output up to and including <sep>, for a cut at the same places.

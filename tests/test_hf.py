@@ -67,7 +67,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def naive_qkv_rows(n_embd: int, n_head: int, mp_num: int) -> list[tuple[str, int, int]]:
-    """For each row of a fused qkv weight with mp_num groups: (kind, head, dim), from the DESIGN §3 rule."""
+    """For each row of a fused qkv weight with mp_num groups: (kind, head, dim), from the docs/design.md §3 rule."""
     head_dim = n_embd // n_head
     heads_per_group = n_head // mp_num
     rows = []

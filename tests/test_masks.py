@@ -1,4 +1,4 @@
-"""build_attention_mask against a naive double loop over DESIGN §1's rule.
+"""build_attention_mask against a naive double loop over docs/design.md §1's rule.
 
 allowed[i, j] = (j <= i or (i < P and j < P)) and doc[i] == doc[j]
 """

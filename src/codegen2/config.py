@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Shapes of a decoder (DESIGN §3); `arch` picks the architecture (`codegen2.models.ARCHITECTURES`)."""
+    """Shapes of a decoder (docs/design.md §3); `arch` picks the architecture (`codegen2.models.ARCHITECTURES`)."""
 
     arch: str = "codegen"
     vocab_size: int = 51200
@@ -73,7 +73,7 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The per-sequence objective mixture (DESIGN §1).
+    """The per-sequence objective mixture (docs/design.md §1).
 
     Rates are probabilities per training sequence; whatever is left after span and FIM is causal LM.
     Span-sampling bounds are not published by the paper: these defaults are ours.
@@ -225,7 +225,7 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets. The large ones are the published CodeGen2 shapes (DESIGN §3); `tiny` trains on a laptop.
+# Presets. The large ones are the published CodeGen2 shapes (docs/design.md §3); `tiny` trains on a laptop.
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {

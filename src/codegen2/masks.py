@@ -1,7 +1,7 @@
 """Attention masks: causal, prefix-LM (bidirectional prefix) and document masking for packed sequences.
 
 One function builds every mask the model needs, so training (packed documents, prefix-LM) and
-decoding (a KV cache, left-padded prompt batches) share the same rule (DESIGN §1):
+decoding (a KV cache, left-padded prompt batches) share the same rule (docs/design.md §1):
 
     allowed[i, j] = (j <= i  or  (i < P and j < P))  and  doc[i] == doc[j]  and  key_valid[j]
 

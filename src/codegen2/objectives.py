@@ -4,7 +4,7 @@ Everything here is a pure function of token ids (numpy integer arrays) and a num
 The data loader takes a chunk of ``seq_len + 1`` tokens from a packed stream of documents (each
 ending with ``<|endoftext|>``) and calls :func:`make_example`, which draws everything from
 ``objective_rng(seed, sample_index)`` alone, so a sample never depends on access order and a
-resumed run sees exactly the same data (DESIGN §1).
+resumed run sees exactly the same data (docs/design.md §1).
 
 Objectives (chosen per sequence by :func:`choose_objective`)
 -----------------------------------------------------------
@@ -80,7 +80,7 @@ _RNG_DOMAIN = 0x0B1EC7  # separates these streams from other users of the same s
 
 @dataclass(frozen=True)
 class SpecialIds:
-    """Ids of the special tokens the objectives write (DESIGN §3)."""
+    """Ids of the special tokens the objectives write (docs/design.md §3)."""
 
     eot: int  # <|endoftext|>, also the padding id
     sep: int  # <sep>
@@ -97,7 +97,7 @@ class SpecialIds:
 
 
 def codegen2_special_ids(num_masks: int = 899) -> SpecialIds:
-    """The ids used by the published CodeGen2 tokenizer: <mask_N> = 51200 - N (DESIGN §3)."""
+    """The ids used by the published CodeGen2 tokenizer: <mask_N> = 51200 - N (docs/design.md §3)."""
     if not 1 <= num_masks <= 899:
         raise UserError(f"num_masks={num_masks} must lie in [1, 899] for the CodeGen2 tokenizer")
     return SpecialIds(eot=50256, sep=50299, eom=50300, masks=tuple(51200 - n for n in range(1, num_masks + 1)))

@@ -38,7 +38,7 @@ class Completion:
 
 
 def infill_prompt_ids(tokenizer, prefix: str, suffix: str) -> list[int]:
-    """CodeGen2 infill prompt (DESIGN §2): prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>."""
+    """CodeGen2 infill prompt (docs/design.md §2): prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>."""
     mask = tokenizer.mask_id(1)
     return (tokenizer.encode(prefix) + [mask] + tokenizer.encode(suffix)
             + [tokenizer.eot_id, tokenizer.sep_id, mask])

@@ -1,4 +1,4 @@
-"""The CodeGen2 tokenizer: GPT-2 byte-level BPE plus CodeGen's added tokens (DESIGN §3).
+"""The CodeGen2 tokenizer: GPT-2 byte-level BPE plus CodeGen's added tokens (docs/design.md §3).
 
 Built on Hugging Face `tokenizers` (the BPE itself is never hand-written). Added tokens:
 `<|endoftext|>`, runs of 2-31 spaces and 2-9 tabs (normal added tokens, so indentation becomes one

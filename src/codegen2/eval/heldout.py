@@ -10,7 +10,7 @@ cross-entropy of the masked line and its end-of-middle token given that prompt: 
 exact matches appear, so it separates small models that all score 0% exact match.
 
 Two prompt formats, matching the two infill objectives a model may have been trained with:
-  codegen2: prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>   -> middle <eom>   (DESIGN section 2)
+  codegen2: prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>   -> middle <eom>   (docs/design.md §2)
   fim:      <mask_1> prefix <mask_2> suffix <sep>                   -> middle <eom>   (FIM, PSM order)
 """
 

@@ -1,4 +1,4 @@
-"""Unbiased pass@k (Chen et al. 2021; DESIGN §4).
+"""Unbiased pass@k (Chen et al. 2021; docs/design.md §4).
 
 With n samples of which c pass, pass@k = 1 - C(n-c, k) / C(n, k): the chance that a random subset
 of k samples contains a passing one. The binomials overflow for n in the hundreds, so the ratio is

@@ -158,7 +158,7 @@ def plan_request(req: CompletionRequest, tokenizer, n_ctx: int, vocab_size: int)
     if infill:
         suffix_ids = tokenizer.encode(req.suffix)
         mask = tokenizer.mask_id(1)
-        # DESIGN §2: prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>, the middle ends at <eom>.
+        # docs/design.md §2: prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>, the middle ends at <eom>.
         ids_list = [ids + [mask] + suffix_ids + [tokenizer.eot_id, tokenizer.sep_id, mask] for ids in ids_list]
         stop_ids: tuple[int, ...] = (tokenizer.eom_id, tokenizer.eot_id)
     else:

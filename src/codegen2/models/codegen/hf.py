@@ -1,7 +1,7 @@
 """CodeGen <-> Hugging Face `codegen`: config.json keys, and the qkv grouping (mp_num) decision.
 
 The published CodeGen2 config.json files do not say how the fused qkv projection is grouped: the
-1B and 3.7B checkpoints use 8 groups, the 7B and 16B ones 4 (DESIGN §3), and transformers assumes 4.
+1B and 3.7B checkpoints use 8 groups, the 7B and 16B ones 4 (docs/design.md §3), and transformers assumes 4.
 A wrong guess loads without any error and produces garbage, so the choice is made in one place,
 from (in order) an explicit argument, an `mp_num` key in config.json (codegen2's export writes one),
 or the published shapes, and it is always logged. Exports regroup qkv to transformers' 4 groups;
@@ -31,7 +31,7 @@ def regroup_qkv(weight: torch.Tensor, n_head: int, from_mp: int, to_mp: int) -> 
     """Reorder the rows of a fused qkv weight [3 * d, d] from `from_mp` to `to_mp` groups.
 
     With mp_num groups the rows are, per group g, [Q | V | K] for heads g * n_head / mp_num onward
-    (DESIGN §3). The function is the same whatever the grouping; only the row order differs.
+    (docs/design.md §3). The function is the same whatever the grouping; only the row order differs.
     """
     if weight.dim() != 2 or weight.shape[0] != 3 * weight.shape[1]:
         raise ValueError(f"qkv weight must have shape [3 * d, d], got {list(weight.shape)}")

@@ -1,4 +1,4 @@
-"""The CodeGen decoder (DESIGN §3), with a static KV cache for decoding.
+"""The CodeGen decoder (docs/design.md §3), with a static KV cache for decoding.
 
 Parameter names and the fused-qkv layout are exactly those of the published checkpoints, so a
 state dict moves between codegen2 and Hugging Face `codegen` with at most a regrouping of qkv rows
