@@ -42,6 +42,7 @@ lessons: $(VENV)/.core-installed
 	$(PY) experiments/lessons/study.py
 
 test: $(VENV)/.dev-installed
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -p no:cacheprovider
 
 clean:

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from bench_train_step import codegen2_step
-from common import build_ours, fmt, machine_line, model_config, parse_threads
 from codegen2.config import load_config
 from codegen2.data import BatchLoader, PackedMixture, embedded_sources
 from codegen2.tokenizer import train_tokenizer
 from codegen2.train import build_optimizer
+from common import build_ours, fmt, machine_line, model_config, parse_threads
 
 TARGET = 20.0
 
@@ -94,7 +94,8 @@ def main() -> None:
     batch_seconds = []
     for run in range(args.repeats):
         first = run * args.steps  # fresh samples every run: nothing is served from a cache twice
-        batch_seconds.append(cpu_seconds(lambda: [loader.step_batches(step) for step in range(first, first + args.steps)]))
+        steps = range(first, first + args.steps)
+        batch_seconds.append(cpu_seconds(lambda: [loader.step_batches(step) for step in steps]))
     batch_tokens = args.steps * t.micro_batch_size * t.seq_len
     batch_rate = batch_tokens / statistics.median(batch_seconds)
     pipeline_rate = 1.0 / (1.0 / tokenise_rate + 1.0 / batch_rate)

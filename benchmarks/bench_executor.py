@@ -61,7 +61,8 @@ def main() -> None:
         report = score_file(ours_file, ks=(1,), workers=args.workers, timeout=3.0)
         ours_seconds = time.perf_counter() - start
 
-        theirs_rows = [(r["task_id"], r["passed"], r["result"]) for _, r in read_jsonl(str(theirs_file) + "_results.jsonl")]
+        theirs_results = read_jsonl(str(theirs_file) + "_results.jsonl")
+        theirs_rows = [(r["task_id"], r["passed"], r["result"]) for _, r in theirs_results]
         ours_rows = [(r["task_id"], r["passed"], r["result"]) for _, r in read_jsonl(results_path(ours_file))]
     identical = theirs_rows == ours_rows and abs(theirs["pass@1"] - report.pass_at_k["pass@1"]) < 1e-12
     print(f"samples: {len(samples)} ({args.samples_per_problem} canonical completions x {len(problems)} problems), "

@@ -6,9 +6,10 @@ CTranslate2 (if the `ctranslate2` package is installed) runs the same weights co
 saved directory with its own converter. codegen2 runs `generate_ids` on a model switched to its inference
 weight layout (`CodeGenModel.use_decode_layout`: same values, input-major memory order) with each of its
 decoders: "model" (the model's forward with a KV cache), "fast" (`decode.FastDecoder`, eager) and
-"compiled" (the same step under torch.compile; its one-time compile is timed and printed separately). The greedy tokens of the engines are compared (they should
-agree: same weights, same arithmetic up to rounding), then runs alternate between engines; the table
-gives the median new tokens/s, the range over runs and the ratios of medians.
+"compiled" (the same step under torch.compile; its one-time compile is timed and printed separately).
+The greedy tokens of the engines are compared (they should agree: same weights, same arithmetic up to
+rounding), then runs alternate between engines; the table gives the median new tokens/s, the range over
+runs and the ratios of medians.
 
 Also timed: one typical infill request (CodeGen2 format: 96-token prefix, <mask_1>, 32-token suffix,
 <|endoftext|> <sep> <mask_1>, then up to 24 tokens), as request latency in milliseconds.
@@ -26,8 +27,19 @@ from pathlib import Path
 
 import torch
 
-from common import SHAPES, build_ours, fmt, hf_twin, interleaved, machine_line, model_config, parse_threads, ratio_line, spread
 from codegen2.sampling import SamplingParams, generate_ids
+from common import (
+    SHAPES,
+    build_ours,
+    fmt,
+    hf_twin,
+    interleaved,
+    machine_line,
+    model_config,
+    parse_threads,
+    ratio_line,
+    spread,
+)
 
 PROMPT_TOKENS = 64
 NEW_TOKENS = 128

@@ -120,7 +120,8 @@ def main() -> None:
             bin_dir = root / "bin"
             bin_dir.mkdir(exist_ok=True)
             shutil.copy(st_dir / "config.json", bin_dir)
-            dirs["bin"] = (bin_dir, write_bin_from_safetensors(st_dir / "model.safetensors", bin_dir / "pytorch_model.bin"))
+            bin_file = write_bin_from_safetensors(st_dir / "model.safetensors", bin_dir / "pytorch_model.bin")
+            dirs["bin"] = (bin_dir, bin_file)
         for fmt in args.formats.split(","):
             directory, file_size = dirs[fmt]
             for dtype in args.dtypes.split(","):
@@ -133,7 +134,7 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    print(f"\n| preset | file | load dtype | file GiB | baseline RSS GiB | peak RSS GiB | peak / file | load time s |")
+    print("\n| preset | file | load dtype | file GiB | baseline RSS GiB | peak RSS GiB | peak / file | load time s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {args.preset} | {r['format']} | {r['load_dtype']} | {r['file_bytes'] / 2**30:.2f} | "

@@ -20,12 +20,21 @@ import time
 
 import torch
 
-from common import (SHAPES, Summary, build_ours, fmt, hf_twin, interleaved, machine_line, model_config,
-                    parse_threads, ratio_line, spread)
 from codegen2.config import TrainConfig
-from codegen2.metrics import flops_per_token
 from codegen2.data.loader import Batch
-from codegen2.train import StepSettings, compile_blocks, build_optimizer, train_step
+from codegen2.metrics import flops_per_token
+from codegen2.train import StepSettings, build_optimizer, compile_blocks, train_step
+from common import (
+    SHAPES,
+    build_ours,
+    hf_twin,
+    interleaved,
+    machine_line,
+    model_config,
+    parse_threads,
+    ratio_line,
+    spread,
+)
 
 DEFAULT_BATCH = {"tiny": (8, 256), "125m": (4, 512)}  # (batch, sequence length)
 TARGET_RATIO = 1.15

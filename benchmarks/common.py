@@ -13,9 +13,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -49,7 +49,7 @@ class Summary:
     def high(self) -> float:
         return max(self.samples)
 
-    def rate(self, work: float) -> "Rate":
+    def rate(self, work: float) -> Rate:
         """Work per second (e.g. tokens/s): median and the range over runs."""
         return Rate(work / self.median, work / self.high, work / self.low)
 
@@ -132,7 +132,8 @@ def ratio_line(label: str, peer: float, ours: float, target: float | None = None
     value = ours / peer
     verdict = ""
     if target is not None:
-        verdict = f" (target >= {target:g}x: {'met' if value >= target else f'missed by {100 * (1 - value / target):.0f}%'})"
+        outcome = "met" if value >= target else f"missed by {100 * (1 - value / target):.0f}%"
+        verdict = f" (target >= {target:g}x: {outcome})"
     return f"{label}: {value:.2f}x{verdict}"
 
 

@@ -38,8 +38,15 @@ from pathlib import Path
 
 import torch
 
-from codegen2.checkpoint import CHECKPOINTS, SAVE_PAUSE_ENV, WEIGHTS, latest_checkpoint, list_checkpoints, \
-    load_weights, read_meta
+from codegen2.checkpoint import (
+    CHECKPOINTS,
+    SAVE_PAUSE_ENV,
+    WEIGHTS,
+    latest_checkpoint,
+    list_checkpoints,
+    load_weights,
+    read_meta,
+)
 from codegen2.config import Config, SourceConfig, dump_toml, load_config
 
 DONE_MARKER = "reference-complete"
@@ -112,11 +119,11 @@ class Launch:
     token: str
     started: float
     wall_started: float = field(default_factory=time.time)
-    lines: "queue.Queue[tuple[float, str]]" = field(default_factory=queue.Queue)
+    lines: queue.Queue[tuple[float, str]] = field(default_factory=queue.Queue)
     transcript: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, command: list[str], env: dict[str, str]) -> "Launch":
+    def start(cls, command: list[str], env: dict[str, str]) -> Launch:
         token = f"{os.getpid()}-{time.monotonic_ns()}"
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**env, LAUNCH_ENV: token}, start_new_session=True)
@@ -403,7 +410,8 @@ def stress(workdir: Path, nproc: int, parallel: str, kills: int, seed: int, paus
     done = killed_run(config, config_path, run_dir, nproc, parallel, kills, random.Random(seed), kinds, pause_s,
                       step_seconds, start_seconds)
     problems = compare_runs(ref_dir, run_dir)
-    return {"nproc": nproc, "parallel": parallel if nproc > 1 else "none", "seed": seed, "steps": config.train.max_steps,
+    return {"nproc": nproc, "parallel": parallel if nproc > 1 else "none", "seed": seed,
+            "steps": config.train.max_steps,
             "kills": [vars(k) for k in done], "problems": problems, "identical": not problems,
             "seconds": time.perf_counter() - started}
 

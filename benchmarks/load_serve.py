@@ -17,21 +17,20 @@ import http.client
 import json
 import os
 import random
-import threading
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_small_run(directory: Path) -> Path:
-    """A random-weight CodeGen (4 layers, width 128, 1.1M parameters) with a BPE trained on a few standard-library files."""
+    """A random-weight CodeGen (4 layers, width 128, 1.1M parameters), BPE trained on a few standard-library files."""
     import argparse as src_a
     import json as src_b
     import textwrap as src_c

@@ -144,4 +144,5 @@ def test_init_from_a_run_with_another_qkv_grouping_keeps_the_function(tiny_confi
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), source(tokens))
     with pytest.raises(UserError, match="n_layer 2 vs 3"):
-        build_training_model(tiny_config(**{"model.n_layer": 3, "train.init_from": str(tmp_path / "source")}), DistEnv())
+        config = tiny_config(**{"model.n_layer": 3, "train.init_from": str(tmp_path / "source")})
+        build_training_model(config, DistEnv())

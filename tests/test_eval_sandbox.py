@@ -197,7 +197,8 @@ HOSTILE = {
     """), {"failed"}),
     "kill_everyone": ("import posix, signal\nposix.kill(-1, signal.SIGKILL)\nraise AssertionError('survived')\n",
                       {"failed"}),
-    "flood_stdout": ("import posix, sys\nsys.stdout.write('y' * 100000)\nwhile True:\n    posix.write(1, b'x' * 65536)\n",
+    "flood_stdout": ("import posix, sys\nsys.stdout.write('y' * 100000)\n"
+                     "while True:\n    posix.write(1, b'x' * 65536)\n",
                      {"timed out"}),
     "outliving_children": (textwrap.dedent("""
         import posix, time

@@ -3,11 +3,20 @@
 import torch
 import torch.nn.functional as F
 
-from codegen2.data import Document
-from codegen2.eval.heldout import (InfillTask, chunk_tokens, completion_loss, default_infill_format, evaluation_data_config,
-                                   heldout_loss, infill_loss, infill_prompt, single_line_tasks)
-from codegen2.models.codegen.model import CodeGenModel
 from codegen2.config import ModelConfig
+from codegen2.data import Document
+from codegen2.eval.heldout import (
+    InfillTask,
+    chunk_tokens,
+    completion_loss,
+    default_infill_format,
+    evaluation_data_config,
+    heldout_loss,
+    infill_loss,
+    infill_prompt,
+    single_line_tasks,
+)
+from codegen2.models.codegen.model import CodeGenModel
 
 
 def docs():
@@ -54,8 +63,8 @@ def tiny_model(seed: int = 0) -> CodeGenModel:
 def test_infill_prompts_follow_the_trained_layouts():
     import numpy as np
 
-    from conftest import CharTokenizer
     from codegen2.objectives import SpecialIds, fim_transform
+    from conftest import CharTokenizer
 
     tok = CharTokenizer()
     prefix, suffix = tok.encode("def f(x):\n    "), tok.encode("\n    return y\n")
@@ -85,8 +94,8 @@ def test_infill_loss_equals_one_task_at_a_time():
     for bidirectional in (False, True):
         for fmt in ("codegen2", "fim"):
             model = tiny_model()
-            batched = infill_loss(model, tok, tasks, context_tokens=60, batch_size=2, bidirectional_prompt=bidirectional,
-                                  fmt=fmt)
+            batched = infill_loss(model, tok, tasks, context_tokens=60, batch_size=2,
+                                  bidirectional_prompt=bidirectional, fmt=fmt)
             total, count = 0.0, 0
             for task in tasks:  # no padding, no batching: the whole sequence scored directly
                 prompt = infill_prompt(tok, tok.encode(task.prefix)[-36:], tok.encode(task.suffix)[:24], fmt)
@@ -105,10 +114,10 @@ def test_every_mixture_is_scored_on_the_same_heldout_files():
     from codegen2.config import DataConfig, ObjectiveConfig
     from codegen2.data import heldout_documents
 
-    code_only = evaluation_data_config(DataConfig(embedded_code_weight=1.0, embedded_nl_weight=0.0, embedded_max_files=40,
-                                                  heldout_fraction=0.2))
-    prose_only = evaluation_data_config(DataConfig(embedded_code_weight=0.0, embedded_nl_weight=1.0, embedded_max_files=40,
-                                                   heldout_fraction=0.2))
+    code_only = evaluation_data_config(DataConfig(embedded_code_weight=1.0, embedded_nl_weight=0.0,
+                                                  embedded_max_files=40, heldout_fraction=0.2))
+    prose_only = evaluation_data_config(DataConfig(embedded_code_weight=0.0, embedded_nl_weight=1.0,
+                                                   embedded_max_files=40, heldout_fraction=0.2))
     for kind in ("code", "nl"):
         a = [d.path for d in heldout_documents(code_only, kind=kind)]
         b = [d.path for d in heldout_documents(prose_only, kind=kind)]

@@ -46,7 +46,8 @@ def _hf_model(shape: dict, seed: int = 0):
     model = transformers.CodeGenForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.1 if p.dim() == 1 else 0.3) + (1.0 if name.endswith("ln_1.weight") else 0.0))
+            offset = 1.0 if name.endswith("ln_1.weight") else 0.0
+            p.copy_(torch.randn_like(p) * (0.1 if p.dim() == 1 else 0.3) + offset)
     return model
 
 
@@ -153,7 +154,10 @@ def test_every_weight_file_layout_loads(layout, tmp_path):
         for i, shard in enumerate(shards):
             file = f"{stem}-{i + 1:05d}-of-00002.{suffix}"
             part = {k: state[k] for k in shard}
-            save_file(part, str(out / file), metadata={"format": "pt"}) if suffix == "safetensors" else torch.save(part, out / file)
+            if suffix == "safetensors":
+                save_file(part, str(out / file), metadata={"format": "pt"})
+            else:
+                torch.save(part, out / file)
             weight_map.update({k: file for k in shard})
         index = f"{stem}.{suffix}.index.json"
         (out / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -183,7 +187,8 @@ def test_released_mapped_pages_read_back_from_the_file(tmp_path):
     mapped = torch.load(tmp_path / "w.bin", mmap=True, weights_only=True)["w"]
     total = float(mapped.sum())
     release_mapped_pages(mapped)
-    assert float(mapped.sum()) == total and torch.equal(mapped[-5:], torch.arange(3 * 1024 * 1024 - 5, 3 * 1024 * 1024).float())
+    assert float(mapped.sum()) == total
+    assert torch.equal(mapped[-5:], torch.arange(3 * 1024 * 1024 - 5, 3 * 1024 * 1024).float())
 
 
 # ------------------------------------------------------------------------------------------------ 2

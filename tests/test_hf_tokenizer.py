@@ -42,7 +42,8 @@ def _sample(rng: random.Random) -> list[str]:
     code = [p.read_text(encoding="utf-8", errors="replace") for p in _code_files()]
     prose = _prose()
     specials = [EOT, "<sep>", "<eom>", "<mask_1>", "<mask_2>", f"<mask_{NUM_MASKS}>", "<mask_17>",
-                "\t" * 12, " " * 40, "  \t  ", "héllo wörld ", "日本語のテキスト", "🙂🚀", "\r\n", "<mask_>", "<mask_0>"]
+                "\t" * 12, " " * 40, "  \t  ", "héllo wörld ", "日本語のテキスト", "🙂🚀", "\r\n",
+                "<mask_>", "<mask_0>"]
     pieces = ["x = 1" + "".join(specials) + " " * 31 + "y" + "\t" * 9 + "z<mask_3>\n"]  # every kind up front
     size = len(pieces[0].encode("utf-8"))
     index = 0

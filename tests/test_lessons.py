@@ -9,8 +9,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 from codegen2.config import load_config
 
 LESSONS = Path(__file__).resolve().parents[1] / "experiments" / "lessons"
@@ -101,7 +99,8 @@ def test_report_table_plots_and_verdicts_that_reproduce(tmp_path):
     text = report.write_report(tmp_path / "runs", ARMS, [1, 2], doc, tmp_path / "docs" / "lessons", "CMD")
     assert doc.read_text() == text and "CMD" in text
     assert text.count("\n| `") == 7
-    assert "| `causal_decoder` | causal decoder | 2 | 3.010 (3.000–3.020) | 2.760 (2.750–2.770) | 4.010 (4.000–4.020) |" in text
+    assert ("| `causal_decoder` | causal decoder | 2 | 3.010 (3.000–3.020) | 2.760 (2.750–2.770) "
+            "| 4.010 (4.000–4.020) |") in text
     assert "**Lesson 1 reproduces" in text and "**Lesson 2 reproduces" in text
     assert "**Lesson 3 reproduces" in text and "**Lesson 4 reproduces" in text
     assert "[fim]" in text and "6 steps = 12,288 training tokens per run" in text

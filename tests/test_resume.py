@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from conftest import load_stress
 
 stress = load_stress()

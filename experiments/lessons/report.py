@@ -146,7 +146,8 @@ def lesson_sentences(by_name: dict[str, ArmResult]) -> dict[int, str]:
         better = [m for m, (diff, is_clear) in clear.items() if is_clear and diff < 0]
         worse = [m for m, (diff, is_clear) in clear.items() if is_clear and diff > 0]
         if better:
-            verdict = "does not reproduce: the prefix-LM is clearly better on " + " and ".join(METRICS[m][0] for m in better)
+            names = " and ".join(METRICS[m][0] for m in better)
+            verdict = "does not reproduce: the prefix-LM is clearly better on " + names
         elif len(worse) == len(clear):
             verdict = ("reproduces, more strongly than the paper puts it: the prefix-LM is clearly worse on every "
                        "held-out code metric")
@@ -168,7 +169,8 @@ def lesson_sentences(by_name: dict[str, ArmResult]) -> dict[int, str]:
             extra = "; with FIM instead, " + describe(fim, causal, "code") + " vs `causal_only`"
         out[2] = (f"**Lesson 2 {verdict}.** " + describe(base, causal, "code") + " vs `causal_only`" + extra
                   + f"; what it buys: {describe(base, causal, 'infill_loss')} vs `causal_only`"
-                  + f" and infill exact match {100 * base.mean('infill_em'):.1f}% vs {100 * causal.mean('infill_em'):.1f}%.")
+                  + f" and infill exact match {100 * base.mean('infill_em'):.1f}% vs "
+                  f"{100 * causal.mean('infill_em'):.1f}%.")
     span = by_name.get("span_only")
     if base and causal and span:
         left = _recovered(span, causal, base, "code")  # span-only is the worst left to right, causal-only the best
@@ -225,7 +227,8 @@ def mean_curve(arm: ArmResult, index: int) -> tuple[list[int], list[float], list
 
 PLOTS = [  # file, title, arms, curve columns
     ("lesson1_architecture.png", "Lesson 1: causal decoder vs prefix-LM", ["causal_decoder", "prefix_lm"], [1]),
-    ("lesson2_3_objectives.png", "Lessons 2 and 3: objectives", ["causal_only", "causal_decoder", "span_only", "fim"], [1]),
+    ("lesson2_3_objectives.png", "Lessons 2 and 3: objectives",
+     ["causal_only", "causal_decoder", "span_only", "fim"], [1]),
     ("lesson4_data.png", "Lesson 4: data mixture", ["code_only", "causal_decoder", "prose_only"], [1, 2]),
 ]
 
@@ -329,7 +332,8 @@ def write_report(root: Path, arms: list[tuple[str, str]], seeds: list[int], doc:
         command,
         "```",
         "",
-        f"Setup: `experiments/lessons/common.toml` ({shape}), one arm file per row in `experiments/lessons/arms/`. Seeds {', '.join(map(str, seeds))} "
+        f"Setup: `experiments/lessons/common.toml` ({shape}), one arm file per row in `experiments/lessons/arms/`. "
+        f"Seeds {', '.join(map(str, seeds))} "
         f"(the seed sets initialisation, data order and objective draws). One shared tokenizer, so every loss is "
         f"in nats per token of the same vocabulary. Held-out metrics on the 5% of files never trained on: "
         f"left-to-right loss on {run['code_tokens']:,} code and {run['nl_tokens']:,} prose tokens; "

@@ -29,15 +29,24 @@ import random
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .distributed import (DistEnv, barrier, broadcast_object, full_state, gather_objects, load_full_state,
-                          load_sharded, save_sharded)
+from .distributed import (
+    DistEnv,
+    barrier,
+    broadcast_object,
+    full_state,
+    gather_objects,
+    load_full_state,
+    load_sharded,
+    save_sharded,
+)
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "model.safetensors"

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, PRESETS, load_config, preset_dict, config_from_dict
+from .config import PRESETS, ConfigError, config_from_dict, load_config, preset_dict
 from .errors import UserError
 
 
@@ -41,7 +41,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import SourceConfig
     from .data import source_from_path
     from .train import train
 
@@ -91,7 +90,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     loaded = _load(args)
     prompts = args.prompt or []
     if args.prompt_file:
-        prompts += [json.loads(line)["prompt"] for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
+        lines = Path(args.prompt_file).read_text().splitlines()
+        prompts += [json.loads(line)["prompt"] for line in lines if line.strip()]
     if not prompts:
         raise UserError("give --prompt TEXT (repeatable) or --prompt-file FILE.jsonl")
     outputs = generate(loaded.model, loaded.tokenizer, prompts, _params(args), bidirectional_prompt=loaded.prefix_lm)

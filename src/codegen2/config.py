@@ -206,7 +206,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = ""
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         self.model.validate()
         self.objective.validate()
         self.data.validate()
@@ -241,10 +241,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "7b": {"model": dict(n_layer=32, n_embd=4096, n_head=16, rotary_dim=64, mp_num=4)},
     "16b": {"model": dict(n_layer=34, n_embd=6144, n_head=24, rotary_dim=64, mp_num=4)},
 }
-
-
-def _section_types() -> dict[str, type]:
-    return {f.name: f.type for f in dataclasses.fields(Config)}
 
 
 def _build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:

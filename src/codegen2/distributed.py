@@ -14,10 +14,11 @@ import copy
 import datetime
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -144,13 +145,7 @@ def wrap_model(model: nn.Module, parallel: str, env: DistEnv, bf16: bool) -> nn.
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) else model
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
 @torch.no_grad()
@@ -249,8 +244,12 @@ def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
 def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Load a DCP checkpoint into this model's current layout; DCP reads whichever saved shards overlap ours."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, \
-        set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
 
     from .checkpoint import MODEL_KEY, OPTIM_KEY
 

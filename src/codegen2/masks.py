@@ -74,7 +74,8 @@ def forward_attention_mask(doc_ids: torch.Tensor | None, prefix_len: torch.Tenso
         # One decoded token may see every cached key that is not padding (it is itself valid).
         return cache.valid[:, None, None, : past + 1]
     if cache is not None and (cache.has_padding or (past > 0 and seq_len > 1)):
-        return build_attention_mask(None, None, seq_len, device, past_len=past, key_valid=cache.valid[:, : past + seq_len])
+        key_valid = cache.valid[:, : past + seq_len]
+        return build_attention_mask(None, None, seq_len, device, past_len=past, key_valid=key_valid)
     return None
 
 

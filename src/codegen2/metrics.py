@@ -6,10 +6,10 @@ FLOPs per trained token (forward + backward, PaLM appendix B):
 
 N counts the weights of every matrix multiplication (`Architecture.matmul_parameters`: for CodeGen qkv_proj,
 out_proj, fc_in, fc_out of each layer and lm_head; the token embedding is a lookup; biases and norms cost
-O(N / n_embd) and are left out). Each
-such weight costs 2 FLOPs per token forward and 4 backward. The second term is attention's two
-products, q.k over seq_len keys and the weighted sum of values, each 2 * n_embd * seq_len FLOPs per
-token and layer forward (n_head * head_dim = n_embd whatever the number of key/value heads), times 3 for forward + backward; like PaLM and Megatron it counts the full
+O(N / n_embd) and are left out). Each such weight costs 2 FLOPs per token forward and 4 backward. The
+second term is attention's two products, q.k over seq_len keys and the weighted sum of values, each
+2 * n_embd * seq_len FLOPs per token and layer forward (n_head * head_dim = n_embd whatever the number of
+key/value heads), times 3 for forward + backward; like PaLM and Megatron it counts the full
 seq_len x seq_len square, not the causal half. tests/test_distributed.py checks this formula against
 torch's FlopCounterMode on the real model.
 

@@ -8,13 +8,12 @@ the batch (the server batches unrelated requests and must match `codegen2 sample
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from .models.common import KVCache
-
 
 DECODERS = ("model", "fast", "compiled")
 

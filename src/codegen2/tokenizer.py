@@ -66,7 +66,8 @@ class CodeGenTokenizer:
         for token in REQUIRED_TOKENS:
             ids = backend.encode(token, add_special_tokens=False).ids
             if ids != [vocab[token]]:
-                raise UserError(f"tokenizer does not encode {token} as one token (got ids {ids}); add it as a special token")
+                raise UserError(f"tokenizer does not encode {token} as one token (got ids {ids}); "
+                                f"add it as a special token")
         # Embedding rows must cover the largest id even if ids have gaps.
         self.vocab_size: int = max(vocab.values()) + 1
         self.eot_id: int = vocab[EOT]
@@ -81,7 +82,7 @@ class CodeGenTokenizer:
 
     # ---------------------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, path: str | Path) -> "CodeGenTokenizer":
+    def load(cls, path: str | Path) -> CodeGenTokenizer:
         """Load a tokenizer.json (file or directory holding one), or a vocab.json + merges.txt directory."""
         path = Path(path)
         if not path.exists():
@@ -155,7 +156,7 @@ class CodeGenTokenizer:
     def mask_token(self, k: int) -> str:
         return mask_token(k)
 
-    def special_ids(self) -> "SpecialIds":
+    def special_ids(self) -> SpecialIds:
         from codegen2.objectives import SpecialIds
 
         return SpecialIds(eot=self.eot_id, sep=self.sep_id, eom=self.eom_id, masks=self._mask_ids)
@@ -252,7 +253,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, num_masks: int) -> Co
     if bpe_target < len(byte_alphabet):
         raise UserError(
             f"tokenizer.vocab_size={vocab_size} is too small: the 256 byte tokens and "
-            f"{num_added_tokens(num_masks)} added tokens need at least {len(byte_alphabet) + num_added_tokens(num_masks)}"
+            f"{num_added_tokens(num_masks)} added tokens need at least "
+            f"{len(byte_alphabet) + num_added_tokens(num_masks)}"
         )
     backend = Tokenizer(models.BPE(fuse_unk=False))
     _byte_level_pipeline(backend)

@@ -32,8 +32,17 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_toml
-from .distributed import (DistEnv, all_reduce_sum, barrier, build_sharded, init_distributed, load_full_state,
-                          shutdown, unwrap, wrap_model)
+from .distributed import (
+    DistEnv,
+    all_reduce_sum,
+    barrier,
+    build_sharded,
+    init_distributed,
+    load_full_state,
+    shutdown,
+    unwrap,
+    wrap_model,
+)
 from .errors import UserError
 from .metrics import Throughput, device_peak_flops, flops_per_token, format_duration
 from .models import architecture, build_model

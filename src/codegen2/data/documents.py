@@ -8,7 +8,6 @@ machines, Python versions and runs: a held-out file is never trained on, whateve
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ class Document:
 
 def stable_fraction(key: str, salt: str = "") -> float:
     """A number in [0, 1) that depends only on (salt, key)."""
-    digest = hashlib.sha256(f"{salt}\x00{key}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{salt}\x00{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
@@ -46,6 +45,3 @@ def split_filter(split: str, fraction: float) -> Callable[[str], bool]:
     want = split == "heldout"
     return lambda key: is_heldout(key, fraction) == want
 
-
-# A record reader yields the documents whose key passes `keep`, counting what it skips and why.
-Skipped = Counter

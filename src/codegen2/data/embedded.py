@@ -23,7 +23,7 @@ import sysconfig
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from codegen2.data.documents import Document, stable_fraction
@@ -89,7 +89,7 @@ def topic_documents(keep: Callable[[str], bool]) -> Iterator[Document]:
             yield Document(text=topics[name].strip() + "\n", path=f"pydoc_data.topics:{name}", kind="nl")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _file_docstrings(rel: str, size: int, mtime_ns: int) -> tuple[str, ...] | None:
     """Docstrings of one standard-library file, memoised (parsing is the slow part of the NL corpus)."""
     skipped: Counter = Counter()

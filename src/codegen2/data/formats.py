@@ -203,7 +203,8 @@ def jsonl_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter) -
                     continue
                 if not isinstance(record, dict) or cfg.field not in record:
                     keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-                    _bad_record(cfg, skipped, "missing_field", f"{where}: record has no field {cfg.field!r} (has: {keys})")
+                    _bad_record(cfg, skipped, "missing_field",
+                                f"{where}: record has no field {cfg.field!r} (has: {keys})")
                     continue
                 value = record[cfg.field]
                 if value is None:
@@ -286,4 +287,5 @@ def _row_documents(values: Iterator, key_prefix: str, path_prefix: str, kind: st
                 yield Document(text=value, path=f"{path_prefix}{row}", kind=kind)
 
 
-READERS = {"dir": dir_records, "jsonl": jsonl_records, "parquet": parquet_records, "hf": hf_records}  # one per config.SOURCE_FORMATS
+# One reader per config.SOURCE_FORMATS (tests/test_architectures.py checks that they agree).
+READERS = {"dir": dir_records, "jsonl": jsonl_records, "parquet": parquet_records, "hf": hf_records}

@@ -37,7 +37,7 @@ class Batch:
     objective: torch.Tensor  # int64 [B], objectives.OBJECTIVE_CODES
     sample_index: torch.Tensor  # int64 [B], global sample indices
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(**{name: getattr(self, name).to(device, non_blocking=non_blocking)
                         for name in self.__dataclass_fields__})
 

@@ -64,7 +64,8 @@ def _generation_args(p: argparse.ArgumentParser, n: int, max_new_tokens: int) ->
                         "compiled once per batch shape (10-40 s each; worth it for full benchmark runs on CPU)")
     p.add_argument("--seed", type=int, default=0, help="sample j of task i uses seed + i*n + j")
     p.add_argument("--limit", type=int, help="only the first N tasks (quick runs)")
-    p.add_argument("--mp-num", type=int, dest="mp_num", help="qkv groups of a Hugging Face checkpoint (default: detect)")
+    p.add_argument("--mp-num", type=int, dest="mp_num",
+                   help="qkv groups of a Hugging Face checkpoint (default: detect)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 

@@ -23,35 +23,33 @@ killed. Protocol: length-prefixed JSON messages on the server's stdin (requests)
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import faulthandler
-import json
-import os
-import resource
-import select
-import shutil
-import signal
-import struct
-import sys
-import tempfile
-import time
-
 # Modules HumanEval-style programs commonly import: loaded once here, free in every forked child.
 import bisect  # noqa: F401
 import collections  # noqa: F401
 import copy  # noqa: F401
+import ctypes
+import faulthandler
 import fractions  # noqa: F401
 import functools  # noqa: F401
 import hashlib  # noqa: F401
 import heapq  # noqa: F401
 import itertools  # noqa: F401
+import json
 import math  # noqa: F401
+import os
 import random  # noqa: F401
 import re  # noqa: F401
+import resource
+import select
+import shutil
+import signal
 import statistics  # noqa: F401
 import string  # noqa: F401
+import struct
 import subprocess  # noqa: F401  (also needed by the parity guard)
+import sys
+import tempfile
+import time
 import typing  # noqa: F401
 
 CLONE_NEWNS = 0x00020000
@@ -134,7 +132,9 @@ def _prctl(option: int, arg: int) -> bool:
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> bool:
-    enc = (lambda s: s.encode() if s is not None else None)
+    def enc(s: str | None) -> bytes | None:
+        return s.encode() if s is not None else None
+
     return _libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)) == 0
 
 

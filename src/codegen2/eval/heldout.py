@@ -202,7 +202,8 @@ def infill_loss(model, tokenizer, tasks: list[InfillTask], context_tokens: int, 
         width = max(map(len, rows))
         input_ids = torch.full((len(rows), width), tokenizer.eot_id, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, (prompt, target) in enumerate(zip(prompts[start: start + batch_size], targets[start: start + batch_size])):
+        chunk = slice(start, start + batch_size)
+        for i, (prompt, target) in enumerate(zip(prompts[chunk], targets[chunk])):
             input_ids[i, : len(prompt) + len(target)] = torch.tensor(prompt + target)
             labels[i, len(prompt) - 1: len(prompt) + len(target) - 1] = torch.tensor(target)
         prefix_len = None
@@ -275,9 +276,10 @@ class HeldoutProbe:
 
 
 def run_heldout(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from ..config import DataConfig, load_config
     from ..loading import is_run_directory, load_checkpoint
-    from pathlib import Path
 
     loaded = load_checkpoint(args.checkpoint, mp_num=getattr(args, "mp_num", None))
     run = Path(args.checkpoint)
@@ -331,7 +333,8 @@ def register(eval_subparsers) -> None:
     parser = eval_subparsers.add_parser("heldout", help="held-out loss and single-line infill exact match")
     parser.add_argument("--checkpoint", required=True, help="run directory or Hugging Face directory")
     parser.add_argument("--max-tokens", type=int, default=100_000, help="held-out tokens scored for the loss")
-    parser.add_argument("--n-infill", type=int, default=100, help="single-line infill tasks, spread over the held-out files")
+    parser.add_argument("--n-infill", type=int, default=100,
+                        help="single-line infill tasks, spread over the held-out files")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--mp-num", type=int, default=None)
     parser.add_argument("--baseline", action="store_true", help="also score an untrained model of the same shape")

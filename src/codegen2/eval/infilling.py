@@ -13,7 +13,7 @@ The result is byte-identical to the published files (checked by the tests agains
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 KINDS = {"single-line": "SingleLineInfilling", "multi-line": "MultiLineInfilling"}
 

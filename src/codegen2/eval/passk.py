@@ -7,7 +7,7 @@ computed as the product  prod_{i=n-c+1..n} (1 - k/i),  which is exact in real ar
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

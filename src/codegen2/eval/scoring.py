@@ -8,9 +8,9 @@ the smallest number of samples per problem.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from ..errors import UserError
 from .executor import Executor, SandboxLimits, default_workers

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from ..errors import UserError
 from .infilling import derive_infilling_tasks

@@ -120,8 +120,9 @@ def _require_empty(directory: Path, what: str) -> None:
 
 def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
     """Write a transformers-loadable CodeGen directory from a run's checkpoint (latest, or `step`)."""
-    from ..tokenizer import CodeGenTokenizer
     from safetensors.torch import save_file
+
+    from ..tokenizer import CodeGenTokenizer
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / "config.toml").is_file():

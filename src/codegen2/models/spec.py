@@ -7,9 +7,10 @@ builds such a record plus one line in `codegen2.models.ARCHITECTURES` (docs/desi
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn

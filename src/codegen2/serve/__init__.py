@@ -67,7 +67,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import fastapi  # noqa: F401
         import uvicorn
     except ModuleNotFoundError as exc:
-        raise UserError(f"serving needs the 'serve' extra ({exc.name} is missing): pip install 'codegen2[serve]'")
+        raise UserError(f"serving needs the 'serve' extra ({exc.name} is missing): "
+                        f"pip install 'codegen2[serve]'") from None
     from ..loading import load_checkpoint
     from .app import create_app
     from .engine import BatchEngine

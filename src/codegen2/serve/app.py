@@ -11,7 +11,8 @@ import asyncio
 import json
 import secrets
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,14 +22,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import BatchEngine, EngineStopped, QueueFull, RowEvent, Ticket
 from .process import ProcessEngine
-from .protocol import (ApiError, check_model_name, choice, completion_body, completion_id, parse_request,
-                       plan_request, usage)
+from .protocol import (
+    ApiError,
+    check_model_name,
+    choice,
+    completion_body,
+    completion_id,
+    parse_request,
+    plan_request,
+    usage,
+)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 TOKENIZE_IN_THREAD_CHARS = 20_000  # longer prompts are tokenized off the event loop
 
 
-def create_app(engine: "BatchEngine | ProcessEngine", model_name: str, api_key: str | None = None,
+def create_app(engine: BatchEngine | ProcessEngine, model_name: str, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """An app serving `engine`; the engine thread starts and stops with the app's lifespan."""
     from contextlib import asynccontextmanager

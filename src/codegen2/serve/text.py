@@ -9,7 +9,7 @@ never receives characters that the stop string later cuts off.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 REPLACEMENT = "\ufffd"
 

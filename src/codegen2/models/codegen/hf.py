@@ -62,7 +62,8 @@ def check_hf_config(raw: dict[str, Any], file: Path) -> None:
     if activation != "gelu_new":
         raise UserError(f"{file}: activation_function {activation!r} is not supported (CodeGen uses 'gelu_new')")
     if raw.get("tie_word_embeddings", False):
-        raise UserError(f"{file}: tie_word_embeddings=true is not supported; CodeGen checkpoints have a separate lm_head")
+        raise UserError(f"{file}: tie_word_embeddings=true is not supported; CodeGen checkpoints have a "
+                        f"separate lm_head")
 
 
 def detect_mp_num(hf_config: dict[str, Any]) -> int:

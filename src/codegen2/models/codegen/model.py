@@ -76,7 +76,8 @@ class RotaryCache:
         device = position_ids.device
         table = self.tables.get(device)
         if table is None or table.shape[0] < min_positions:
-            rot = rotary_table(self.rotary_dim, self.head_dim, torch.arange(max(self.n_ctx, min_positions), device=device))
+            positions = torch.arange(max(self.n_ctx, min_positions), device=device)
+            rot = rotary_table(self.rotary_dim, self.head_dim, positions)
             none = torch.stack((torch.ones_like(rot[..., 0]), torch.zeros_like(rot[..., 1])), dim=-1)
             table = torch.stack((rot, none, rot), dim=1)
             self.tables[device] = table
@@ -172,7 +173,7 @@ class CodeGenModel(nn.Module):
                 module.bias.zero_()
 
     @torch.no_grad()
-    def use_decode_layout(self) -> "CodeGenModel":
+    def use_decode_layout(self) -> CodeGenModel:
         """Store the widening projections (qkv_proj, fc_in, lm_head) input-major: for inference on CPU.
 
         Values, names and shapes stay the same; only the memory order of those [out, in] weights flips
