@@ -20,21 +20,11 @@ import time
 
 import torch
 
+import common
 from codegen2.config import TrainConfig
 from codegen2.data.loader import Batch
 from codegen2.metrics import flops_per_token
 from codegen2.train import StepSettings, build_optimizer, compile_blocks, train_step
-from common import (
-    SHAPES,
-    build_ours,
-    hf_twin,
-    interleaved,
-    machine_line,
-    model_config,
-    parse_threads,
-    ratio_line,
-    spread,
-)
 
 DEFAULT_BATCH = {"tiny": (8, 256), "125m": (4, 512)}  # (batch, sequence length)
 TARGET_RATIO = 1.15
@@ -83,9 +73,9 @@ class MatmulPeak:
 
 
 def run_shape(shape: str, batch: int, seq_len: int, repeats: int, use_compile: bool, attn: str) -> None:
-    cfg = model_config(shape)
-    ours = build_ours(cfg).train()
-    theirs = hf_twin(ours, attn_implementation=attn).train()
+    cfg = common.model_config(shape)
+    ours = common.build_ours(cfg).train()
+    theirs = common.hf_twin(ours, attn_implementation=attn).train()
     hyper = TrainConfig(lr=1e-4)
     our_opt = build_optimizer(ours, hyper)
     their_opt = torch.optim.AdamW(theirs.parameters(), lr=hyper.lr, betas=(hyper.beta1, hyper.beta2), eps=hyper.eps,
@@ -107,7 +97,7 @@ def run_shape(shape: str, batch: int, seq_len: int, repeats: int, use_compile: b
     }
     compile_seconds = None
     if use_compile:
-        compiled = build_ours(cfg).train()
+        compiled = common.build_ours(cfg).train()
         compiled_opt = build_optimizer(compiled, hyper)
         compile_blocks(compiled)
         start = time.perf_counter()
@@ -115,7 +105,7 @@ def run_shape(shape: str, batch: int, seq_len: int, repeats: int, use_compile: b
         compile_seconds = time.perf_counter() - start
         contenders["codegen2 compiled"] = lambda: codegen2_step(compiled, compiled_opt, input_ids, labels)
 
-    results = interleaved(contenders, repeats=repeats, warmup=1)
+    results = common.interleaved(contenders, repeats=repeats, warmup=1)
     results.pop("matmul peak")
     peak = peak_sampler.median()
     flops = flops_per_token(cfg, seq_len)
@@ -130,18 +120,18 @@ def run_shape(shape: str, batch: int, seq_len: int, repeats: int, use_compile: b
     print(f"{'engine':<20}{'tokens/s median (range)':>30}{'spread':>9}{'MFU':>8}")
     for name, summary in results.items():
         rate = summary.rate(tokens)
-        print(f"{name:<20}{str(rate):>30}{spread(summary):>9}{100 * rate.median * flops / peak:>7.1f}%")
+        print(f"{name:<20}{str(rate):>30}{common.spread(summary):>9}{100 * rate.median * flops / peak:>7.1f}%")
     base = results["transformers"].rate(tokens).median
     for name in [n for n in results if n.startswith("codegen2")]:
         rate = results[name].rate(tokens).median
-        print(ratio_line(f"{name} / transformers tokens/s", base, rate, TARGET_RATIO)
+        print(common.ratio_line(f"{name} / transformers tokens/s", base, rate, TARGET_RATIO)
               + f"; MFU {100 * rate * flops / peak:.1f}% (target >= {100 * TARGET_MFU:.0f}%: "
               f"{'met' if rate * flops / peak >= TARGET_MFU else 'missed'})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="tiny,125m", help=f"comma-separated, from {', '.join(SHAPES)}")
+    parser.add_argument("--shapes", default="tiny,125m", help=f"comma-separated, from {', '.join(common.SHAPES)}")
     parser.add_argument("--batch", type=int, default=0, help="sequences per step (0: per-shape default)")
     parser.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (0: per-shape default)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per engine (median reported)")
@@ -149,8 +139,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time codegen2 with torch.compile'd blocks")
     parser.add_argument("--attn", default="sdpa", help="transformers attn_implementation (falls back to eager)")
     args = parser.parse_args()
-    parse_threads(args.threads)
-    print(machine_line())
+    common.parse_threads(args.threads)
+    print(common.machine_line())
     for shape in args.shapes.split(","):
         batch, seq_len = DEFAULT_BATCH[shape]
         run_shape(shape, args.batch or batch, args.seq_len or seq_len, args.repeats, args.compile, args.attn)
