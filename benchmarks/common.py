@@ -24,10 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from codegen2.config import ModelConfig  # noqa: E402
 from codegen2.models.codegen.model import CodeGenModel  # noqa: E402
 
-# Shapes the issue asks for: the `tiny` preset and a GPT-2-small-sized (~125M parameter) CodeGen.
+# Shapes the issues ask for: the `tiny` preset, a GPT-2-small-sized (~125M parameter) CodeGen and a 1B one.
 SHAPES: dict[str, dict] = {
     "tiny": dict(vocab_size=4096, n_layer=4, n_embd=256, n_head=4, rotary_dim=32, n_ctx=512, mp_num=4),
     "125m": dict(vocab_size=51200, n_layer=12, n_embd=768, n_head=12, rotary_dim=64, n_ctx=2048, mp_num=4),
+    # CodeGen2-1B's shape (DESIGN §3), in transformers' 4-group qkv layout so the peers can load it.
+    "1b": dict(vocab_size=51200, n_layer=16, n_embd=2048, n_head=16, rotary_dim=64, n_ctx=2048, mp_num=4),
 }
 
 
@@ -178,3 +180,41 @@ def parse_threads(value: int) -> None:
     """Apply a --threads setting (0 keeps torch's default) to both engines, which share this process."""
     if value > 0:
         torch.set_num_threads(value)
+
+
+def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """This machine's read bandwidth in GB/s: the best of `repeats` sums over a buffer far larger than cache.
+
+    A sum does 1 add per 4 bytes read, far below what one core can compute, so it runs at the speed of
+    memory; it uses torch's current thread count, like the engines measured next to it.
+    """
+    buffer = torch.ones(megabytes * 2**20 // 4)
+    buffer.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - began)
+    return buffer.numel() * 4 / best / 1e9
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file written one tensor at a time (no second copy of a large model in memory)."""
+    import json
+    import struct
+
+    codes = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": codes[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for tensor in tensors.values():
+            data = tensor.detach().contiguous()
+            handle.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()).cast("B"))

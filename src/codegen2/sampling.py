@@ -16,6 +16,7 @@ import torch
 from .models.common import KVCache
 
 DECODERS = ("model", "fast", "compiled")
+DEFAULT_DECODER = "model"
 
 
 @dataclass

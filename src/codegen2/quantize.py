@@ -1,0 +1,332 @@
+"""Weight formats for inference: float32, bfloat16 and int8 weight-only (per output channel).
+
+int8 stores each row of a Linear weight (one output channel) as int8 values times one float scale,
+`w[n, k] ~= q[n, k] * scale[n]` with `scale[n] = max_k |w[n, k]| / 127`, and each row of an Embedding
+the same way. Activations stay floating point: a matmul reads the int8 weight and a bfloat16 copy of its
+input through PyTorch's `_weight_int8pack_mm` kernel, then applies the fp32 scales and bias. Decoding
+one token reads every weight once, so a quarter of fp32's bytes is up to four times the tokens/s where
+memory bandwidth bounds the step (DESIGN §6). On this CPU the kernel is fast only for bfloat16 inputs
+(measured for a [1, 2048] x [2048, 14336] product: 1.9 ms vs 6.6 ms fp32, while fp32 inputs take 116 ms),
+hence the cast. The scheme is generic: every `nn.Linear` and `nn.Embedding` is replaced, whatever the
+architecture calls it; norms and the rest stay in floating point.
+
+A quantized model is for inference only: its modules refuse to run in training mode and its parameters
+have `requires_grad` off. Quantized weights can be saved (`save_quantized`) as safetensors plus a
+`quantization.json` manifest, so a large model is converted once and later loaded in int8 directly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+
+DTYPES = ("float32", "bfloat16", "int8")
+MANIFEST = "quantization.json"
+SCHEME = "int8 weight-only, symmetric, one fp32 scale per output channel (row): scale = max|row| / 127"
+QMAX = 127
+CHUNK_ROWS = 4096  # rows quantized at once: bounds the temporary fp32 copy of a large weight
+
+
+def parse_dtype(name: str | torch.dtype | None, where: str = "--dtype") -> str | None:
+    """One of DTYPES (None stays None: keep the checkpoint's own dtype); a clear error for anything else."""
+    if name is None:
+        return None
+    if isinstance(name, torch.dtype):
+        name = str(name).removeprefix("torch.")
+    aliases = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "qint8": "int8"}
+    value = aliases.get(str(name).lower(), str(name).lower())
+    if value not in DTYPES:
+        raise UserError(f"{where}: unknown weight dtype {name!r}; choose one of {', '.join(DTYPES)} "
+                        f"(int8 is weight-only; there is no int4 or float16 inference path)")
+    return value
+
+
+def compute_dtype(name: str | None) -> torch.dtype | None:
+    """The floating dtype a model in format `name` computes in (int8 keeps fp32 activations)."""
+    return None if name is None else (torch.float32 if name == "int8" else getattr(torch, name))
+
+
+# --------------------------------------------------------------------------------------------- kernels
+def quantize_rows(weight: torch.Tensor, chunk_rows: int = CHUNK_ROWS,
+                  after_chunk: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [N, K], scales fp32 [N]) with weight[n] ~= q[n] * scales[n]; rows processed in chunks.
+
+    Chunking keeps the fp32 temporary small, and `after_chunk(source_rows)` lets a caller drop the pages
+    of a memory-mapped source as soon as they are quantized. An all-zero row gets scale 1 (q = 0).
+    """
+    rows, cols = weight.shape
+    q = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(rows, dtype=torch.float32, device=weight.device)
+    for start in range(0, rows, chunk_rows):
+        source = weight[start:start + chunk_rows]
+        block = source.to(torch.float32, copy=True)  # a copy: the source stays untouched
+        amax = block.abs().amax(dim=1)
+        scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+        q[start:start + chunk_rows] = block.div_(scale[:, None]).round_().clamp_(-QMAX, QMAX).to(torch.int8)
+        scales[start:start + chunk_rows] = scale
+        del block
+        if after_chunk is not None:
+            after_chunk(source)
+    return q, scales
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ones: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ (q * scales[:, None]).T + bias, in x's dtype; q [N, K] int8 contiguous.
+
+    The kernel multiplies a bfloat16 input by the int8 rows and applies `ones` (bf16 [N]); the fp32 scales
+    and the bias are applied afterwards in one fp32 op, so scales keep their full precision.
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    flat = x.reshape(-1, k).to(torch.bfloat16)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    out = torch.ops.aten._weight_int8pack_mm(flat, q, ones)
+    out = torch.addcmul(bias, out, scales) if bias is not None else torch.mul(out, scales)
+    return out.reshape(*lead, q.shape[0]).to(x.dtype)
+
+
+def check_int8_kernel(device: torch.device | str) -> None:
+    """Raise a UserError when this torch build has no int8 weight-only matmul on `device`."""
+    device = torch.device(device)
+    try:
+        q = torch.ones(8, 32, dtype=torch.int8, device=device)
+        int8_linear(torch.ones(1, 32, device=device), q, torch.ones(8, device=device),
+                    torch.ones(8, dtype=torch.bfloat16, device=device))
+    except (RuntimeError, NotImplementedError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--dtype int8: torch {torch.__version__} has no int8 weight-only matmul kernel on "
+                        f"{device.type} ({first[:120]}); use --dtype bfloat16 or float32 there") from None
+
+
+# --------------------------------------------------------------------------------------------- modules
+class Int8Linear(nn.Module):
+    """A Linear layer whose weight is int8 rows with fp32 per-row scales (inference only)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None,
+                 bias_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("_ones", torch.ones(out_features, dtype=torch.bfloat16, device=device),
+                             persistent=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    def set_weight(self, q: torch.Tensor, scales: torch.Tensor) -> None:
+        self.weight, self.weight_scale = q, scales
+        if self._ones.is_meta or self._ones.device != q.device:
+            self._ones = torch.ones(self.out_features, dtype=torch.bfloat16, device=q.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise UserError("int8 weights are for inference only: a quantized model cannot be trained "
+                            "(load the float32 or bfloat16 checkpoint to train)")
+        return int8_linear(x, self.weight, self.weight_scale, self._ones, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+class Int8Embedding(nn.Module):
+    """An Embedding whose rows are int8 with one fp32 scale each; looked-up rows come out in `out_dtype`."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None, out_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.out_dtype = num_embeddings, embedding_dim, out_dtype
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(num_embeddings, dtype=torch.float32, device=device))
+
+    def set_weight(self, q: torch.Tensor, scales: torch.Tensor) -> None:
+        self.weight, self.weight_scale = q, scales
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise UserError("int8 weights are for inference only: a quantized model cannot be trained")
+        rows = F.embedding(ids, self.weight).to(self.out_dtype)
+        return rows * F.embedding(ids, self.weight_scale[:, None]).to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+
+QUANTIZED = (Int8Linear, Int8Embedding)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QUANTIZED) for m in model.modules())
+
+
+def _replacement(module: nn.Module, float_dtype: torch.dtype) -> nn.Module | None:
+    if isinstance(module, nn.Linear):
+        return Int8Linear(module.in_features, module.out_features, module.bias is not None,
+                          device=module.weight.device, bias_dtype=float_dtype)
+    if isinstance(module, nn.Embedding):
+        return Int8Embedding(module.num_embeddings, module.embedding_dim, device=module.weight.device,
+                             out_dtype=float_dtype)
+    return None
+
+
+def swap_modules(model: nn.Module, float_dtype: torch.dtype = torch.float32,
+                 skip: Callable[[str], bool] = lambda name: False) -> list[str]:
+    """Replace every nn.Linear / nn.Embedding (except names where `skip` is true) by its int8 twin, unfilled.
+
+    Returns the replaced modules' names. Works on a model built on the meta device (the loaders fill
+    the new modules tensor by tensor) or on a real one (`quantize_model` fills them from the old weights).
+    """
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not name or skip(name):
+            continue
+        new = _replacement(module, float_dtype)
+        if new is None:
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, new)
+        replaced.append(name)
+    return replaced
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, skip: Callable[[str], bool] = lambda name: False) -> nn.Module:
+    """Quantize a loaded floating-point model in place to int8 weights; returns it in eval mode."""
+    originals = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    float_dtype = next(iter(originals.values())).weight.dtype if originals else torch.float32
+    check_int8_kernel(next(model.parameters()).device)
+    names = swap_modules(model, float_dtype, skip)
+    for name in names:
+        old, new = originals[name], model.get_submodule(name)
+        new.set_weight(*quantize_rows(old.weight.detach()))
+        if isinstance(old, nn.Linear) and old.bias is not None:
+            new.bias = nn.Parameter(old.bias.detach(), requires_grad=False)
+    return freeze(model)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: a quantized model is never trained by accident."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def quantized_names(model: nn.Module) -> dict[str, str]:
+    """{module name: "linear" | "embedding"} of the int8 modules."""
+    return {name: "linear" if isinstance(m, Int8Linear) else "embedding"
+            for name, m in model.named_modules() if isinstance(m, QUANTIZED)}
+
+
+# -------------------------------------------------------------------------------------- load and save
+def assign_streamed(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], float_dtype: torch.dtype,
+                    release: Callable[[torch.Tensor], None] | None = None) -> None:
+    """Fill a meta-built model whose Linear/Embedding were swapped to int8, from float tensors streamed by name.
+
+    The weight of an int8 module is quantized as it arrives, CHUNK_ROWS rows at a time (`release` is
+    called on each consumed chunk of the source, e.g. to drop memory-mapped pages); every other tensor
+    is converted to `float_dtype` and assigned. The full-precision model never exists.
+    """
+    for name, tensor in tensors:
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if isinstance(module, QUANTIZED) and leaf == "weight":
+            module.set_weight(*quantize_rows(tensor, after_chunk=release))
+        else:
+            value = tensor.to(float_dtype)
+            if release is not None and value.data_ptr() != tensor.data_ptr():
+                release(tensor)
+            setattr(module, leaf, nn.Parameter(value, requires_grad=False))
+        del tensor
+
+
+def save_quantized(model: nn.Module, directory: str | Path, extra: dict | None = None) -> Path:
+    """Write `model.safetensors` (int8 weights + `<module>.weight_scale`) and the `quantization.json` manifest.
+
+    Files are written under temporary names and renamed, so a crash leaves no half-written checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    modules = quantized_names(model)
+    if not modules:
+        raise UserError("save_quantized: the model has no int8 modules (quantize it first)")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    manifest = {"format": "int8", "scheme": SCHEME, "compute_dtype": "float32", "modules": modules, **(extra or {})}
+    tmp_weights, tmp_manifest = directory / ".model.safetensors.tmp", directory / f".{MANIFEST}.tmp"
+    save_file(state, str(tmp_weights), metadata={"format": "pt", "codegen2_quantization": "int8"})
+    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    tmp_weights.replace(directory / "model.safetensors")
+    tmp_manifest.replace(directory / MANIFEST)
+    return directory
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    """The quantization manifest of a checkpoint directory, or None when its weights are floating point."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the quantization manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "int8" or not isinstance(manifest.get("modules"), dict):
+        raise UserError(f"{path}: not a codegen2 int8 manifest (needs \"format\": \"int8\" and a \"modules\" map)")
+    return manifest
+
+
+def load_quantized_into(model: nn.Module, directory: str | Path, manifest: dict,
+                        device: str | torch.device = "cpu") -> nn.Module:
+    """Fill a meta-built floating model from a checkpoint written by `save_quantized`, tensor by tensor.
+
+    Each tensor is copied out of the memory-mapped file (the int8 kernel needs aligned rows, which a
+    tensor at an arbitrary file offset does not have) and the file's pages are dropped behind it.
+    """
+    from safetensors import safe_open
+
+    from .hf_weights import release_mapped_pages
+
+    directory = Path(directory)
+    weights = directory / "model.safetensors"
+    modules = manifest["modules"]
+    unknown = [n for n in modules if n not in dict(model.named_modules())]
+    if unknown:
+        raise UserError(f"{directory / MANIFEST}: modules {unknown[:3]} are not in this model's architecture")
+    check_int8_kernel(device)
+    swap_modules(model, torch.float32, skip=lambda name: name not in modules)
+    expected = dict(model.state_dict(keep_vars=True))
+    seen = set()
+    try:
+        handle = safe_open(str(weights), framework="pt", device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for missing or corrupt files
+        raise UserError(f"{weights}: cannot read the int8 weights ({exc})") from None
+    with handle:
+        for name in handle.keys():
+            if name not in expected:
+                raise UserError(f"{weights}: unexpected tensor {name}; this checkpoint does not match its config")
+            source = handle.get_tensor(name)
+            if source.shape != expected[name].shape or source.dtype != expected[name].dtype:
+                raise UserError(f"{weights}: tensor {name} is {source.dtype} {list(source.shape)}, expected "
+                                f"{expected[name].dtype} {list(expected[name].shape)}")
+            tensor = source.to(device, copy=True)
+            release_mapped_pages(source)
+            module_name, _, leaf = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            if isinstance(expected[name], nn.Parameter):
+                setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
+            else:
+                setattr(module, leaf, tensor)
+            seen.add(name)
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        raise UserError(f"{weights}: missing tensor(s) {', '.join(missing[:4])}")
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            module.set_weight(module.weight, module.weight_scale)
+    return freeze(model)

@@ -1,0 +1,131 @@
+"""int8 weight-only quantization: the kernel against a naive dequantized matmul, the quantizer's bounds,
+whole-model swaps (any Linear / Embedding), the inference-only guard, saved int8 checkpoints, dtype names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from codegen2.config import ModelConfig
+from codegen2.errors import UserError
+from codegen2.model import CodeGenModel
+from codegen2.quantize import (Int8Embedding, Int8Linear, int8_linear, is_quantized, load_quantized_into,
+                               parse_dtype, quantize_model, quantize_rows, read_manifest, save_quantized)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (fixture in conftest.py)
+
+
+def small_model(seed: int = 3) -> CodeGenModel:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=300, n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_ctx=256, mp_num=2)
+    return CodeGenModel(cfg).eval()
+
+
+def naive_int8_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """Quantize by hand (per row, max|w| / 127, round half to even) and multiply in float64."""
+    scale = weight.double().abs().amax(dim=1) / 127
+    q = torch.clamp(torch.round(weight.double() / scale[:, None]), -127, 127)
+    out = x.to(torch.bfloat16).double() @ (q * scale[:, None]).T  # the kernel reads a bf16 copy of x
+    return out + bias.double() if bias is not None else out, q, scale
+
+
+@pytest.mark.parametrize("rows", [1, 5, 8])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int8_matmul_matches_a_naive_dequantized_matmul(rows, with_bias):
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 80, generator=gen)
+    bias = torch.randn(96, generator=gen) if with_bias else None
+    x = torch.randn(rows, 80, generator=gen)
+    reference, q_ref, scale_ref = naive_int8_reference(x, weight, bias)
+    q, scales = quantize_rows(weight)
+    assert torch.equal(q.double(), q_ref) and torch.allclose(scales.double(), scale_ref, rtol=1e-6)
+    out = int8_linear(x, q, scales, torch.ones(96, dtype=torch.bfloat16), bias)
+    assert out.dtype == torch.float32 and out.shape == (rows, 96)
+    # The kernel's only rounding beyond the reference: its bf16 output before scaling (8 mantissa bits).
+    product = reference - (bias.double() if bias is not None else 0)
+    assert ((out.double() - reference).abs() <= product.abs() * 2 ** -8 + 1e-5).all()
+
+
+def test_quantize_rows_error_bound_chunks_and_zero_rows():
+    weight = torch.randn(37, 50)
+    weight[4] = 0
+    q, scales = quantize_rows(weight)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    assert ((q.float() * scales[:, None] - weight).abs() <= scales[:, None] / 2 + 1e-7).all()
+    assert scales[4] == 1 and not q[4].any()
+    chunked = quantize_rows(weight, chunk_rows=8)
+    assert torch.equal(chunked[0], q) and torch.equal(chunked[1], scales)
+    seen = []
+    quantize_rows(weight, chunk_rows=16, after_chunk=lambda rows: seen.append(rows.shape[0]))
+    assert seen == [16, 16, 5]
+
+
+def test_any_architecture_quantizes_every_linear_and_embedding():
+    class Other(nn.Module):  # not a CodeGen model: names and nesting are its own
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(50, 32)
+            self.stack = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32, bias=False))
+            self.norm = nn.LayerNorm(32)
+
+        def forward(self, ids):
+            return self.norm(self.stack(self.tok(ids)))
+
+    torch.manual_seed(0)
+    model = Other().eval()
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        before = model(ids)
+    quantize_model(model)
+    assert isinstance(model.tok, Int8Embedding) and isinstance(model.stack[0], Int8Linear)
+    assert isinstance(model.stack[2], Int8Linear) and isinstance(model.norm, nn.LayerNorm)
+    with torch.no_grad():
+        after = model(ids)
+    assert (after - before).abs().max() < 0.05 * before.abs().max()
+
+
+def test_quantized_codegen_logits_stay_close_and_never_train():
+    model = small_model()
+    ids = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        reference = model(ids)
+    quantize_model(model)
+    assert is_quantized(model)
+    with torch.no_grad():
+        logits = model(ids)
+    assert (logits - reference).abs().max() < 0.02 * reference.abs().max()
+    assert not any(p.requires_grad for p in model.parameters())
+    model.train()
+    with pytest.raises(UserError, match="inference only"):
+        model(ids)
+
+
+def test_saved_int8_checkpoint_loads_the_same_model(tmp_path):
+    model = quantize_model(small_model())
+    save_quantized(model, tmp_path)
+    manifest = read_manifest(tmp_path)
+    assert manifest["format"] == "int8" and manifest["modules"]["lm_head"] == "linear"
+    assert manifest["modules"]["transformer.wte"] == "embedding"
+    with torch.device("meta"):
+        empty = CodeGenModel(model.config)
+    loaded = load_quantized_into(empty, tmp_path, manifest)
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    (tmp_path / "quantization.json").write_text('{"format": "int4"}')
+    with pytest.raises(UserError, match="not a codegen2 int8 manifest"):
+        read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("name,expected", [("float32", "float32"), ("bf16", "bfloat16"), ("INT8", "int8"),
+                                           (torch.bfloat16, "bfloat16"), (None, None)])
+def test_dtype_names(name, expected):
+    assert parse_dtype(name) == expected
+
+
+@pytest.mark.parametrize("name", ["int4", "float16", "fp8", ""])
+def test_unknown_dtypes_are_one_line_errors(name):
+    with pytest.raises(UserError, match="unknown weight dtype") as info:
+        parse_dtype(name)
+    assert "\n" not in str(info.value)
