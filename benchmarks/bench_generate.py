@@ -65,7 +65,7 @@ def write_hf_directory(model, directory: Path) -> Path:
     import transformers
     from tokenizers import Tokenizer, models
 
-    from codegen2.hf_config import hf_config_from_model
+    from codegen2.models.codegen.hf import hf_config_from_model
 
     directory.mkdir(parents=True, exist_ok=True)
     config = hf_config_from_model(model.config, eot_id=0, dtype_name="float32")

@@ -223,6 +223,70 @@ def quantized_names(model: nn.Module) -> dict[str, str]:
             for name, m in model.named_modules() if isinstance(m, QUANTIZED)}
 
 
+# ------------------------------------------------------------------------------- decode-step weights
+# A fused decode step (models/*/decode.py) holds each matmul weight in the form its format multiplies
+# fastest: a float weight input-major ([in, out] contiguous, MKL's streaming layout for one or few rows), an
+# int8 weight as the kernel's (q [out, in], scales, ones) triple. `mm` multiplies either.
+
+def linear_weight(module: nn.Module) -> torch.Tensor | tuple:
+    """`module`'s weight for `mm`: float as an [in, out] view, int8 as (q, scales, ones)."""
+    if isinstance(module, Int8Linear):
+        return module.weight, module.weight_scale, module._ones
+    return module.weight.t()
+
+
+@torch.no_grad()
+def fuse_linears(modules: list[nn.Module]) -> torch.Tensor | tuple:
+    """One `mm` weight for Linear modules that read the same input: outputs side by side, in `modules` order.
+
+    float: [in, sum out] input-major; int8: rows concatenated (q [sum out, in], scales, ones). The modules'
+    own weights are re-pointed at slices of the fused buffer (int8 row slices stay contiguous), so no
+    second copy exists and the model still runs and saves as before. Repeated calls return the same fusion.
+    """
+    first = modules[0]
+    cached = getattr(first, "_decode_fused", None)
+    if cached is not None and cached[0] == first.weight.data_ptr():
+        return cached[1]
+    if all(isinstance(m, Int8Linear) for m in modules):
+        q = torch.cat([m.weight for m in modules])
+        scales = torch.cat([m.weight_scale for m in modules])
+        start = 0
+        for m in modules:
+            m.set_weight(q[start:start + m.out_features], scales[start:start + m.out_features])
+            start += m.out_features
+        fused = (q, scales, torch.ones(q.shape[0], dtype=torch.bfloat16, device=q.device))
+    elif any(isinstance(m, Int8Linear) for m in modules):
+        raise ValueError("cannot fuse int8 and floating-point projections into one matmul")
+    else:
+        fused = torch.cat([m.weight.t() for m in modules], dim=1).contiguous()
+        start = 0
+        for m in modules:
+            m.weight.data = fused[:, start:start + m.out_features].t()
+            start += m.out_features
+    first._decode_fused = (first.weight.data_ptr(), fused)
+    return fused
+
+
+def mm(x: torch.Tensor, weight: torch.Tensor | tuple, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, in] times a decode-step weight (`linear_weight` / `fuse_linears`), plus bias."""
+    if isinstance(weight, tuple):
+        return int8_linear(x, *weight, bias=bias)
+    return torch.addmm(bias, x, weight) if bias is not None else torch.mm(x, weight)
+
+
+def embedding_weight(module: nn.Module) -> torch.Tensor | tuple:
+    """An embedding table for `embed`: the float tensor, or (q, scales) for int8."""
+    return (module.weight, module.weight_scale) if isinstance(module, Int8Embedding) else module.weight
+
+
+def embed(tokens: torch.Tensor, table: torch.Tensor | tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows of an `embedding_weight` table (int8 rows come out in `dtype`)."""
+    if isinstance(table, tuple):
+        q, scales = table
+        return F.embedding(tokens, q).to(dtype) * scales[tokens, None].to(dtype)
+    return F.embedding(tokens, table)
+
+
 # -------------------------------------------------------------------------------------- load and save
 def assign_streamed(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], float_dtype: torch.dtype,
                     release: Callable[[torch.Tensor], None] | None = None) -> None:
@@ -290,7 +354,7 @@ def load_quantized_into(model: nn.Module, directory: str | Path, manifest: dict,
     """
     from safetensors import safe_open
 
-    from .hf_weights import release_mapped_pages
+    from .hf.weights import release_mapped_pages
 
     directory = Path(directory)
     weights = directory / "model.safetensors"

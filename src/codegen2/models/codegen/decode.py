@@ -19,44 +19,48 @@ import torch
 import torch.nn.functional as F
 
 from ...masks import decode_step_bias
+from ...quantize import embed, embedding_weight, fuse_linears, linear_weight, mm
 from .model import CodeGenModel
 
 
 @torch.no_grad()
-def fuse_decode_weights(model: CodeGenModel) -> list[tuple[torch.Tensor, ...]]:
+def fuse_decode_weights(model: CodeGenModel) -> list[tuple]:
     """Per layer (ln_w, ln_b, w_in, b_in, w_out, b_out): w_in = [qkv | fc_in] and w_out = [out_proj ; fc_out].
 
-    Both are stored input-major ([in, out] contiguous). The model's own weights become views of them
+    Float weights are stored input-major ([in, out] contiguous). The model's own weights become views of them
     (same values, the layout `CodeGenModel.use_decode_layout` would pick for the widening ones), so the
-    model still runs, trains and saves as before. Repeated calls return the existing fusion.
+    model still runs, trains and saves as before. int8 weights (`quantize.py`) fuse w_in by rows; out_proj and
+    fc_out keep their own per-row scales, so w_out is the list of both and the step runs two matmuls.
+    Repeated calls return the existing fusion.
     """
     layers = []
     d = model.config.n_embd
     for block in model.transformer.h:
         attn, mlp = block.attn, block.mlp
-        qkv, fc_in, out, fc_out = attn.qkv_proj.weight, mlp.fc_in.weight, attn.out_proj.weight, mlp.fc_out.weight
-        fused = getattr(block, "_decode_fused", None)
-        if fused is None or fused[0].data_ptr() != qkv.data_ptr():
-            w_in = torch.cat((qkv.t(), fc_in.t()), dim=1).contiguous()  # [d, 3d + inner]
-            w_out = torch.cat((out.t(), fc_out.t()), dim=0).contiguous()  # [d + inner, d]
-            qkv.data = w_in[:, : 3 * d].t()
-            fc_in.data = w_in[:, 3 * d:].t()
-            out.data = w_out[:d].t()
-            fc_out.data = w_out[d:].t()
-            block._decode_fused = (w_in, w_out)
-        w_in, w_out = block._decode_fused
-        b_in = torch.cat((torch.zeros(3 * d, dtype=w_in.dtype, device=w_in.device), mlp.fc_in.bias))
+        w_in = fuse_linears([attn.qkv_proj, mlp.fc_in])
+        if isinstance(w_in, tuple):
+            w_out = [linear_weight(attn.out_proj), linear_weight(mlp.fc_out)]
+        else:
+            out, fc_out = attn.out_proj.weight, mlp.fc_out.weight
+            w_out = getattr(block, "_decode_fused_out", None)
+            if w_out is None or w_out.data_ptr() != out.data_ptr():
+                w_out = torch.cat((out.t(), fc_out.t()), dim=0).contiguous()  # [d + inner, d]
+                out.data = w_out[:d].t()
+                fc_out.data = w_out[d:].t()
+                block._decode_fused_out = w_out
+        b_in = torch.cat((torch.zeros(3 * d, dtype=mlp.fc_in.bias.dtype, device=mlp.fc_in.bias.device),
+                          mlp.fc_in.bias))
         layers.append((block.ln_1.weight, block.ln_1.bias, w_in, b_in, w_out, mlp.fc_out.bias))
     return layers
 
 
 def decode_weights(model: CodeGenModel) -> tuple:
     """What `decode_step` reads: (fused layers, head, rotary table, static shape), views of the model's weights."""
-    if model.lm_head.weight.stride(0) != 1:
+    if isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight.stride(0) != 1:
         model.use_decode_layout()  # before fusing: it would copy the fused views apart again
     t = model.transformer
-    head = (t.wte.weight, t.ln_f.weight, t.ln_f.bias, model.lm_head.weight.t(), model.lm_head.bias)
-    device = t.wte.weight.device
+    head = (embedding_weight(t.wte), t.ln_f.weight, t.ln_f.bias, linear_weight(model.lm_head), model.lm_head.bias)
+    device = t.ln_f.weight.device
     model.rotary(torch.zeros(1, 1, dtype=torch.long, device=device))  # builds this device's table
     cfg = model.config
     return fuse_decode_weights(model), head, model.rotary.tables[device], (cfg.mp_num, cfg.n_head, cfg.head_dim,
@@ -83,28 +87,31 @@ def decode_step(
     layers, head, rotary, shape = weights
     mp_num, n_head, head_dim, eps = shape
     wte, ln_f_w, ln_f_b, head_w, head_b = head
-    batch, d = tokens.shape[0], wte.shape[1]
+    batch, d = tokens.shape[0], ln_f_w.shape[0]
     bias = decode_step_bias(valid, col, keys[0].dtype)
     scale = head_dim ** -0.5
     cos, sin = rotary[pos][:, None, :, None].unbind(-1)  # [B, 1, 3, 1, width]: broadcast over groups, heads
     width = cos.shape[-1]
     index = col.reshape(1)
-    x = F.embedding(tokens, wte)
+    x = embed(tokens, wte, ln_f_w.dtype)
     for (ln_w, ln_b, w_in, b_in, w_out, b_out), k_cache, v_cache in zip(layers, keys, values):
         h = F.layer_norm(x, (d,), ln_w, ln_b, eps)
-        both = torch.addmm(b_in, h, w_in)
+        both = mm(h, w_in, b_in)
         qkv, up = both[:, : 3 * d], both[:, 3 * d:]
         qkv = qkv.reshape(batch, mp_num, 3, -1, head_dim)
         rot, rest = qkv[..., : 2 * width].unflatten(-1, (width, 2)), qkv[..., 2 * width:]
-        real, imag = rot.unbind(-1)
-        rot = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1).flatten(-2)
+        real, imag = rot.float().unbind(-1)  # rotated in fp32, as the model's forward does
+        rot = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1).flatten(-2).to(qkv.dtype)
         qkv = torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
         query, value, key = (t.reshape(batch, n_head, 1, head_dim) for t in qkv.unbind(2))
         k_cache.index_copy_(2, index, key)
         v_cache.index_copy_(2, index, value)
         scores = torch.matmul(query * scale, k_cache.transpose(-1, -2)) + bias  # [B, H, 1, capacity]
         attended = torch.matmul(scores.softmax(dim=-1), v_cache)
-        inner = torch.cat((attended.reshape(batch, d), F.gelu(up, approximate="tanh")), dim=1)
-        x = torch.addmm(torch.add(x, b_out), inner, w_out)
+        attended, act = attended.reshape(batch, d), F.gelu(up, approximate="tanh")
+        if isinstance(w_out, list):  # int8: out_proj and fc_out have their own scales
+            x = x + mm(attended, w_out[0]) + mm(act, w_out[1], b_out)
+        else:
+            x = torch.addmm(torch.add(x, b_out), torch.cat((attended, act), dim=1), w_out)
     x = F.layer_norm(x, (d,), ln_f_w, ln_f_b, eps)
-    return torch.addmm(head_b, x, head_w)
+    return mm(x, head_w, head_b)
