@@ -34,10 +34,22 @@ from pathlib import Path
 
 import torch
 
-from common import (SHAPES, build_ours, fmt, hf_twin, interleaved, machine_line, model_config, parse_threads,
-                    ratio_line, read_bandwidth, spread, write_safetensors)
 from codegen2.quantize import quantize_model
 from codegen2.sampling import DEFAULT_DECODER, SamplingParams, generate_ids
+from common import (
+    SHAPES,
+    build_ours,
+    fmt,
+    hf_twin,
+    interleaved,
+    machine_line,
+    model_config,
+    parse_threads,
+    ratio_line,
+    read_bandwidth,
+    spread,
+    write_safetensors,
+)
 
 PROMPT_TOKENS = 64
 NEW_TOKENS = 128
@@ -100,12 +112,9 @@ def ct2_generators(hf_dir: Path, dtypes: list[str], threads: int, workdir: Path)
 
 def weight_bytes(model) -> int:
     """Bytes of parameters and buffers a decode step reads (the embedding reads one row per token: left out)."""
-    embedding = model.transformer.wte
-    total = 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.data_ptr() not in (embedding.weight.data_ptr(), getattr(embedding, "weight_scale", embedding.weight).data_ptr()):
-            total += tensor.numel() * tensor.element_size()
-    return total
+    embedding = {t.data_ptr() for t in model.transformer.wte.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+               if t.data_ptr() not in embedding)
 
 
 def kv_bytes(cfg, batch: int, dtype_bytes: int = 4) -> int:
@@ -196,7 +205,8 @@ def run_shape(shape: str, batches: list[int], repeats: int, threads: int, use_ct
             for name in [n for n in results if n.startswith("codegen2")]:
                 dtype = name.split()[1]
                 if "transformers" in rate and dtype == "float32":
-                    print(ratio_line(f"{name} / transformers", rate["transformers"], rate[name], TARGET_VS_TRANSFORMERS))
+                    print(ratio_line(f"{name} / transformers", rate["transformers"], rate[name],
+                                     TARGET_VS_TRANSFORMERS))
                 for peer in [f"ctranslate2 {dtype}"]:  # bfloat16 has no CTranslate2 peer on CPU and no target
                     if peer in rate:
                         print(ratio_line(f"{name} / {peer}", rate[peer], rate[name], TARGET_VS_CT2))

@@ -10,8 +10,18 @@ from torch import nn
 from codegen2.config import ModelConfig
 from codegen2.errors import UserError
 from codegen2.models.codegen.model import CodeGenModel
-from codegen2.quantize import (Int8Embedding, Int8Linear, int8_linear, is_quantized, load_quantized_into,
-                               parse_dtype, quantize_model, quantize_rows, read_manifest, save_quantized)
+from codegen2.quantize import (
+    Int8Embedding,
+    Int8Linear,
+    int8_linear,
+    is_quantized,
+    load_quantized_into,
+    parse_dtype,
+    quantize_model,
+    quantize_rows,
+    read_manifest,
+    save_quantized,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (fixture in conftest.py)
 

@@ -18,8 +18,8 @@ have `requires_grad` off. Quantized weights can be saved (`save_quantized`) as s
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -340,7 +340,8 @@ def read_manifest(directory: str | Path) -> dict | None:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: cannot read the quantization manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "int8" or not isinstance(manifest.get("modules"), dict):
+    if not isinstance(manifest, dict) or manifest.get("format") != "int8" \
+            or not isinstance(manifest.get("modules"), dict):
         raise UserError(f"{path}: not a codegen2 int8 manifest (needs \"format\": \"int8\" and a \"modules\" map)")
     return manifest
 
