@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,9 @@ class ModelConfig:
 
         if self.arch not in ARCHITECTURES:
             raise ConfigError(f"model.arch={self.arch!r} must be one of {', '.join(ARCHITECTURES)}")
+        for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_ctx", "mp_num"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 1")
         if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
         if self.kv_heads < 1 or self.n_head % self.kv_heads:
@@ -196,6 +202,27 @@ class TrainConfig:
     num_threads: int = 0  # 0 = torch default
     init_from: str = ""  # start from these weights (run dir or HF directory)
 
+    def validate(self) -> None:
+        at_least = {"seq_len": 1, "micro_batch_size": 1, "grad_accum": 1, "global_batch_tokens": 0,
+                    "warmup_steps": 0, "max_steps": 0, "checkpoint_every": 1, "keep_last": 0, "log_every": 1,
+                    "eval_every": 0, "eval_tokens": 1, "num_threads": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= {low}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr={self.lr} must be positive")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must lie in [0, 1)")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
+            raise ConfigError("train.weight_decay and train.grad_clip must be >= 0 and train.eps > 0")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision={self.precision!r} must be auto, fp32 or bf16")
+        if self.parallel not in ("none", "ddp", "fsdp"):
+            raise ConfigError(f"train.parallel={self.parallel!r} must be none, ddp or fsdp")
+
 
 @dataclass
 class Config:
@@ -210,12 +237,7 @@ class Config:
         self.model.validate()
         self.objective.validate()
         self.data.validate()
-        if self.train.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"train.precision={self.train.precision!r} must be auto, fp32 or bf16")
-        if self.train.parallel not in ("none", "ddp", "fsdp"):
-            raise ConfigError(f"train.parallel={self.train.parallel!r} must be none, ddp or fsdp")
-        if self.train.eval_every < 0 or self.train.eval_tokens < 1:
-            raise ConfigError("train.eval_every must be >= 0 and train.eval_tokens >= 1")
+        self.train.validate()
         if self.train.seq_len > self.model.n_ctx:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.n_ctx={self.model.n_ctx}")
         return self
@@ -243,18 +265,113 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Build `cls` from a dict, rejecting unknown keys with the list of valid ones."""
-    valid = {f.name: f for f in dataclasses.fields(cls)}
+_SECTION_CLASSES: dict[str, type] = {"model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig,
+                                     "tokenizer": TokenizerConfig, "train": TrainConfig}
+_TRUE = {"true", "1", "yes"}
+_FALSE = {"false", "0", "no"}
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return {int: "an integer", float: "a number", bool: "a boolean (true/false)", str: "a string",
+            type(None): "unset"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _field_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_value(value: Any, hint: Any, key: str, origin: str = "") -> Any:
+    """`value` as the type `hint` of the field `key`, or a ConfigError naming origin, key, value and type.
+
+    The one type rule for every config value (preset, TOML file, `--set`, a run's config.toml): a TOML
+    value must already have the field's type (ints widen to floats), so `max_steps = "10"` is an error
+    rather than a string that fails deep inside training.
+    """
+    def bad() -> ConfigError:
+        prefix = f"{origin}: " if origin else ""
+        return ConfigError(f"{prefix}{key} = {value!r} is not {_type_name(hint)}")
+
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return check_value(value, inner, key, origin)
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, list):
+            raise bad()
+        (inner,) = typing.get_args(hint)
+        return [check_value(v, inner, f"{key}[{i}]", origin) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad()
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    raise TypeError(f"config field {key} has an unsupported type {hint!r}")  # a bug in this module, not input
+
+
+def parse_text(text: str, hint: Any, key: str, origin: str = "--set") -> Any:
+    """Parse command-line text as the type of field `key`: `--set` values arrive as text, so the field
+    decides how to read them (booleans: true/false/1/0/yes/no in any case; ints: digits only)."""
+    stripped = text.strip()
+    try:
+        toml_value = tomllib.loads(f"v = {stripped}")["v"]
+    except tomllib.TOMLDecodeError:
+        toml_value = None
+    bad = ConfigError(f"{origin} {key}={text!r}: not {_type_name(hint)}")
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        if stripped.lower() in ("none", ""):
+            return None
+        return parse_text(text, inner, key, origin)
+    if hint is bool:
+        if stripped.lower() in _TRUE:
+            return True
+        if stripped.lower() in _FALSE:
+            return False
+        raise bad
+    if hint is str:
+        return toml_value if isinstance(toml_value, str) else stripped
+    if hint in (int, float) or typing.get_origin(hint) is list:
+        if toml_value is None:
+            raise bad
+        try:
+            return check_value(toml_value, hint, key)
+        except ConfigError:
+            raise bad from None
+    return check_value(toml_value, hint, key, origin)
+
+
+def _build_dataclass(cls: type, values: dict[str, Any], where: str, origin: str = "") -> Any:
+    """Build `cls` from a dict, rejecting unknown keys (with the list of valid ones) and values of the wrong type."""
+    hints = _field_hints(cls)
     for key in values:
-        if key not in valid:
-            raise ConfigError(f"unknown config key '{where}{key}'; valid keys: {', '.join(sorted(valid))}")
+        if key not in hints:
+            prefix = f"{origin}: " if origin else ""
+            raise ConfigError(f"{prefix}unknown config key '{where}{key}'; valid keys: {', '.join(sorted(hints))}")
     kwargs = {}
     for key, value in values.items():
         if cls is DataConfig and key == "sources":
-            if not isinstance(value, list):
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
                 raise ConfigError(f"'{where}sources' must be a list of tables ([[data.sources]])")
-            value = [_build_dataclass(SourceConfig, dict(v), f"{where}sources[{i}].") for i, v in enumerate(value)]
+            value = [_build_dataclass(SourceConfig, dict(v), f"{where}sources[{i}].", origin)
+                     for i, v in enumerate(value)]
+        else:
+            value = check_value(value, hints[key], f"{where}{key}", origin)
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -271,33 +388,26 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
-    sections = {f.name: f for f in dataclasses.fields(Config)}
+def config_from_dict(values: dict[str, Any], origin: str = "") -> Config:
+    """A Config from nested dicts; every key and value is checked (`origin` names the file in errors)."""
+    prefix = f"{origin}: " if origin else ""
     for key in values:
-        if key not in sections:
-            raise ConfigError(f"unknown config section '{key}'; valid sections: {', '.join(sorted(sections))}")
-    classes = {"model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig,
-               "tokenizer": TokenizerConfig, "train": TrainConfig}
+        if key != "preset" and key not in _SECTION_CLASSES:
+            raise ConfigError(f"{prefix}unknown config section '{key}'; valid sections: "
+                              f"{', '.join(sorted([*_SECTION_CLASSES, 'preset']))}")
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
-        if name in classes:
+        if name in _SECTION_CLASSES:
             if not isinstance(value, dict):
-                raise ConfigError(f"config section '{name}' must be a table")
-            kwargs[name] = _build_dataclass(classes[name], value, f"{name}.")
+                raise ConfigError(f"{prefix}config section '{name}' must be a table")
+            kwargs[name] = _build_dataclass(_SECTION_CLASSES[name], value, f"{name}.", origin)
         else:
-            kwargs[name] = value
+            kwargs[name] = check_value(value, str, name, origin)
     return Config(**kwargs)
 
 
-def _parse_override_value(text: str) -> Any:
-    """Parse the value of `--set key=value` as a TOML value, falling back to a plain string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`--set section.key=value` items over `values`; each value is parsed as its field's type here."""
     out = _merge({}, values)
     for item in overrides:
         if "=" not in item:
@@ -307,10 +417,16 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         if len(parts) != 2:
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
         section, key = parts
+        if section not in _SECTION_CLASSES:
+            raise ConfigError(f"--set {dotted}: unknown config section '{section}'; valid sections: "
+                              f"{', '.join(sorted(_SECTION_CLASSES))}")
+        hints = _field_hints(_SECTION_CLASSES[section])
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{section}.{key}'; valid keys: {', '.join(sorted(hints))}")
+        if section == "data" and key == "sources":
+            raise ConfigError("--set data.sources is not supported; use --data PATH or [[data.sources]] in a file")
         out.setdefault(section, {})
-        if not isinstance(out[section], dict):
-            raise ConfigError(f"--set {dotted}: '{section}' is not a config section")
-        out[section][key] = _parse_override_value(raw.strip())
+        out[section][key] = parse_text(raw, hints[key], dotted.strip())
     return out
 
 
@@ -334,8 +450,9 @@ def load_config(
             raise ConfigError(f"config file not found: {path}")
         try:
             file_values = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        config_from_dict(file_values, origin=str(path))  # types and keys checked here, naming the file
     preset = preset or file_values.get("preset") or ""
     if preset:
         values = preset_dict(preset)
