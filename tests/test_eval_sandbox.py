@@ -365,3 +365,35 @@ def test_killing_a_server_takes_its_programs_down():
             time.sleep(0.02)
         assert not [pid for pid in below if Path(f"/proc/{pid}").exists()]
         assert ex.run("print('fresh')", TIMEOUT).output == "fresh\n"
+
+
+def test_programs_never_see_the_callers_environment(tmp_path, monkeypatch):
+    """A secret in the evaluator's environment reaches neither a program nor the published results file:
+    programs get a fixed environment (PATH, LANG, a private HOME), whatever the caller's holds."""
+    from codegen2.eval.scoring import results_path, score_file
+    from codegen2.eval.tasks import load_tasks, write_jsonl
+
+    secret = "sk-test-" + "0123456789abcdef" * 2
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    with Executor(workers=1, limits=LIMITS, isolate=ISOLATE) as ex:
+        seen = ex.run("import os, json\nprint(json.dumps(dict(os.environ)))", TIMEOUT)
+        child = ex.run("import posix\nr, w = posix.pipe()\npid = posix.fork()\n"
+                       "if pid == 0:\n    posix.dup2(w, 1)\n    posix.execv('/usr/bin/env', ['env'])\n"
+                       "posix.close(w)\nprint(posix.read(r, 65536).decode())\nposix.waitpid(pid, 0)", TIMEOUT)
+    assert seen.passed and child.passed, (seen.result, child.result)
+    assert secret not in seen.output and secret not in child.output
+    import json
+
+    environment = json.loads(seen.output.splitlines()[0])
+    assert set(environment) >= {"PATH", "LANG", "HOME"} and "OPENAI_API_KEY" not in environment
+    assert environment["HOME"] != os.environ.get("HOME")
+
+    # The same through the scoring path: a completion that raises with the environment in its message.
+    task_id = sorted(load_tasks("humaneval"))[0]
+    samples = tmp_path / "samples.jsonl"
+    write_jsonl(samples, [{"task_id": task_id,
+                           "completion": "    import os\n    raise ValueError(repr(dict(os.environ)))\n"}])
+    report = score_file(samples, workers=1, ks=(1,), limits=LIMITS)
+    assert report.rows[0]["result"].startswith("failed: ") and "PATH" in report.rows[0]["result"]
+    assert secret not in results_path(samples).read_text()

@@ -14,6 +14,7 @@ import queue
 import select
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -66,6 +67,7 @@ class _ForkServer:
         self.process = subprocess.Popen(
             [sys.executable, "-I", str(FORKSERVER_PATH), json.dumps(config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+            env=forkserver.program_environment(tempfile.gettempdir()),  # never the caller's (secrets)
         )
         self._out = self.process.stdout.fileno()
         self._in = self.process.stdin.fileno()

@@ -15,7 +15,9 @@ Isolation, set up once per server (best effort; the hello message reports what i
 - as root: programs run under a dedicated random uid, so RLIMIT_NPROC bounds a fork bomb and file
   permissions protect everything the uid does not own; unprivileged: a user namespace provides the
   namespaces where the kernel allows it, and capabilities are dropped in each child.
-Per program: own session and process group, fresh working directory removed afterwards, rlimits
+Per program: a fixed environment (`program_environment`: PATH, LANG, HOME = its working directory; never
+the caller's variables, which may hold API keys), own session and process group, fresh working directory
+removed afterwards, rlimits
 (address space, CPU, processes, file size, open files, no core dumps), stdin = /dev/null, stdout and
 stderr captured up to a cap, no-new-privileges, a wall-clock deadline after which the whole tree is
 killed. Protocol: length-prefixed JSON messages on the server's stdin (requests) and stdout (replies).
@@ -439,6 +441,18 @@ def _kill_quietly(pid: int) -> None:
 # ----------------------------------------------------------------------------- the child
 
 
+def program_environment(home: str) -> dict[str, str]:
+    """The whole environment of the server and of every program: fixed, never the caller's.
+
+    An evaluator's shell often holds secrets (OPENAI_API_KEY, cloud tokens); a generated program that
+    prints os.environ, or an exception message carrying it, would land in the published results file.
+    One BLAS/OpenMP thread: thread pools would otherwise eat the process and memory budgets.
+    """
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+            "HOME": home, "TMPDIR": home, "PWD": home, "PYTHONIOENCODING": "utf-8",
+            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def _apply_parity_guard() -> None:
     import builtins
 
@@ -476,9 +490,8 @@ def _child(sandbox: Sandbox, program: str, workdir: str, out_w: int, res_w: int,
         _drop_capabilities()
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    # One BLAS/OpenMP thread: thread pools would otherwise eat the process and memory budgets.
-    os.environ.update(HOME=workdir, TMPDIR=workdir, PWD=workdir, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-                      MKL_NUM_THREADS="1")
+    os.environ.clear()  # also unsets the C-level variables, so the program's own subprocesses see only these
+    os.environ.update(program_environment(workdir))
     faulthandler.disable()
     if config["python_guard"]:
         _apply_parity_guard()
