@@ -111,3 +111,39 @@ def naive_greedy(model, prompt: list[int], steps: int) -> list[int]:
         for _ in range(steps):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     return ids[len(prompt):]
+
+
+def make_random_run(directory: Path, tokenizer, n_ctx: int, never_ends: bool = False) -> Path:
+    """A random-weight run directory (config, tokenizer, one checkpoint at step 0); `never_ends` makes
+    <|endoftext|> unreachable, so completions run to max_tokens."""
+    import torch
+
+    from codegen2.checkpoint import write_checkpoint
+    from codegen2.config import Config, ModelConfig, TokenizerConfig, TrainConfig, save_config
+    from codegen2.model import CodeGenModel
+
+    config = Config(model=ModelConfig(vocab_size=512, n_layer=2, n_embd=64, n_head=4, rotary_dim=16, n_ctx=n_ctx,
+                                      mp_num=2),
+                    tokenizer=TokenizerConfig(vocab_size=512, num_masks=8), train=TrainConfig(seq_len=min(128, n_ctx)))
+    torch.manual_seed(0)
+    model = CodeGenModel(config.model)
+    if never_ends:
+        with torch.no_grad():
+            model.lm_head.bias[tokenizer.eot_id] = -1e4
+    directory.mkdir(parents=True, exist_ok=True)
+    save_config(config, directory / "config.toml")
+    tokenizer.save(directory)
+    write_checkpoint(directory, 0, model.state_dict(), {"tokens_seen": 0})
+    return directory
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer():
+    """A 512-token BPE trained on two standard-library modules (seconds)."""
+    import argparse as text_a
+    import json as text_b
+
+    from codegen2.tokenizer import train_tokenizer
+
+    texts = [Path(m.__file__).read_text(encoding="utf-8") for m in (text_a, text_b)]
+    return train_tokenizer(texts, vocab_size=512, num_masks=8)

@@ -78,23 +78,56 @@ def _load(args):
 
 
 def _params(args):
+    """Sampling parameters, checked by the rules the server applies too (before any model is loaded)."""
+    from .request_checks import check_sampling, check_stops
     from .sampling import SamplingParams
 
+    check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed)
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, stop=tuple(args.stop), seed=args.seed)
+                          top_k=args.top_k, stop=check_stops(args.stop), seed=args.seed)
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """The "prompt" of each non-blank line of a JSONL file; a bad line is a UserError naming file:line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read --prompt-file {path}: {exc}") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise UserError(f"{path}:{number}: each line needs a string \"prompt\" field, e.g. {{\"prompt\": \"def f(\"}}")
+        prompts.append(row["prompt"])
+    if not prompts:
+        raise UserError(f"{path}: no prompts")
+    return prompts
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from .request_checks import check_context, check_prompt
     from .sampling import generate
 
-    loaded = _load(args)
-    prompts = args.prompt or []
+    prompts = list(args.prompt or [])
     if args.prompt_file:
-        lines = Path(args.prompt_file).read_text().splitlines()
-        prompts += [json.loads(line)["prompt"] for line in lines if line.strip()]
+        prompts += read_prompt_file(args.prompt_file)
     if not prompts:
         raise UserError("give --prompt TEXT (repeatable) or --prompt-file FILE.jsonl")
-    outputs = generate(loaded.model, loaded.tokenizer, prompts, _params(args), bidirectional_prompt=loaded.prefix_lm)
+    params = _params(args)
+    loaded = _load(args)
+    for i, prompt in enumerate(prompts):
+        where = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+        ids = loaded.tokenizer.encode(prompt)
+        check_prompt(ids, where)
+        check_context(len(ids), params.max_new_tokens, loaded.config.n_ctx, where)
+    outputs = generate(loaded.model, loaded.tokenizer, prompts, params, bidirectional_prompt=loaded.prefix_lm)
     for prompt, text in zip(prompts, outputs):
         if len(prompts) > 1:
             print(json.dumps({"prompt": prompt, "completion": text}))
@@ -104,10 +137,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_infill(args: argparse.Namespace) -> int:
-    from .sampling import infill
+    from .request_checks import check_context, check_infill
+    from .sampling import infill, infill_prompt_ids
 
+    params = _params(args)
+    check_infill(args.prefix, args.suffix)
     loaded = _load(args)
-    middle = infill(loaded.model, loaded.tokenizer, [args.prefix], [args.suffix], _params(args),
+    ids = infill_prompt_ids(loaded.tokenizer, args.prefix, args.suffix)
+    check_context(len(ids), params.max_new_tokens, loaded.config.n_ctx,
+                  "the prefix and suffix with the infill sentinels")
+    middle = infill(loaded.model, loaded.tokenizer, [args.prefix], [args.suffix], params,
                     bidirectional_prompt=loaded.prefix_lm)[0]
     if args.show_full:
         print(args.prefix + middle + args.suffix)

@@ -17,10 +17,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..request_checks import (RequestError, check_context, check_infill, check_prompt, check_sampling,
+                              check_stops)
 from .engine import RowRequest
 
-MAX_STOPS = 16
-MAX_STOP_CHARS = 256
 MAX_ROWS_PER_REQUEST = 128  # len(prompt list) * n
 
 
@@ -49,12 +49,12 @@ class CompletionRequest(BaseModel):
     model: str | None = None
     prompt: Any = None  # str | list[str] | list[int] | list[list[int]], checked by `prompt_token_lists`
     suffix: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = None  # ranges: request_checks, shared with the command line
+    temperature: float | None = None
+    top_p: float | None = None
     n: int | None = Field(None, ge=1, le=MAX_ROWS_PER_REQUEST)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**62)
+    seed: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     echo: bool | None = None
@@ -144,18 +144,30 @@ def check_model_name(requested: str | None, served: str) -> None:
 
 def plan_request(req: CompletionRequest, tokenizer, n_ctx: int, vocab_size: int) -> Plan:
     """Tokenize and check a request against the model; build one engine row per (prompt, choice)."""
+    try:
+        return _plan_request(req, tokenizer, n_ctx, vocab_size)
+    except RequestError as exc:
+        raise ApiError(400, str(exc), exc.param, code=exc.code) from None
+
+
+def _plan_request(req: CompletionRequest, tokenizer, n_ctx: int, vocab_size: int) -> Plan:
     _check_unsupported(req)
+    check_sampling(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                   style="api")
     n = req.n or 1
     echo = bool(req.echo)
     if echo and req.suffix is not None:
         raise ApiError(400, "echo cannot be combined with suffix (an infill has no single prompt to echo)", "echo")
-    stops = _stops(req.stop)
+    stops = check_stops([] if req.stop is None else [req.stop] if isinstance(req.stop, str) else req.stop,
+                        style="api")
     ids_list, texts = prompt_token_lists(req.prompt, tokenizer, vocab_size)
     if len(ids_list) * n > MAX_ROWS_PER_REQUEST:
         raise ApiError(400, f"{len(ids_list)} prompt(s) x n={n} asks for {len(ids_list) * n} sequences; "
                             f"at most {MAX_ROWS_PER_REQUEST} per request", "n")
     infill = req.suffix is not None
     if infill:
+        for text in texts:
+            check_infill(text, req.suffix)
         suffix_ids = tokenizer.encode(req.suffix)
         mask = tokenizer.mask_id(1)
         # docs/design.md §2: prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>, the middle ends at <eom>.
@@ -163,21 +175,14 @@ def plan_request(req: CompletionRequest, tokenizer, n_ctx: int, vocab_size: int)
         stop_ids: tuple[int, ...] = (tokenizer.eom_id, tokenizer.eot_id)
     else:
         for i, ids in enumerate(ids_list):
-            if not ids:
-                where = "prompt" if len(ids_list) == 1 else f"prompt[{i}]"
-                raise ApiError(400, f"{where} is empty: give at least one token of prompt", "prompt")
+            check_prompt(ids, "prompt" if len(ids_list) == 1 else f"prompt[{i}]")
         stop_ids = (tokenizer.eot_id,)
     max_tokens = req.max_tokens if req.max_tokens is not None else 16
     for i, ids in enumerate(ids_list):
         where = "the prompt" if len(ids_list) == 1 else f"prompt[{i}]"
-        what = "with the suffix and infill sentinels " if infill else ""
-        if len(ids) >= n_ctx:
-            raise ApiError(400, f"{where} {what}is {len(ids)} tokens, too long for the model context of "
-                                f"{n_ctx} tokens", "prompt", code="context_length_exceeded")
-        if len(ids) + max_tokens > n_ctx:
-            raise ApiError(400, f"max_tokens={max_tokens} plus {where} ({len(ids)} tokens) exceeds the model "
-                                f"context of {n_ctx} tokens; ask for at most {n_ctx - len(ids)}", "max_tokens",
-                           code="context_length_exceeded")
+        if infill:
+            where += " with the suffix and infill sentinels"
+        check_context(len(ids), max_tokens, n_ctx, where, style="api")
     temperature = 1.0 if req.temperature is None else float(req.temperature)
     top_p = 1.0 if req.top_p is None else float(req.top_p)
     base_seed = req.seed if req.seed is not None else random.randrange(2**31 - 1)
@@ -192,20 +197,6 @@ def plan_request(req: CompletionRequest, tokenizer, n_ctx: int, vocab_size: int)
         raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
     return Plan(rows=rows, prompt_texts=texts, prompt_tokens=sum(len(ids) for ids in ids_list), n=n, echo=echo,
                 stream=stream, include_usage=include_usage)
-
-
-def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    if len(stops) > MAX_STOPS:
-        raise ApiError(400, f"stop has {len(stops)} strings; at most {MAX_STOPS}", "stop")
-    for s in stops:
-        if not s:
-            raise ApiError(400, "stop strings must not be empty", "stop")
-        if len(s) > MAX_STOP_CHARS:
-            raise ApiError(400, f"a stop string is {len(s)} characters; at most {MAX_STOP_CHARS}", "stop")
-    return tuple(stops)
 
 
 def _check_unsupported(req: CompletionRequest) -> None:
