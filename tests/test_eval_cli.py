@@ -16,14 +16,14 @@ from codegen2.eval.tasks import load_tasks, read_jsonl, write_jsonl  # noqa: E40
 from conftest import CharTokenizer  # noqa: E402
 
 
-def tiny_loaded():
+def tiny_loaded(n_ctx: int = 2048):
     import torch
 
     from codegen2.config import ModelConfig
     from codegen2.models.codegen.model import CodeGenModel
 
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=300, n_layer=1, n_embd=32, n_head=2, rotary_dim=8, n_ctx=2048, mp_num=1)
+    config = ModelConfig(vocab_size=300, n_layer=1, n_embd=32, n_head=2, rotary_dim=8, n_ctx=n_ctx, mp_num=1)
     return SimpleNamespace(model=CodeGenModel(config).eval(), tokenizer=CharTokenizer(), config=config, prefix_lm=False)
 
 
@@ -142,3 +142,44 @@ def test_samplers_drive_the_real_model():
     # The fused fast decoder samples the same tokens from the same seeds.
     assert generation.left_to_right(loaded, params, decoder="fast")([problem, problem], [5, 6]) == got
     assert generation.infill_middle(loaded, params, decoder="fast")([task], [3]) == middles
+
+
+@pytest.mark.parametrize("benchmark, n_ctx", [("humaneval", 420), ("infill-multi", 200)])
+def test_prompts_longer_than_the_context_are_fitted_counted_and_written(tmp_path, capsys, monkeypatch, benchmark,
+                                                                         n_ctx):
+    """A short-context model (one token per byte here): over-long prompts lose their start (infill: the start of
+    the prefix), those that cannot fit are skipped as failures, all are counted, and every file is written."""
+    monkeypatch.setattr("codegen2.loading.load_checkpoint", lambda *a, **k: tiny_loaded(n_ctx))
+    limit, new = 12, 8
+    tasks = list(load_tasks(benchmark).values())[:limit]
+    infilling = benchmark != "humaneval"
+    expected_truncated, expected_skipped = [], []
+    for task in tasks:  # an independent count: prompt bytes, sentinels and new tokens against the context
+        prefix, rest = len(task["prompt"].encode()), (len(task["suffix"].encode()) + 4 if infilling else 0)
+        overflow = prefix + rest + new - n_ctx
+        if overflow > (prefix if infilling else prefix - 1):
+            expected_skipped.append(task["task_id"])
+        elif overflow > 0:
+            expected_truncated.append(task["task_id"])
+    assert expected_truncated and (expected_skipped or not infilling)
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli(["eval", benchmark, "--checkpoint", "x", "--out", str(out), "--limit", str(limit),
+                                    "--max-new-tokens", str(new), "--workers", "1", "--no-progress", "--k", "1",
+                                    "--device", "cpu", "--batch-size", "4"], capsys)
+    assert code == 0, stderr
+    summary = json.loads((out / "pass_at_k.json").read_text())
+    assert summary["context"]["truncated_tasks"] == expected_truncated
+    assert summary["context"]["skipped_tasks"] == expected_skipped
+    assert f"{len(expected_truncated)} of {limit} prompts lose their start" in stderr
+    samples = [row for _, row in read_jsonl(out / "samples.jsonl")]
+    assert [s["task_id"] for s in samples] == [t["task_id"] for t in tasks]
+    assert all(s["completion"] == "" for s in samples if s["task_id"] in expected_skipped)
+    results = [row for _, row in read_jsonl(out / "samples.jsonl_results.jsonl")]
+    assert len(results) == limit and json.loads(stdout.strip().splitlines()[-1]) == {"pass@1": 0.0}
+
+
+def test_max_new_tokens_that_fill_the_context_are_refused_up_front(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("codegen2.loading.load_checkpoint", lambda *a, **k: tiny_loaded(256))
+    code, _, stderr = run_cli(["eval", "humaneval", "--checkpoint", "x", "--out", str(tmp_path / "o"),
+                               "--max-new-tokens", "256", "--device", "cpu", "--no-progress"], capsys)
+    assert code == 2 and "--max-new-tokens 256 leaves no room" in stderr and stderr.count("\n") == 1

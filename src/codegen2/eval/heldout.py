@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..sampling import SamplingParams, generate_ids
 
 
@@ -292,6 +293,8 @@ def run_heldout(args: argparse.Namespace) -> int:
         data_config, window = DataConfig(), min(1024, loaded.config.n_ctx - 1)
     result = evaluate_heldout(loaded, data_config, window, args.max_tokens, args.n_infill, args.batch_size,
                               infill_format or "codegen2")
+    if "code" not in result and "nl" not in result:
+        raise UserError(_no_heldout_reason(data_config, run))
     if args.baseline:
         # The same shapes freshly initialised: the number training has to beat.
         from ..models import build_model
@@ -303,6 +306,18 @@ def run_heldout(args: argparse.Namespace) -> int:
     print(summarize(result), file=sys.stderr)
     print(json.dumps(result, indent=None), file=sys.stdout)
     return 0
+
+
+def _no_heldout_reason(data_config, run) -> str:
+    """Why a held-out evaluation has nothing to score, and what to do about it."""
+    where = f"{run}/config.toml" if (run / "config.toml").is_file() else "the default data config"
+    if data_config.heldout_fraction <= 0:
+        return (f"no held-out documents: data.heldout_fraction = 0 in {where}, so every file was trained on; "
+                f"train a run with --set data.heldout_fraction=0.02 to score held-out loss")
+    sources = ", ".join(s.path for s in data_config.sources) or "the embedded corpus"
+    return (f"no held-out documents: none of the files of {sources} fell in the held-out split "
+            f"(data.heldout_fraction = {data_config.heldout_fraction} in {where}, chosen by a hash of each path); "
+            f"use more files or a larger fraction")
 
 
 def summarize(result: dict) -> str:
