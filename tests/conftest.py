@@ -120,13 +120,13 @@ def make_random_run(directory: Path, tokenizer, n_ctx: int, never_ends: bool = F
 
     from codegen2.checkpoint import write_checkpoint
     from codegen2.config import Config, ModelConfig, TokenizerConfig, TrainConfig, save_config
-    from codegen2.model import CodeGenModel
+    from codegen2.models import build_model
 
     config = Config(model=ModelConfig(vocab_size=512, n_layer=2, n_embd=64, n_head=4, rotary_dim=16, n_ctx=n_ctx,
                                       mp_num=2),
                     tokenizer=TokenizerConfig(vocab_size=512, num_masks=8), train=TrainConfig(seq_len=min(128, n_ctx)))
     torch.manual_seed(0)
-    model = CodeGenModel(config.model)
+    model = build_model(config.model)
     if never_ends:
         with torch.no_grad():
             model.lm_head.bias[tokenizer.eot_id] = -1e4

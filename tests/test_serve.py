@@ -23,15 +23,13 @@ import pytest
 import torch
 
 from codegen2 import cli
-from codegen2.checkpoint import write_checkpoint
-from codegen2.config import Config, ModelConfig, TokenizerConfig, TrainConfig, save_config
 from codegen2.loading import load_checkpoint
-from codegen2.models.codegen.model import CodeGenModel
 from codegen2.sampling import SamplingParams, generate_ids, infill_prompt_ids
 from codegen2.serve.app import create_app
 from codegen2.serve.engine import BatchEngine, QueueFull, RowRequest
 from codegen2.serve.text import IncrementalText
-from codegen2.tokenizer import train_tokenizer
+
+from conftest import make_random_run  # noqa: E402
 
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -44,40 +42,20 @@ LONG_CTX = 4096
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (fixture in conftest.py)
 
 
-def make_run(directory: Path, tokenizer, n_ctx: int, never_ends: bool = False) -> Path:
-    """A random-weight run directory; `never_ends` makes <|endoftext|> unreachable, so completions run to max_tokens."""
-    config = Config(model=ModelConfig(vocab_size=512, n_layer=2, n_embd=64, n_head=4, rotary_dim=16, n_ctx=n_ctx,
-                                      mp_num=2),
-                    tokenizer=TokenizerConfig(vocab_size=512, num_masks=8), train=TrainConfig(seq_len=128))
-    torch.manual_seed(0)
-    model = CodeGenModel(config.model)
-    if never_ends:
-        with torch.no_grad():
-            model.lm_head.bias[tokenizer.eot_id] = -1e4
-    save_config(config, directory / "config.toml")
-    tokenizer.save(directory)
-    write_checkpoint(directory, 0, model.state_dict(), {"tokens_seen": 0})
-    return directory
-
-
 @pytest.fixture(scope="module")
-def tokenizer():
-    import argparse as text_a
-    import json as text_b
-
-    texts = [Path(m.__file__).read_text(encoding="utf-8") for m in (text_a, text_b)]
-    return train_tokenizer(texts, vocab_size=512, num_masks=8)
+def tokenizer(small_tokenizer):
+    return small_tokenizer
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tokenizer) -> Path:
-    return make_run(tmp_path_factory.mktemp("serve_run"), tokenizer, N_CTX)
+    return make_random_run(tmp_path_factory.mktemp("serve_run"), tokenizer, N_CTX)
 
 
 @pytest.fixture(scope="module")
 def long_run_dir(tmp_path_factory, tokenizer) -> Path:
     """Same model with a long context, so that one stream lasts seconds: disconnect and 429 tests need it."""
-    return make_run(tmp_path_factory.mktemp("serve_long_run"), tokenizer, LONG_CTX, never_ends=True)
+    return make_random_run(tmp_path_factory.mktemp("serve_long_run"), tokenizer, LONG_CTX, never_ends=True)
 
 
 @pytest.fixture(scope="module")
