@@ -28,7 +28,6 @@ from codegen2.sampling import SamplingParams, generate_ids, infill_prompt_ids
 from codegen2.serve.app import create_app
 from codegen2.serve.engine import BatchEngine, QueueFull, RowRequest
 from codegen2.serve.text import IncrementalText
-
 from conftest import make_random_run  # noqa: E402
 
 uvicorn = pytest.importorskip("uvicorn")

@@ -104,7 +104,8 @@ def read_prompt_file(path: str | Path) -> list[str]:
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}:{number}: not JSON ({exc.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise UserError(f"{path}:{number}: each line needs a string \"prompt\" field, e.g. {{\"prompt\": \"def f(\"}}")
+            raise UserError(f"{path}:{number}: each line needs a string \"prompt\" field, "
+                            f"e.g. {{\"prompt\": \"def f(\"}}")
         prompts.append(row["prompt"])
     if not prompts:
         raise UserError(f"{path}: no prompts")

@@ -8,7 +8,8 @@ on the command line, `max_tokens` in the API); the CLI prints it as one line, th
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 from .errors import UserError
 

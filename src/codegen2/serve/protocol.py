@@ -17,8 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..request_checks import (RequestError, check_context, check_infill, check_prompt, check_sampling,
-                              check_stops)
+from ..request_checks import RequestError, check_context, check_infill, check_prompt, check_sampling, check_stops
 from .engine import RowRequest
 
 MAX_ROWS_PER_REQUEST = 128  # len(prompt list) * n
