@@ -15,6 +15,7 @@ from codegen2.checkpoint import write_checkpoint
 from codegen2.config import Config, ModelConfig, TokenizerConfig, TrainConfig, save_config
 from codegen2.decode import FastDecoder, capacity_bucket
 from codegen2.loading import load_checkpoint
+from codegen2.models import build_model
 from codegen2.models.codegen.model import CodeGenModel
 from codegen2.models.common import KVCache
 from codegen2.sampling import SamplingParams, generate_ids
@@ -23,17 +24,25 @@ from conftest import CharTokenizer, naive_greedy
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (fixture in conftest.py)
 
 
-def small_model(**shape) -> CodeGenModel:
+SMALL = {
+    "codegen": dict(vocab_size=300, n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_ctx=256, mp_num=2),
+    "llama": dict(arch="llama", vocab_size=300, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, rotary_dim=16,
+                  n_inner=96, n_ctx=256),
+}
+ARCHS = pytest.mark.parametrize("arch", list(SMALL))
+
+
+def small_model(arch: str = "codegen", **shape) -> torch.nn.Module:
     torch.manual_seed(3)
-    cfg = dict(vocab_size=300, n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_ctx=256, mp_num=2)
-    return CodeGenModel(ModelConfig(**{**cfg, **shape})).eval()
+    return build_model(ModelConfig(**{**SMALL[arch], **shape})).eval()
 
 
 
 
-@pytest.mark.parametrize("shape", [{}, {"rotary_dim": 16, "mp_num": 4}])
-def test_fast_decoder_logits_equal_a_full_forward_pass(shape):
-    model = small_model(**shape)
+@pytest.mark.parametrize("arch, shape", [("codegen", {}), ("codegen", {"rotary_dim": 16, "mp_num": 4}),
+                                         ("llama", {}), ("llama", {"n_kv_head": 1, "tie_word_embeddings": True})])
+def test_fast_decoder_logits_equal_a_full_forward_pass(arch, shape):
+    model = small_model(arch, **shape)
     ids = torch.randint(0, 300, (3, 30))
     with torch.no_grad():
         full = model(ids)
@@ -47,8 +56,9 @@ def test_fast_decoder_logits_equal_a_full_forward_pass(shape):
         assert torch.equal(model(ids), full)
 
 
-def test_fast_decoder_handles_left_padding_and_early_stops():
-    model, tok = small_model(), CharTokenizer()
+@ARCHS
+def test_fast_decoder_handles_left_padding_and_early_stops(arch):
+    model, tok = small_model(arch), CharTokenizer()
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42]]
     out = generate_ids(model, tok, prompts, SamplingParams(max_new_tokens=12), decoder="fast")
     for prompt, completion in zip(prompts, out):
@@ -62,8 +72,9 @@ def test_fast_decoder_handles_left_padding_and_early_stops():
     assert "stop" in [c.finish_reason for c in fast]
 
 
-def test_seeded_sampling_is_the_same_in_every_decoder():
-    model, tok = small_model(), CharTokenizer()
+@ARCHS
+def test_seeded_sampling_is_the_same_in_every_decoder(arch):
+    model, tok = small_model(arch), CharTokenizer()
     params = SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=11)
     prompts = [[10, 11, 12], [50, 60]]
     ref = [c.token_ids for c in generate_ids(model, tok, prompts, params)]

@@ -1,24 +1,34 @@
-"""Model: cached decoding, prefix-LM / document masks in the model, presets' parameter counts."""
+"""Model: cached decoding, prefix-LM / document masks in the model, presets' parameter counts.
+
+The behaviour tests run for every architecture (ARCHS): the same masks and cache rules hold for all.
+"""
 
 import pytest
 import torch
 
 from codegen2.config import ModelConfig, config_from_dict, preset_dict
+from codegen2.models import build_model
 from codegen2.models.codegen.model import CodeGenModel, count_parameters
 from codegen2.models.common import KVCache
 
+# One small shape per architecture; llama's has grouped-query attention (6 query heads, 2 key/value heads).
+SMALL = {
+    "codegen": dict(vocab_size=300, n_layer=2, n_embd=96, n_head=6, rotary_dim=8, n_ctx=128, mp_num=3),
+    "llama": dict(arch="llama", vocab_size=300, n_layer=2, n_embd=96, n_head=6, n_kv_head=2, rotary_dim=16,
+                  n_inner=160, n_ctx=128),
+}
+ARCHS = pytest.mark.parametrize("arch", list(SMALL))
 
-def small_model(**overrides) -> CodeGenModel:
+
+def small_model(arch: str = "codegen") -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=300, n_layer=2, n_embd=96, n_head=6, rotary_dim=8, n_ctx=128, mp_num=3)
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return CodeGenModel(cfg).eval()
+    return build_model(ModelConfig(**SMALL[arch])).eval()
 
 
+@ARCHS
 @pytest.mark.parametrize("split", [[40], [1] * 40, [7, 1, 1, 13, 18], [20, 20]])
-def test_kv_cache_matches_full_forward(split):
-    model = small_model()
+def test_kv_cache_matches_full_forward(split, arch):
+    model = small_model(arch)
     ids = torch.randint(0, 300, (3, 40))
     with torch.no_grad():
         full = model(ids)
@@ -30,8 +40,9 @@ def test_kv_cache_matches_full_forward(split):
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 1e-5
 
 
-def test_left_padded_batch_matches_single_prompts():
-    model = small_model()
+@ARCHS
+def test_left_padded_batch_matches_single_prompts(arch):
+    model = small_model(arch)
     prompts = [torch.randint(0, 300, (n,)) for n in (5, 12, 9)]
     longest = 12
     ids = torch.zeros(3, longest, dtype=torch.long)
@@ -50,8 +61,9 @@ def test_left_padded_batch_matches_single_prompts():
             assert (batched[row, longest - len(p):] - alone[0]).abs().max() <= 1e-5
 
 
-def test_prefix_lm_lets_earlier_positions_see_later_prefix_tokens():
-    model = small_model()
+@ARCHS
+def test_prefix_lm_lets_earlier_positions_see_later_prefix_tokens(arch):
+    model = small_model(arch)
     ids = torch.randint(0, 300, (1, 20))
     changed = ids.clone()
     changed[0, 6] = (changed[0, 6] + 1) % 300  # a later prefix token
@@ -63,8 +75,9 @@ def test_prefix_lm_lets_earlier_positions_see_later_prefix_tokens():
     assert prefix_delta > 1e-4
 
 
-def test_document_mask_isolates_packed_documents():
-    model = small_model()
+@ARCHS
+def test_document_mask_isolates_packed_documents(arch):
+    model = small_model(arch)
     a = torch.randint(0, 300, (1, 8))
     b = torch.randint(0, 300, (1, 12))
     packed = torch.cat([a, b], dim=1)
@@ -95,8 +108,9 @@ def test_bad_shapes_are_rejected():
         ModelConfig(n_embd=96, n_head=6, mp_num=4, rotary_dim=8).validate()
 
 
-def test_last_only_and_decode_layout_keep_the_logits():
-    model = small_model()
+@ARCHS
+def test_last_only_and_decode_layout_keep_the_logits(arch):
+    model = small_model(arch)
     ids = torch.randint(0, 300, (2, 17))
     with torch.no_grad():
         full = model(ids)

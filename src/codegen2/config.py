@@ -258,10 +258,23 @@ PRESETS: dict[str, dict[str, Any]] = {
                       weight_decay=0.1, checkpoint_every=75, log_every=15),
         "data": dict(embedded_max_files=0),
     },
+    # LLaMA-style (RMSNorm, SwiGLU, half-split rotary, grouped-query attention) at tiny's size and recipe.
+    "llama-tiny": {
+        "model": dict(arch="llama", vocab_size=4096, n_layer=4, n_embd=256, n_head=4, n_kv_head=2, n_inner=768,
+                      rotary_dim=64, n_ctx=512, layer_norm_eps=1e-6),
+        "tokenizer": dict(vocab_size=4096, num_masks=32, train_chars=4_000_000),
+        "objective": dict(max_spans=8, span_len_max=32),
+        "train": dict(seq_len=256, micro_batch_size=8, lr=2e-3, warmup_steps=15, max_steps=150,
+                      weight_decay=0.1, checkpoint_every=75, log_every=15),
+        "data": dict(embedded_max_files=0),
+    },
     "1b": {"model": dict(n_layer=16, n_embd=2048, n_head=16, rotary_dim=64, mp_num=8)},
     "3_7b": {"model": dict(n_layer=16, n_embd=4096, n_head=16, rotary_dim=64, mp_num=8)},
     "7b": {"model": dict(n_layer=32, n_embd=4096, n_head=16, rotary_dim=64, mp_num=4)},
     "16b": {"model": dict(n_layer=34, n_embd=6144, n_head=24, rotary_dim=64, mp_num=4)},
+    # CodeGen2.5-7B (Salesforce's LlamaForCausalLM, DESIGN §6): MHA, untied head, 2048 positions.
+    "codegen25-7b": {"model": dict(arch="llama", vocab_size=51200, n_layer=32, n_embd=4096, n_head=32,
+                                   n_inner=11008, rotary_dim=128, n_ctx=2048, layer_norm_eps=1e-6)},
 }
 
 

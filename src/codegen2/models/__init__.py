@@ -16,11 +16,12 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import ModelConfig
-from . import codegen
+from . import codegen, llama
 from .spec import Architecture, HFMapping
 
 ARCHITECTURES: dict[str, Architecture] = {
     "codegen": codegen.ARCHITECTURE,
+    "llama": llama.ARCHITECTURE,
 }
 
 __all__ = ["ARCHITECTURES", "Architecture", "HFMapping", "architecture", "build_model"]

@@ -58,6 +58,9 @@ def regroup_state_dict(state: dict[str, torch.Tensor], n_head: int, from_mp: int
 
 def check_hf_config(raw: dict[str, Any], file: Path) -> None:
     """Refuse CodeGen config.json variants this implementation does not compute."""
+    missing = [key for key in ("vocab_size", "n_embd", "n_layer", "n_head") if not isinstance(raw.get(key), int)]
+    if missing:
+        raise UserError(f"{file}: missing or non-integer key(s) {', '.join(missing)}")
     activation = raw.get("activation_function", "gelu_new")
     if activation != "gelu_new":
         raise UserError(f"{file}: activation_function {activation!r} is not supported (CodeGen uses 'gelu_new')")

@@ -1,0 +1,209 @@
+"""The LLaMA decoder (CodeGen2.5 is one): pre-norm blocks with RMSNorm, SwiGLU MLP, rotary, grouped-query attention.
+
+Parameter names are those of Hugging Face `LlamaForCausalLM` (`model.embed_tokens`, `model.layers.N.self_attn.
+q_proj`, ..., `lm_head`), so a state dict moves between codegen2 and transformers unchanged. Each block is
+sequential, `h = x + attn(norm_1(x))`, then `h + mlp(norm_2(h))`; rotary turns the two halves of every query and
+key head (dims i and i + head_dim / 2 rotate together: the HF convention, unlike GPT-J's interleaved pairs).
+Masks come from `codegen2.masks` and keys/values go through the shared `KVCache`, as for every architecture.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ...config import ModelConfig
+from ...masks import forward_attention_mask, sdpa_is_causal
+from ..common import KVCache, rotary_angles
+
+
+class RotaryTable:
+    """cos / sin of every position up to the context length, per device, computed once in fp32.
+
+    Kept outside the module's parameters and buffers, so state dicts stay exactly the HF ones.
+    """
+
+    def __init__(self, head_dim: int, n_ctx: int, theta: float):
+        self.head_dim, self.n_ctx, self.theta = head_dim, n_ctx, theta
+        self.tables: dict[torch.device, torch.Tensor] = {}
+
+    def table(self, device: torch.device, min_positions: int = 0) -> torch.Tensor:
+        """[positions, head_dim / 2, 2] (cos, sin), covering at least max(n_ctx, min_positions) positions."""
+        table = self.tables.get(device)
+        if table is None or table.shape[0] < min_positions:
+            angles = rotary_angles(self.head_dim, torch.arange(max(self.n_ctx, min_positions), device=device),
+                                   self.theta)
+            table = torch.stack((angles.cos(), angles.sin()), dim=-1)
+            self.tables[device] = table
+        return table
+
+    def __call__(self, position_ids: torch.Tensor, min_positions: int = 0) -> torch.Tensor:
+        """[B, T, head_dim / 2, 2] for position_ids [B, T]; the bound is a host integer (no device read-back)."""
+        return self.table(position_ids.device, min_positions)[position_ids]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the halves of x's last axis: (a, b) -> (a cos - b sin, b cos + a sin), computed in fp32."""
+    first, second = (x if x.dtype == torch.float32 else x.float()).chunk(2, dim=-1)
+    rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+    return rotated if x.dtype == torch.float32 else rotated.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.kv_heads, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+
+    def forward(self, x, rotary, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+        batch, time, _ = x.shape
+        cos, sin = rotary.unbind(-1)  # [B, T, 1, head_dim / 2]: broadcast over heads
+        query = apply_rotary(self.q_proj(x).view(batch, time, self.n_head, self.head_dim), cos, sin)
+        key = apply_rotary(self.k_proj(x).view(batch, time, self.kv_heads, self.head_dim), cos, sin)
+        value = self.v_proj(x).view(batch, time, self.kv_heads, self.head_dim)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        is_causal = mask is None and sdpa_is_causal(time, cache)
+        if cache is not None:
+            key, value = cache.store(layer, key, value)
+        # Query head h reads key/value head h // (n_head / kv_heads), as transformers' repeat_kv lays them out.
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal,
+                                             enable_gqa=self.kv_heads != self.n_head)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, time, -1))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.inner_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.inner_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.inner_dim, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, rotary, mask, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rotary, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBackbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+
+
+class LlamaModel(nn.Module):
+    """LLaMA causal / prefix-LM decoder returning logits [B, T, vocab] (the forward of `models.spec.Architecture`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.model = LlamaBackbone(cfg)
+        # A tied head is the embedding table itself (no lm_head module), so no state dict holds it twice.
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False
+        self.rotary = RotaryTable(cfg.head_dim, cfg.n_ctx, cfg.rope_theta)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, init_std) weights, residual projections (o_proj, down_proj) scaled by 1/sqrt(2 * n_layer).
+
+        transformers initialises every LLaMA matrix with one std; the residual scaling is GPT-2's (as for
+        CodeGen here), which keeps the residual stream's variance independent of depth at the start.
+        Decides by module type and name only (FSDP calls it on a stand-in, one module at a time).
+        """
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, residual_std if name.endswith(("o_proj", "down_proj")) else std,
+                                      generator=generator)
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std, generator=generator)
+            elif isinstance(module, nn.RMSNorm):
+                module.weight.fill_(1.0)
+
+    @torch.no_grad()
+    def use_decode_layout(self) -> "LlamaModel":
+        """Store the widening projections input-major for CPU inference (see `CodeGenModel.use_decode_layout`)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.out_features > module.in_features:
+                module.weight.data = module.weight.data.t().contiguous().t()
+        return self
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def head_weight(self) -> torch.Tensor:
+        """The output projection [vocab, d]: lm_head's, or the embedding table when tied."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        prefix_len: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for `input_ids` [B, T]; the arguments mean what they mean for `CodeGenModel.forward`."""
+        batch, time = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + time, device=input_ids.device)[None].expand(batch, time)
+        rotary = self.rotary(position_ids, past + time)[:, :, None]  # [B, T, 1, head_dim / 2, 2]
+        mask = forward_attention_mask(doc_ids, prefix_len, time, input_ids.device, cache)
+        x = self.model.embed_tokens(input_ids)
+        for layer, block in enumerate(self.model.layers):
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, rotary, mask, use_reentrant=False)
+            else:
+                x = block(x, rotary, mask, cache, layer)
+        x = self.model.norm(x)
+        if cache is not None:
+            cache.length = past + time
+        if last_only:
+            x = x[:, -1:]
+        if return_hidden:
+            return x
+        return F.linear(x, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
+
+
+def matmul_parameters(cfg: ModelConfig) -> int:
+    """Weights that multiply activations: per layer q, o (d^2 each), k, v (d * kv width), gate, up, down; lm_head."""
+    d, kv = cfg.n_embd, cfg.kv_heads * cfg.head_dim
+    return cfg.n_layer * (2 * d * d + 2 * d * kv + 3 * d * cfg.inner_dim) + cfg.vocab_size * d
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Exact parameter count of a LLaMA model with these shapes, without building it (a tied head counts once)."""
+    d = cfg.n_embd
+    per_layer = 2 * d * d + 2 * d * cfg.kv_heads * cfg.head_dim + 3 * d * cfg.inner_dim + 2 * d
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * d
+    return cfg.vocab_size * d + cfg.n_layer * per_layer + d + head

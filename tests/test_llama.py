@@ -1,0 +1,242 @@
+"""The LLaMA architecture (CodeGen2.5): logits, decoding, parameter counts and HF interop against transformers.
+
+The reference is transformers' own LlamaForCausalLM with random weights (MHA, GQA, odd head counts, tied
+head, a non-default rotary base); the cache and the fused decode step are checked against a full forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+transformers = pytest.importorskip("transformers")
+
+from codegen2.checkpoint import WEIGHTS, list_checkpoints, write_checkpoint  # noqa: E402
+from codegen2.config import Config, ConfigError, ModelConfig, load_config, preset_dict, save_config  # noqa: E402
+from codegen2.decode import FastDecoder  # noqa: E402
+from codegen2.errors import UserError  # noqa: E402
+from codegen2.hf import export_hf, from_pretrained, import_hf, register  # noqa: E402
+from codegen2.models import architecture, build_model  # noqa: E402
+from codegen2.models.common import KVCache  # noqa: E402
+from codegen2.tokenizer import train_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (fixture in conftest.py)
+
+VOCAB = 512
+# (hidden, heads, kv heads, layers, intermediate, rope_theta, tied)
+SHAPES = [
+    dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=6, num_hidden_layers=2, intermediate_size=200),
+    dict(hidden_size=60, num_attention_heads=5, num_key_value_heads=1, num_hidden_layers=3, intermediate_size=128,
+         rope_theta=500000.0),
+    dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=160,
+         tie_word_embeddings=True),
+    dict(hidden_size=84, num_attention_heads=7, num_key_value_heads=7, num_hidden_layers=1, intermediate_size=64),
+]
+SHAPE_IDS = ["mha-hd16", "gqa5to1-theta5e5", "gqa6to2-tied", "mha7-hd12"]
+
+
+def hf_llama(shape: dict, seed: int = 0):
+    """transformers' LlamaForCausalLM with every parameter random (norm weights too), in eval mode."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=64, rms_norm_eps=1e-5,
+                                      bos_token_id=None, eos_token_id=None, pad_token_id=None, **shape)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name.endswith("layernorm.weight") else 0.0))
+    return model
+
+
+def prompt(batch: int = 2, length: int = 12) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(7))
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(root / name).read_text(encoding="utf-8") for name in ("argparse.py", "textwrap.py")]
+    return train_tokenizer(texts, vocab_size=VOCAB, num_masks=16)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_transformers_llama_loads_with_equal_logits_cache_and_fast_decode(shape, tmp_path):
+    hf = hf_llama(shape)
+    hf.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path, load_tokenizer=False)
+    assert ours.config.arch == "llama" and ours.config.kv_heads == shape["num_key_value_heads"]
+    assert ours.num_parameters() == hf.num_parameters() == architecture(ours.config).count_parameters(ours.config)
+    ids = prompt(3, 40)
+    with torch.no_grad():
+        full = ours(ids)
+        assert max_diff(full, hf(ids).logits) <= 1e-4
+        # KV cache, chunk by chunk, equals the full forward.
+        cache = KVCache(ours.config, 3, 48)
+        pieces = [ours(ids[:, a:b], cache=cache) for a, b in [(0, 9), (9, 10), (10, 23), (23, 40)]]
+        assert max_diff(torch.cat(pieces, 1), full) <= 1e-5
+        # The fused decode step (eager) continues a prefilled cache with the same logits.
+        cache = KVCache(ours.config, 3, 48)
+        ours(ids[:, :10], cache=cache)
+        decoder = FastDecoder(ours, 3, 48)
+        decoder.start(cache, torch.full((3,), 10))
+        for t in range(10, 40):
+            assert max_diff(decoder.step(ids[:, t]), full[:, t]) <= 1e-5
+        assert torch.equal(ours(ids), full)  # fusing re-points the weights; the forward is unchanged
+    greedy = hf.generate(ids[:2, :12], max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        mine = ids[:2, :12]
+        for _ in range(10):
+            mine = torch.cat([mine, ours(mine)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(mine, greedy)
+
+
+def test_codegen25_7b_preset_has_transformers_parameter_count():
+    cfg = load_config(preset="codegen25-7b").model
+    hf_config = transformers.LlamaConfig(vocab_size=51200, hidden_size=4096, intermediate_size=11008,
+                                         num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=2048,
+                                         tie_word_embeddings=False)
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(hf_config)
+        ours = build_model(cfg)
+    assert ours.num_parameters() == hf.num_parameters() == architecture(cfg).count_parameters(cfg)
+    assert {n: tuple(p.shape) for n, p in ours.named_parameters()} == \
+        {n: tuple(p.shape) for n, p in hf.named_parameters()}
+
+
+def test_llama_tiny_preset_matches_tiny_in_size():
+    tiny, llama = load_config(preset="tiny").model, load_config(preset="llama-tiny").model
+    assert llama.arch == "llama" and llama.kv_heads < llama.n_head
+    a, b = architecture(tiny).count_parameters(tiny), architecture(llama).count_parameters(llama)
+    assert abs(a - b) / a < 0.01
+    assert preset_dict("llama-tiny")["train"] == preset_dict("tiny")["train"]
+
+
+def test_llama_config_checks():
+    with pytest.raises(ConfigError, match="rotary_dim=32: LLaMA rotates whole heads"):
+        ModelConfig(arch="llama", n_embd=128, n_head=2, rotary_dim=32).validate()
+    with pytest.raises(ConfigError, match="must divide model.n_head"):
+        ModelConfig(arch="llama", n_embd=120, n_head=6, n_kv_head=4, rotary_dim=20).validate()
+    with pytest.raises(ConfigError, match="model.arch='gpt9' must be one of"):
+        ModelConfig(arch="gpt9").validate()
+
+
+# ------------------------------------------------------------------------------------ export / import
+def make_run(tmp_path: Path, tokenizer, **shape) -> tuple[Path, torch.nn.Module]:
+    cfg = ModelConfig(**{**dict(arch="llama", vocab_size=VOCAB, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                                rotary_dim=16, n_inner=96, n_ctx=64, rope_theta=20000.0), **shape})
+    torch.manual_seed(3)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    run = tmp_path / "run"
+    run.mkdir()
+    config = Config(model=cfg)
+    config.train.seq_len = 64
+    save_config(config, run / "config.toml")
+    tokenizer.save(run)
+    write_checkpoint(run, 5, model.state_dict(), {"tokens_seen": 123})
+    return run, model
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_export_loads_in_transformers_and_import_round_trips_bitwise(tied, tmp_path, tokenizer):
+    run, model = make_run(tmp_path, tokenizer, tie_word_embeddings=tied)
+    out = tmp_path / "exported"
+    assert cli(["export-hf", str(run), str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    assert "auto_map" not in config and config["eos_token_id"] == tokenizer.eot_id
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.num_key_value_heads == 2
+    ids = prompt()
+    with torch.no_grad():
+        assert max_diff(hf(ids).logits, model(ids)) <= 1e-4
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "def f(x):\n        return x<mask_1>  <sep><eom><|endoftext|>"
+    assert hf_tok(text)["input_ids"] == tokenizer.encode(text)
+
+    imported = tmp_path / "imported"
+    assert cli(["import-hf", str(out), str(imported)]) == 0
+    assert load_config(imported / "config.toml").model == model.config
+    exported = load_file(str(out / WEIGHTS))
+    reimported = load_file(str(list_checkpoints(imported)[0] / WEIGHTS))
+    original = load_file(str(list_checkpoints(run)[0] / WEIGHTS))
+    assert exported.keys() == reimported.keys() == original.keys()
+    assert ("lm_head.weight" in original) != tied
+    for name, tensor in reimported.items():
+        assert torch.equal(tensor, exported[name]) and torch.equal(tensor, original[name]), name
+
+
+@pytest.fixture()
+def llama_dir(tmp_path):
+    hf_llama(SHAPES[1]).save_pretrained(tmp_path / "good")
+    return tmp_path / "good"
+
+
+def rewrite_config(directory: Path, **changes) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
+    (dict(attention_bias=True), "attention_bias=True is not supported"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope scaling"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}), "rope scaling"),
+    (dict(head_dim=8), "head_dim=8 differs"),
+    (dict(intermediate_size=None), "missing or non-integer key.*intermediate_size"),
+    (dict(num_key_value_heads=2), "n_kv_head=2 must divide model.n_head=5"),
+])
+def test_unsupported_llama_configs_are_refused_by_key(llama_dir, changes, message):
+    rewrite_config(llama_dir, **changes)
+    with pytest.raises(UserError, match=message) as info:
+        from_pretrained(llama_dir, load_tokenizer=False)
+    assert "config.json" in str(info.value)
+
+
+def test_mp_num_is_refused_for_llama(llama_dir):
+    with pytest.raises(UserError, match="mp_num applies to CodeGen checkpoints only"):
+        from_pretrained(llama_dir, mp_num=4, load_tokenizer=False)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_transformers_greedy_tokens(tmp_path):
+    """The fused step under torch.compile (one graph for every step) decodes what transformers' generate does."""
+    from codegen2.sampling import SamplingParams, generate_ids
+    from conftest import CharTokenizer
+
+    hf = hf_llama(SHAPES[2])
+    hf.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path, load_tokenizer=False)
+    prompts = prompt(2, 9)
+    with torch.inference_mode():
+        ref = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=16,
+                          min_new_tokens=16, pad_token_id=0)[:, 9:].tolist()
+    params = SamplingParams(max_new_tokens=16)
+    for decoder in ("model", "fast", "compiled"):
+        out = generate_ids(ours, CharTokenizer(), prompts.tolist(), params, decoder=decoder)
+        assert [c.token_ids for c in out] == ref, decoder
