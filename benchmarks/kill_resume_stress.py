@@ -16,7 +16,7 @@ the log (loss, grad norm, lr, and the hash chain of the exact samples trained on
 
 Saves are slowed down by CODEGEN2_SAVE_PAUSE_S (a sleep after each file) so that kills land inside them.
 
-    python benchmarks/kill_resume_stress.py --kills 10 --nproc 2 --parallel fsdp --out /tmp/stress
+    python benchmarks/kill_resume_stress.py --kills 10 --nproc 2 --parallel fsdp --out /tmp/stress [--arch llama]
 """
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ TINY = {
     "train.micro_batch_size": 4, "train.global_batch_tokens": 512, "train.lr": 3e-3, "train.warmup_steps": 2,
     "train.max_steps": 24, "train.checkpoint_every": 4, "train.keep_last": 2, "train.log_every": 1,
     "train.num_threads": 1, "data.heldout_fraction": 0.0,
+}
+# The same run on another architecture (`--arch`): the tiny shape, with grouped-query attention for LLaMA.
+ARCH_OVERRIDES = {
+    "codegen": {},
+    "llama": {"model.arch": "llama", "model.rotary_dim": 16, "model.n_kv_head": 2, "model.n_inner": 96},
 }
 
 
@@ -426,8 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default="start,step,save,save")
     parser.add_argument("--out", type=Path, default=Path("runs/kill-stress"))
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--arch", choices=list(ARCH_OVERRIDES), default="codegen", help="model architecture")
     args = parser.parse_args(argv)
-    result = stress(args.out, args.nproc, args.parallel, args.kills, args.seed, args.pause, args.kinds.split(","))
+    config = tiny_config(args.out, **ARCH_OVERRIDES[args.arch])
+    result = stress(args.out, args.nproc, args.parallel, args.kills, args.seed, args.pause, args.kinds.split(","),
+                    config)
     for i, kill in enumerate(result["kills"], 1):
         print(f"kill {i:2d}: resumed from step {kill['resumed_from']:2d}, {kill['kind']:5s} target "
               f"{kill['target']:3d} +{kill['delay']:.3f}s ({kill['how']}) -> {kill['landed']}")

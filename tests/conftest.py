@@ -69,10 +69,17 @@ def load_stress():
 
 
 @pytest.fixture
-def suite(tiny_config, tmp_path_factory):
-    """Config and reference runs shared by tests/test_distributed.py and tests/test_resume.py."""
-    base = tmp_path_factory.getbasetemp() / "distributed-suite"
-    config, path = load_stress().suite_setup(tiny_config(**{"train.global_batch_tokens": 512}), base)
+def suite(request, tiny_config, tmp_path_factory):
+    """Config and reference runs shared by tests/test_distributed.py and tests/test_resume.py.
+
+    CodeGen by default; a test parametrised with `@pytest.mark.parametrize("suite", [...], indirect=True)`
+    gets the same run for each architecture named (benchmarks/kill_resume_stress.py ARCH_OVERRIDES).
+    """
+    arch = getattr(request, "param", "codegen")
+    base = tmp_path_factory.getbasetemp() / ("distributed-suite" if arch == "codegen" else f"distributed-suite-{arch}")
+    stress = load_stress()
+    config = tiny_config(**{"train.global_batch_tokens": 512, **stress.ARCH_OVERRIDES[arch]})
+    config, path = stress.suite_setup(config, base)
     return base, config, path
 
 

@@ -52,6 +52,7 @@ def copy_up_to(run: Path, step: int, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.parametrize("suite", ["codegen", "llama"], indirect=True)
 def test_ddp_and_fsdp_on_two_processes_follow_the_single_process_run(suite, tmp_path):
     base, config, path = suite
     single = stress.reference_run(path, base / "ref-1", 1, "none", in_process=True)
@@ -124,16 +125,20 @@ def test_activation_checkpointing_gives_the_same_losses(tiny_config, tmp_path):
     assert [r["grad_norm"] for r in plain.history] == [r["grad_norm"] for r in recomputed.history]
 
 
-def test_flops_per_token_matches_torch_flop_counter():
+@pytest.mark.parametrize("arch", ["codegen", "llama"])
+def test_flops_per_token_matches_torch_flop_counter(arch):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from codegen2.config import ModelConfig
-    from codegen2.models.codegen.model import CodeGenModel
+    from codegen2.models import build_model
 
+    shape = dict(mp_num=2) if arch == "codegen" else dict(arch="llama", n_kv_head=2, n_inner=200)
     for d, layers, seq, vocab in [(128, 2, 96, 500), (64, 3, 160, 300)]:
-        cfg = ModelConfig(vocab_size=vocab, n_layer=layers, n_embd=d, n_head=4, rotary_dim=8, n_ctx=seq, mp_num=2)
-        model = CodeGenModel(cfg)
+        rotary_dim = 8 if arch == "codegen" else d // 4
+        cfg = ModelConfig(vocab_size=vocab, n_layer=layers, n_embd=d, n_head=4, rotary_dim=rotary_dim, n_ctx=seq,
+                          **shape)
+        model = build_model(cfg)
         tokens = torch.randint(0, vocab, (2, seq))
         # The math backend runs attention as matmuls that the counter sees (fused kernels are not counted).
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:

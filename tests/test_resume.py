@@ -13,6 +13,7 @@ from conftest import load_stress
 stress = load_stress()
 
 
+@pytest.mark.parametrize("suite", ["codegen", "llama"], indirect=True)
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_killed_and_resumed_run_is_bitwise_identical(suite, tmp_path, nproc):
     base, config, path = suite
