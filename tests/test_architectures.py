@@ -15,6 +15,7 @@ from codegen2.models.codegen.model import CodeGenModel
 from codegen2.objectives import OBJECTIVE_CODES, OBJECTIVE_NAMES
 
 TINY = dict(vocab_size=64, n_layer=2, n_embd=32, n_head=4, rotary_dim=4, n_ctx=32, mp_num=2)
+ARCH_SHAPE = {"llama": dict(rotary_dim=8, n_kv_head=2)}  # LLaMA rotates whole heads; exercise GQA too
 
 
 def test_registry_builds_the_configured_architecture():
@@ -39,7 +40,7 @@ def test_codegen_refuses_llama_only_settings():
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_parameter_counts_match_the_built_model(name):
-    cfg = ModelConfig(**{**TINY, "arch": name})
+    cfg = ModelConfig(**{**TINY, **ARCH_SHAPE.get(name, {}), "arch": name})
     arch = ARCHITECTURES[name]
     with torch.device("meta"):
         model = build_model(cfg)

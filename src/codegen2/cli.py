@@ -34,8 +34,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     config = config_from_dict(preset_dict(args.preset)).validate()
     m = config.model
-    print(f"preset {args.preset}: n_layer={m.n_layer} n_embd={m.n_embd} n_head={m.n_head} head_dim={m.head_dim} "
-          f"rotary_dim={m.rotary_dim} vocab_size={m.vocab_size} n_ctx={m.n_ctx} mp_num={m.mp_num}")
+    layout = f"mp_num={m.mp_num}" if m.arch == "codegen" else \
+        f"n_kv_head={m.kv_heads} n_inner={m.inner_dim} rope_theta={m.rope_theta:g} tied={m.tie_word_embeddings}"
+    print(f"preset {args.preset}: arch={m.arch} n_layer={m.n_layer} n_embd={m.n_embd} n_head={m.n_head} "
+          f"head_dim={m.head_dim} rotary_dim={m.rotary_dim} vocab_size={m.vocab_size} n_ctx={m.n_ctx} {layout}")
     print(f"parameters: {architecture(m).count_parameters(m):,}")
     return 0
 

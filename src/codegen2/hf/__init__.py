@@ -26,6 +26,7 @@ from ..config import Config, load_config, save_config
 from ..errors import UserError
 from ..models import architecture, build_model
 from ..models.codegen.hf import detect_mp_num, regroup_qkv, regroup_state_dict
+from .codegen25_tokenizer import is_codegen25_directory, load_codegen25_tokenizer
 from .config import CONFIG_FILE, load_hf_config, model_config_from_raw, read_hf_config
 from .weights import expected_shapes, load_into, read_checked_tensors
 
@@ -57,14 +58,18 @@ def load_hf_tokenizer(path: str | Path, vocab_size: int):
     from ..tokenizer import CodeGenTokenizer
 
     path = Path(path)
-    if not has_tokenizer_files(path):
+    if not (path / "tokenizer.json").is_file() and is_codegen25_directory(path):
+        tokenizer = CodeGenTokenizer(load_codegen25_tokenizer(path))
+        log.info("%s: CodeGen2.5 tokenizer rebuilt from GPT-2's BPE table (no remote code run)", path)
+    elif not has_tokenizer_files(path):
         raise UserError(f"{path}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt + "
                         f"added_tokens.json); copy them from the original model directory")
-    try:
-        tokenizer = CodeGenTokenizer.load(path)
-    except UserError as exc:
-        message = str(exc)
-        raise UserError(message if str(path) in message else f"{path}: {message}") from None
+    else:
+        try:
+            tokenizer = CodeGenTokenizer.load(path)
+        except UserError as exc:
+            message = str(exc)
+            raise UserError(message if str(path) in message else f"{path}: {message}") from None
     if tokenizer.vocab_size > vocab_size:
         raise UserError(f"{path}: the tokenizer has ids up to {tokenizer.vocab_size - 1} but the model's "
                         f"vocab_size is {vocab_size}")
