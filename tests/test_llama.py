@@ -16,14 +16,14 @@ from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
 
-from codegen2.checkpoint import WEIGHTS, list_checkpoints, write_checkpoint  # noqa: E402
-from codegen2.config import Config, ConfigError, ModelConfig, load_config, preset_dict, save_config  # noqa: E402
-from codegen2.decode import FastDecoder  # noqa: E402
-from codegen2.errors import UserError  # noqa: E402
-from codegen2.hf import export_hf, from_pretrained, import_hf, register  # noqa: E402
-from codegen2.models import architecture, build_model  # noqa: E402
-from codegen2.models.common import KVCache  # noqa: E402
-from codegen2.tokenizer import train_tokenizer  # noqa: E402
+from codegen2.checkpoint import WEIGHTS, list_checkpoints, write_checkpoint
+from codegen2.config import Config, ConfigError, ModelConfig, load_config, preset_dict, save_config
+from codegen2.decode import FastDecoder
+from codegen2.errors import UserError
+from codegen2.hf import from_pretrained, register
+from codegen2.models import architecture, build_model
+from codegen2.models.common import KVCache
+from codegen2.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (fixture in conftest.py)
 
@@ -240,3 +240,34 @@ def test_compiled_decode_step_gives_transformers_greedy_tokens(tmp_path):
     for decoder in ("model", "fast", "compiled"):
         out = generate_ids(ours, CharTokenizer(), prompts.tolist(), params, decoder=decoder)
         assert [c.token_ids for c in out] == ref, decoder
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_int8_and_bf16_weights_decode_as_their_own_forward(tied):
+    """`quantize` swaps every Linear / Embedding: llama's forward and fused step both run the swapped weights."""
+    from codegen2.quantize import Int8Linear, is_quantized, quantize_model
+
+    cfg = ModelConfig(arch="llama", vocab_size=300, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, rotary_dim=16,
+                      n_inner=96, n_ctx=64, tie_word_embeddings=tied)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    for form in ("int8", "bf16"):
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
+        with torch.no_grad():
+            reference = model(ids)
+        if form == "int8":
+            quantize_model(model)
+            assert is_quantized(model) and isinstance(model.model.layers[0].self_attn.k_proj, Int8Linear)
+        else:
+            model.to(torch.bfloat16)
+        with torch.no_grad():
+            full = model(ids)
+            assert max_diff(full.float(), reference) < 0.03 * reference.abs().max()
+            cache = KVCache(cfg, 2, 32, dtype=full.dtype)
+            model(ids[:, :8], cache=cache)
+            decoder = FastDecoder(model, 2, 32)
+            decoder.start(cache, torch.full((2,), 8))
+            for t in range(8, 24):
+                # Both forms round activations to bf16 (int8's kernel reads a bf16 copy): bf16-sized differences.
+                step = decoder.step(ids[:, t])
+                assert max_diff(step.float(), full[:, t].float()) <= 0.02 * full.abs().max().item(), (form, t)

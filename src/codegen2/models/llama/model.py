@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ...config import ModelConfig
 from ...masks import forward_attention_mask, sdpa_is_causal
+from ...quantize import embedding_weight, mm
 from ..common import KVCache, rotary_angles
 
 
@@ -147,7 +148,7 @@ class LlamaModel(nn.Module):
                 module.weight.fill_(1.0)
 
     @torch.no_grad()
-    def use_decode_layout(self) -> "LlamaModel":
+    def use_decode_layout(self) -> LlamaModel:
         """Store the widening projections input-major for CPU inference (see `CodeGenModel.use_decode_layout`)."""
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.out_features > module.in_features:
@@ -157,9 +158,6 @@ class LlamaModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def head_weight(self) -> torch.Tensor:
-        """The output projection [vocab, d]: lm_head's, or the embedding table when tied."""
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(
         self,
@@ -192,7 +190,18 @@ class LlamaModel(nn.Module):
             x = x[:, -1:]
         if return_hidden:
             return x
-        return F.linear(x, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
+        if self.lm_head is None:
+            return mm(x.reshape(-1, x.shape[-1]), tied_head(self.model.embed_tokens)).unflatten(0, x.shape[:-1])
+        return self.lm_head(x)
+
+
+def tied_head(embedding: nn.Module) -> torch.Tensor | tuple:
+    """A tied output projection as a `quantize.mm` weight: the [d, vocab] view of the table, or int8 rows."""
+    table = embedding_weight(embedding)
+    if isinstance(table, tuple):  # int8 (q, scales): the kernel also wants its bf16 ones
+        q, scales = table
+        return q, scales, torch.ones(q.shape[0], dtype=torch.bfloat16, device=q.device)
+    return table.t()
 
 
 def matmul_parameters(cfg: ModelConfig) -> int:
