@@ -3,9 +3,10 @@
 Each architecture's own mapping (`Architecture.hf`, e.g. `models/codegen/hf.py`) says how its config.json
 and tensors translate; this package reads, checks and writes the files.
 
-- `from_pretrained(dir)` loads a local HF directory (`codegen`: CodeGen / CodeGen2) into a model, with the
-  tokenizer attached as `model.tokenizer`. The model keeps the checkpoint's own qkv grouping
-  (`model.config.mp_num`: 8 for CodeGen2-1B/3.7B, 4 otherwise), so nothing is regrouped or copied.
+- `from_pretrained(dir)` loads a local HF directory (`codegen`: CodeGen / CodeGen2; `llama`: CodeGen2.5 and
+  other LLaMA models) into a model, with the tokenizer attached as `model.tokenizer`. A CodeGen model keeps
+  the checkpoint's own qkv grouping (`model.config.mp_num`: 8 for CodeGen2-1B/3.7B, 4 otherwise), so nothing
+  is regrouped or copied.
 - `export_hf(run, out)` writes a directory that `transformers` loads with no remote code: weights in
   the 4-group layout transformers hard-codes, config.json recording `mp_num: 4`.
 - `import_hf(dir, run)` writes a codegen2 run directory with a step-0 checkpoint to continue training
@@ -99,8 +100,8 @@ def from_pretrained(
     load_into(model, path, device=device, dtype=dtype)
     model.eval()
     model.tokenizer = tokenizer
-    log.info("loaded %s: %s parameters, %s, mp_num=%d", path, f"{model.num_parameters():,}",
-             str(next(model.parameters()).dtype).removeprefix("torch."), cfg.mp_num)
+    log.info("loaded %s: %s parameters, %s, %s", path, f"{model.num_parameters():,}",
+             str(next(model.parameters()).dtype).removeprefix("torch."), _layout(cfg))
     return model
 
 
@@ -181,7 +182,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, mp_num: int | None = None
     write_checkpoint(run_dir, 0, state, meta)
     # config.toml last: its presence is what marks the directory as a complete run directory.
     save_config(config, run_dir / "config.toml")
-    log.info("imported %s into %s (mp_num=%d, step 0)", hf_dir, run_dir, cfg.mp_num)
+    log.info("imported %s into %s (%s, step 0)", hf_dir, run_dir, _layout(cfg))
     return run_dir
 
 
@@ -199,19 +200,24 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layout(cfg) -> str:
+    """What a log line says about the loaded layout: CodeGen's qkv grouping matters, LLaMA has none."""
+    return f"codegen, mp_num={cfg.mp_num}" if cfg.arch == "codegen" else cfg.arch
+
+
 def register(subparsers) -> None:
     """Add `export-hf RUN_DIR OUT_DIR` and `import-hf HF_DIR RUN_DIR` to the codegen2 CLI."""
-    p = subparsers.add_parser("export-hf", help="write a run's weights as a transformers CodeGen directory")
+    p = subparsers.add_parser("export-hf", help="write a run's weights as a transformers CodeGen / LLaMA directory")
     p.add_argument("run_dir", metavar="RUN_DIR", help="codegen2 run directory")
     p.add_argument("out_dir", metavar="OUT_DIR", help="new directory for config.json, model.safetensors, tokenizer")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.set_defaults(func=_cmd_export)
 
-    p = subparsers.add_parser("import-hf", help="make a run directory from a Hugging Face CodeGen directory")
+    p = subparsers.add_parser("import-hf", help="make a run directory from a Hugging Face CodeGen / LLaMA directory")
     p.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json, weights and tokenizer files")
     p.add_argument("run_dir", metavar="RUN_DIR", help="new run directory")
     p.add_argument("--mp-num", type=int, default=None, dest="mp_num",
-                   help="qkv grouping of the checkpoint (default: detect; 8 for CodeGen2-1B/3.7B, else 4)")
+                   help="CodeGen's qkv grouping (default: detect; 8 for CodeGen2-1B/3.7B, else 4)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="convert the weights (default: keep the stored dtype)")
     p.set_defaults(func=_cmd_import)
