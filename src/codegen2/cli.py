@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import PRESETS, ConfigError, config_from_dict, load_config, preset_dict
 from .errors import UserError
+from .inference_options import add_decoder_flag, add_dtype_flag
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,8 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mp-num", type=int, default=None, help="qkv grouping of a HF checkpoint (default: detect)")
     parser.add_argument("--device", default="cpu")
+    add_dtype_flag(parser)
+    add_decoder_flag(parser)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -76,7 +79,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _load(args):
     from .loading import load_checkpoint
 
-    return load_checkpoint(args.checkpoint, device=args.device, mp_num=args.mp_num)
+    return load_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype, mp_num=args.mp_num)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import write_quantized_checkpoint
+
+    out = write_quantized_checkpoint(args.checkpoint, args.out, mp_num=args.mp_num)
+    size = sum(f.stat().st_size for f in Path(out).iterdir())
+    print(f"wrote int8 weights ({size / 2**20:.1f} MiB in all) to {out}; load it with --checkpoint {out}")
+    return 0
+
+
+def _report_compile() -> None:
+    from .decode import compile_report
+
+    line = compile_report()
+    if line:
+        print(line, file=sys.stderr)
 
 
 def _params(args):
@@ -130,7 +150,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         ids = loaded.tokenizer.encode(prompt)
         check_prompt(ids, where)
         check_context(len(ids), params.max_new_tokens, loaded.config.n_ctx, where)
-    outputs = generate(loaded.model, loaded.tokenizer, prompts, params, bidirectional_prompt=loaded.prefix_lm)
+    outputs = generate(loaded.model, loaded.tokenizer, prompts, params, bidirectional_prompt=loaded.prefix_lm,
+                       decoder=args.decoder)
+    _report_compile()
     for prompt, text in zip(prompts, outputs):
         if len(prompts) > 1:
             print(json.dumps({"prompt": prompt, "completion": text}))
@@ -150,7 +172,8 @@ def cmd_infill(args: argparse.Namespace) -> int:
     check_context(len(ids), params.max_new_tokens, loaded.config.n_ctx,
                   "the prefix and suffix with the infill sentinels")
     middle = infill(loaded.model, loaded.tokenizer, [args.prefix], [args.suffix], params,
-                    bidirectional_prompt=loaded.prefix_lm)[0]
+                    bidirectional_prompt=loaded.prefix_lm, decoder=args.decoder)[0]
+    _report_compile()
     if args.show_full:
         print(args.prefix + middle + args.suffix)
     else:
@@ -193,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suffix", required=True)
     p.add_argument("--show-full", action="store_true", help="print prefix + middle + suffix")
     p.set_defaults(func=cmd_infill)
+
+    p = sub.add_parser("quantize", help="write an int8 (weight-only) copy of a checkpoint for inference")
+    p.add_argument("--checkpoint", required=True, help="codegen2 run directory or Hugging Face directory")
+    p.add_argument("--out", required=True, help="new directory for the int8 checkpoint")
+    p.add_argument("--mp-num", type=int, default=None, help="qkv grouping of a HF checkpoint (default: detect)")
+    p.set_defaults(func=cmd_quantize)
 
     # Commands contributed by other modules: each has register(subparsers).
     eval_sub = None

@@ -13,6 +13,7 @@ a long batch of samples, not for one short `codegen2 sample`.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -20,6 +21,18 @@ from torch import nn
 
 from .models import architecture
 from .models.common import KVCache
+
+log = logging.getLogger("codegen2")
+
+
+def compile_report() -> str:
+    """One line for the commands to print: what compiling the decode step cost in this process ("" if nothing)."""
+    events = FastDecoder.compile_events
+    if not events:
+        return ""
+    shapes = ", ".join(f"batch {shape[0]} x cache {capacity}: {seconds:.1f} s" for shape, capacity, seconds in events)
+    return (f"compiled the decode step once per shape ({shapes}; later generations of these shapes reuse it; "
+            f"--decoder fast skips compiling)")
 
 
 def capacity_bucket(needed: int, n_ctx: int, step: int = 128) -> int:
@@ -40,6 +53,7 @@ class FastDecoder:
     """
 
     _compiled: dict[str, object] = {}  # one torch.compile wrapper per architecture; inductor caches graphs
+    compile_events: list[tuple[tuple[int, ...], int, float]] = []  # (batch shape, capacity, seconds) per compile
 
     def __init__(self, model: nn.Module, batch: int, capacity: int, compile: bool = False):
         cfg = model.config
@@ -87,6 +101,9 @@ class FastDecoder:
             logits = self._fn(self.weights, tokens, self.pos, self.col, self.keys, self.values, self.valid)
             self.compile_seconds = time.perf_counter() - began
             self._warm = True
+            FastDecoder.compile_events.append((tuple(tokens.shape), self.capacity, self.compile_seconds))
+            log.info("decode step compiled for batch %d, cache %d: %.1f s", tokens.shape[0], self.capacity,
+                     self.compile_seconds)
         elif self.compile:
             # The graph was specialised on these very tensors (shapes, dtypes, devices): skipping dynamo's
             # guard checks saves ~0.2 ms per step, a tenth of a tiny model's step.

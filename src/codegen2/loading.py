@@ -12,6 +12,7 @@ from .checkpoint import WEIGHTS, latest_checkpoint, list_checkpoints, load_weigh
 from .config import Config, ModelConfig, load_config
 from .errors import UserError
 from .models import build_model
+from .quantize import compute_dtype, load_int8, parse_dtype, read_manifest
 
 log = logging.getLogger("codegen2")
 
@@ -36,13 +37,15 @@ def load_run_config(run_dir: str | Path) -> Config:
 def load_checkpoint(
     path: str | Path,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     mp_num: int | None = None,
     step: int | None = None,
     inference: bool = True,
 ) -> LoadedModel:
     """Load weights + tokenizer from a run directory (latest or given step) or a Hugging Face directory.
 
+    `dtype`: None keeps the stored dtype; "float32", "bfloat16" or "int8" (weight-only, quantized while the
+    weights stream in: `codegen2.quantize`). A directory written by `codegen2 quantize` loads as int8.
     With `inference` (the default: sampling, infilling, evaluation, serving), a model on the CPU gets
     the decode weight layout (the model's `use_decode_layout`): same values and state dict, faster
     one-token matmuls. Callers that go on to train the loaded modules themselves pass `inference=False`;
@@ -51,13 +54,20 @@ def load_checkpoint(
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    if not inference and (dtype == "int8" or read_manifest(path) is not None):
+        raise UserError(f"{path}: int8 weights are for inference only and cannot be trained; start from the "
+                        f"float32 or bfloat16 checkpoint they were quantized from")
     if is_run_directory(path):
         loaded = _load_run(path, device, dtype, step)
     elif (path / "config.json").is_file():
         from .hf import from_pretrained
 
         model = from_pretrained(path, mp_num=mp_num, device=device, dtype=dtype)
-        loaded = LoadedModel(model=model, tokenizer=model.tokenizer, config=model.config, source=str(path))
+        prefix_lm = bool((read_manifest(path) or {}).get("prefix_lm", False))  # kept by `codegen2 quantize`
+        loaded = LoadedModel(model=model, tokenizer=model.tokenizer, config=model.config, prefix_lm=prefix_lm,
+                             source=str(path))
     else:
         raise UserError(f"{path} is neither a codegen2 run directory (config.toml) nor a Hugging Face "
                         f"directory (config.json)")
@@ -82,10 +92,13 @@ def _load_run(run_dir: Path, device, dtype, step: int | None) -> LoadedModel:
     tokenizer = CodeGenTokenizer.load(run_dir)
     with torch.device("meta"):
         model = build_model(config.model)
-    state = load_weights(ckpt / WEIGHTS, device=device)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    if dtype == "int8":
+        load_int8(model, ckpt / WEIGHTS, device, config_name="config.toml")
+    else:
+        state = load_weights(ckpt / WEIGHTS, device=device)
+        if dtype is not None:
+            state = {k: v.to(compute_dtype(dtype)) for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     log.info("loaded %s (%s parameters)", ckpt, f"{model.num_parameters():,}")
     return LoadedModel(model=model, tokenizer=tokenizer, config=config.model,

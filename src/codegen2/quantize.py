@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .inference_options import DTYPES
 
-DTYPES = ("float32", "bfloat16", "int8")
 MANIFEST = "quantization.json"
 SCHEME = "int8 weight-only, symmetric, one fp32 scale per output channel (row): scale = max|row| / 127"
 QMAX = 127
@@ -48,9 +48,11 @@ def parse_dtype(name: str | torch.dtype | None, where: str = "--dtype") -> str |
     return value
 
 
-def compute_dtype(name: str | None) -> torch.dtype | None:
+def compute_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     """The floating dtype a model in format `name` computes in (int8 keeps fp32 activations)."""
-    return None if name is None else (torch.float32 if name == "int8" else getattr(torch, name))
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    return torch.float32 if name == "int8" else getattr(torch, name)
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -309,10 +311,29 @@ def assign_streamed(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]
         del tensor
 
 
+def load_int8(model: nn.Module, path: str | Path, device: str | torch.device = "cpu",
+              config_name: str = "config.json") -> nn.Module:
+    """Fill a meta-built floating model with int8 weights quantized while the float file streams in.
+
+    `path` is a weights file or a HF directory. Tensors are memory-mapped and each weight is quantized
+    CHUNK_ROWS rows at a time, the file pages of a chunk dropped as soon as it is done, so the peak is
+    about the int8 model plus one chunk (a 1B-shaped fp32 checkpoint: see docs/inference.md).
+    """
+    from .hf.weights import expected_shapes, read_checked_tensors, release_mapped_pages
+
+    check_int8_kernel(device)
+    expected = expected_shapes(model)
+    swap_modules(model, torch.float32)
+    tensors = read_checked_tensors(path, expected, device, dtype=None, config_name=config_name)
+    assign_streamed(model, tensors, torch.float32, release=release_mapped_pages)
+    return freeze(model)
+
+
 def save_quantized(model: nn.Module, directory: str | Path, extra: dict | None = None) -> Path:
     """Write `model.safetensors` (int8 weights + `<module>.weight_scale`) and the `quantization.json` manifest.
 
-    Files are written under temporary names and renamed, so a crash leaves no half-written checkpoint.
+    `directory` is written as is: callers writing a whole checkpoint go through
+    `checkpoint.atomic_directory` (as `write_quantized_checkpoint` does) so that a crash leaves nothing half done.
     """
     from safetensors.torch import save_file
 
@@ -323,12 +344,38 @@ def save_quantized(model: nn.Module, directory: str | Path, extra: dict | None =
         raise UserError("save_quantized: the model has no int8 modules (quantize it first)")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     manifest = {"format": "int8", "scheme": SCHEME, "compute_dtype": "float32", "modules": modules, **(extra or {})}
-    tmp_weights, tmp_manifest = directory / ".model.safetensors.tmp", directory / f".{MANIFEST}.tmp"
-    save_file(state, str(tmp_weights), metadata={"format": "pt", "codegen2_quantization": "int8"})
-    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    tmp_weights.replace(directory / "model.safetensors")
-    tmp_manifest.replace(directory / MANIFEST)
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt", "codegen2_quantization": "int8"})
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return directory
+
+
+def write_quantized_checkpoint(source: str | Path, out_dir: str | Path, mp_num: int | None = None) -> Path:
+    """`codegen2 quantize`: load a float checkpoint as int8 (streamed) and write a directory that loads as int8.
+
+    The directory holds config.json and the tokenizer (as an exported HF directory does) plus the int8
+    weights and their manifest; `load_checkpoint` / `codegen2.from_pretrained` load it without ever holding
+    the float weights. transformers cannot read it (its weights are int8).
+    """
+    from .checkpoint import atomic_directory
+    from .hf import CONFIG_FILE
+    from .loading import load_checkpoint
+    from .models import architecture
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"{out_dir} already exists and is not empty; choose a new output directory")
+    loaded = load_checkpoint(source, dtype="int8", mp_num=mp_num)
+    cfg = loaded.config
+    hf_config = architecture(cfg).hf.config_to_hf(cfg, loaded.tokenizer.eot_id, "float32")
+    for field in architecture(cfg).hf.layout_fields:  # the tensors keep the source's layout (CodeGen: qkv groups)
+        if field in hf_config:
+            hf_config[field] = getattr(cfg, field)
+    with atomic_directory(out_dir) as tmp:
+        save_quantized(loaded.model, tmp, extra={"source": str(Path(source).resolve()),
+                                                 "prefix_lm": bool(loaded.prefix_lm)})
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+        loaded.tokenizer.save(tmp)
+    return out_dir
 
 
 def read_manifest(directory: str | Path) -> dict | None:

@@ -13,10 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .inference_options import DECODERS, LIBRARY_DECODER
 from .models.common import KVCache
-
-DECODERS = ("model", "fast", "compiled")
-DEFAULT_DECODER = "model"
 
 
 @dataclass
@@ -87,7 +85,7 @@ def generate_ids(
     stop_ids: Sequence[int] = (),
     seeds: Sequence[int] | None = None,
     bidirectional_prompt: bool = False,
-    decoder: str = "model",
+    decoder: str = LIBRARY_DECODER,
 ) -> list[Completion]:
     """Sample continuations of token-id prompts; generation stops at any of `stop_ids` or stop strings.
 
@@ -189,7 +187,7 @@ def generate_ids(
 
 
 def generate(model, tokenizer, prompts: list[str], params: SamplingParams, seeds: Sequence[int] | None = None,
-             bidirectional_prompt: bool = False, decoder: str = "model") -> list[str]:
+             bidirectional_prompt: bool = False, decoder: str = LIBRARY_DECODER) -> list[str]:
     """Completions (text after the prompt, cut at the first stop string or end of text)."""
     ids = [tokenizer.encode(p) for p in prompts]
     if any(not p for p in ids):
@@ -200,7 +198,8 @@ def generate(model, tokenizer, prompts: list[str], params: SamplingParams, seeds
 
 
 def infill(model, tokenizer, prefixes: list[str], suffixes: list[str], params: SamplingParams,
-           seeds: Sequence[int] | None = None, bidirectional_prompt: bool = False, decoder: str = "model") -> list[str]:
+           seeds: Sequence[int] | None = None, bidirectional_prompt: bool = False,
+           decoder: str = LIBRARY_DECODER) -> list[str]:
     """Middles for (prefix, suffix) pairs in CodeGen2's format; the middle ends at <eom>."""
     if len(prefixes) != len(suffixes):
         raise ValueError("infill needs as many suffixes as prefixes")

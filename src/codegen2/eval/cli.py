@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
+from ..inference_options import add_decoder_flag, add_dtype_flag
 
 _INFILL_BENCHMARKS = {"infill-single": "single-line", "infill-multi": "multi-line"}
 
@@ -59,9 +60,8 @@ def _generation_args(p: argparse.ArgumentParser, n: int, max_new_tokens: int) ->
     p.add_argument("--top-k", type=int, default=0, dest="top_k", help="0 = off")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, dest="max_new_tokens")
     p.add_argument("--batch-size", type=int, default=8, dest="batch_size")
-    p.add_argument("--decoder", choices=["model", "fast", "compiled"], default="model",
-                   help="token-by-token decoding: the model's forward (default), the fused fast step, or that step "
-                        "compiled once per batch shape (10-40 s each; worth it for full benchmark runs on CPU)")
+    add_decoder_flag(p)
+    add_dtype_flag(p)
     p.add_argument("--seed", type=int, default=0, help="sample j of task i uses seed + i*n + j")
     p.add_argument("--limit", type=int, help="only the first N tasks (quick runs)")
     p.add_argument("--mp-num", type=int, dest="mp_num",
@@ -146,7 +146,7 @@ def cmd_humaneval(args) -> int:
     from ..sampling import SamplingParams
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    loaded = load_checkpoint(args.checkpoint, device=device, mp_num=args.mp_num)
+    loaded = load_checkpoint(args.checkpoint, device=device, dtype=args.dtype, mp_num=args.mp_num)
     infilling = args.benchmark in _INFILL_BENCHMARKS
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, stop=() if infilling else HUMANEVAL_STOP, seed=args.seed)
@@ -165,6 +165,10 @@ def cmd_humaneval(args) -> int:
     rows = sample_tasks(tasks, args.n, complete, batch_size=args.batch_size, seed=args.seed,
                         progress=not args.no_progress)
     sampling_seconds = time.perf_counter() - started
+    from ..decode import compile_report
+
+    if compile_report():
+        print(compile_report(), file=sys.stderr)
     samples_file = out / "samples.jsonl"
     write_jsonl(samples_file, rows)
 
@@ -174,7 +178,8 @@ def cmd_humaneval(args) -> int:
     write_jsonl(results_path(samples_file), report.rows)
     settings = {"checkpoint": str(args.checkpoint), "n": args.n, "temperature": args.temperature,
                 "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-                "stop": list(params.stop), "limit": args.limit, "sampling_seconds": round(sampling_seconds, 2)}
+                "stop": list(params.stop), "limit": args.limit, "sampling_seconds": round(sampling_seconds, 2),
+                "decoder": args.decoder, "dtype": args.dtype}
     _finish(report, out / "pass_at_k.json", {"settings": settings, "context": context})
     return 0
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
+from ..inference_options import LIBRARY_DECODER
+
 # Left-to-right HumanEval completions end where a new top-level statement would begin (Codex paper:
 # class, def, #, if, print; plus the start of a new top-level docstring).
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", '\n"""', "\n'''")
@@ -109,14 +111,14 @@ def _completer(loaded, params, infilling: bool, decoder: str) -> CompleteFn:
     return complete
 
 
-def left_to_right(loaded, params, decoder: str = "model") -> CompleteFn:
+def left_to_right(loaded, params, decoder: str = LIBRARY_DECODER) -> CompleteFn:
     """Complete each task's prompt left to right, cut at the HumanEval stops; prompts too long for the
     context are left-truncated (`task_prompt`). `decoder` is passed through ("compiled" pays its one
     compile per batch shape back over a whole benchmark)."""
     return _completer(loaded, params, infilling=False, decoder=decoder)
 
 
-def infill_middle(loaded, params, decoder: str = "model") -> CompleteFn:
+def infill_middle(loaded, params, decoder: str = LIBRARY_DECODER) -> CompleteFn:
     """Fill each task's hole between prompt and suffix (CodeGen2 format: prefix <mask_1> suffix <|endoftext|>
     <sep> <mask_1>, middle ends at <eom>); the prefix loses its start if the prompt is too long."""
     return _completer(loaded, params, infilling=True, decoder=decoder)

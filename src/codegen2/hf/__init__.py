@@ -27,6 +27,8 @@ from ..config import Config, load_config, save_config
 from ..errors import UserError
 from ..models import architecture, build_model
 from ..models.codegen.hf import detect_mp_num, regroup_qkv, regroup_state_dict
+from ..quantize import MANIFEST as QUANTIZATION_MANIFEST
+from ..quantize import compute_dtype, load_int8, load_quantized_into, parse_dtype, read_manifest
 from .codegen25_tokenizer import is_codegen25_directory, load_codegen25_tokenizer
 from .config import CONFIG_FILE, load_hf_config, model_config_from_raw, read_hf_config
 from .weights import expected_shapes, load_into, read_checked_tensors
@@ -81,7 +83,7 @@ def from_pretrained(
     path: str | Path,
     mp_num: int | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     load_tokenizer: bool = True,
 ) -> torch.nn.Module:
     """Load a local Hugging Face directory (CodeGen / CodeGen2) as a codegen2 model in eval mode.
@@ -89,15 +91,26 @@ def from_pretrained(
     The tokenizer is attached as `model.tokenizer` (None with load_tokenizer=False); the shapes are
     `model.config` (a ModelConfig whose mp_num is the checkpoint's qkv grouping: explicit `mp_num`,
     else config.json's `mp_num` key, else detected from the published shapes; logged either way).
-    `dtype` None keeps the stored dtype. The model is built on the meta device and each tensor is
-    memory-mapped or read once, so the weights are never held twice.
+    `dtype` None keeps the stored dtype; "int8" quantizes the weights as they stream in (codegen2.quantize),
+    and a directory written by `codegen2 quantize` always loads as int8. The model is built on the meta
+    device and each tensor is memory-mapped or read once, so the weights are never held twice.
     """
     path = Path(path)
     cfg = model_config_from_raw(read_hf_config(path), path, mp_num)
     tokenizer = load_hf_tokenizer(path, cfg.vocab_size) if load_tokenizer else None
     with torch.device("meta"):
         model = build_model(cfg)
-    load_into(model, path, device=device, dtype=dtype)
+    weight_format = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, "dtype")
+    manifest = read_manifest(path)
+    if manifest is not None:  # written by `codegen2 quantize`
+        if weight_format not in (None, "int8"):
+            raise UserError(f"{path} holds int8 weights ({QUANTIZATION_MANIFEST}); it loads only as int8, not "
+                            f"{weight_format}")
+        load_quantized_into(model, path, manifest, device)
+    elif weight_format == "int8":
+        load_int8(model, path, device)
+    else:
+        load_into(model, path, device=device, dtype=compute_dtype(weight_format))
     model.eval()
     model.tokenizer = tokenizer
     log.info("loaded %s: %s parameters, %s, %s", path, f"{model.num_parameters():,}",

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..inference_options import add_dtype_flag
 
 log = logging.getLogger("codegen2.serve")
 
@@ -33,8 +34,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256,
                    help="sequences allowed to wait; beyond it requests get 429 at once")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    add_dtype_flag(p, default="auto", extra="; auto: bfloat16 on CUDA, as stored on the CPU")
     p.add_argument("--mp-num", type=int, default=None, help="qkv grouping of a HF checkpoint (default: detect)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch default; 1 is fastest for small models on busy machines)")
@@ -45,12 +45,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _dtype(name: str, device: str):
-    import torch
+def _dtype(name: str, device: str) -> str | None:
+    from ..quantize import parse_dtype
 
     if name == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else None
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        return "bfloat16" if str(device).startswith("cuda") else None
+    return parse_dtype(name)
 
 
 def _is_loopback(host: str) -> bool:

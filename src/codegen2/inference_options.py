@@ -1,0 +1,27 @@
+"""The inference choices every command shares (sample, infill, eval, serve): weight format and decoder.
+
+Kept free of torch so that building the command-line parser stays fast; `quantize.parse_dtype` checks
+a format and `sampling.generate_ids` runs a decoder.
+"""
+
+from __future__ import annotations
+
+DTYPES = ("float32", "bfloat16", "int8")
+DECODERS = ("model", "fast", "compiled")
+DEFAULT_DECODER = "compiled"  # of the commands: compile time is paid once per process and shape, and printed
+LIBRARY_DECODER = "fast"  # of `sampling.generate_ids` and friends: no compile unless the caller asks for it
+
+
+def add_dtype_flag(parser, default: str | None = None, extra: str = "") -> None:
+    """`--dtype`, checked when the model loads (a clear error names the allowed formats)."""
+    parser.add_argument("--dtype", default=default,
+                        help=f"weight format: {', '.join(DTYPES)} (int8: weight-only, one scale per output "
+                             f"channel, activations in floating point){extra}; default: {default or 'as stored'}")
+
+
+def add_decoder_flag(parser) -> None:
+    """`--decoder`: how tokens after the prompt are computed (all give the same tokens up to rounding)."""
+    parser.add_argument("--decoder", choices=DECODERS, default=DEFAULT_DECODER,
+                        help="the model's forward with a KV cache (model), the fused one-token step eagerly (fast), "
+                             "or that step compiled once per process and shape (compiled, the default: its compile "
+                             "time is printed)")
