@@ -309,10 +309,15 @@ def test_a_client_leaving_mid_stream_frees_its_slot(long_run_dir):
         assert again.status_code == 200
 
 
-def test_rows_joining_and_leaving_at_any_step_each_match_their_solo_run(loaded):
-    """Drive the engine step by step: dead slots reused in place, growth and compaction rebuilds, mixed params."""
+@pytest.mark.parametrize("decoder", ["model", "fast"])
+def test_rows_joining_and_leaving_at_any_step_each_match_their_solo_run(loaded, decoder):
+    """Drive the engine step by step: dead slots reused in place, growth and compaction rebuilds, mixed params.
+
+    With the fused decode step ("fast"; "compiled" runs the same function) rows live in a static batch of
+    slots and join or leave through the slot mask; the reference is always the model's own decoder.
+    """
     tok = loaded.tokenizer
-    engine = BatchEngine(loaded.model, tok, max_batch_size=6, max_queue=100)
+    engine = BatchEngine(loaded.model, tok, max_batch_size=6, max_queue=100, decoder=decoder)
     calls = {"in_place": 0, "rebuild_with_new_rows": 0, "compaction": 0}
     place, rebuild = engine._place_in_dead_slots, engine._rebuild
 
@@ -358,7 +363,8 @@ def test_rows_joining_and_leaving_at_any_step_each_match_their_solo_run(loaded):
     for i, spec in enumerate(specs):
         params = SamplingParams(max_new_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
                                 stop=spec.stop)
-        ref = generate_ids(loaded.model, tok, [spec.prompt_ids], params, stop_ids=spec.stop_ids, seeds=[spec.seed])[0]
+        ref = generate_ids(loaded.model, tok, [spec.prompt_ids], params, stop_ids=spec.stop_ids, seeds=[spec.seed],
+                           decoder="model")[0]
         assert results[i] == [ref.text, ref.finish_reason], i
     assert calls["in_place"] >= 5 and calls["rebuild_with_new_rows"] >= 2 and calls["compaction"] >= 1, calls
     assert engine.snapshot()["max_batch_seen"] == 6
@@ -410,7 +416,8 @@ def test_codegen2_serve_runs_the_model_in_a_child_process(long_run_dir):
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "codegen2.cli", "serve", "--checkpoint", str(long_run_dir),
                              "--port", str(port), "--api-key", KEY, "--model-name", MODEL, "--threads", "1",
-                             "--max-batch-size", "1", "--max-queue", "1"],
+                             "--max-batch-size", "1", "--max-queue", "1",
+                             "--decoder", "fast"],  # the fused step uncompiled: no compile time in CI
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {KEY}"}

@@ -55,7 +55,8 @@ class FastDecoder:
     _compiled: dict[str, object] = {}  # one torch.compile wrapper per architecture; inductor caches graphs
     compile_events: list[tuple[tuple[int, ...], int, float]] = []  # (batch shape, capacity, seconds) per compile
 
-    def __init__(self, model: nn.Module, batch: int, capacity: int, compile: bool = False):
+    def __init__(self, model: nn.Module, batch: int, capacity: int, compile: bool = False,
+                 dynamic: bool | None = False):
         cfg = model.config
         arch = architecture(cfg)
         param = next(model.parameters())
@@ -73,9 +74,12 @@ class FastDecoder:
         self.compile_seconds = 0.0
         self._fn = arch.decode_step
         if compile:
-            if arch.name not in FastDecoder._compiled:
-                FastDecoder._compiled[arch.name] = torch.compile(arch.decode_step, fullgraph=True, dynamic=False)
-            self._fn = FastDecoder._compiled[arch.name]
+            # dynamic=False: one graph per (batch, capacity), the fastest; None (the server, whose batch and
+            # capacity change as rows come and go): a second shape makes dynamo compile one graph for all.
+            key = f"{arch.name}/{dynamic}"
+            if key not in FastDecoder._compiled:
+                FastDecoder._compiled[key] = torch.compile(arch.decode_step, fullgraph=True, dynamic=dynamic)
+            self._fn = FastDecoder._compiled[key]
         self._warm = not compile
 
     def start(self, cache: KVCache, next_pos: torch.Tensor) -> None:
@@ -101,7 +105,8 @@ class FastDecoder:
             logits = self._fn(self.weights, tokens, self.pos, self.col, self.keys, self.values, self.valid)
             self.compile_seconds = time.perf_counter() - began
             self._warm = True
-            FastDecoder.compile_events.append((tuple(tokens.shape), self.capacity, self.compile_seconds))
+            if self.compile_seconds > 1.0:  # a first call that compiled (reusing a graph takes milliseconds)
+                FastDecoder.compile_events.append((tuple(tokens.shape), self.capacity, self.compile_seconds))
             log.info("decode step compiled for batch %d, cache %d: %.1f s", tokens.shape[0], self.capacity,
                      self.compile_seconds)
         elif self.compile:

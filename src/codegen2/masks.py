@@ -97,3 +97,14 @@ def decode_step_bias(valid: torch.Tensor, col: torch.Tensor, dtype: torch.dtype)
     seen = valid & (torch.arange(valid.shape[1], device=valid.device) <= col)
     bias = torch.zeros(seen.shape, dtype=dtype, device=valid.device).masked_fill(~seen, float("-inf"))
     return bias[:, None, None, :]
+
+
+def slot_key_valid(capacity: int, first: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Key columns [capacity] a row placed in a shared decode batch may attend to: its own, from `first` on.
+
+    Continuous batching (serve/engine.py) writes a new row's prompt keys right-aligned at columns
+    [first, length) of a slot another row may have held; the columns before `first` are someone else's or
+    padding. Columns past `length` become the row's as it decodes; `decode_step_bias` hides the ones not
+    written yet.
+    """
+    return torch.arange(capacity, device=device) >= first

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from ..inference_options import add_dtype_flag
+from ..inference_options import add_decoder_flag, add_dtype_flag
 
 log = logging.getLogger("codegen2.serve")
 
@@ -35,6 +35,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="sequences allowed to wait; beyond it requests get 429 at once")
     p.add_argument("--device", default="cpu")
     add_dtype_flag(p, default="auto", extra="; auto: bfloat16 on CUDA, as stored on the CPU")
+    add_decoder_flag(p)
     p.add_argument("--mp-num", type=int, default=None, help="qkv grouping of a HF checkpoint (default: detect)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch default; 1 is fastest for small models on busy machines)")
@@ -95,11 +96,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.in_process:
         loaded = load_checkpoint(args.checkpoint, device=args.device, dtype=dtype, mp_num=args.mp_num)
         engine = BatchEngine(loaded.model, loaded.tokenizer, max_batch_size=args.max_batch_size,
-                             max_queue=args.max_queue, bidirectional_prompt=loaded.prefix_lm)
+                             max_queue=args.max_queue, bidirectional_prompt=loaded.prefix_lm, decoder=args.decoder)
         source = loaded.source
     else:
         engine = ProcessEngine(args.checkpoint, device=args.device, dtype=dtype, mp_num=args.mp_num,
-                               threads=args.threads, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+                               threads=args.threads, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                               decoder=args.decoder)
         source = engine.source
     app = create_app(engine, name, api_key=api_key)
     print(f"serving {name} ({source}) on http://{args.host}:{args.port}/v1 "

@@ -29,6 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..decode import FastDecoder, compile_report
+from ..inference_options import DECODERS
+from ..masks import slot_key_valid
 from ..models.common import KVCache
 from ..sampling import SamplingParams, choose_tokens
 from .text import IncrementalText
@@ -142,9 +145,16 @@ class BatchEngine:
         max_cache_len: int | None = None,
         max_prefill_tokens: int = 8192,
         bidirectional_prompt: bool = False,
+        decoder: str = "model",
     ):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be at least 1")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, not {decoder!r}")
+        # "model": the model's forward over a KVCache whose batch grows and shrinks with the rows. "fast" /
+        # "compiled": the fused decode step (decode.FastDecoder) over a static batch of slots (a power of
+        # two) and a bucketed capacity; rows join and leave slots through `masks.slot_key_valid`.
+        self.decoder = decoder
         self.model = model
         self.tokenizer = tokenizer
         self.n_ctx = model.config.n_ctx
@@ -287,10 +297,20 @@ class BatchEngine:
             # Mostly dead slots and nobody to take them: shrink, so dead slots stop costing compute.
             tokens = tokens[torch.tensor(live, dtype=torch.long, device=tokens.device)]
             self._rebuild(live)
+            if len(self._slots) > len(live):  # a fast decoder's batch is a power of two: pad with dead slots
+                pad = tokens.new_full((len(self._slots) - len(live),), self.tokenizer.eot_id)
+                tokens = torch.cat((tokens, pad))
         assert self._cache is not None and self._next_pos is not None
+        alive = torch.tensor([row is not None for row in self._slots], device=self._next_pos.device)
+        if self.decoder != "model":
+            compiled_before = len(FastDecoder.compile_events)
+            self._logits = self._cache.step(tokens)  # advances the column and every slot's position
+            if len(FastDecoder.compile_events) > compiled_before:  # shown once per compile, in the server log
+                log.warning("%s", compile_report())
+            self._next_pos.masked_fill_(~alive, 0)  # dead slots decode junk at position 0 until reused
+            return
         logits = self.model(tokens[:, None], position_ids=self._next_pos[:, None], cache=self._cache)
         self._logits = logits[:, -1]
-        alive = torch.tensor([row is not None for row in self._slots], device=self._next_pos.device)
         # Dead slots decode junk at position 0 until reused; their keys are masked out on reuse.
         self._next_pos = torch.where(alive, self._next_pos + 1, torch.zeros_like(self._next_pos))
 
@@ -434,22 +454,28 @@ class BatchEngine:
             return list(range(len(new)))
         assert self._logits is not None and self._next_pos is not None
         length, leftover, placed = cache.length, [], False
+        capacity = cache.capacity if self.decoder != "model" else cache.max_len
         for j, row in enumerate(new):
             n = len(row.spec.prompt_ids)
-            if not dead or n > length or length + row.spec.max_tokens > cache.max_len:
+            if not dead or n > length or length + row.spec.max_tokens > capacity:
                 leftover.append(j)
                 continue
             slot = dead.pop(0)
-            cache.keys[:, slot, :, length - n:length] = fresh.keys[:, j, :, fresh.length - n:fresh.length]
-            cache.values[:, slot, :, length - n:length] = fresh.values[:, j, :, fresh.length - n:fresh.length]
-            cache.valid[slot] = True
-            cache.valid[slot, :length - n] = False
+            if self.decoder != "model":
+                for layer, (keys, values) in enumerate(zip(cache.keys, cache.values)):
+                    keys[slot, :, length - n:length] = fresh.keys[layer, j, :, fresh.length - n:fresh.length]
+                    values[slot, :, length - n:length] = fresh.values[layer, j, :, fresh.length - n:fresh.length]
+                cache.valid[slot] = slot_key_valid(capacity, length - n, self.device)
+            else:
+                cache.keys[:, slot, :, length - n:length] = fresh.keys[:, j, :, fresh.length - n:fresh.length]
+                cache.values[:, slot, :, length - n:length] = fresh.values[:, j, :, fresh.length - n:fresh.length]
+                cache.valid[slot] = slot_key_valid(capacity, length - n, self.device)
             self._logits[slot] = logits[j]
             self._next_pos[slot] = next_pos[j]
             row.start = length - n
             self._slots[slot] = row
             placed = True
-        if placed:
+        if placed and self.decoder == "model":
             cache.has_padding = bool((~cache.valid[:, :length]).any())
         return leftover
 
@@ -483,6 +509,10 @@ class BatchEngine:
         length = max(span, fresh)
         needed = length + max(1, max(r.remaining for r in rows))
         capacity = max(needed, min(self.max_cache_len, needed + max(64, length)))
+        if self.decoder != "model":
+            self._rebuild_fast(old_rows, keep, new_rows, new_cache, new_index, new_logits, new_pos, first, span,
+                               fresh, length, capacity)
+            return
         cache = KVCache(self.model.config, len(rows), capacity, device=self.device, dtype=self.dtype)
         cache.valid[:, :length] = False
         logits, positions = [], []
@@ -513,3 +543,52 @@ class BatchEngine:
         self._slots, self._cache = list(rows), cache
         self._logits = torch.cat(logits) if len(logits) > 1 else logits[0]
         self._next_pos = torch.cat(positions) if len(positions) > 1 else positions[0]
+
+    def _rebuild_fast(self, old_rows, keep, new_rows, new_cache, new_index, new_logits, new_pos, first: int,
+                      span: int, fresh: int, length: int, capacity: int) -> None:
+        """`_rebuild` for the fused decode step: the same row layout in a new static batch of slots.
+
+        The batch is the next power of two (at most max_batch_size) and the capacity a multiple of 128, so a
+        compiled step sees few distinct shapes; slots past the rows are dead (they decode junk, unread).
+        """
+        from ..decode import capacity_bucket
+
+        rows = [r for r in old_rows if r is not None] + list(new_rows)
+        slots = min(self.max_batch_size, 1 << (len(rows) - 1).bit_length())
+        capacity = capacity_bucket(capacity, self.max_cache_len)
+        old = self._cache
+        dec = FastDecoder(self.model, slots, capacity, compile=self.decoder == "compiled", dynamic=None)
+        dec.valid.fill_(True)
+        logits = torch.zeros(slots, self._logits_width(new_logits), device=self.device,
+                             dtype=new_logits.dtype if new_logits is not None else self._logits.dtype)
+        n = len(keep)
+        if keep:
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            lo = length - span
+            for layer in range(len(dec.keys)):
+                dec.keys[layer][:n, :, lo:length] = old.keys[layer][index, :, first:old.length]
+                dec.values[layer][:n, :, lo:length] = old.values[layer][index, :, first:old.length]
+            dec.valid[:n, :lo] = False
+            dec.valid[:n, lo:length] = old.valid[index, first:old.length]
+            for row in old_rows:
+                row.start += lo - first
+            logits[:n] = self._logits[index]
+            dec.pos[:n] = self._next_pos[index]
+        if new_rows:
+            m, lo = len(new_rows), length - fresh
+            for layer in range(len(dec.keys)):
+                dec.keys[layer][n:n + m, :, lo:length] = new_cache.keys[layer, new_index, :, :fresh]
+                dec.values[layer][n:n + m, :, lo:length] = new_cache.values[layer, new_index, :, :fresh]
+            dec.valid[n:n + m, :lo] = False
+            dec.valid[n:n + m, lo:length] = new_cache.valid[new_index, :fresh]
+            for row in new_rows:
+                row.start += lo
+            logits[n:n + m] = new_logits
+            dec.pos[n:n + m] = new_pos
+        dec.col.fill_(length)
+        dec.length = length
+        self._slots = rows + [None] * (slots - len(rows))
+        self._cache, self._logits, self._next_pos = dec, logits, dec.pos
+
+    def _logits_width(self, new_logits) -> int:
+        return (new_logits if new_logits is not None else self._logits).shape[-1]

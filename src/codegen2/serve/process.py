@@ -101,6 +101,7 @@ class ProcessEngine:
         max_batch_size: int = 32,
         max_queue: int = 256,
         load_timeout: float | None = None,
+        decoder: str = "model",
     ):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be at least 1")
@@ -108,7 +109,8 @@ class ProcessEngine:
         context = multiprocessing.get_context("spawn")  # no fork of a process that may hold CUDA or threads
         self._conn, child_conn = context.Pipe()
         # The child's own queue is only a safety net: the bound is enforced here.
-        engine_kwargs = {"max_batch_size": max_batch_size, "max_queue": 4 * (max_batch_size + max_queue)}
+        engine_kwargs = {"max_batch_size": max_batch_size, "max_queue": 4 * (max_batch_size + max_queue),
+                         "decoder": decoder}
         load_kwargs = {"device": device, "dtype": dtype, "mp_num": mp_num}
         self._proc = context.Process(target=_child_main, name="codegen2-engine", daemon=True,
                                      args=(child_conn, str(checkpoint), load_kwargs, engine_kwargs, threads))
