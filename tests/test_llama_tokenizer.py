@@ -124,3 +124,44 @@ def test_codegen25_directory_loads_from_the_table_and_names_what_is_missing(gpt2
     (directory / "encoder.json").write_text("{\"a\": 1}")
     with pytest.raises(UserError, match="encoder.json: not GPT-2's encoder.json"):
         load_hf_tokenizer(directory, 51200)
+
+
+def test_codegen25_style_directory_samples_infills_and_imports_without_remote_code(gpt2_format_table, tmp_path,
+                                                                                    capsys):
+    """A LlamaForCausalLM directory laid out like Salesforce's CodeGen2.5 (remote-code tokenizer, no tokenizer.json):
+    `infill` runs on it, and import -> export gives a directory transformers loads with a plain tokenizer.json."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    from codegen2.cli import main
+    from codegen2.loading import load_checkpoint
+
+    n = len(gpt2_format_table)
+    vocab = n + 62 + NUM_MASKS  # GPT-2's table + CodeGen2.5's additions: 51,200 with the real table
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=128, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)).eval()
+    directory = tmp_path / "codegen25-style"
+    hf.save_pretrained(directory)
+    (directory / "tokenization_codegen25.py").write_text("# remote code, never run\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoTokenizer": ["tokenization_codegen25.CodeGen25Tokenizer", None]}}))
+    (directory / "encoder.json").write_text(json.dumps(gpt2_format_table))
+
+    loaded = load_checkpoint(directory)
+    assert loaded.config.arch == "llama" and loaded.tokenizer.sep_id == n + 60
+    assert main(["infill", "--checkpoint", str(directory), "--prefix", "def f(x):\n", "--suffix", "\n    return y\n",
+                 "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+
+    run, out = tmp_path / "run", tmp_path / "exported"
+    assert main(["import-hf", str(directory), str(run)]) == 0
+    assert main(["export-hf", str(run), str(out)]) == 0
+    assert (out / "tokenizer.json").is_file() and not (out / "tokenization_codegen25.py").exists()
+    text = "def f(x):\n        return x<mask_1>\t\t<sep><eom><|endoftext|>"
+    assert transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"] == loaded.tokenizer.encode(text)
+    ids = torch.tensor([loaded.tokenizer.encode(text)])
+    with torch.no_grad():
+        reference = hf(ids).logits
+        assert (transformers.AutoModelForCausalLM.from_pretrained(out)(ids).logits - reference).abs().max() <= 1e-4
