@@ -20,7 +20,7 @@ from codegen2.checkpoint import WEIGHTS, list_checkpoints, write_checkpoint
 from codegen2.config import Config, ConfigError, ModelConfig, load_config, preset_dict, save_config
 from codegen2.decode import FastDecoder
 from codegen2.errors import UserError
-from codegen2.hf import from_pretrained, register
+from codegen2.hf import export_hf, from_pretrained, register
 from codegen2.models import architecture, build_model
 from codegen2.models.common import KVCache
 from codegen2.tokenizer import train_tokenizer
@@ -271,3 +271,34 @@ def test_int8_and_bf16_weights_decode_as_their_own_forward(tied):
                 # Both forms round activations to bf16 (int8's kernel reads a bf16 copy): bf16-sized differences.
                 step = decoder.step(ids[:, t])
                 assert max_diff(step.float(), full[:, t].float()) <= 0.02 * full.abs().max().item(), (form, t)
+
+
+LLAMA_TINY_TEST = {"model.arch": "llama", "model.rotary_dim": 16, "model.n_kv_head": 2, "model.n_inner": 96}
+
+
+def test_every_objective_trains_a_llama_model_and_it_evaluates(tiny_config, tmp_path, capsys):
+    """Span corruption, FIM and causal LM in one prefix-LM run with document masks; then eval heldout and
+    train.init_from a Hugging Face export of the result."""
+    from codegen2.cli import main
+    from codegen2.train import train
+
+    config = tiny_config(**LLAMA_TINY_TEST, **{"objective.span_rate": 0.35, "objective.fim_rate": 0.35,
+                                               "objective.prefix_lm": True, "train.document_mask": True,
+                                               "train.max_steps": 8, "train.checkpoint_every": 8})
+    result = train(config, tmp_path / "run")
+    losses = [r["loss"] for r in result.history]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.3
+    seen = {name for r in result.history for name in ("causal", "span", "fim") if f"loss_{name}" in r}
+    assert seen == {"causal", "span", "fim"}
+    config.data.heldout_fraction = 0.3  # files it trained on: this checks that eval runs, not what it scores
+    save_config(config, tmp_path / "run" / "config.toml")
+    assert main(["eval", "heldout", "--checkpoint", str(tmp_path / "run"), "--max-tokens", "512",
+                 "--n-infill", "2"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["code"]["tokens"] > 0 and report["code_completion"]["bidirectional"] is True
+
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    again = tiny_config(**LLAMA_TINY_TEST, **{"train.max_steps": 1, "train.init_from": str(tmp_path / "hf")})
+    first = train(again, tmp_path / "continued").history[0]["loss"]
+    fresh = train(tiny_config(**LLAMA_TINY_TEST, **{"train.max_steps": 1}), tmp_path / "fresh").history[0]["loss"]
+    assert first < fresh - 0.3  # starts from the trained weights, not from scratch
