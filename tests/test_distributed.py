@@ -117,9 +117,11 @@ def test_bf16_fsdp_trains_on_cpu(suite, tmp_path):
     assert all(v.dtype == torch.float32 for v in final_weights(tmp_path / "bf16").values())
 
 
-def test_activation_checkpointing_gives_the_same_losses(tiny_config, tmp_path):
-    plain = train(tiny_config(**{"train.max_steps": 2}), tmp_path / "plain")
-    recomputed = train(tiny_config(**{"train.max_steps": 2, "train.activation_checkpointing": True}),
+@pytest.mark.parametrize("arch", ["codegen", "llama"])
+def test_activation_checkpointing_gives_the_same_losses(tiny_config, tmp_path, arch):
+    shape = stress.ARCH_OVERRIDES[arch]
+    plain = train(tiny_config(**shape, **{"train.max_steps": 2}), tmp_path / "plain")
+    recomputed = train(tiny_config(**shape, **{"train.max_steps": 2, "train.activation_checkpointing": True}),
                        tmp_path / "ac")
     assert [r["loss"] for r in plain.history] == [r["loss"] for r in recomputed.history]
     assert [r["grad_norm"] for r in plain.history] == [r["grad_norm"] for r in recomputed.history]
