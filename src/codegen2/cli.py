@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Commands contributed by other modules: each has register(subparsers).
     eval_sub = None
-    for module in ("codegen2.eval.cli", "codegen2.hf", "codegen2.serve", "codegen2.plot"):
+    for module in ("codegen2.eval.cli", "codegen2.hf", "codegen2.serve", "codegen2.plot", "codegen2.data.cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

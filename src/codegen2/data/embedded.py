@@ -102,8 +102,10 @@ def _file_docstrings(rel: str, size: int, mtime_ns: int) -> tuple[str, ...] | No
         return None
 
 
-def nl_documents(files: list[str], keep: Callable[[str], bool], skipped: Counter) -> Iterator[Document]:
-    yield from topic_documents(keep)
+def nl_documents(files: list[str], keep: Callable[[str], bool], skipped: Counter,
+                 topics: bool = True) -> Iterator[Document]:
+    if topics:
+        yield from topic_documents(keep)
     root = stdlib_root()
     for rel in files:
         if not keep(rel):

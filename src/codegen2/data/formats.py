@@ -10,6 +10,12 @@ Held-out keys: a file's path relative to the source root (a single-file source: 
 "REL:LINE" (1-based) for JSONL records; "REL:ROW" (0-based) for Parquet rows; "SPLIT:ROW" for HF
 datasets.
 
+Compressed JSONL (`.jsonl.gz`, `.jsonl.zst`) is read as a stream; a corrupt or truncated file is a
+one-line error naming it (with `skip_bad_lines`: skipped and counted as `corrupt_files`).
+
+`shard=(rank, world_size)` makes a reader read only its share of the files (chosen by a hash of the
+relative path; rows of an HF dataset by row number), so parallel tasks together read each file once.
+
 Globs (`include` / `exclude`) match the path relative to the source root, gitignore-style: `*`
 and `?` stay within one path component, `**` crosses components, and a pattern without a `/`
 matches the file name at any depth. An `exclude` pattern that matches a directory excludes
@@ -19,19 +25,22 @@ directories marked with a `.codegen2-not-data` file (run directories and token c
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
 import re
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 
 from codegen2.config import SourceConfig
-from codegen2.data.documents import Document
+from codegen2.data.documents import Document, stable_fraction
 from codegen2.errors import UserError
 
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz", ".jsonl.zst", ".ndjson.zst")
 PARQUET_SUFFIXES = (".parquet",)
 HF_MARKERS = (("dataset_info.json", "state.json"), ("dataset_dict.json",))
 NEVER_READ_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__"})
@@ -41,6 +50,14 @@ NOT_DATA_MARKER = ".codegen2-not-data"
 BATCH_ROWS = 1024
 
 Keep = Callable[[str], bool]
+
+
+def in_shard(rel: str, shard: tuple[int, int] | None) -> bool:
+    """Whether the file at relative path `rel` belongs to task `rank` of `world_size`."""
+    if shard is None or shard[1] <= 1:
+        return True
+    rank, world_size = shard
+    return int(stable_fraction(rel, "prepare-shard") * world_size) == rank
 
 
 # ------------------------------------------------------------------------------------------ formats
@@ -67,8 +84,8 @@ def detect_format(path: Path, declared: str, include: Sequence[str] = ("**/*",),
             if names and all(name.endswith(suffixes) for name in names):
                 return fmt
         return "dir"
-    suffix = path.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
+    suffix, name = path.suffix.lower(), path.name.lower()
+    if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
     if suffix in PARQUET_SUFFIXES:
         return "parquet"
@@ -153,6 +170,10 @@ def list_files(root: Path, include: Sequence[str], exclude: Sequence[str],
             if (not suffixes or rel.lower().endswith(suffixes)) and path_selected(rel, include, exclude)]
 
 
+def _shard_files(files: list[tuple[str, Path]], shard: tuple[int, int] | None) -> list[tuple[str, Path]]:
+    return [(rel, path) for rel, path in files if in_shard(rel, shard)]
+
+
 # --------------------------------------------------------------------------------------------- text
 def decode_text(data: bytes, skipped: Counter) -> str | None:
     """UTF-8 text, or None (counted) for binary or non-UTF-8 content."""
@@ -167,11 +188,12 @@ def decode_text(data: bytes, skipped: Counter) -> str | None:
     return text.removeprefix("\ufeff")
 
 
-def dir_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter) -> Iterator[Document]:
+def dir_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter,
+                shard: tuple[int, int] | None = None) -> Iterator[Document]:
     files = list_files(root, cfg.include, cfg.exclude)
     if not files:
         raise UserError(f"data source {root}: no files match include={cfg.include} exclude={cfg.exclude}")
-    for rel, path in files:
+    for rel, path in _shard_files(files, shard):
         if keep(rel):
             text = decode_text(path.read_bytes(), skipped)
             if text is not None:
@@ -185,36 +207,70 @@ def _bad_record(cfg: SourceConfig, skipped: Counter, reason: str, message: str) 
     skipped[reason] += 1
 
 
-def jsonl_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter) -> Iterator[Document]:
+def _open_lines(path: Path) -> io.BufferedIOBase:
+    """A binary line stream of a JSONL file, decompressing .gz / .zst on the fly."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _corrupt_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [gzip.BadGzipFile, EOFError, zlib.error]
+    try:
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def jsonl_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter,
+                  shard: tuple[int, int] | None = None) -> Iterator[Document]:
     files = list_files(root, cfg.include, cfg.exclude, JSONL_SUFFIXES)
     if not files:
         raise UserError(f"data source {root}: no .jsonl files match include={cfg.include} exclude={cfg.exclude}")
-    for rel, path in files:
-        with open(path, "rb") as handle:
-            for lineno, raw in enumerate(handle, start=1):
-                if not raw.strip() or not keep(f"{rel}:{lineno}"):
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(raw)
-                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                    detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "not valid UTF-8"
-                    _bad_record(cfg, skipped, "bad_lines", f"{where}: malformed JSON line ({detail})")
-                    continue
-                if not isinstance(record, dict) or cfg.field not in record:
-                    keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-                    _bad_record(cfg, skipped, "missing_field",
-                                f"{where}: record has no field {cfg.field!r} (has: {keys})")
-                    continue
-                value = record[cfg.field]
-                if value is None:
-                    skipped["null"] += 1
-                    continue
-                if not isinstance(value, str):
-                    _bad_record(cfg, skipped, "missing_field",
-                                f"{where}: field {cfg.field!r} is a {type(value).__name__}, not a string")
-                    continue
-                yield Document(text=value, path=where, kind=cfg.kind)
+    for rel, path in _shard_files(files, shard):
+        try:
+            yield from _jsonl_file(rel, path, cfg, keep, skipped)
+        except _corrupt_errors() as exc:
+            kind = "zstd" if path.name.lower().endswith(".zst") else "gzip"
+            if not cfg.skip_bad_lines:
+                raise UserError(f"{path}: corrupt or truncated {kind} data ({exc or type(exc).__name__}); "
+                                "set skip_bad_lines = true on this source to skip such files") from None
+            skipped["corrupt_files"] += 1
+
+
+def _jsonl_file(rel: str, path: Path, cfg: SourceConfig, keep: Keep, skipped: Counter) -> Iterator[Document]:
+    with _open_lines(path) as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            if not raw.strip() or not keep(f"{rel}:{lineno}"):
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "not valid UTF-8"
+                _bad_record(cfg, skipped, "bad_lines", f"{where}: malformed JSON line ({detail})")
+                continue
+            if not isinstance(record, dict) or cfg.field not in record:
+                keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+                _bad_record(cfg, skipped, "missing_field", f"{where}: record has no field {cfg.field!r} (has: {keys})")
+                continue
+            value = record[cfg.field]
+            if value is None:
+                skipped["null"] += 1
+                continue
+            if not isinstance(value, str):
+                _bad_record(cfg, skipped, "missing_field",
+                            f"{where}: field {cfg.field!r} is a {type(value).__name__}, not a string")
+                continue
+            yield Document(text=value, path=where, kind=cfg.kind)
 
 
 # ------------------------------------------------------------------------------------------ Parquet
@@ -229,13 +285,14 @@ def _require_string_column(where: str, schema, field: str) -> None:
         raise UserError(f"{where}: column {field!r} has type {kind}, not string")
 
 
-def parquet_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter) -> Iterator[Document]:
+def parquet_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter,
+                    shard: tuple[int, int] | None = None) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     files = list_files(root, cfg.include, cfg.exclude, PARQUET_SUFFIXES)
     if not files:
         raise UserError(f"data source {root}: no .parquet files match include={cfg.include} exclude={cfg.exclude}")
-    for rel, path in files:
+    for rel, path in _shard_files(files, shard):
         try:
             table_file = pq.ParquetFile(path)
         except Exception as exc:  # pyarrow raises several types for corrupt files
@@ -265,8 +322,12 @@ def load_hf_dataset(root: Path):
     return "data", loaded
 
 
-def hf_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter) -> Iterator[Document]:
+def hf_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter,
+               shard: tuple[int, int] | None = None) -> Iterator[Document]:
     split, dataset = load_hf_dataset(root)
+    if shard is not None and shard[1] > 1:
+        rank, world_size = shard
+        keep = (lambda key, keep=keep: keep(key) and int(key.rsplit(":", 1)[1]) % world_size == rank)
     if cfg.field not in dataset.column_names:
         raise UserError(f"{root}: no column {cfg.field!r} (columns: {', '.join(dataset.column_names)})")
     feature = dataset.features[cfg.field]

@@ -21,7 +21,7 @@ from typing import Any
 from codegen2.config import SOURCE_KINDS, DataConfig, SourceConfig
 from codegen2.data import embedded
 from codegen2.data.documents import Document, is_heldout, split_filter
-from codegen2.data.formats import READERS, Keep, detect_format, walk_files
+from codegen2.data.formats import READERS, Keep, detect_format, in_shard, walk_files
 from codegen2.errors import UserError
 
 __all__ = ["Document", "Source", "is_heldout", "embedded_sources", "user_sources", "data_sources",
@@ -37,7 +37,7 @@ class Source:
     weight: float
     split: str
     description: str  # what to name in messages (a path, "Python standard library")
-    read: Callable[[Keep, Counter], Iterator[Document]]
+    read: Callable[[Keep, Counter, tuple[int, int] | None], Iterator[Document]]
     keep: Keep
     identity: dict[str, Any]  # settings that change the documents, for the cache fingerprint
     roots: list[Path]  # files or directories whose contents the documents come from
@@ -45,10 +45,11 @@ class Source:
     skipped: Counter = field(default_factory=Counter)  # of the last documents() pass
     truncated: int = 0
 
-    def documents(self) -> Iterator[Document]:
-        """This split's documents; empty ones are skipped and long ones truncated, both counted."""
+    def documents(self, shard: tuple[int, int] | None = None) -> Iterator[Document]:
+        """This split's documents (with `shard=(rank, world_size)`, that task's share of the files);
+        empty ones are skipped and long ones truncated, both counted."""
         self.skipped, self.truncated = Counter(), 0
-        for doc in self.read(self.keep, self.skipped):
+        for doc in self.read(self.keep, self.skipped, shard):
             if not doc.text:
                 self.skipped["empty"] += 1
                 continue
@@ -76,6 +77,10 @@ def _file_signature(root: Path) -> list[tuple[str, int, int]]:
 
 
 # ------------------------------------------------------------------------------------- embedded
+def _shard(files: list[str], shard: tuple[int, int] | None) -> list[str]:
+    return [rel for rel in files if in_shard(rel, shard)]
+
+
 def embedded_sources(cfg: DataConfig, split: str) -> list[Source]:
     """The default corpus for `split` ("train" or "heldout"); a source with weight 0 is left out."""
     keep = split_filter(split, cfg.heldout_fraction)
@@ -93,7 +98,7 @@ def embedded_sources(cfg: DataConfig, split: str) -> list[Source]:
         sources.append(Source(
             name="stdlib-code", kind="code", weight=weights["code"], split=split,
             description=f"Python standard library ({root})",
-            read=lambda keep, skipped: embedded.code_documents(files, keep, skipped),
+            read=lambda keep, skipped, shard: embedded.code_documents(_shard(files, shard), keep, skipped),
             keep=keep, identity={**identity, "kind": "code"}, roots=roots, max_doc_chars=cfg.max_doc_chars))
     if weights["nl"] > 0:
         from pydoc_data import topics
@@ -101,7 +106,8 @@ def embedded_sources(cfg: DataConfig, split: str) -> list[Source]:
         sources.append(Source(
             name="stdlib-nl", kind="nl", weight=weights["nl"], split=split,
             description="Python documentation (pydoc topics and standard-library docstrings)",
-            read=lambda keep, skipped: embedded.nl_documents(files, keep, skipped),
+            read=lambda keep, skipped, shard: embedded.nl_documents(_shard(files, shard), keep, skipped,
+                                                                     topics=shard is None or shard[0] == 0),
             keep=keep, identity={**identity, "kind": "nl"}, roots=[Path(topics.__file__), *roots],
             max_doc_chars=cfg.max_doc_chars))
     return sources
@@ -147,7 +153,8 @@ def user_sources(cfg: DataConfig, split: str) -> list[Source]:
         sources.append(Source(
             name=_source_name(scfg, taken), kind=scfg.kind, weight=scfg.weight, split=split,
             description=scfg.path,
-            read=(lambda keep, skipped, reader=reader, root=root, scfg=scfg: reader(root, scfg, keep, skipped)),
+            read=(lambda keep, skipped, shard, reader=reader, root=root, scfg=scfg:
+                  reader(root, scfg, keep, skipped, shard)),
             keep=keep, identity=identity, roots=[root], max_doc_chars=cfg.max_doc_chars))
     return sources
 

@@ -1,0 +1,153 @@
+"""Token shards of a prepared data directory: how they are written and how training reads them.
+
+A prepared directory (`codegen2 data prepare --out DIR`) holds, per source and split, the documents'
+tokens, each document followed by `<|endoftext|>`, concatenated in a fixed order (a hash of the
+document's source and path, so the order never depends on how the work was split into tasks) and cut
+into files of `shard_tokens` tokens: `shards/SOURCE/SPLIT-00000.bin`, raw little-endian uint16 (uint32
+for vocabularies over 65,536). `manifest.json`, written last and atomically, lists every shard with its
+token count and SHA-256; a directory without it is unfinished and is never read.
+
+Training memory-maps the shards of each source as one `ShardedStream` (no copy, no tokenization).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from codegen2.errors import UserError
+
+MANIFEST = "manifest.json"
+FORMAT = "codegen2-prepared"
+FORMAT_VERSION = 1
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+class ShardedStream:
+    """A read-only 1-D token array made of memory-mapped shard files (slicing returns a copy)."""
+
+    ndim = 1
+
+    def __init__(self, arrays: Sequence[np.ndarray]):
+        self.arrays = [a for a in arrays if len(a)]
+        self.dtype = self.arrays[0].dtype if self.arrays else np.dtype("<u2")
+        self.starts = np.concatenate([[0], np.cumsum([len(a) for a in self.arrays])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, item: slice) -> np.ndarray:
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            raise TypeError("ShardedStream supports contiguous slices only")
+        start, stop, _ = item.indices(len(self))
+        if stop <= start:
+            return np.empty(0, dtype=self.dtype)
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pieces, pos = [], start
+        for i in range(first, len(self.arrays)):
+            if pos >= stop:
+                break
+            offset = pos - int(self.starts[i])
+            take = min(stop - pos, len(self.arrays[i]) - offset)
+            pieces.append(self.arrays[i][offset:offset + take])
+            pos += take
+        return pieces[0].copy() if len(pieces) == 1 else np.concatenate(pieces)
+
+
+class ShardWriter:
+    """Appends token arrays and cuts them into files of exactly `shard_tokens` tokens (the last shorter)."""
+
+    def __init__(self, directory: Path, split: str, shard_tokens: int, dtype: np.dtype):
+        self.directory, self.split, self.shard_tokens, self.dtype = directory, split, shard_tokens, dtype
+        self.shards: list[dict[str, Any]] = []
+        self._file = None
+        self._written = 0
+        self._hash = None
+        self._tmp: Path | None = None
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        self._tmp = self.directory / f".{name}.{os.getpid()}.tmp"
+        self._file = open(self._tmp, "wb")
+        self._written, self._hash = 0, hashlib.sha256()
+
+    def _close(self) -> None:
+        if self._file is None:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        os.replace(self._tmp, self.directory / name)
+        self.shards.append({"file": name, "tokens": self._written, "sha256": self._hash.hexdigest()})
+        self._file = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
+        pos = 0
+        while pos < len(tokens):
+            if self._file is None:
+                self._open()
+            take = min(len(tokens) - pos, self.shard_tokens - self._written)
+            data = tokens[pos:pos + take].tobytes()
+            self._file.write(data)
+            self._hash.update(data)
+            self._written += take
+            pos += take
+            if self._written == self.shard_tokens:
+                self._close()
+
+    def finish(self) -> list[dict[str, Any]]:
+        self._close()
+        return self.shards
+
+
+@dataclass
+class PreparedData:
+    """A finished prepared directory: its manifest and memory-mapped token streams."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, root: str | Path) -> "PreparedData":
+        root = Path(root).expanduser()
+        path = root / MANIFEST
+        if not root.is_dir():
+            raise UserError(f"prepared data {root}: no such directory")
+        if not path.is_file():
+            hint = " (an unfinished prepare: run `codegen2 data prepare ... --resume` on it)" \
+                if (root / "plan.json").is_file() else ""
+            raise UserError(f"prepared data {root}: no {MANIFEST}{hint}")
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path}: unreadable manifest ({exc})") from None
+        if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+            raise UserError(f"{path}: not a codegen2 prepared-data manifest of version {FORMAT_VERSION}")
+        return cls(root=root, manifest=manifest)
+
+    @property
+    def sources(self) -> list[dict[str, Any]]:
+        return self.manifest["sources"]
+
+    def stream(self, source: dict[str, Any], split: str) -> ShardedStream:
+        """The token stream of one source's split, memory-mapped (shard sizes are checked)."""
+        dtype = np.dtype(self.manifest["dtype"])
+        arrays = []
+        for shard in source["splits"][split]["shards"]:
+            path = self.root / "shards" / source["name"] / shard["file"]
+            if not path.is_file() or path.stat().st_size != shard["tokens"] * dtype.itemsize:
+                raise UserError(f"prepared data {self.root}: shard {path} is missing or has the wrong size")
+            arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+        return ShardedStream(arrays)
