@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import numpy as np
@@ -272,7 +271,7 @@ def test_prepare_killed_at_random_moments_then_resumed_gives_the_same_output(cor
               " resume=True, log=lambda m: None)\n")
     rng = random.Random(7)
     killed = 0
-    for attempt in range(6):
+    for _ in range(6):
         proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:

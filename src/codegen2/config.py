@@ -188,7 +188,8 @@ class PrepareConfig:
 
     def validate(self) -> None:
         if self.minhash_bands * self.minhash_rows > self.minhash_perms:
-            raise ConfigError(f"prepare.minhash_bands x prepare.minhash_rows = {self.minhash_bands * self.minhash_rows} "
+            product = self.minhash_bands * self.minhash_rows
+            raise ConfigError(f"prepare.minhash_bands x prepare.minhash_rows = {product} "
                               f"exceeds prepare.minhash_perms={self.minhash_perms}")
         if not 0.0 < self.minhash_threshold <= 1.0:
             raise ConfigError(f"prepare.minhash_threshold={self.minhash_threshold} must lie in (0, 1]")

@@ -327,7 +327,10 @@ def hf_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter,
     split, dataset = load_hf_dataset(root)
     if shard is not None and shard[1] > 1:
         rank, world_size = shard
-        keep = (lambda key, keep=keep: keep(key) and int(key.rsplit(":", 1)[1]) % world_size == rank)
+        keep_split = keep
+
+        def keep(key: str) -> bool:
+            return keep_split(key) and int(key.rsplit(":", 1)[1]) % world_size == rank
     if cfg.field not in dataset.column_names:
         raise UserError(f"{root}: no column {cfg.field!r} (columns: {', '.join(dataset.column_names)})")
     feature = dataset.features[cfg.field]

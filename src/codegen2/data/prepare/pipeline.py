@@ -25,8 +25,16 @@ from codegen2.config import Config
 from codegen2.data.formats import mark_not_data
 from codegen2.data.prepare.decontaminate import benchmark_patterns
 from codegen2.data.prepare.shards import MANIFEST, PreparedData
-from codegen2.data.prepare.steps import (BandsStep, ClusterStep, MergeStep, ReadStep, TokenizerStep, TokenizeStep,
-                                         quiet_datatrove_logs, write_json)
+from codegen2.data.prepare.steps import (
+    BandsStep,
+    ClusterStep,
+    MergeStep,
+    ReadStep,
+    TokenizerStep,
+    TokenizeStep,
+    quiet_datatrove_logs,
+    write_json,
+)
 from codegen2.data.sources import data_sources
 from codegen2.errors import UserError
 
@@ -64,7 +72,8 @@ def _check_out_dir(out: Path, plan: dict[str, Any], resume: bool) -> bool:
         try:
             old = json.loads(plan_path.read_text(encoding="utf-8"))
         except ValueError:
-            raise UserError(f"{plan_path}: unreadable; this directory was not written by codegen2 data prepare") from None
+            raise UserError(f"{plan_path}: unreadable; this directory was not written by codegen2 data prepare") \
+                from None
         if not resume:
             done = "a finished" if (out / MANIFEST).is_file() else "an unfinished"
             raise UserError(f"--out {out} holds {done} prepare; pass --resume to continue it, or choose another --out")

@@ -120,7 +120,7 @@ class PreparedData:
     manifest: dict[str, Any]
 
     @classmethod
-    def open(cls, root: str | Path) -> "PreparedData":
+    def open(cls, root: str | Path) -> PreparedData:
         root = Path(root).expanduser()
         path = root / MANIFEST
         if not root.is_dir():

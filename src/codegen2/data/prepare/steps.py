@@ -36,8 +36,14 @@ from codegen2.config import Config
 from codegen2.data.documents import SPLITS, stable_fraction
 from codegen2.data.prepare.decontaminate import Decontaminator
 from codegen2.data.prepare.filters import CodeFilter
-from codegen2.data.prepare.minhash import (EMPTY, MinHasher, band_candidates, band_hashes, connected_components,
-                                           estimated_jaccard)
+from codegen2.data.prepare.minhash import (
+    EMPTY,
+    MinHasher,
+    band_candidates,
+    band_hashes,
+    connected_components,
+    estimated_jaccard,
+)
 from codegen2.data.prepare.shards import FORMAT, FORMAT_VERSION, MANIFEST, ShardWriter, token_dtype
 from codegen2.data.sources import data_sources
 
@@ -383,31 +389,34 @@ class TokenizeStep(PrepareStep):
             docs = chars = 0
             with open(tmp, "wb") as handle:
                 batch: list[tuple[int, str]] = []
-
-                def flush() -> None:
-                    for (i, _), ids in zip(batch, tokenizer.encode_batch([t for _, t in batch], literal_specials=True)):
-                        ids.append(tokenizer.eot_id)
-                        np.asarray(ids, dtype=dtype).tofile(handle)
-                        index.append(i)
-                        lengths.append(len(ids))
-                    batch.clear()
-
                 batch_chars = 0
                 for i, _, text in iter_kept_docs(self.work, r):
                     batch.append((i, text))
                     batch_chars += len(text)
                     docs, chars = docs + 1, chars + len(text)
                     if batch_chars >= TOKENIZE_BATCH_CHARS:
-                        flush()
-                        batch_chars = 0
+                        self._encode(tokenizer, batch, handle, dtype, index, lengths)
+                        batch, batch_chars = [], 0
                         progress.update(docs, chars)
-                flush()
+                self._encode(tokenizer, batch, handle, dtype, index, lengths)
             save_npy(out_dir / f"{r:05d}.index.npy", np.stack([np.asarray(index, dtype=np.int64),
                                                                np.asarray(lengths, dtype=np.int64)], axis=1)
                      .reshape(-1, 2))
             os.replace(tmp, out_dir / f"{r:05d}.bin")
         if data:
             yield from data
+
+
+    @staticmethod
+    def _encode(tokenizer, batch: list[tuple[int, str]], handle, dtype: np.dtype, index: list[int],
+                lengths: list[int]) -> None:
+        """Append the tokens of `batch` (each document + <|endoftext|>) to `handle`, recording index and length."""
+        ids_batch = tokenizer.encode_batch([text for _, text in batch], literal_specials=True)
+        for (i, _), ids in zip(batch, ids_batch):
+            ids.append(tokenizer.eot_id)
+            np.asarray(ids, dtype=dtype).tofile(handle)
+            index.append(i)
+            lengths.append(len(ids))
 
 
 # --------------------------------------------------------------------------------------- 6. merge
