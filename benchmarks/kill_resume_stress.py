@@ -93,6 +93,19 @@ def share_data(config: Config, workdir: Path) -> Config:
     return config
 
 
+def share_prepared(config: Config, workdir: Path) -> Config:
+    """Run `codegen2 data prepare` once and point the config at the prepared directory (no sources, no
+    tokenizer path): launches then memory-map its shards instead of tokenizing."""
+    from codegen2.data.prepare.pipeline import prepare
+
+    out = workdir / "prepared"
+    if not (out / "manifest.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        prepare(config, out, log=lambda message: None)
+    config.data.prepared, config.data.sources, config.tokenizer.path = str(out), [], ""
+    return config
+
+
 def write_config(config: Config, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dump_toml(config), encoding="utf-8")
@@ -401,9 +414,9 @@ def timings(reference: Launch) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------------------------------- main
 def stress(workdir: Path, nproc: int, parallel: str, kills: int, seed: int, pause_s: float,
-           kinds: list[str], config: Config | None = None) -> dict:
+           kinds: list[str], config: Config | None = None, prepared: bool = False) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
-    config = share_data(config or tiny_config(workdir), workdir)
+    config = (share_prepared if prepared else share_data)(config or tiny_config(workdir), workdir)
     config_path = write_config(config, workdir / f"config-{nproc}-{parallel}.toml")
     ref_dir = workdir / f"reference-{nproc}-{parallel}"
     shutil.rmtree(ref_dir, ignore_errors=True)
@@ -432,10 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/kill-stress"))
     parser.add_argument("--json", type=Path, help="also write the result here")
     parser.add_argument("--arch", choices=list(ARCH_OVERRIDES), default="codegen", help="model architecture")
+    parser.add_argument("--prepared", action="store_true",
+                        help="train from a `codegen2 data prepare` directory instead of the token cache")
     args = parser.parse_args(argv)
     config = tiny_config(args.out, **ARCH_OVERRIDES[args.arch])
     result = stress(args.out, args.nproc, args.parallel, args.kills, args.seed, args.pause, args.kinds.split(","),
-                    config)
+                    config, prepared=args.prepared)
     for i, kill in enumerate(result["kills"], 1):
         print(f"kill {i:2d}: resumed from step {kill['resumed_from']:2d}, {kill['kind']:5s} target "
               f"{kill['target']:3d} +{kill['delay']:.3f}s ({kill['how']}) -> {kill['landed']}")

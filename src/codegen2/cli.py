@@ -47,6 +47,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import source_from_path
+    from .data.prepare.shards import is_prepared_dir
     from .train import train
 
     run_dir = Path(args.out)
@@ -64,6 +65,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = load_config(run_dir / "config.toml", overrides=overrides)
     else:
         config = load_config(args.config, preset=args.preset, overrides=overrides)
+        prepared = [p for p in args.data if is_prepared_dir(p)]
+        if prepared:
+            if len(args.data) > 1:
+                raise UserError("--data with a prepared directory takes no other --data paths")
+            config.data.prepared, args.data = str(Path(prepared[0]).resolve()), []
         if args.data:
             config.data.sources = [source_from_path(p) for p in args.data] + \
                 [s for s in config.data.sources if s.path not in args.data]

@@ -79,10 +79,69 @@ def resolve_tokenizer(config: Config, run_dir: Path, sources: list[Source],
     return tokenizer, info
 
 
+def prepared_data(config: Config, run_dir: Path, tokenizer: CodeGenTokenizer | None
+                  ) -> tuple[CodeGenTokenizer, PackedMixture, dict[str, Any]]:
+    """Training data from a `codegen2 data prepare` directory: its tokenizer and memory-mapped train shards.
+
+    Nothing is tokenized and no raw file is read. The run must use the directory's tokenizer: a different
+    one (given, in tokenizer.path, or saved in the run directory by an earlier run) is an error.
+    """
+    from codegen2.data.prepare import PreparedData
+
+    data = PreparedData.open(config.data.prepared)
+    theirs = CodeGenTokenizer.load(data.root / "tokenizer.json")
+    if theirs.fingerprint() != data.manifest["tokenizer"]["fingerprint"]:
+        raise UserError(f"prepared data {data.root}: tokenizer.json does not match its manifest (was it replaced?)")
+    saved = run_dir / "tokenizer.json"
+    for origin, other in (("the given tokenizer", tokenizer),
+                          (f"tokenizer.path={config.tokenizer.path}", config.tokenizer.path or None),
+                          (f"the run's {saved}", saved if saved.is_file() else None)):
+        if other is not None:
+            other = other if isinstance(other, CodeGenTokenizer) else CodeGenTokenizer.load(other)
+            if other.fingerprint() != theirs.fingerprint():
+                raise UserError(f"prepared data {data.root} was tokenized with another tokenizer than {origin}; "
+                                "prepare the data again with that tokenizer (tokenizer.path), or start a new run")
+    if not saved.is_file():
+        theirs.save(run_dir)
+    if theirs.vocab_size > config.model.vocab_size:
+        raise UserError(f"the prepared data's tokenizer has {theirs.vocab_size} tokens but model.vocab_size="
+                        f"{config.model.vocab_size}; set model.vocab_size to at least {theirs.vocab_size}")
+    sources = [s for s in data.sources if s["splits"]["train"]["tokens"] > 0]
+    if not sources:
+        raise UserError(f"prepared data {data.root}: no training tokens")
+    streams = [data.stream(s, "train") for s in sources]
+    mixture = PackedMixture(streams, [s["weight"] for s in sources], config.train.seq_len, config.train.seed,
+                            names=[s["name"] for s in sources])
+    shards = sum(len(s["splits"]["train"]["shards"]) for s in sources)
+    info = {"origin": str(data.root / "tokenizer.json"), "vocab_size": theirs.vocab_size,
+            "num_masks": theirs.num_masks, "saved": str(saved)}
+    stats: dict[str, Any] = {
+        "tokenizer": info,
+        "prepared": str(data.root),
+        "sources": [{"name": s["name"], "kind": s["kind"], "weight": float(w), "docs": s["splits"]["train"]["docs"],
+                     "tokens": s["splits"]["train"]["tokens"], "chunks": n, "shards": len(s["splits"]["train"]["shards"])}
+                    for s, w, n in zip(sources, mixture.weights, mixture.num_chunks)],
+        "tokens": int(sum(len(st) for st in streams)),
+        "num_samples_per_epoch": mixture.num_samples_per_epoch,
+    }
+    stats["summary"] = {
+        "data": f"prepared {data.root}: {shards} shard(s) memory-mapped, no tokenization, no raw-file walk",
+        **{s["name"]: f"{s['docs']} docs, {s['tokens']:,} tokens, weight {s['weight']:.2f}" for s in stats["sources"]},
+    }
+    return theirs, mixture, stats
+
+
 def prepare_data(config: Config, run_dir: str | Path, tokenizer: CodeGenTokenizer | None = None,
                  progress: bool = True) -> tuple[CodeGenTokenizer, PackedMixture, dict[str, Any]]:
-    """Everything training needs from the data side, reusing the run's tokenizer and caches if present."""
+    """Everything training needs from the data side, reusing the run's tokenizer and caches if present.
+
+    With `data.prepared`, the shards of that directory (see `prepared_data`); otherwise the sources are
+    tokenized into the run's token cache.
+    """
     run_dir = Path(run_dir)
+    if config.data.prepared:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return prepared_data(config, run_dir, tokenizer)
     mark_not_data(run_dir)  # `--data .` with the run inside it must not train on the run's files
     sources = data_sources(config.data, "train")
     tokenizer, tokenizer_info = resolve_tokenizer(config, run_dir, sources, tokenizer)

@@ -33,6 +33,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
+def is_prepared_dir(path: str | Path) -> bool:
+    """Whether `path` is a directory `codegen2 data prepare` wrote (finished or not)."""
+    path = Path(path).expanduser()
+    return path.is_dir() and ((path / MANIFEST).is_file() or (path / "plan.json").is_file())
+
+
 class ShardedStream:
     """A read-only 1-D token array made of memory-mapped shard files (slicing returns a copy)."""
 
