@@ -381,3 +381,19 @@ def test_prepare_config_validation():
     config.prepare.minhash_bands = 30
     with pytest.raises(ConfigError, match="exceeds prepare.minhash_perms"):
         config.validate()
+
+
+def test_slurm_sbatch_script_dry_run(corpus, tmp_path):
+    """scripts/slurm_prepare.sbatch, run with DRY_RUN=1: the stage scripts are built, nothing is submitted."""
+    config_path = tmp_path / "prepare.toml"
+    config_path.write_text(f'[data]\nheldout_fraction = 0.1\n\n[[data.sources]]\npath = "{corpus["root"]}"\n',
+                           encoding="utf-8")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "slurm_prepare.sbatch"
+    venv = Path(sys.executable).parent.parent
+    done = subprocess.run(["bash", str(script), str(config_path), str(tmp_path / "out"), "16", "short"],
+                          env={**os.environ, "DRY_RUN": "1", "VENV": str(venv)}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    launch = (tmp_path / "out" / "logs" / "1-read" / "launch_script.slurm").read_text()
+    assert "#SBATCH --array=0-15" in launch and "#SBATCH --partition=short" in launch
+    assert f"source {venv}/bin/activate" in launch and "launch_pickled_pipeline" in launch
+    assert "dry run, not submitted" in done.stderr

@@ -118,9 +118,9 @@ def prepared_data(config: Config, run_dir: Path, tokenizer: CodeGenTokenizer | N
     stats: dict[str, Any] = {
         "tokenizer": info,
         "prepared": str(data.root),
-        "sources": [{"name": s["name"], "kind": s["kind"], "weight": float(w), "docs": s["splits"]["train"]["docs"],
-                     "tokens": s["splits"]["train"]["tokens"], "chunks": n, "shards": len(s["splits"]["train"]["shards"])}
-                    for s, w, n in zip(sources, mixture.weights, mixture.num_chunks)],
+        "sources": [{"name": s["name"], "kind": s["kind"], "weight": float(w), "docs": t["docs"], "tokens": t["tokens"],
+                     "chunks": n, "shards": len(t["shards"])}
+                    for s, w, n in zip(sources, mixture.weights, mixture.num_chunks) for t in [s["splits"]["train"]]],
         "tokens": int(sum(len(st) for st in streams)),
         "num_samples_per_epoch": mixture.num_samples_per_epoch,
     }

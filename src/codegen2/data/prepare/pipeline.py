@@ -124,7 +124,7 @@ def _executor(kind: str, pipeline: list, tasks: int, workers: int, logging_dir: 
     return SlurmPipelineExecutor(pipeline, tasks=tasks, time=slurm.time, partition=slurm.partition,
                                  cpus_per_task=slurm.cpus_per_task, mem_per_cpu_gb=slurm.mem_per_cpu_gb,
                                  workers=workers if workers > 0 else -1, job_name=f"codegen2-prepare-{name}",
-                                 venv_path=slurm.venv_path or None, logging_dir=str(logging_dir), depends=depends,
+                                 venv_path=f"{slurm.venv_path}/bin/activate" if slurm.venv_path else None, logging_dir=str(logging_dir), depends=depends,
                                  skip_completed=True, mail_type="NONE")
 
 

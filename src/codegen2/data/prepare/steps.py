@@ -159,7 +159,7 @@ class ReadStep(PrepareStep):
                         where = {"source": source.name, "split": split, "path": doc.path}
                         reason = code_filter.reason(doc.text, source.kind)
                         if reason is not None:
-                            c[f"filtered_{reason}"] += 1
+                            c[reason] += 1
                             removed.append({**where, "reason": reason})
                             continue
                         label = decontaminator.match(doc.text)
