@@ -124,8 +124,8 @@ def _executor(kind: str, pipeline: list, tasks: int, workers: int, logging_dir: 
     return SlurmPipelineExecutor(pipeline, tasks=tasks, time=slurm.time, partition=slurm.partition,
                                  cpus_per_task=slurm.cpus_per_task, mem_per_cpu_gb=slurm.mem_per_cpu_gb,
                                  workers=workers if workers > 0 else -1, job_name=f"codegen2-prepare-{name}",
-                                 venv_path=f"{slurm.venv_path}/bin/activate" if slurm.venv_path else None, logging_dir=str(logging_dir), depends=depends,
-                                 skip_completed=True, mail_type="NONE")
+                                 venv_path=f"{slurm.venv_path}/bin/activate" if slurm.venv_path else None,
+                                 logging_dir=str(logging_dir), depends=depends, skip_completed=True, mail_type="NONE")
 
 
 def prepare(config: Config, out: str | Path, tasks: int = 1, workers: int = 1, executor: str = "local",
