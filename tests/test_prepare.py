@@ -23,6 +23,7 @@ from codegen2.data.prepare.filters import CodeFilter
 from codegen2.data.prepare.minhash import MinHasher, band_candidates, band_hashes, connected_components, jaccard
 from codegen2.data.prepare.pipeline import SlurmOptions, prepare
 from codegen2.data.prepare.shards import PreparedData, ShardedStream
+from codegen2.data.prepare.steps import PAUSE_ENV
 from codegen2.errors import UserError
 from codegen2.tokenizer import CodeGenTokenizer
 
@@ -271,8 +272,9 @@ def test_prepare_killed_at_random_moments_then_resumed_gives_the_same_output(cor
               " resume=True, log=lambda m: None)\n")
     rng = random.Random(7)
     killed = 0
+    env = {**os.environ, PAUSE_ENV: "1.0"}  # every task ends with a 1 s pause: the prepare takes > 12 s
     for _ in range(6):
-        proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
+        proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             proc.wait(timeout=rng.uniform(4.0, 9.0))

@@ -60,6 +60,17 @@ def quiet_datatrove_logs() -> None:
     logger.disable("datatrove")
 
 
+PAUSE_ENV = "CODEGEN2_PREPARE_PAUSE_S"
+
+
+def task_done_pause() -> None:
+    """Test hook: sleep between a task's last output and datatrove's completion mark, so that kills in the
+    kill/resume test land in every stage and in that window (set PAUSE_ENV to seconds)."""
+    seconds = float(os.environ.get(PAUSE_ENV, "0") or 0)
+    if seconds > 0:
+        time.sleep(seconds)
+
+
 def key_hash(source: str, path: str, salt: str) -> int:
     digest = hashlib.blake2b(f"{salt}\x00{source}\x00{path}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little")
@@ -200,6 +211,7 @@ class ReadStep(PrepareStep):
         write_json(out_dir / f"{rank:05d}.counts.json", {s: dict(v) for s, v in counts.items()})
         os.replace(docs_tmp, out_dir / f"{rank:05d}.docs.jsonl")
         self.stat_update("documents", value=total_docs)
+        task_done_pause()
         if data:
             yield from data
 
@@ -228,6 +240,7 @@ class BandsStep(PrepareStep):
                 edges.append(pairs[keep])
         all_edges = np.unique(np.concatenate(edges), axis=0) if sum(len(e) for e in edges) else edges[0]
         save_npy(out_dir / f"{rank:05d}.npy", all_edges)
+        task_done_pause()
         if data:
             yield from data
 
@@ -285,6 +298,7 @@ class ClusterStep(PrepareStep):
             save_npy(out_dir / f"{r:05d}.keep.npy", ~drop[offsets[r]:offsets[r + 1]])
         write_json(out_dir / "removed.json", removed)
         write_json(out_dir / "counts.json", {s: {sp: dict(c) for sp, c in v.items()} for s, v in counts.items()})
+        task_done_pause()
         if data:
             yield from data
 
@@ -334,6 +348,7 @@ class TokenizerStep(PrepareStep):
             origin = {"origin": "trained", "train_chars": sum(map(len, texts)), "train_docs": len(texts)}
         tokenizer.save(Path(self.out))
         write_json(self.work / "tokenizer.json", origin)
+        task_done_pause()
         if data:
             yield from data
 
@@ -403,6 +418,7 @@ class TokenizeStep(PrepareStep):
                                                                np.asarray(lengths, dtype=np.int64)], axis=1)
                      .reshape(-1, 2))
             os.replace(tmp, out_dir / f"{r:05d}.bin")
+        task_done_pause()
         if data:
             yield from data
 
@@ -483,6 +499,7 @@ class MergeStep(PrepareStep):
         write_json(out / MANIFEST, manifest)
         del token_files
         shutil.rmtree(self.work, ignore_errors=True)
+        task_done_pause()
         if data:
             yield from data
 
