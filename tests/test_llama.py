@@ -302,6 +302,10 @@ def test_every_objective_trains_a_llama_model_and_it_evaluates(tiny_config, tmp_
     first = train(again, tmp_path / "continued").history[0]["loss"]
     fresh = train(tiny_config(**LLAMA_TINY_TEST, **{"train.max_steps": 1}), tmp_path / "fresh").history[0]["loss"]
     assert first < fresh - 0.3  # starts from the trained weights, not from scratch
+    untied_from_tied = tiny_config(**LLAMA_TINY_TEST, **{"model.tie_word_embeddings": True, "train.max_steps": 1,
+                                                          "train.init_from": str(tmp_path / "hf")})
+    with pytest.raises(UserError, match="tie_word_embeddings False vs True"):
+        train(untied_from_tied, tmp_path / "tied")
 
 
 @pytest.mark.parametrize("decoder", ["model", "fast"])

@@ -246,7 +246,8 @@ def init_state(path: str, config: Config) -> dict[str, torch.Tensor]:
     from .loading import load_checkpoint
 
     source = load_checkpoint(path, inference=False).model
-    fields = ("arch", "vocab_size", "n_layer", "n_embd", "n_head", "kv_heads", "rotary_dim", "inner_dim")
+    fields = ("arch", "vocab_size", "n_layer", "n_embd", "n_head", "kv_heads", "rotary_dim", "inner_dim",
+              "tie_word_embeddings")  # a tied head has no lm_head tensor, and a missing one would load silently
     differ = [f"{f} {getattr(source.config, f)} vs {getattr(config.model, f)}" for f in fields
               if getattr(source.config, f) != getattr(config.model, f)]
     if differ:
