@@ -45,8 +45,9 @@ baseline = status("VmRSS")
 model = from_pretrained(path, load_tokenizer=False,
                         dtype={"stored": None, "int8": "int8"}.get(dtype) or getattr(torch, dtype))
 with torch.no_grad():
-    # reads every page of every weight (int8 weights are buffers; an integer sum makes no float copy)
-    checksum = sum(float(t.sum()) for t in model.state_dict().values())
+    # Reads every page of every weight (int8 weights are buffers), a million elements at a time: summing
+    # a whole int8 tensor would first widen all of it to int64.
+    checksum = sum(float(c.sum()) for t in model.state_dict().values() for c in t.reshape(-1).split(2**20))
     logits = model(torch.zeros(1, 8, dtype=torch.long))
 print(json.dumps({"baseline_rss": baseline, "peak_rss": status("VmHWM"), "final_rss": status("VmRSS"),
                   "params": model.num_parameters(), "dtype": str(next(model.parameters()).dtype),

@@ -1,6 +1,7 @@
 """Load test of `codegen2 serve`: 1,000 requests from 64 concurrent clients, then the same requests one at a time.
 
     .venv/bin/python benchmarks/load_serve.py [--checkpoint RUN] [--requests 1000] [--concurrency 64]
+        [--dtype int8] [--decoder model|fast|compiled]
 
 Starts the server as a separate process on loopback (on a small random-weight model unless
 --checkpoint is given), sends a fixed mix of requests (completions and `suffix` infills, greedy and
@@ -218,6 +219,8 @@ def main() -> int:
     parser.add_argument("--max-queue", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="server torch threads")
     parser.add_argument("--skip-sequential", action="store_true")
+    parser.add_argument("--dtype", default="auto", help="server --dtype: float32, bfloat16, int8 (auto: as stored)")
+    parser.add_argument("--decoder", default=None, help="server --decoder: model, fast, compiled (default: its own)")
     parser.add_argument("--json", help="also write the summary here")
     args = parser.parse_args()
 
@@ -230,7 +233,8 @@ def main() -> int:
         proc = subprocess.Popen([sys.executable, "-m", "codegen2.cli", "serve", "--checkpoint", checkpoint,
                                  "--port", str(port), "--model-name", "bench", "--max-batch-size",
                                  str(args.max_batch_size), "--max-queue", str(args.max_queue),
-                                 "--threads", str(args.threads)], env=env)
+                                 "--threads", str(args.threads), "--dtype", args.dtype]
+                                + (["--decoder", args.decoder] if args.decoder else []), env=env)
         try:
             wait_for_server(port, proc)
             requests = make_requests(args.requests, args.max_tokens)
@@ -241,6 +245,7 @@ def main() -> int:
             batched = run_load(port, requests, args.concurrency, proc.pid)
             after = get_json(port, "/health")
             summary = {"model": checkpoint if args.checkpoint else "random 4-layer d=128 (1.1M params)",
+                       "dtype": args.dtype, "decoder": args.decoder or "the server's default",
                        "max_tokens": args.max_tokens, "concurrency": args.concurrency,
                        "max_batch_size": args.max_batch_size, "batched": summarize("batched", batched),
                        "rss_mib": {"after_warmup": round(rss_start, 1),
