@@ -60,20 +60,24 @@ def quantize_rows(weight: torch.Tensor, chunk_rows: int = CHUNK_ROWS,
                   after_chunk: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 [N, K], scales fp32 [N]) with weight[n] ~= q[n] * scales[n]; rows processed in chunks.
 
-    Chunking keeps the fp32 temporary small, and `after_chunk(source_rows)` lets a caller drop the pages
-    of a memory-mapped source as soon as they are quantized. An all-zero row gets scale 1 (q = 0).
+    One fp32 work buffer of `chunk_rows` rows is reused for every chunk and all arithmetic is in place, so
+    quantizing allocates nothing per chunk (repeated large temporaries fragment the heap and stay resident).
+    `after_chunk(source_rows)` lets a caller drop the pages of a memory-mapped source as soon as they are
+    quantized. An all-zero row gets scale 1 (q = 0).
     """
     rows, cols = weight.shape
     q = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
     scales = torch.empty(rows, dtype=torch.float32, device=weight.device)
+    work = torch.empty(min(rows, chunk_rows), cols, dtype=torch.float32, device=weight.device)
     for start in range(0, rows, chunk_rows):
         source = weight[start:start + chunk_rows]
-        block = source.to(torch.float32, copy=True)  # a copy: the source stays untouched
-        amax = block.abs().amax(dim=1)
+        block = work[: source.shape[0]]
+        block.copy_(source)  # the source stays untouched
+        low, high = torch.aminmax(block, dim=1)
+        amax = torch.maximum(low.abs(), high.abs())
         scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
-        q[start:start + chunk_rows] = block.div_(scale[:, None]).round_().clamp_(-QMAX, QMAX).to(torch.int8)
+        q[start:start + chunk_rows].copy_(block.div_(scale[:, None]).round_().clamp_(-QMAX, QMAX))
         scales[start:start + chunk_rows] = scale
-        del block
         if after_chunk is not None:
             after_chunk(source)
     return q, scales
@@ -326,7 +330,20 @@ def load_int8(model: nn.Module, path: str | Path, device: str | torch.device = "
     swap_modules(model, torch.float32)
     tensors = read_checked_tensors(path, expected, device, dtype=None, config_name=config_name)
     assign_streamed(model, tensors, torch.float32, release=release_mapped_pages)
+    _return_freed_memory()
     return freeze(model)
+
+
+def _return_freed_memory() -> None:
+    """Give the heap's freed pages back to the system (glibc keeps them otherwise); a no-op elsewhere."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def save_quantized(model: nn.Module, directory: str | Path, extra: dict | None = None) -> Path:
