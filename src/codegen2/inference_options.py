@@ -19,9 +19,12 @@ def add_dtype_flag(parser, default: str | None = None, extra: str = "") -> None:
                              f"channel, activations in floating point){extra}; default: {default or 'as stored'}")
 
 
-def add_decoder_flag(parser) -> None:
+SERVE_DECODER = "model"  # measured faster under continuous batching than the fused step (docs/serving.md)
+
+
+def add_decoder_flag(parser, default: str = DEFAULT_DECODER) -> None:
     """`--decoder`: how tokens after the prompt are computed (all give the same tokens up to rounding)."""
-    parser.add_argument("--decoder", choices=DECODERS, default=DEFAULT_DECODER,
+    parser.add_argument("--decoder", choices=DECODERS, default=default,
                         help="the model's forward with a KV cache (model), the fused one-token step eagerly (fast), "
-                             "or that step compiled once per process and shape (compiled, the default: its compile "
-                             "time is printed)")
+                             "or that step compiled once per process and shape (compiled; its compile time is "
+                             f"printed); default: {default}")
