@@ -77,6 +77,11 @@ class FastDecoder:
             # dynamic=False: one graph per (batch, capacity), the fastest; None (the server, whose batch and
             # capacity change as rows come and go): a second shape makes dynamo compile one graph for all.
             key = f"{arch.name}/{dynamic}"
+            # Each (weight format, batch, capacity) is its own graph of the one `decode_step` function:
+            # dynamo's default of 8 per function is soon reached (and with fullgraph=True it then fails).
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            torch._dynamo.config.accumulated_recompile_limit = max(
+                torch._dynamo.config.accumulated_recompile_limit, 256)
             if key not in FastDecoder._compiled:
                 FastDecoder._compiled[key] = torch.compile(arch.decode_step, fullgraph=True, dynamic=dynamic)
             self._fn = FastDecoder._compiled[key]
