@@ -36,7 +36,7 @@ run: $(VENV)/.core-installed
 		--prefix $$'def mean(values):\n    total = 0\n    for value in values:\n' \
 		--suffix $$'\n    return total / len(values)\n'
 
-# The CodeGen2 lessons at small scale: 7 arms x 2 seeds, then docs/lessons.md (resumable; about an hour on 2 cores).
+# The CodeGen2 lessons at small scale: 8 arms x 2 seeds, then docs/lessons.md (resumable; about an hour on 2 cores).
 lessons: $(VENV)/.core-installed
 	$(PY) -m pip install -q -e ".[viz]"
 	$(PY) experiments/lessons/study.py

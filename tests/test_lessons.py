@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from codegen2.config import load_config
+from codegen2.models import architecture
 
 LESSONS = Path(__file__).resolve().parents[1] / "experiments" / "lessons"
 
@@ -40,6 +41,7 @@ EXPECTED_DIFFERENCES = {  # arm -> the keys in which it differs from the referen
     "fim": {"objective.span_rate", "objective.fim_rate"},
     "code_only": {"data.embedded_code_weight", "data.embedded_nl_weight"},
     "prose_only": {"data.embedded_code_weight", "data.embedded_nl_weight"},
+    "llama": {"model.arch", "model.n_kv_head", "model.n_inner", "model.rotary_dim", "model.layer_norm_eps"},
 }
 
 
@@ -56,6 +58,12 @@ def test_arms_differ_from_the_reference_in_one_thing_only_at_equal_budgets(tmp_p
         assert {k for k in values if values[k] != reference[k]} == EXPECTED_DIFFERENCES[name], name
     assert configs["fim"].objective.fim_spm_rate == 0.5 and configs["span_only"].objective.span_rate == 1.0
     assert configs["prose_only"].data.embedded_code_weight == 0 and configs["code_only"].data.embedded_nl_weight == 0
+    # The LLaMA arm is the llama-tiny preset's model, with as many weights as the reference's tiny model.
+    llama_tiny = load_config(preset="llama-tiny").model
+    assert configs["llama"].model == llama_tiny
+    counts = {name: architecture(configs[name].model).count_parameters(configs[name].model)
+              for name in ("llama", "causal_decoder")}
+    assert abs(counts["llama"] / counts["causal_decoder"] - 1) < 0.01, counts
 
 
 def fake_run(root: Path, arm: str, seed: int, code: float, nl: float, infill: float, em: float, fmt="codegen2"):
@@ -94,17 +102,19 @@ def test_report_table_plots_and_verdicts_that_reproduce(tmp_path):
         "fim": [(3.01, 4.01, 2.30, 0.08), (3.02, 4.02, 2.31, 0.09)],
         "code_only": [(2.98, 5.00, 2.00, 0.10), (2.99, 5.01, 2.01, 0.11)],
         "prose_only": [(5.00, 3.50, 4.00, 0.00), (5.01, 3.51, 4.01, 0.00)],
+        "llama": [(2.99, 4.00, 2.01, 0.11), (3.02, 4.03, 2.02, 0.12)],  # within seed noise of causal_decoder
     })
     doc = tmp_path / "docs" / "lessons.md"
     text = report.write_report(tmp_path / "runs", ARMS, [1, 2], doc, tmp_path / "docs" / "lessons", "CMD")
     assert doc.read_text() == text and "CMD" in text
-    assert text.count("\n| `") == 7
+    assert text.count("\n| `") == 8
     assert ("| `causal_decoder` | causal decoder | 2 | 3.010 (3.000–3.020) | 2.760 (2.750–2.770) "
             "| 4.010 (4.000–4.020) |") in text
     assert "**Lesson 1 reproduces" in text and "**Lesson 2 reproduces" in text
     assert "**Lesson 3 reproduces" in text and "**Lesson 4 reproduces" in text
+    assert "**The architecture check holds" in text
     assert "[fim]" in text and "6 steps = 12,288 training tokens per run" in text
-    for name in ("lesson1_architecture.png", "lesson2_3_objectives.png", "lesson4_data.png"):
+    for name in ("lesson1_architecture.png", "lesson2_3_objectives.png", "lesson4_data.png", "architecture.png"):
         png = tmp_path / "docs" / "lessons" / name
         assert png.read_bytes()[:4] == b"\x89PNG" and f"](lessons/{name})" in text
 
@@ -118,11 +128,13 @@ def test_report_says_when_a_lesson_does_not_reproduce(tmp_path):
         "span_only": [(3.10, 4.1, 1.00, 0.30), (3.11, 4.1, 1.01, 0.30)],  # 50/50 keeps < half the infill gain
         "code_only": [(2.50, 5.0, 2.0, 0.1), (2.51, 5.0, 2.0, 0.1)],  # the mixture far from code-only
         "prose_only": [(3.10, 3.5, 4.0, 0.0), (3.11, 3.5, 4.0, 0.0)],
+        "llama": [(3.20, 4.2, 2.2, 0.05), (3.21, 4.2, 2.2, 0.05)],  # clearly worse than causal_decoder
     })
     text = report.write_report(tmp_path / "runs", ARMS, [1, 2], tmp_path / "lessons.md", tmp_path / "plots", "CMD")
     assert "**Lesson 1 does not reproduce: the prefix-LM is clearly better on held-out code loss" in text
     assert "**Lesson 2 does not reproduce: the 50/50 mixture is no worse left to right" in text
     assert "**Lesson 3 does not reproduce" in text and "**Lesson 4 does not reproduce" in text
+    assert "**The architecture check does not hold: the LLaMA block is clearly worse on held-out code loss" in text
     assert "| `fim` |" not in text  # an arm without runs is left out, not invented
 
 

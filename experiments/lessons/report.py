@@ -61,7 +61,7 @@ def read_curve(run_dir: Path) -> list[tuple[int, float | None, float | None]]:
     return [by_tokens[t] for t in sorted(by_tokens)]
 
 
-ORDER = ["causal_decoder", "prefix_lm", "causal_only", "span_only", "fim", "code_only", "prose_only"]
+ORDER = ["causal_decoder", "prefix_lm", "causal_only", "span_only", "fim", "code_only", "prose_only", "llama"]
 
 
 def collect(root: Path, arms: list[tuple[str, str]], seeds: list[int]) -> list[ArmResult]:
@@ -204,6 +204,14 @@ def lesson_sentences(by_name: dict[str, ArmResult]) -> dict[int, str]:
                   f"{100 * close:.0f}% of the gap from prose-only to code-only (mixture vs code-only "
                   f"{diff:+.3f}, {'clear' if clear else 'within seed noise'}); on prose, the mixture scores "
                   f"{base.mean('nl'):.3f} vs code-only {code.mean('nl'):.3f} and prose-only {prose.mean('nl'):.3f}.")
+    llama = by_name.get("llama")
+    if base and llama:
+        metrics = [m for m in ("code", "nl", "infill_loss") if llama.values(m) and base.values(m)]
+        worse = [m for m in metrics if compare(llama, base, m)[1] and compare(llama, base, m)[0] > 0]
+        verdict = ("holds: the LLaMA block learns the recipe no worse than the CodeGen block" if not worse else
+                   "does not hold: the LLaMA block is clearly worse on " + " and ".join(METRICS[m][0] for m in worse))
+        out[5] = (f"**The architecture check {verdict}.** "
+                  + "; ".join(describe(llama, base, m) + " vs `causal_decoder`" for m in metrics) + ".")
     return out
 
 
@@ -230,6 +238,7 @@ PLOTS = [  # file, title, arms, curve columns
     ("lesson2_3_objectives.png", "Lessons 2 and 3: objectives",
      ["causal_only", "causal_decoder", "span_only", "fim"], [1]),
     ("lesson4_data.png", "Lesson 4: data mixture", ["code_only", "causal_decoder", "prose_only"], [1, 2]),
+    ("architecture.png", "Architecture: CodeGen vs LLaMA block", ["causal_decoder", "llama"], [1, 2]),
 ]
 
 
@@ -366,10 +375,13 @@ def write_report(root: Path, arms: list[tuple[str, str]], seeds: list[int], doc:
            "at least half of `causal_only`'s advantage in code loss and half of `span_only`'s in infill loss.",
         4: "(4) Mixing natural language with code is promising. Rule: reproduces if the mixture closes at least "
            "75% of the code-loss gap from prose-only to code-only while beating code-only on prose.",
+        5: "(5) Not a paper lesson: the recipe does not depend on the CodeGen block. Rule: holds unless the `llama` "
+           "arm (llama-tiny's block, the same number of weights and tokens) is clearly worse than `causal_decoder` "
+           "on held-out code loss, prose loss or infill loss.",
     }
     images = {1: "lesson1_architecture.png", 2: "lesson2_3_objectives.png", 3: "infill_loss.png",
-              4: "lesson4_data.png"}
-    for number in (1, 2, 3, 4):
+              4: "lesson4_data.png", 5: "architecture.png"}
+    for number in (1, 2, 3, 4, 5):
         lines += [rules[number], "", sentences.get(number, "_Not all arms of this lesson have finished._"), ""]
         image = plots_dir / images.get(number, "")
         if number in images and any(p.name == image.name for p in plots):
