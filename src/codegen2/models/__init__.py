@@ -8,7 +8,8 @@ the fused decode step for `decode.FastDecoder`, and the Hugging Face mapping. Sh
 (`forward_attention_mask`, `sdpa_is_causal`, `decode_step_bias`).
 
 Adding an architecture: write `models/<name>.py` (or a `models/<name>/` package) exposing an
-`ARCHITECTURE = Architecture(...)`, then add one line to `ARCHITECTURES` below.
+`ARCHITECTURE = Architecture(...)`, then add one entry to `ARCHITECTURES` below (and the module to
+the import line).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Training, distribution, metrics, decoding and the Hugging Face layer never look inside a model; they ask
 its `Architecture` (found with `codegen2.models.architecture(cfg)`). So a new family is one module that
-builds such a record plus one line in `codegen2.models.ARCHITECTURES` (docs/design.md, "where to change what").
+builds such a record plus one entry in `codegen2.models.ARCHITECTURES` (docs/design.md §6).
 """
 
 from __future__ import annotations
