@@ -399,3 +399,9 @@ def test_slurm_sbatch_script_dry_run(corpus, tmp_path):
     assert "#SBATCH --array=0-15" in launch and "#SBATCH --partition=short" in launch
     assert f"source {venv}/bin/activate" in launch and "launch_pickled_pipeline" in launch
     assert "dry run, not submitted" in done.stderr
+
+
+def test_cli_resume_takes_the_settings_from_the_plan(prepared, capsys):
+    """`data prepare --out DIR --resume` alone rebuilds the settings from plan.json (same fingerprint)."""
+    assert cli_main(["data", "prepare", "--out", str(prepared), "--resume"]) == 0
+    assert "already prepared" in capsys.readouterr().err
