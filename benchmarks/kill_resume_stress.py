@@ -114,7 +114,9 @@ def write_config(config: Config, path: Path) -> Path:
 
 # --------------------------------------------------------------------------------------- launching
 def train_command(config_path: Path, run_dir: Path, nproc: int, parallel: str) -> list[str]:
-    cli = ["-m", "codegen2.cli", "train", "--config", str(config_path), "--out", str(run_dir), "--resume"]
+    # --resume once the run exists (a kill can land before config.toml is written: then start it afresh)
+    resume = ["--resume"] if (run_dir / "config.toml").is_file() else []
+    cli = ["-m", "codegen2.cli", "train", "--config", str(config_path), "--out", str(run_dir), *resume]
     if nproc == 1:
         return [sys.executable, *cli]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),

@@ -112,8 +112,9 @@ def run_one(root: Path, arm: Arm, seed: int, steps: int | None, extra: list[str]
                             json.loads(eval_path.read_text())["timing"]["train_s"])
     run_dir.mkdir(parents=True, exist_ok=True)
     sets = [f"train.seed={seed}"] + arm.overrides + shared_overrides(root, steps, extra)
+    resume = ["--resume"] if (run_dir / "config.toml").is_file() else []  # continue a run cut short
     train_cmd = codegen2_command() + ["train", "--config", str(HERE / "common.toml"), "--out", str(run_dir),
-                                      "--resume"] + [x for item in sets for x in ("--set", item)]
+                                      *resume] + [x for item in sets for x in ("--set", item)]
     started = time.perf_counter()
     with open(run_dir / "train.log", "a", encoding="utf-8") as log:
         code = subprocess.run(train_cmd, stdout=log, stderr=subprocess.STDOUT, env=ONE_THREAD).returncode

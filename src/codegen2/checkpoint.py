@@ -27,6 +27,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -47,6 +48,7 @@ from .distributed import (
     load_sharded,
     save_sharded,
 )
+from .errors import UserError
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "model.safetensors"
@@ -169,14 +171,133 @@ def remove_stale_temporaries(run_dir: str | Path) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` checkpoints (0 keeps all)."""
+def prune_checkpoints(run_dir: str | Path, keep_last: int, run_id: str | None = None,
+                      before_step: int | None = None) -> None:
+    """Keep the newest `keep_last` checkpoints (0 keeps all) of run `run_id`, counting and deleting only its
+    own checkpoints older than `before_step`: a checkpoint another run wrote, or a later one of this run
+    (left behind by a resume from an earlier step), is never touched."""
     if keep_last <= 0:
         return
-    for old in list_checkpoints(run_dir)[:-keep_last]:
+    own = []
+    for path in list_checkpoints(run_dir):
+        if before_step is not None and checkpoint_step(path) > before_step:
+            continue
+        try:
+            if read_meta(path).get("run_id") == run_id:
+                own.append(path)
+        except (OSError, ValueError):  # unreadable meta: not provably ours, so left alone
+            continue
+    for old in own[:-keep_last]:
         doomed = staging_path(old, f"prune-{os.getpid()}")
         os.rename(old, doomed)  # invisible at once, so a kill mid-delete never leaves a partial checkpoint
         shutil.rmtree(doomed, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------- run directories
+# What a training run writes into its directory (besides checkpoints/): the files `--overwrite` replaces.
+RUN_FILES = ("config.toml", "log.jsonl", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "vocab.json", "merges.txt", "added_tokens.json", "tensorboard", "data", CHECKPOINTS)
+
+
+def describe_run(run_dir: str | Path) -> str | None:
+    """A short description of the run `run_dir` holds ("config.toml, log.jsonl, 2 checkpoints up to step
+    150"), or None when it holds none."""
+    run_dir = Path(run_dir)
+    parts = [name for name in ("config.toml", "log.jsonl") if (run_dir / name).is_file()]
+    steps = [checkpoint_step(p) for p in list_checkpoints(run_dir)]
+    if steps:
+        parts.append(f"{len(steps)} checkpoint{'s' * (len(steps) > 1)} up to step {max(steps)}")
+    return ", ".join(parts) or None
+
+
+def trained_step(run_dir: str | Path) -> int:
+    """The newest step this run trained to (0 when it has only imported weights or no checkpoint)."""
+    steps = [0]
+    for path in list_checkpoints(run_dir):
+        with contextlib.suppress(OSError, ValueError):
+            if "format" in read_meta(path):  # written by training (imported weights carry no format)
+                steps.append(checkpoint_step(path))
+    return max(steps)
+
+
+def check_run_directory(run_dir: str | Path, resume: bool, overwrite: bool) -> str | None:
+    """The one rule for where training may write: a new run never lands on another run's files, and
+    `resume` needs a run to continue. Returns the description of the run that `overwrite` will replace."""
+    run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise UserError("--resume continues the run in the directory and --overwrite replaces it: choose one")
+    existing = describe_run(run_dir)
+    if resume:
+        if not (run_dir / "config.toml").is_file():
+            raise UserError(f"nothing to resume in {run_dir} (no config.toml); drop --resume to start a new run there")
+        return None
+    if existing and not overwrite:
+        raise UserError(f"{run_dir} already holds a run ({existing}); pass --resume to continue it or --overwrite "
+                        f"to replace it")
+    return existing
+
+
+def clear_run_directory(run_dir: str | Path) -> None:
+    """Remove a previous run's files (`RUN_FILES`) from `run_dir`, leaving anything else there alone."""
+    for name in RUN_FILES:
+        path = Path(run_dir) / name
+        if path.is_dir():
+            doomed = staging_path(path, f"overwrite-{os.getpid()}")
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+
+
+# ------------------------------------------------------------------------- integrity
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be read whole (header or size), without loading its tensors."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return "truncated (no header)"
+            header_len = int.from_bytes(head, "little")
+            if header_len > size - 8:
+                return "truncated (header cut short)"
+            header = json.loads(handle.read(header_len))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return f"unreadable header ({type(exc).__name__})"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        return f"truncated ({size:,} of {expected:,} bytes)"
+    return None
+
+
+def checkpoint_problem(path: Path, need_trainer_state: bool = False) -> str | None:
+    """Why checkpoint `path` cannot be used ("FILE: what is wrong"), or None when its files look whole."""
+    path = Path(path)
+    try:
+        meta = read_meta(path)
+        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+            return f"{path / META}: no step number"
+    except (OSError, ValueError) as exc:
+        return f"{path / META}: unreadable ({type(exc).__name__}: {exc})"
+    if not (path / SHARDED).is_dir():
+        problem = _safetensors_problem(path / WEIGHTS)
+        if problem:
+            return f"{path / WEIGHTS}: {problem}"
+    trainer = path / TRAINER_STATE
+    if trainer.exists():
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(trainer) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                return f"{trainer}: corrupt ({bad} fails its checksum)"
+        except (OSError, zipfile.BadZipFile) as exc:
+            return f"{trainer}: unreadable ({exc})"
+    elif need_trainer_state and meta.get("format") is not None:
+        return f"{trainer}: missing"
+    return None
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
@@ -185,11 +306,18 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    return load_file(str(path), device=str(device))
+    """The tensors of a safetensors file; a truncated or corrupt file is a UserError naming it."""
+    problem = _safetensors_problem(Path(path))
+    if problem:
+        raise UserError(f"{path}: {problem}; the file is damaged (an earlier checkpoint may be intact)")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise UserError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
 
 
 def read_meta(checkpoint_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(checkpoint_dir) / META).read_text())
+    return json.loads((Path(checkpoint_dir) / META).read_text(encoding="utf-8"))
 
 
 def write_files(directory: Path, step: int, model_state: dict[str, torch.Tensor] | None, meta: dict[str, Any],
@@ -284,15 +412,32 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, env: 
         write_files(staging, step, model_state, {**meta, "format": "sharded" if sharded else "full"},
                          trainer_state)
         commit_directory(staging, final)
-        prune_checkpoints(run_dir, keep_last)
+        prune_checkpoints(run_dir, keep_last, run_id=meta.get("run_id"), before_step=step)
     barrier(env)
 
 
+def resumable_checkpoints(run_dir: str | Path) -> Iterator[Path]:
+    """The run's checkpoints, newest first, skipping (and saying so) those whose files are not whole."""
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(path, need_trainer_state=True)
+        if problem is None:
+            yield path
+        else:
+            print(f"warning: checkpoint {path.name} cannot be resumed from: {problem}; trying an earlier one",
+                  file=sys.stderr)
+
+
 def restore_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv) -> dict:
-    """Load a checkpoint of any format and layout into this run; returns its meta."""
+    """Load a checkpoint of any format and layout into this run; returns its meta.
+
+    A file that fails to load raises UserError naming it (the caller may fall back to an earlier checkpoint).
+    """
     meta = read_meta(path)
     trainer_path = path / TRAINER_STATE
-    trainer = torch.load(trainer_path, weights_only=False) if trainer_path.exists() else None
+    try:
+        trainer = torch.load(trainer_path, weights_only=False) if trainer_path.exists() else None
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means the file is damaged
+        raise UserError(f"{trainer_path}: cannot be loaded ({type(exc).__name__}: {exc})") from None
     if (path / SHARDED).is_dir():
         load_sharded(path / SHARDED, model, optimizer if trainer else None)
     else:

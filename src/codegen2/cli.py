@@ -27,6 +27,7 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mp-num", type=int, default=None, help="qkv grouping of a HF checkpoint (default: detect)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: the newest)")
     parser.add_argument("--device", default="cpu")
     add_dtype_flag(parser)
     add_decoder_flag(parser)
@@ -46,11 +47,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .data import source_from_path
+    from . import checkpoint as ckpt
+    from .config import save_config
     from .data.prepare.shards import is_prepared_dir
     from .train import train
 
     run_dir = Path(args.out)
+    ckpt.check_run_directory(run_dir, args.resume, args.overwrite)  # before any work: refuse another run's files
     overrides = list(args.set)
     for flag, key in (("max_steps", "train.max_steps"), ("seed", "train.seed"),
                       ("checkpoint_every", "train.checkpoint_every"), ("parallel", "train.parallel"),
@@ -58,34 +61,69 @@ def cmd_train(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
-    if args.resume and (run_dir / "config.toml").is_file():
-        if args.config or args.preset or args.data:
-            print("note: --resume uses the run's own config.toml; --config/--preset/--data are ignored",
-                  file=sys.stderr)
+    if args.resume:
+        if args.config or args.preset:
+            print("note: --resume uses the run's own config.toml; --config/--preset are ignored", file=sys.stderr)
         config = load_config(run_dir / "config.toml", overrides=overrides)
+        if args.data:
+            trained = ckpt.trained_step(run_dir)
+            if trained:
+                raise UserError(f"--data cannot change the data of {run_dir}: it has trained to step {trained} "
+                                f"on its own; start a new run from its weights with --init-from {run_dir}")
+            config.data.sources = _data_sources(args.data, config.data.sources)
+            if is_main_process():
+                save_config(config, run_dir / "config.toml")  # the run's data from now on
     else:
-        config = load_config(args.config, preset=args.preset, overrides=overrides)
+        preset = args.preset
+        if not preset and not args.config:
+            preset = "tiny"
+            print("note: no --preset or --config given: using the tiny preset (codegen2 info --preset NAME "
+                  "lists the others)", file=sys.stderr)
+        config = load_config(args.config, preset=preset, overrides=overrides)
         prepared = [p for p in args.data if is_prepared_dir(p)]
         if prepared:
             if len(args.data) > 1:
                 raise UserError("--data with a prepared directory takes no other --data paths")
             config.data.prepared, args.data = str(Path(prepared[0]).resolve()), []
         if args.data:
-            config.data.sources = [source_from_path(p) for p in args.data] + \
-                [s for s in config.data.sources if s.path not in args.data]
-            for source in config.data.sources:
-                source.validate()
-    result = train(config, run_dir, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
+            config.data.sources = _data_sources(args.data, config.data.sources)
+    result = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
+    if result.interrupted:
+        return 130 if result.interrupted == "SIGINT" else 143
+    if is_main_process():
         print(f"done: {result.final_step} steps, {result.tokens_seen:,} tokens, loss {result.last_loss:.4f}, "
               f"run directory {run_dir}")
     return 0
 
 
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _data_sources(paths: list[str], configured: list) -> list:
+    """`--data PATH[:FIELD]` sources first, then the configured ones not named again."""
+    from .data import source_from_path
+
+    given = []
+    for item in paths:
+        path, field = item, ""
+        head, sep, tail = item.rpartition(":")
+        if sep and head and not Path(item).exists() and Path(head).exists() and tail.isidentifier():
+            path, field = head, tail  # file.jsonl:content names the text field
+        source = source_from_path(path)
+        if field:
+            source.field = field
+        source.validate()
+        given.append(source)
+    named = {s.path for s in given}
+    return given + [s for s in configured if s.path not in named]
+
+
 def _load(args):
     from .loading import load_checkpoint
 
-    return load_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype, mp_num=args.mp_num)
+    return load_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype, mp_num=args.mp_num,
+                           step=args.step)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -198,15 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train or continue training a model")
     p.add_argument("--config", help="TOML config file")
-    p.add_argument("--preset", choices=list(PRESETS))
-    p.add_argument("--data", action="append", default=[], help="directory, .jsonl or .parquet (repeatable)")
+    p.add_argument("--preset", choices=list(PRESETS), help="model shape and recipe (default: tiny)")
+    p.add_argument("--data", action="append", default=[],
+                   help="directory, .jsonl or .parquet, optionally :FIELD for the text field (repeatable)")
     p.add_argument("--out", default="runs/default", help="run directory")
     p.add_argument("--max-steps", type=int, dest="max_steps")
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int, dest="checkpoint_every")
     p.add_argument("--parallel", choices=["none", "ddp", "fsdp"])
     p.add_argument("--init-from", dest="init_from", help="start from these weights (run or HF directory)")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest intact checkpoint (the run must exist)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its checkpoints, log and config are deleted)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     p.set_defaults(func=cmd_train)
 

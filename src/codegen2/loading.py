@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import WEIGHTS, latest_checkpoint, list_checkpoints, load_weights
+from .checkpoint import WEIGHTS, checkpoint_step, latest_checkpoint, list_checkpoints, load_weights
 from .config import Config, ModelConfig, load_config
 from .errors import UserError
 from .models import build_model
@@ -80,25 +80,31 @@ def _load_run(run_dir: Path, device, dtype, step: int | None) -> LoadedModel:
     from .tokenizer import CodeGenTokenizer
 
     config = load_run_config(run_dir)
+    steps = [checkpoint_step(c) for c in list_checkpoints(run_dir)]
     if step is None:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise UserError(f"{run_dir} has no complete checkpoint yet (checkpoints/step_*/{WEIGHTS})")
     else:
-        matches = [c for c in list_checkpoints(run_dir) if int(c.name.split("_")[1]) == step]
+        matches = [c for c in list_checkpoints(run_dir) if checkpoint_step(c) == step]
         if not matches:
-            raise UserError(f"{run_dir} has no checkpoint for step {step}")
+            raise UserError(f"{run_dir} has no checkpoint for step {step} (it has: {', '.join(map(str, steps))})")
         ckpt = matches[0]
     tokenizer = CodeGenTokenizer.load(run_dir)
     with torch.device("meta"):
         model = build_model(config.model)
-    if dtype == "int8":
-        load_int8(model, ckpt / WEIGHTS, device, config_name="config.toml")
-    else:
-        state = load_weights(ckpt / WEIGHTS, device=device)
-        if dtype is not None:
-            state = {k: v.to(compute_dtype(dtype)) for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
+    try:
+        if dtype == "int8":
+            load_int8(model, ckpt / WEIGHTS, device, config_name="config.toml")
+        else:
+            state = load_weights(ckpt / WEIGHTS, device=device)
+            if dtype is not None:
+                state = {k: v.to(compute_dtype(dtype)) for k, v in state.items()}
+            model.load_state_dict(state, strict=True, assign=True)
+    except UserError as exc:
+        others = [s for s in steps if s != checkpoint_step(ckpt)]
+        hint = f"; load another checkpoint with --step {others[-1]} (this run has: {', '.join(map(str, others))})"
+        raise UserError(f"{exc}{hint if others else ''}") from None
     model.eval()
     log.info("loaded %s (%s parameters)", ckpt, f"{model.num_parameters():,}")
     return LoadedModel(model=model, tokenizer=tokenizer, config=config.model,

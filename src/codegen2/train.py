@@ -19,9 +19,13 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
+import signal
 import sys
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,7 @@ from .distributed import (
     DistEnv,
     all_reduce_sum,
     barrier,
+    broadcast_object,
     build_sharded,
     init_distributed,
     load_full_state,
@@ -58,6 +63,7 @@ class TrainResult:
     tokens_seen: int
     last_loss: float
     history: list[dict] = field(default_factory=list)
+    interrupted: str = ""  # the signal ("SIGINT", "SIGTERM") that stopped training early, after a checkpoint
 
 
 def lr_at(step: int, cfg) -> float:
@@ -263,6 +269,94 @@ def _scalar(value: torch.Tensor) -> float:
     return float(value)
 
 
+def training_memory_bytes(config: Config, world_size: int = 1, parallel: str = "none") -> tuple[int, int, int]:
+    """(parameters, bytes per rank, of which activations): a floor on what training holds in memory.
+
+    fp32 weights, gradients and AdamW's two moments take 16 bytes per parameter (split over the ranks by
+    FSDP). Activations of one micro-batch follow Korthikanti et al. (2022), 34 * d + 5 * heads * seq_len
+    values per token and layer, here in fp32; with activation checkpointing only each layer's input is
+    kept, plus one layer being recomputed."""
+    m, t = config.model, config.train
+    n = architecture(m).count_parameters(m)
+    shards = world_size if parallel == "fsdp" else 1
+    tokens = t.micro_batch_size * t.seq_len
+    per_layer = 4 * tokens * (34 * m.n_embd + 5 * m.n_head * t.seq_len)
+    logits = 2 * 4 * tokens * m.vocab_size  # logits and their gradient (fp32)
+    if t.activation_checkpointing:
+        activations = 4 * tokens * m.n_embd * m.n_layer + per_layer + logits
+    else:
+        activations = per_layer * m.n_layer + logits
+    return n, 16 * n // shards + activations, activations
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory of the device training runs on (CPU: MemAvailable), or None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory_fit(config: Config, env: DistEnv, parallel: str) -> None:
+    """Refuse, before any work, a model whose weights, gradients and optimizer state cannot fit the device."""
+    n, per_rank, activations = training_memory_bytes(config, env.world_size, parallel)
+    available = available_memory_bytes(env.device)
+    if available is None:
+        return
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if env.device.type == "cpu" else 1
+    need = per_rank * ranks_here
+    if need > available:
+        preset = f"the {config.preset} preset" if config.preset else "this model"
+        raise UserError(
+            f"{preset} ({n:,} parameters) needs at least {need / 2**30:.1f} GiB to train (weights, gradients, "
+            f"AdamW state and {activations / 2**30:.1f} GiB of activations per micro-batch"
+            f"{f', on {ranks_here} ranks' if ranks_here > 1 else ''}) but {env.device.type} memory has "
+            f"{available / 2**30:.1f} GiB available; choose a smaller model (--preset tiny), a smaller "
+            f"train.micro_batch_size, train.activation_checkpointing=true, or more devices with --parallel fsdp")
+
+
+class StopRequest:
+    """SIGINT / SIGTERM during the loop: finish the step in progress, save a checkpoint, then stop.
+
+    A second signal gets the previous handler (Ctrl-C twice stops at once; checkpoints are atomic, so
+    that never leaves a partial one). Under torchrun the ranks agree on the step to stop after."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        self.signum = signum
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def requested(self, env: DistEnv) -> bool:
+        if not env.distributed:
+            return self.signum is not None
+        flag = torch.tensor([0 if self.signum is None else 1], dtype=torch.int64, device=env.device)
+        return bool(all_reduce_sum(flag, env).item())
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "a signal on another rank"
+
+
 # ------------------------------------------------------------------------------------------ one step
 @dataclass
 class StepSettings:
@@ -325,20 +419,27 @@ def is_due(step: int, every: int, last_step: int) -> bool:
 
 # ------------------------------------------------------------------------------------------ the loop
 def train(config: Config, run_dir: str | Path, resume: bool = False, tokenizer=None,
-          stop_after: int | None = None) -> TrainResult:
-    """Train according to `config` in `run_dir`; `stop_after` ends early (tests of crash/resume)."""
+          stop_after: int | None = None, overwrite: bool = False) -> TrainResult:
+    """Train according to `config` in `run_dir`; `stop_after` ends early (tests of crash/resume).
+
+    A new run refuses a directory that holds another run unless `overwrite` (which replaces its files);
+    `resume` continues the run there from its newest intact checkpoint.
+    """
     from .data import BatchLoader, prepare_data
 
     run_dir = Path(run_dir)
+    ckpt.check_run_directory(run_dir, resume, overwrite)
     env = init_distributed(config.train.device)
     try:
-        return _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, prepare_data)
+        check_memory_fit(config, env, config.train.parallel if env.distributed else "none")
+        return _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, prepare_data, overwrite)
     finally:
         shutdown(env)
 
 
-def _start_run_directory(config: Config, run_dir: Path, resume: bool, env: DistEnv) -> Path | None:
-    """Seed every RNG, create the run directory (config.toml unless resuming) and find the checkpoint to resume."""
+def _start_run_directory(config: Config, run_dir: Path, resume: bool, overwrite: bool, env: DistEnv) -> Path | None:
+    """Seed every RNG, create the run directory (config.toml unless resuming) and find the checkpoint to resume:
+    the newest whose files are whole (damaged ones are named and skipped)."""
     t = config.train
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
@@ -346,16 +447,42 @@ def _start_run_directory(config: Config, run_dir: Path, resume: bool, env: DistE
     random.seed(t.seed)
     np.random.seed(t.seed)
     if env.is_main:
+        replaced = None if resume else ckpt.check_run_directory(run_dir, resume, overwrite)
+        if replaced:
+            ckpt.clear_run_directory(run_dir)
+            print(f"--overwrite: removed the previous run in {run_dir} ({replaced})", file=sys.stderr)
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temporaries(run_dir)
-        if not (resume and (run_dir / "config.toml").exists()):
+        if not resume:
             ckpt.atomic_write_text(run_dir / "config.toml", dump_toml(config))
     barrier(env)
-    return ckpt.latest_checkpoint(run_dir) if resume else None
+    if not resume:
+        return None
+    latest = next(iter(ckpt.resumable_checkpoints(run_dir)), None)
+    found = ckpt.list_checkpoints(run_dir)
+    if latest is None and found:
+        raise UserError(f"{run_dir}: no intact checkpoint to resume from (all {len(found)} are damaged, see above); "
+                        f"start afresh with --overwrite")
+    if latest is not None and found[-1] != latest and env.is_main:
+        print(f"warning: resuming from the newest intact checkpoint, {latest.name}; the damaged newer ones are "
+              f"left in place for you to inspect", file=sys.stderr)
+    return latest
+
+
+def init_tokenizer(config: Config):
+    """The tokenizer of `train.init_from`: weights are only meaningful with the token ids they were trained on."""
+    from .hf import load_hf_tokenizer
+
+    if config.tokenizer.path:
+        raise ConfigError(f"train.init_from={config.train.init_from} brings its own tokenizer; remove "
+                          f"tokenizer.path={config.tokenizer.path}")
+    return load_hf_tokenizer(config.train.init_from, config.model.vocab_size)
 
 
 def _prepare_data_on_ranks(config: Config, run_dir: Path, tokenizer, env: DistEnv, prepare_data):
     """Rank 0 trains the tokenizer and fills the token cache; the others then read the cache."""
+    if tokenizer is None and config.train.init_from and not (run_dir / "tokenizer.json").is_file():
+        tokenizer = init_tokenizer(config)
     if env.is_main:
         tokenizer, dataset, stats = prepare_data(config, run_dir, tokenizer)
     barrier(env)
@@ -391,9 +518,9 @@ def _print_record(record: dict, max_steps: int) -> None:
           f"MFU {100 * record['mfu']:.1f}% | ETA {format_duration(record['eta_s'])}", file=sys.stderr, flush=True)
 
 
-def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, prepare_data) -> TrainResult:
+def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, prepare_data, overwrite) -> TrainResult:
     t = config.train
-    latest = _start_run_directory(config, run_dir, resume, env)
+    latest = _start_run_directory(config, run_dir, resume, overwrite, env)
     saved_meta = ckpt.read_meta(latest) if latest is not None else None
     tokenizer, dataset, stats = _prepare_data_on_ranks(config, run_dir, tokenizer, env, prepare_data)
 
@@ -410,14 +537,19 @@ def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, pre
                             grad_clip=t.grad_clip, document_mask=t.document_mask, prefix_lm=config.objective.prefix_lm)
 
     step, tokens_seen, data_hash = 0, 0, ""
+    run_id = uuid.uuid4().hex[:12]  # marks this run's checkpoints: pruning never touches another run's
     if latest is not None:
         meta = ckpt.restore_checkpoint(latest, model, optimizer, scheduler, env)
         step, tokens_seen, data_hash = meta["step"], meta["tokens_seen"], meta.get("data_hash", "")
+        run_id = saved_meta.get("run_id") if "format" in saved_meta else run_id  # imported weights: a new run
         if env.is_main:
-            print(f"resuming from {latest} at step {step} (global sample index {meta.get('next_sample_index', '?')})"
+            position = (f"global sample index {meta['next_sample_index']}" if "next_sample_index" in meta
+                        else "imported weights: data from the start")
+            print(f"resuming from {latest} at step {step} ({position})"
                   + (f"; {layout_note}" if layout_note else ""), file=sys.stderr)
     elif resume and env.is_main:
         print(f"no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
+    run_id = broadcast_object(run_id, env)
 
     loader = BatchLoader(dataset, config.objective, tokenizer.special_ids(), micro_bs, grad_accum, t.seed,
                          rank=env.rank, world_size=env.world_size, start_step=step)
@@ -440,17 +572,19 @@ def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, pre
 
     def checkpoint_meta(step_done: int) -> dict:
         next_index = step_done * samples_per_step
-        return {"tokens_seen": tokens_seen, "world_size": env.world_size, "grad_accum": grad_accum,
+        return {"run_id": run_id, "tokens_seen": tokens_seen, "world_size": env.world_size, "grad_accum": grad_accum,
                 "micro_batch_size": micro_bs, "parallel": parallel, "next_sample_index": next_index,
                 "epochs": dataset.epochs_at(next_index), "data_hash": data_hash}
 
     history: list[dict] = []
     pending_digests: list[tuple[int, torch.Tensor]] = []  # (step, data digest) not yet in data_hash
     last_loss = float("nan")
+    interrupted = ""
     model.train()
     iterator = iter(loader)
     started = time.perf_counter()
     meter.start()
+    stop = StopRequest().install()
     try:
         while step < t.max_steps:
             micro_batches = next(iterator)
@@ -489,13 +623,24 @@ def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, pre
                 run_log.write(record)
                 if env.is_main:
                     _print_record(record, t.max_steps)
-            if checkpoint_due:
+            stopping = stop.requested(env)
+            if checkpoint_due or stopping:
+                if stopping and not checkpoint_due:
+                    data_hash = fold_digests(data_hash, pending_digests)
                 ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler, env, parallel == "fsdp",
                                      checkpoint_meta(step), t.keep_last)
+            if stopping:
+                interrupted = stop.name
+                if env.is_main:
+                    print(f"{interrupted}: stopped after step {step} and saved its checkpoint "
+                          f"({run_dir / ckpt.CHECKPOINTS / ckpt.checkpoint_name(step)}); continue with --resume",
+                          file=sys.stderr, flush=True)
+                break
             if stop_after is not None and step >= stop_after:
                 break
     finally:
+        stop.restore()
         loader.close()
         run_log.close()
     return TrainResult(run_dir=run_dir, final_step=step, tokens_seen=tokens_seen, last_loss=last_loss,
-                       history=history)
+                       history=history, interrupted=interrupted)

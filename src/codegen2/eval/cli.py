@@ -64,6 +64,7 @@ def _generation_args(p: argparse.ArgumentParser, n: int, max_new_tokens: int) ->
     add_dtype_flag(p)
     p.add_argument("--seed", type=int, default=0, help="sample j of task i uses seed + i*n + j")
     p.add_argument("--limit", type=int, help="only the first N tasks (quick runs)")
+    p.add_argument("--step", type=int, help="checkpoint step of a run (default: the newest)")
     p.add_argument("--mp-num", type=int, dest="mp_num",
                    help="qkv groups of a Hugging Face checkpoint (default: detect)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -146,7 +147,7 @@ def cmd_humaneval(args) -> int:
     from ..sampling import SamplingParams
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    loaded = load_checkpoint(args.checkpoint, device=device, dtype=args.dtype, mp_num=args.mp_num)
+    loaded = load_checkpoint(args.checkpoint, device=device, dtype=args.dtype, mp_num=args.mp_num, step=args.step)
     infilling = args.benchmark in _INFILL_BENCHMARKS
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, stop=() if infilling else HUMANEVAL_STOP, seed=args.seed)

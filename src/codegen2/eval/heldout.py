@@ -283,7 +283,8 @@ def run_heldout(args: argparse.Namespace) -> int:
     from ..config import DataConfig, load_config
     from ..loading import is_run_directory, load_checkpoint
 
-    loaded = load_checkpoint(args.checkpoint, mp_num=getattr(args, "mp_num", None), dtype=getattr(args, "dtype", None))
+    loaded = load_checkpoint(args.checkpoint, mp_num=getattr(args, "mp_num", None), dtype=getattr(args, "dtype", None),
+                             step=args.step)
     run = Path(args.checkpoint)
     infill_format = args.infill_format
     if is_run_directory(run):
@@ -354,6 +355,7 @@ def register(eval_subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--mp-num", type=int, default=None)
     add_dtype_flag(parser)
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: the newest)")
     parser.add_argument("--baseline", action="store_true", help="also score an untrained model of the same shape")
     parser.add_argument("--infill-format", choices=INFILL_FORMATS, default=None,
                         help="infill prompt format (default: the one the run's objective trained, else codegen2)")

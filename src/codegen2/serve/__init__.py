@@ -37,6 +37,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_dtype_flag(p, default="auto", extra="; auto: bfloat16 on CUDA, as stored on the CPU")
     add_decoder_flag(p, default=SERVE_DECODER)
     p.add_argument("--mp-num", type=int, default=None, help="qkv grouping of a HF checkpoint (default: detect)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: the newest)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch default; 1 is fastest for small models on busy machines)")
     p.add_argument("--in-process", action="store_true",
@@ -94,12 +95,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.model_name or Path(args.checkpoint).resolve().name
     dtype = _dtype(args.dtype, args.device)
     if args.in_process:
-        loaded = load_checkpoint(args.checkpoint, device=args.device, dtype=dtype, mp_num=args.mp_num)
+        loaded = load_checkpoint(args.checkpoint, device=args.device, dtype=dtype, mp_num=args.mp_num,
+                                 step=args.step)
         engine = BatchEngine(loaded.model, loaded.tokenizer, max_batch_size=args.max_batch_size,
                              max_queue=args.max_queue, bidirectional_prompt=loaded.prefix_lm, decoder=args.decoder)
         source = loaded.source
     else:
-        engine = ProcessEngine(args.checkpoint, device=args.device, dtype=dtype, mp_num=args.mp_num,
+        engine = ProcessEngine(args.checkpoint, device=args.device, dtype=dtype, mp_num=args.mp_num, step=args.step,
                                threads=args.threads, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                                decoder=args.decoder)
         source = engine.source
