@@ -7,8 +7,9 @@
 # - MASTER_ADDR: a host every node can reach (usually node 0); MASTER_PORT: a free TCP port on it.
 # - RUN_DIR must be on a filesystem all nodes share: FSDP checkpoints are written by every rank into
 #   the same staging directory, and every rank reads the data cache.
-# - --resume is always passed: a fresh run directory starts at step 0, a preempted one continues from its
-#   last complete checkpoint, so the same command serves first start and every restart.
+# - --resume is passed once RUN_DIR holds a run (its config.toml): a fresh run directory starts at step 0,
+#   a preempted one continues from its newest intact checkpoint, so the same command serves first start
+#   and every restart (train refuses --resume where there is no run, and a new run where there is one).
 # - RDZV_ID must be the same on all nodes and different for concurrent jobs.
 set -euo pipefail
 
@@ -18,6 +19,7 @@ MASTER_ADDR=${MASTER_ADDR:?set MASTER_ADDR}
 MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-codegen2-$(basename "${RUN_DIR:?set RUN_DIR}")}
 PARALLEL=${PARALLEL:-fsdp}
+RESUME=$([ -f "$RUN_DIR/config.toml" ] && echo --resume || true)
 
 exec python -m torch.distributed.run \
     --nnodes "$NNODES" \
@@ -29,5 +31,5 @@ exec python -m torch.distributed.run \
     -m codegen2.cli train \
     --out "$RUN_DIR" \
     --parallel "$PARALLEL" \
-    --resume \
+    $RESUME \
     "$@"

@@ -11,8 +11,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from codegen2 import checkpoint as ckpt
 from codegen2 import cli
@@ -75,7 +77,7 @@ def test_resume_needs_a_run_and_excludes_overwrite(tmp_path, capsys, finished_ru
 
 
 def test_pruning_touches_only_this_runs_older_checkpoints(tmp_path):
-    state = {"w": __import__("torch").zeros(2)}
+    state = {"w": torch.zeros(2)}
     for step, run_id in ((1, "ours"), (2, "ours"), (3, "ours"), (5, "theirs"), (9, "theirs"), (12, "ours")):
         ckpt.write_checkpoint(tmp_path, step, state, {"run_id": run_id})
     ckpt.prune_checkpoints(tmp_path, keep_last=2, run_id="ours", before_step=3)
@@ -93,15 +95,8 @@ def test_resumed_run_keeps_its_run_id_so_pruning_continues(tiny_config, tmp_path
 
 
 def test_no_preset_means_tiny_and_a_model_too_big_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
-    from types import SimpleNamespace
-
     seen = {}
-
-    def fake_train(config, run_dir, **kwargs):
-        seen["config"] = config
-        return SimpleNamespace(interrupted="", final_step=0, tokens_seen=0, last_loss=0.0)
-
-    monkeypatch.setattr("codegen2.train.train", fake_train)
+    monkeypatch.setattr("codegen2.train.train", _fake_train(seen))
     assert cli.main(["train", "--out", str(tmp_path / "default")]) == 0
     assert seen["config"].preset == "tiny" and seen["config"].model.n_layer == 4
     assert "using the tiny preset" in capsys.readouterr().err
@@ -207,3 +202,87 @@ def test_commands_name_a_damaged_weights_file_in_one_line(finished_run, capsys, 
         message = _one_line_error(argv, capsys)
         assert str(weights) in message and "--step 2" in message, (argv, message)
     assert cli.main(["sample", "--checkpoint", str(run), "--step", "2", "--prompt", "x", "--max-new-tokens", "2"]) == 0
+
+
+# ------------------------------------------------------------------------------------------ friction
+def _fake_train(seen: dict):
+    """Stands in for codegen2.train.train in CLI tests: records the config it was given."""
+    def fake(config, run_dir, **kwargs):
+        seen["config"] = config
+        return SimpleNamespace(interrupted="", final_step=0, tokens_seen=0, last_loss=0.0)
+
+    return fake
+
+
+def test_jsonl_field_error_names_the_field_and_data_can_name_it(tmp_path, monkeypatch):
+    from codegen2.config import DataConfig
+    from codegen2.data import data_sources, source_from_path
+
+    data = tmp_path / "code.jsonl"
+    data.write_text("\n".join(json.dumps({"path": f"m{i}.py", "content": f"def f{i}():\n    return {i}\n" * 20})
+                              for i in range(30)) + "\n")
+    with pytest.raises(UserError) as err:
+        for source in data_sources(DataConfig(sources=[source_from_path(str(data))]), "train"):
+            list(source.documents())
+    assert 'field = "content"' in str(err.value) and f"--data {data}:content" in str(err.value), err.value
+    seen = {}
+    monkeypatch.setattr("codegen2.train.train", _fake_train(seen))
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--data", f"{data}:content"]) == 0
+    (source,) = seen["config"].data.sources
+    assert (source.path, source.field) == (str(data), "content")
+    assert sum(1 for s in data_sources(seen["config"].data, "train") for _ in s.documents()) > 20
+
+
+def test_resume_takes_data_for_an_imported_run_but_not_for_a_trained_one(finished_run, tmp_path, capsys,
+                                                                         monkeypatch):
+    run, _ = finished_run
+    corpus = tmp_path / "mine"
+    corpus.mkdir()
+    (corpus / "a.py").write_text("x = 1\n")
+    message = _one_line_error(["train", "--out", str(run), "--resume", "--data", str(corpus)], capsys)
+    assert "trained to step 4" in message and "--init-from" in message
+    imported = tmp_path / "imported"
+    imported.mkdir()
+    for name in ("config.toml", "tokenizer.json"):
+        (imported / name).write_bytes((run / name).read_bytes())
+    weights = ckpt.load_weights(run / "checkpoints" / "step_00000004" / ckpt.WEIGHTS)
+    ckpt.write_checkpoint(imported, 0, weights, {"tokens_seen": 0, "imported_from": "somewhere"})
+    seen = {}
+    monkeypatch.setattr("codegen2.train.train", _fake_train(seen))
+    assert cli.main(["train", "--out", str(imported), "--resume", "--data", str(corpus)]) == 0
+    assert load_config(imported / "config.toml").data.sources[0].path == str(corpus)
+    assert seen["config"].data.sources[0].path == str(corpus)
+
+
+def test_mfu_never_exceeds_one_when_the_peak_was_measured_under_load():
+    from codegen2.metrics import Throughput
+
+    meter = Throughput(flops_per_token=1e6, peak_flops=1e6)  # "measured" far below what the step achieves
+    meter.start()
+    time.sleep(0.01)
+    meter.update(10_000)
+    assert meter.mfu() == 1.0 and meter.peak_flops > 1e6
+
+
+def test_verbose_works_after_the_subcommand():
+    parser = cli.build_parser()
+    assert parser.parse_args(["info", "--preset", "tiny", "-v"]).verbose
+    assert parser.parse_args(["-v", "info", "--preset", "tiny"]).verbose
+    assert not parser.parse_args(["info", "--preset", "tiny"]).verbose
+    assert parser.parse_args(["eval", "heldout", "--checkpoint", "x", "--verbose"]).verbose
+
+
+def test_weights_files_get_the_usual_file_mode(tmp_path):
+    path = ckpt.write_checkpoint(tmp_path, 1, {"w": torch.zeros(3)}, {})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path / ckpt.WEIGHTS).stat().st_mode & 0o777 == 0o666 & ~umask == (path / ckpt.META).stat().st_mode & 0o777
+
+
+def test_training_summary_names_skipped_and_cut_documents():
+    from codegen2.train import data_summary
+
+    stats = {"summary": {"tokenizer": "trained", "mine": "3 docs, 10 tokens, weight 1.00"},
+             "sources": [{"name": "mine", "skipped": {"binary": 2, "not_utf8": 1, "empty": 0}, "truncated": 4}]}
+    assert data_summary(stats)["mine"] == ("3 docs, 10 tokens, weight 1.00; skipped 2 binary, 1 not utf8; "
+                                           "4 cut to data.max_doc_chars")

@@ -300,9 +300,26 @@ def checkpoint_problem(path: Path, need_trainer_state: bool = False) -> str | No
     return None
 
 
+def _umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, with the file mode every other file gets (it creates files 0600)."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    save_file(tensors, str(path), metadata={"format": "pt", "producer": "codegen2"})
+    write_safetensors(tensors, path, metadata={"format": "pt", "producer": "codegen2"})
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -288,7 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval import heldout
 
     heldout.register(eval_sub)
+    _accept_verbose_everywhere(parser)
     return parser
+
+
+def _accept_verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """`-v` works after the subcommand too (`codegen2 train ... -v`), not only before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if not any("-v" in a.option_strings for a in sub._actions):
+                    sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                     help="log progress and details")
+                _accept_verbose_everywhere(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,9 +107,14 @@ class Throughput:
         return tokens / elapsed if elapsed > 0 else 0.0
 
     def mfu(self, world_size: int = 1) -> float:
+        """Achieved / peak FLOP/s, never above 1: a CPU peak measured while other work held the cores is
+        too low, so a faster training step raises it to what the step achieved (the peak is the device's
+        limit, whatever the load was at the moment it was measured)."""
         if self.peak_flops <= 0:
             return 0.0
-        return self.tokens_per_second() * self.flops_per_token / (self.peak_flops * world_size)
+        achieved = self.tokens_per_second() * self.flops_per_token / world_size
+        self.peak_flops = max(self.peak_flops, achieved)
+        return achieved / self.peak_flops
 
     def eta_seconds(self, steps_left: int) -> float:
         if len(self.samples) < 2:

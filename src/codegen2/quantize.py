@@ -352,7 +352,7 @@ def save_quantized(model: nn.Module, directory: str | Path, extra: dict | None =
     `directory` is written as is: callers writing a whole checkpoint go through
     `checkpoint.atomic_directory` (as `write_quantized_checkpoint` does) so that a crash leaves nothing half done.
     """
-    from safetensors.torch import save_file
+    from .checkpoint import write_safetensors
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -361,7 +361,8 @@ def save_quantized(model: nn.Module, directory: str | Path, extra: dict | None =
         raise UserError("save_quantized: the model has no int8 modules (quantize it first)")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     manifest = {"format": "int8", "scheme": SCHEME, "compute_dtype": "float32", "modules": modules, **(extra or {})}
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt", "codegen2_quantization": "int8"})
+    write_safetensors(state, directory / "model.safetensors",
+                      metadata={"format": "pt", "codegen2_quantization": "int8"})
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return directory
 

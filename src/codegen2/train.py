@@ -494,6 +494,21 @@ def _prepare_data_on_ranks(config: Config, run_dir: Path, tokenizer, env: DistEn
     return tokenizer, dataset, stats
 
 
+def data_summary(stats: dict) -> dict:
+    """The data line of the training summary: per source its documents and tokens, and what was skipped
+    (binary, not UTF-8, empty, bad lines...) or truncated, so that nothing is dropped without a word."""
+    summary = dict(stats.get("summary", {}))
+    for source in stats.get("sources", []):
+        skipped = [f"{count:,} {reason.replace('_', ' ')}"
+                   for reason, count in sorted(source.get("skipped", {}).items()) if count]
+        notes = [f"skipped {', '.join(skipped)}"] if skipped else []
+        if source.get("truncated"):
+            notes.append(f"{source['truncated']:,} cut to data.max_doc_chars")
+        if notes and source["name"] in summary:
+            summary[source["name"]] += "; " + "; ".join(notes)
+    return summary
+
+
 def _log_record(step: int, tokens: int, t, loss_sum: torch.Tensor, count: torch.Tensor, grad_norm, scheduler,
                 meter: Throughput, env: DistEnv, extra: dict) -> dict:
     """The logged record of `step` (a collective: the per-objective losses are summed over ranks)."""
@@ -567,7 +582,7 @@ def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, pre
         print(f"training {unwrap(model).num_parameters():,} parameters on {env.world_size}x {env.device.type} "
               f"({parallel}, {'bf16' if bf16 else 'fp32'}), {micro_bs} x {grad_accum} x {env.world_size} = "
               f"{samples_per_step} samples = {tokens_per_step:,} tokens/step, steps {step}->{t.max_steps}; "
-              f"data: {json.dumps(stats.get('summary', {}))}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})",
+              f"data: {json.dumps(data_summary(stats))}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})",
               file=sys.stderr)
 
     def checkpoint_meta(step_done: int) -> dict:

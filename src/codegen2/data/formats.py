@@ -201,10 +201,19 @@ def dir_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter,
 
 
 # -------------------------------------------------------------------------------------------- JSONL
-def _bad_record(cfg: SourceConfig, skipped: Counter, reason: str, message: str) -> None:
+def _bad_record(cfg: SourceConfig, skipped: Counter, reason: str, message: str, hint: str = "") -> None:
     if not cfg.skip_bad_lines:
-        raise UserError(message + " (set skip_bad_lines = true on this source to skip such lines)")
+        raise UserError(message + f" ({hint or 'set skip_bad_lines = true on this source to skip such lines'})")
     skipped[reason] += 1
+
+
+def _field_hint(source_path: str, record: dict) -> str:
+    """For a record without the configured text field: name the field that most likely holds the text."""
+    texts = {key: len(value) for key, value in record.items() if isinstance(value, str)}
+    if not texts:
+        return ""
+    best = max(texts, key=texts.get)
+    return f'the text looks like it is in {best!r}: set field = "{best}" on this source, or --data {source_path}:{best}'
 
 
 def _open_lines(path: Path) -> io.BufferedIOBase:
@@ -260,7 +269,8 @@ def _jsonl_file(rel: str, path: Path, cfg: SourceConfig, keep: Keep, skipped: Co
                 continue
             if not isinstance(record, dict) or cfg.field not in record:
                 keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-                _bad_record(cfg, skipped, "missing_field", f"{where}: record has no field {cfg.field!r} (has: {keys})")
+                _bad_record(cfg, skipped, "missing_field", f"{where}: record has no field {cfg.field!r} (has: {keys})",
+                            _field_hint(cfg.path, record) if isinstance(record, dict) else "")
                 continue
             value = record[cfg.field]
             if value is None:

@@ -229,7 +229,7 @@ def evaluate_heldout(loaded, data_config, window: int, max_tokens: int = 100_000
     data_config = evaluation_data_config(data_config)
     code = heldout_documents(data_config, kind="code")
     prose = heldout_documents(data_config, kind="nl")
-    result = {}
+    result: dict = {"heldout_docs": {"code": len(code), "nl": len(prose)}}
     if code:
         result["code"] = heldout_loss(model, tokenizer, [d.text for d in code], window, max_tokens, batch_size)
         result["code_completion"] = completion_loss(model, tokenizer, [d.text for d in code], window, max_tokens,
@@ -324,7 +324,9 @@ def _no_heldout_reason(data_config, run) -> str:
 
 def summarize(result: dict) -> str:
     """One readable line per metric; the JSON that follows on stdout carries everything."""
-    lines = []
+    docs = result.get("heldout_docs", {})
+    lines = [f"held-out split: {docs.get('code', 0)} code and {docs.get('nl', 0)} prose documents "
+             f"(never trained on)"] if docs else []
     base = result.get("untrained", {})
     for kind, label in (("code", "code"), ("nl", "prose")):
         if kind in result:

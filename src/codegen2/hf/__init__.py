@@ -22,7 +22,14 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CHECKPOINTS, WEIGHTS, atomic_directory, list_checkpoints, write_checkpoint
+from ..checkpoint import (
+    CHECKPOINTS,
+    WEIGHTS,
+    atomic_directory,
+    list_checkpoints,
+    write_checkpoint,
+    write_safetensors,
+)
 from ..config import Config, load_config, save_config
 from ..errors import UserError
 from ..models import architecture, build_model
@@ -139,8 +146,6 @@ def _require_empty(directory: Path, what: str) -> None:
 
 def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
     """Write a transformers-loadable CodeGen directory from a run's checkpoint (latest, or `step`)."""
-    from safetensors.torch import save_file
-
     from ..tokenizer import CodeGenTokenizer
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -160,7 +165,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None)
     hf_config = mapping.config_to_hf(cfg, tokenizer.eot_id, dtype_name)
     generation = {"_from_model_config": True, "bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
     with atomic_directory(out_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_safetensors(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         tokenizer.save(tmp)
