@@ -201,7 +201,8 @@ def test_commands_name_a_damaged_weights_file_in_one_line(finished_run, capsys, 
                  ["serve", "--checkpoint", str(run), "--port", "1"]):
         message = _one_line_error(argv, capsys)
         assert str(weights) in message and "--step 2" in message, (argv, message)
-    assert cli.main(["sample", "--checkpoint", str(run), "--step", "2", "--prompt", "x", "--max-new-tokens", "2"]) == 0
+    assert cli.main(["sample", "--checkpoint", str(run), "--step", "2", "--prompt", "x", "--max-new-tokens", "2",
+                     "--decoder", "model"]) == 0
 
 
 # ------------------------------------------------------------------------------------------ friction

@@ -284,13 +284,17 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Presets. The large ones are the published CodeGen2 shapes (docs/design.md §3); `tiny` trains on a laptop.
 
+# The tiny recipe (codegen and llama): 600 steps of 2,048 tokens, about 5.5 minutes on 2 idle CPU cores; the
+# held-out code loss after `make run` went from 4.86 (150 steps) to the figure in the README.
+_TINY_TRAIN = dict(seq_len=256, micro_batch_size=8, lr=2e-3, warmup_steps=30, max_steps=600, weight_decay=0.1,
+                   checkpoint_every=150, log_every=50)
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": dict(vocab_size=4096, n_layer=4, n_embd=256, n_head=4, rotary_dim=32, n_ctx=512, mp_num=4),
         "tokenizer": dict(vocab_size=4096, num_masks=32, train_chars=4_000_000),
         "objective": dict(max_spans=8, span_len_max=32),
-        "train": dict(seq_len=256, micro_batch_size=8, lr=2e-3, warmup_steps=15, max_steps=150,
-                      weight_decay=0.1, checkpoint_every=75, log_every=15),
+        "train": _TINY_TRAIN,
         "data": dict(embedded_max_files=0),
     },
     # LLaMA-style (RMSNorm, SwiGLU, half-split rotary, grouped-query attention) at tiny's size and recipe.
@@ -299,8 +303,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       rotary_dim=64, n_ctx=512, layer_norm_eps=1e-6),
         "tokenizer": dict(vocab_size=4096, num_masks=32, train_chars=4_000_000),
         "objective": dict(max_spans=8, span_len_max=32),
-        "train": dict(seq_len=256, micro_batch_size=8, lr=2e-3, warmup_steps=15, max_steps=150,
-                      weight_decay=0.1, checkpoint_every=75, log_every=15),
+        "train": _TINY_TRAIN,
         "data": dict(embedded_max_files=0),
     },
     "1b": {"model": dict(n_layer=16, n_embd=2048, n_head=16, rotary_dim=64, mp_num=8)},

@@ -215,7 +215,8 @@ def compile_blocks(model: torch.nn.Module) -> None:
         block.compile()
 
 
-def build_training_model(config: Config, env: DistEnv, parallel: str = "none", bf16: bool = False) -> torch.nn.Module:
+def build_training_model(config: Config, env: DistEnv, parallel: str = "none", bf16: bool = False,
+                         initial: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """Build on the meta device, then materialise on the target device, seeded so that every rank and
     every layout starts from the same weights, and wrap for `parallel`.
 
@@ -240,7 +241,7 @@ def build_training_model(config: Config, env: DistEnv, parallel: str = "none", b
         if t.compile:
             compile_blocks(model)
     if t.init_from:
-        load_full_state(model, None, init_state(t.init_from, config), None)
+        load_full_state(model, None, initial if initial is not None else init_state(t.init_from, config), None)
     model.activation_checkpointing = t.activation_checkpointing
     if parallel == "ddp" and env.distributed:
         model = wrap_model(model, "ddp", env, bf16=False)
@@ -432,7 +433,10 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, tokenizer=N
     env = init_distributed(config.train.device)
     try:
         check_memory_fit(config, env, config.train.parallel if env.distributed else "none")
-        return _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, prepare_data, overwrite)
+        # Weights to start from are read before any work, so that a wrong --init-from fails at once (passed
+        # inline, not held here, so that they are freed once copied into the model).
+        return _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, prepare_data, overwrite,
+                      init_state(config.train.init_from, config) if config.train.init_from else None)
     finally:
         shutdown(env)
 
@@ -533,7 +537,8 @@ def _print_record(record: dict, max_steps: int) -> None:
           f"MFU {100 * record['mfu']:.1f}% | ETA {format_duration(record['eta_s'])}", file=sys.stderr, flush=True)
 
 
-def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, prepare_data, overwrite) -> TrainResult:
+def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, prepare_data, overwrite,
+           initial) -> TrainResult:
     t = config.train
     latest = _start_run_directory(config, run_dir, resume, overwrite, env)
     saved_meta = ckpt.read_meta(latest) if latest is not None else None
@@ -545,7 +550,8 @@ def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, pre
         (micro_bs, grad_accum), layout_note = derive_batching(config, env.world_size), ""
     parallel = t.parallel if env.distributed else "none"
     autocast, bf16 = _autocast(env.device, t.precision)
-    model = build_training_model(config, env, parallel, bf16=bf16 and parallel == "fsdp")
+    model = build_training_model(config, env, parallel, bf16=bf16 and parallel == "fsdp", initial=initial)
+    del initial
     optimizer = build_optimizer(model, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, t) / t.lr)
     settings = StepSettings(device=env.device, world_size=env.world_size, parallel=parallel, autocast=autocast,

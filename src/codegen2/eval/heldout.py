@@ -304,7 +304,8 @@ def run_heldout(args: argparse.Namespace) -> int:
         untrained = build_model(loaded.config).eval()
         baseline = type(loaded)(model=untrained, tokenizer=loaded.tokenizer, config=loaded.config,
                                 prefix_lm=loaded.prefix_lm)
-        result["untrained"] = evaluate_heldout(baseline, data_config, window, args.max_tokens, 0, args.batch_size)
+        result["untrained"] = evaluate_heldout(baseline, data_config, window, args.max_tokens, args.n_infill,
+                                               args.batch_size, infill_format or "codegen2")
     print(summarize(result), file=sys.stderr)
     print(json.dumps(result, indent=None), file=sys.stdout)
     return 0
@@ -322,29 +323,39 @@ def _no_heldout_reason(data_config, run) -> str:
             f"use more files or a larger fraction")
 
 
+# (label, how to read it from an evaluate_heldout result, format) for the before/after table
+_SUMMARY_ROWS = (
+    ("held-out code loss", lambda r: r["code"]["loss"], "{:.3f}"),
+    ("held-out prose loss", lambda r: r["nl"]["loss"], "{:.3f}"),
+    ("code completion loss (2nd half | 1st)", lambda r: r["code_completion"]["loss"], "{:.3f}"),
+    ("single-line infill loss", lambda r: r["infill_loss"]["loss"], "{:.3f}"),
+    ("single-line infill exact match", lambda r: 100 * r["infill"]["exact_match"], "{:.1f}%"),
+)
+
+
 def summarize(result: dict) -> str:
-    """One readable line per metric; the JSON that follows on stdout carries everything."""
+    """A short table, the untrained model (with --baseline) beside the trained one; the JSON that follows
+    on stdout carries everything."""
     docs = result.get("heldout_docs", {})
     lines = [f"held-out split: {docs.get('code', 0)} code and {docs.get('nl', 0)} prose documents "
              f"(never trained on)"] if docs else []
-    base = result.get("untrained", {})
-    for kind, label in (("code", "code"), ("nl", "prose")):
-        if kind in result:
-            line = f"held-out {label} loss {result[kind]['loss']:.3f} (perplexity {result[kind]['perplexity']:.1f})"
-            if kind in base:
-                line += f"; untrained model: {base[kind]['loss']:.3f}"
-            lines.append(line)
-    if "code_completion" in result:
-        done = result["code_completion"]
-        lines.append(f"held-out code completion loss (2nd half of each window given the 1st"
-                     f"{', read bidirectionally' if done['bidirectional'] else ''}): {done['loss']:.3f}")
+    columns = [("untrained", result["untrained"])] if "untrained" in result else []
+    columns.append(("trained", result))
+    lines.append(f"{'':40}" + "".join(f"{name:>11}" for name, _ in columns))
+    for label, read, fmt in _SUMMARY_ROWS:
+        cells = []
+        for _, values in columns:
+            try:
+                cells.append(fmt.format(read(values)))
+            except KeyError:
+                cells.append("-")
+        if any(cell != "-" for cell in cells):
+            lines.append(f"{label:40}" + "".join(f"{cell:>11}" for cell in cells))
     if "infill" in result:
         infill = result["infill"]
         hits = round(infill["exact_match"] * infill["tasks"])
-        lines.append(f"single-line infill exact match on held-out code: {100 * infill['exact_match']:.1f}% "
-                     f"({hits}/{infill['tasks']}, {infill.get('format', 'codegen2')} format)")
-    if "infill_loss" in result:
-        lines.append(f"single-line infill loss (masked line + <eom>): {result['infill_loss']['loss']:.3f}")
+        lines.append(f"(exact match: {hits} of {infill['tasks']} masked lines of held-out code, "
+                     f"{infill.get('format', 'codegen2')} infill format)")
     return "\n".join(lines)
 
 
