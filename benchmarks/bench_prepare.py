@@ -169,6 +169,28 @@ def quality(out: Path, record: dict, sample: int, rng: random.Random) -> dict:
     }
 
 
+def _spin(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+
+
+def parallel_capacity(n: int = 20_000_000) -> float:
+    """Control: how much faster two CPU-bound processes finish two units of work than one process does
+    (2.0 on two free cores; about 1.0 when the machine's other users leave one core)."""
+    import multiprocessing
+
+    started = time.perf_counter()
+    _spin(n)
+    _spin(n)
+    one = time.perf_counter() - started
+    started = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        pool.map(_spin, [n, n])
+    return one / (time.perf_counter() - started)
+
+
 def run_prepare(config, out: Path, tasks: int, workers: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
@@ -213,10 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_seconds = time.perf_counter() - started
     config = config_for(root, packages, args.out, str(args.out / "tokenizer" / "tokenizer.json"))
 
+    capacity_before = parallel_capacity()
     one = run_prepare(config, args.out / "prepared-1w", args.tasks, 1)
     print(f"1 worker: {one['wall']:.1f} s", flush=True)
     two = run_prepare(config, args.out / "prepared-2w", args.tasks, 2)
     print(f"2 workers: {two['wall']:.1f} s", flush=True)
+    capacity_after = parallel_capacity()
     identical = all((args.out / "prepared-1w" / p.relative_to(args.out / "prepared-2w")).read_bytes() == p.read_bytes()
                     for p in sorted((args.out / "prepared-2w" / "shards").rglob("*.bin")))
 
@@ -237,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
               "tokens_out": tokens_out, "tokenizer_seconds": tokenizer_seconds, "one_worker": one["stages"],
               "two_workers": two["stages"], "one_worker_wall": one["wall"], "two_workers_wall": two["wall"],
               "identical_shards_1w_2w": identical, "cache_seconds": cache_seconds, "cache_tokens": cache_tokens,
-              "quality": q, "uptime": uptime}
+              "quality": q, "uptime": uptime, "parallel_capacity": [capacity_before, capacity_after]}
 
     print(f"\n{uptime}")
     print(f"raw text {raw_mb:.1f} M characters (~MB), {tokens_out:,} tokens kept; tasks {args.tasks}; "
@@ -251,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     e2 = sum(two["stages"].values())
     print(f"{'end to end':<12}{e1:>12.1f}{raw_mb / e1:>12.2f}{e2:>13.1f}{e1 / e2:>9.2f}x  "
           f"({tokens_out / e1:,.0f} tokens/s with 1 worker)")
+    print(f"control: 2 busy processes vs 1 on this machine, before / after the runs: {capacity_before:.2f}x / "
+          f"{capacity_after:.2f}x (2.0 = two free cores)")
     print(f"tokenizer training (once, 5 M chars, vocab {config.tokenizer.vocab_size}): {tokenizer_seconds:.1f} s")
     print(f"in-line token cache (today, no filters or dedup, 1 core): {cache_seconds:.1f} s, "
           f"{raw_mb / cache_seconds:.2f} MB/s, {cache_tokens / cache_seconds:,.0f} tokens/s")
