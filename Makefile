@@ -30,9 +30,9 @@ install-dev: $(VENV)/.dev-installed
 run: $(VENV)/.core-installed
 	$(CG) train --preset tiny --out $(RUN_DIR) $$([ -f $(RUN_DIR)/config.toml ] && echo --resume)
 	$(CG) eval heldout --checkpoint $(RUN_DIR) --baseline --max-tokens 40000 --n-infill 60
-	$(CG) sample --checkpoint $(RUN_DIR) --max-new-tokens 64 --stop $$'\n\n\n' \
+	$(CG) sample --checkpoint $(RUN_DIR) --max-new-tokens 64 --decoder fast --stop $$'\n\n\n' \
 		--prompt $$'import os\n\n\ndef read_lines(path):\n    """Return the lines of the file at path."""\n'
-	$(CG) infill --checkpoint $(RUN_DIR) --max-new-tokens 32 --show-full \
+	$(CG) infill --checkpoint $(RUN_DIR) --max-new-tokens 32 --decoder fast --show-full \
 		--prefix $$'def mean(values):\n    total = 0\n    for value in values:\n' \
 		--suffix $$'\n    return total / len(values)\n'
 

@@ -74,12 +74,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             if is_main_process():
                 save_config(config, run_dir / "config.toml")  # the run's data from now on
     else:
-        preset = args.preset
-        if not preset and not args.config:
-            preset = "tiny"
+        default_preset = not args.preset and not args.config
+        config = load_config(args.config, preset="tiny" if default_preset else args.preset, overrides=overrides)
+        if default_preset:
             print("note: no --preset or --config given: using the tiny preset (codegen2 info --preset NAME "
                   "lists the others)", file=sys.stderr)
-        config = load_config(args.config, preset=preset, overrides=overrides)
         prepared = [p for p in args.data if is_prepared_dir(p)]
         if prepared:
             if len(args.data) > 1:
