@@ -448,6 +448,8 @@ def test_codegen2_serve_runs_the_model_in_a_child_process(long_run_dir):
                 busy = http.post("/v1/completions", json={"prompt": "y", "n": 2, "max_tokens": 2})
                 assert busy.status_code == 429, busy.text
             wait_until(lambda: health()["rows_cancelled"] == 1 and health()["in_flight"] == 0)
+            # /health reports the bounds given on the command line (not the child's internal safety net).
+            assert (health()["max_batch_size"], health()["max_queue"]) == (1, 1)
             assert health()["tokens_generated"] < LONG_CTX - 8  # stopped early, not run to the end
             assert http.post("/v1/completions", json={"prompt": "y", "n": 2, "max_tokens": 2}).status_code == 200
     finally:

@@ -193,7 +193,8 @@ class ProcessEngine:
             if not self._stats_ready.wait_for(lambda: self._stats_reply is not None or self._stopped, timeout):
                 raise TimeoutError("the model process did not answer")
             reply = dict(self._stats_reply or {})
-            reply["in_flight"] = self._in_flight
+            # The bounds enforced are this process's, not the child's safety-net queue.
+            reply.update(in_flight=self._in_flight, max_batch_size=self.max_batch_size, max_queue=self.max_queue)
             return reply
 
     def stop(self, timeout: float = 30.0) -> None:
