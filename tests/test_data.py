@@ -493,3 +493,24 @@ def test_run_directory_inside_the_data_is_never_read(tmp_path):
     (run / "metrics.jsonl").write_text('{"loss": 1.0}\n')  # the run keeps writing while it trains
     _, _, again = prepare_data(config, run, progress=False)
     assert again["sources"][0]["reused"] and again["sources"][0]["docs"] == 2
+
+
+def test_training_data_stats_count_the_held_out_split(tmp_path):
+    """The summary says how many documents the hash split held out, counted by the same rule that split them."""
+    from codegen2.train import data_summary
+
+    for i in range(60):
+        (tmp_path / f"f{i}.py").write_text(f"x_{i} = {i}\n")
+    config = Config()
+    config.data = _data([SourceConfig(path=str(tmp_path))])
+    config.data.heldout_fraction = 0.2
+    config.tokenizer.vocab_size, config.tokenizer.num_masks, config.tokenizer.train_chars = 600, 8, 20_000
+    config.model.vocab_size, config.train.seq_len = 600, 32
+    (heldout,) = user_sources(config.data, "heldout")
+    expected = len(list(heldout.documents()))  # the held-out split itself, read the way evaluation reads it
+    (train,) = user_sources(config.data, "train")
+    assert 0 < expected < 60 and len(list(train.documents())) == 60 - expected == 60 - train.other_split
+    _, _, stats = prepare_data(config, tmp_path.parent / "run", progress=False)
+    (entry,) = stats["sources"]
+    assert entry["heldout_docs"] == expected and entry["docs"] == 60 - expected
+    assert data_summary(stats)[entry["name"]].endswith(f"; {expected:,} held out")

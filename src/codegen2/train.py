@@ -508,6 +508,8 @@ def data_summary(stats: dict) -> dict:
         notes = [f"skipped {', '.join(skipped)}"] if skipped else []
         if source.get("truncated"):
             notes.append(f"{source['truncated']:,} cut to data.max_doc_chars")
+        if source.get("heldout_docs"):
+            notes.append(f"{source['heldout_docs']:,} held out")
         if notes and source["name"] in summary:
             summary[source["name"]] += "; " + "; ".join(notes)
     return summary

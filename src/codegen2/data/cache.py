@@ -137,7 +137,8 @@ def build_token_cache(source: Source, tokenizer: CodeGenTokenizer, cache_dir: st
     manifest = {
         "version": CACHE_VERSION, "key": key, "source": source.name, "kind": source.kind,
         "description": source.description, "split": source.split, "docs": len(lengths), "tokens": total,
-        "dtype": dtype.name, "skipped": dict(source.skipped), "truncated": source.truncated, "seed": seed,
+        "dtype": dtype.name, "skipped": dict(source.skipped), "truncated": source.truncated,
+        "other_split": source.other_split, "seed": seed,
         "eot_id": tokenizer.eot_id, "tokenizer": tokenizer.fingerprint(), "source_fingerprint": source.fingerprint(),
     }
     _write_json_atomic(manifest_path, manifest)

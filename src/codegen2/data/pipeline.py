@@ -154,7 +154,8 @@ def prepare_data(config: Config, run_dir: str | Path, tokenizer: CodeGenTokenize
         "sources": [
             {"name": s.name, "kind": s.kind, "weight": float(w), "docs": c.manifest["docs"],
              "tokens": c.manifest["tokens"], "chunks": n, "skipped": c.manifest["skipped"],
-             "truncated": c.manifest["truncated"], "cache": str(c.path), "reused": c.reused}
+             "truncated": c.manifest["truncated"], "heldout_docs": c.manifest.get("other_split"),
+             "cache": str(c.path), "reused": c.reused}
             for s, c, w, n in zip(sources, caches, mixture.weights, mixture.num_chunks)
         ],
         "tokens": int(sum(c.manifest["tokens"] for c in caches)),

@@ -44,12 +44,19 @@ class Source:
     max_doc_chars: int = 0
     skipped: Counter = field(default_factory=Counter)  # of the last documents() pass
     truncated: int = 0
+    other_split: int = 0  # documents of the other split passed over in the last pass (held out, for "train")
 
     def documents(self, shard: tuple[int, int] | None = None) -> Iterator[Document]:
         """This split's documents (with `shard=(rank, world_size)`, that task's share of the files);
         empty ones are skipped and long ones truncated, both counted."""
-        self.skipped, self.truncated = Counter(), 0
-        for doc in self.read(self.keep, self.skipped, shard):
+        self.skipped, self.truncated, self.other_split = Counter(), 0, 0
+
+        def keep(key: str) -> bool:
+            kept = self.keep(key)
+            self.other_split += not kept
+            return kept
+
+        for doc in self.read(keep, self.skipped, shard):
             if not doc.text:
                 self.skipped["empty"] += 1
                 continue
