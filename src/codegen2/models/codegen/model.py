@@ -13,11 +13,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ...config import ModelConfig
-from ...masks import forward_attention_mask, sdpa_is_causal
-from ..common import KVCache, rotary_angles
+from ...masks import sdpa_is_causal
+from ..common import DecoderLM, KVCache, rotary_angles
 
 
 def rotary_table(rotary_dim: int, head_dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -141,8 +140,8 @@ class CodeGenTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
 
 
-class CodeGenModel(nn.Module):
-    """CodeGen causal / prefix-LM decoder returning logits [B, T, vocab]."""
+class CodeGenModel(DecoderLM):
+    """CodeGen causal / prefix-LM decoder returning logits [B, T, vocab] (the forward is `DecoderLM`'s)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -172,62 +171,19 @@ class CodeGenModel(nn.Module):
                 module.weight.fill_(1.0)
                 module.bias.zero_()
 
-    @torch.no_grad()
-    def use_decode_layout(self) -> CodeGenModel:
-        """Store the widening projections (qkv_proj, fc_in, lm_head) input-major: for inference on CPU.
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.transformer.h
 
-        Values, names and shapes stay the same; only the memory order of those [out, in] weights flips
-        (each becomes the transpose of a contiguous [in, out] matrix). Multiplying one or a few tokens by
-        an input-major matrix runs MKL's streaming kernel instead of one that repacks the weight on every
-        call: decoding a 125M model on one core took 30-33 ms per token instead of 41-46 ms. For training
-        (many tokens per matmul) the layout is neutral to slightly slower, so leave it off there.
-        Checkpoint writers save `.contiguous()` copies, so saved files are unchanged.
-        """
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.out_features > module.in_features:
-                module.weight.data = module.weight.data.t().contiguous().t()
-        return self
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.transformer.wte(input_ids)
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def rotations(self, position_ids: torch.Tensor, n_positions: int) -> torch.Tensor:
+        return self.rotary(position_ids, n_positions)[:, :, None, :, None]  # broadcast over groups, heads
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        *,
-        position_ids: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
-        prefix_len: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        return_hidden: bool = False,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        """Logits for `input_ids` [B, T].
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transformer.ln_f(x)
 
-        doc_ids [B, T] forbids attention across packed documents; prefix_len [B] makes the first P
-        positions bidirectional (prefix-LM); with `cache`, the tokens continue the cached ones.
-        `last_only` returns logits of the last position only ([B, 1, vocab]: what sampling needs after a
-        prompt).
-        """
-        batch, time = input_ids.shape
-        past = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + time, device=input_ids.device)[None].expand(batch, time)
-        rotary = self.rotary(position_ids, past + time)[:, :, None, :, None]  # broadcast over groups, heads
-        mask = forward_attention_mask(doc_ids, prefix_len, time, input_ids.device, cache)
-        x = self.transformer.wte(input_ids)
-        for layer, block in enumerate(self.transformer.h):
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rotary, mask, use_reentrant=False)
-            else:
-                x = block(x, rotary, mask, cache, layer)
-        x = self.transformer.ln_f(x)
-        if cache is not None:
-            cache.length = past + time
-        if last_only:
-            x = x[:, -1:]
-        if return_hidden:
-            return x
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(x)
 
 

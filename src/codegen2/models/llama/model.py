@@ -14,12 +14,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ...config import ModelConfig
-from ...masks import forward_attention_mask, sdpa_is_causal
+from ...masks import sdpa_is_causal
 from ...quantize import embedding_weight, mm
-from ..common import KVCache, rotary_angles
+from ..common import DecoderLM, KVCache, rotary_angles
 
 
 class RotaryTable:
@@ -113,7 +112,7 @@ class LlamaBackbone(nn.Module):
         self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(DecoderLM):
     """LLaMA causal / prefix-LM decoder returning logits [B, T, vocab] (the forward of `models.spec.Architecture`)."""
 
     def __init__(self, cfg: ModelConfig):
@@ -147,49 +146,19 @@ class LlamaModel(nn.Module):
             elif isinstance(module, nn.RMSNorm):
                 module.weight.fill_(1.0)
 
-    @torch.no_grad()
-    def use_decode_layout(self) -> LlamaModel:
-        """Store the widening projections input-major for CPU inference (see `CodeGenModel.use_decode_layout`)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.out_features > module.in_features:
-                module.weight.data = module.weight.data.t().contiguous().t()
-        return self
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.layers
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
 
+    def rotations(self, position_ids: torch.Tensor, n_positions: int) -> torch.Tensor:
+        return self.rotary(position_ids, n_positions)[:, :, None]  # [B, T, 1, head_dim / 2, 2]
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        *,
-        position_ids: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
-        prefix_len: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        return_hidden: bool = False,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        """Logits for `input_ids` [B, T]; the arguments mean what they mean for `CodeGenModel.forward`."""
-        batch, time = input_ids.shape
-        past = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + time, device=input_ids.device)[None].expand(batch, time)
-        rotary = self.rotary(position_ids, past + time)[:, :, None]  # [B, T, 1, head_dim / 2, 2]
-        mask = forward_attention_mask(doc_ids, prefix_len, time, input_ids.device, cache)
-        x = self.model.embed_tokens(input_ids)
-        for layer, block in enumerate(self.model.layers):
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rotary, mask, use_reentrant=False)
-            else:
-                x = block(x, rotary, mask, cache, layer)
-        x = self.model.norm(x)
-        if cache is not None:
-            cache.length = past + time
-        if last_only:
-            x = x[:, -1:]
-        if return_hidden:
-            return x
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
             return mm(x.reshape(-1, x.shape[-1]), tied_head(self.model.embed_tokens)).unflatten(0, x.shape[:-1])
         return self.lm_head(x)
