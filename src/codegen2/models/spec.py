@@ -46,16 +46,11 @@ class HFMapping:
 class Architecture:
     """One model family (see the module docstring for who calls what).
 
-    - `model_cls(cfg)`: the nn.Module. Its forward is `(input_ids, *, position_ids=None, doc_ids=None,
-      prefix_len=None, cache=None, return_hidden=False, last_only=False) -> logits [B, T, vocab]`, masks
-      from `masks.forward_attention_mask`, keys/values through a `models.common.KVCache`; it has an
-      `activation_checkpointing` flag, `num_parameters()`, `use_decode_layout()` (an inference-only memory
-      layout, may return self unchanged) and a `config` attribute.
-    - `blocks(model)`: the repeated layers, in order: the unit of FSDP sharding, per-block compile and
-      activation checkpointing.
-    - `init_weights(model, generator)`: fresh weights. `model` may be a stand-in exposing only `config` and
-      `named_modules()` (FSDP initialises one module at a time), so it must visit modules in order and
-      decide by module type and name only.
+    - `model_cls(cfg)`: a `models.common.DecoderLM`, which runs the forward `(input_ids, *, position_ids=None,
+      doc_ids=None, prefix_len=None, cache=None, return_hidden=False, last_only=False) -> logits [B, T, vocab]`
+      around the family's hooks. Two of its methods serve the rest of codegen2 through this record:
+      `decoder_layers()`, the repeated layers in order (the unit of FSDP sharding, per-block compile and
+      activation checkpointing; see `blocks`), and `init_weights(generator)`, fresh weights (see `init_weights`).
     - `matmul_parameters(cfg)`: weights that multiply activations (for FLOPs, `metrics.flops_per_token`).
     - `count_parameters(cfg)`: exact parameter count without building the model.
     - `check_config(cfg)`: raise ConfigError for shapes this family cannot build.
@@ -67,11 +62,19 @@ class Architecture:
 
     name: str
     model_cls: type[nn.Module]
-    blocks: Callable[[nn.Module], Sequence[nn.Module]]
-    init_weights: Callable[[Any, torch.Generator | None], None]
     matmul_parameters: Callable[[ModelConfig], int]
     count_parameters: Callable[[ModelConfig], int]
     check_config: Callable[[ModelConfig], None]
     decode_weights: Callable[[nn.Module], Any]
     decode_step: Callable[..., torch.Tensor]
     hf: HFMapping
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        """The repeated layers of `model`, in order."""
+        return list(model.decoder_layers())
+
+    def init_weights(self, model: Any, generator: torch.Generator | None = None) -> None:
+        """Fresh weights. `model` may be a stand-in exposing only `config` and `named_modules()` (FSDP
+        initialises one module at a time), so the family's `init_weights` visits modules in order and decides
+        by module type and name only."""
+        self.model_cls.init_weights(model, generator)

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from ...config import ConfigError, ModelConfig
 from ..spec import Architecture
 from .decode import decode_step, decode_weights
 from .hf import HF_MAPPING
 from .model import CodeGenModel, count_parameters, matmul_parameters
-
-
-def blocks(model: CodeGenModel) -> list[nn.Module]:
-    return list(model.transformer.h)
 
 
 def check_config(cfg: ModelConfig) -> None:
@@ -27,8 +21,6 @@ def check_config(cfg: ModelConfig) -> None:
 ARCHITECTURE = Architecture(
     name="codegen",
     model_cls=CodeGenModel,
-    blocks=blocks,
-    init_weights=CodeGenModel.init_weights,
     matmul_parameters=matmul_parameters,
     count_parameters=count_parameters,
     check_config=check_config,

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from ...config import ConfigError, ModelConfig
 from ..spec import Architecture
 from .decode import decode_step, decode_weights
 from .hf import HF_MAPPING
 from .model import LlamaModel, count_parameters, matmul_parameters
-
-
-def blocks(model: LlamaModel) -> list[nn.Module]:
-    return list(model.model.layers)
 
 
 def check_config(cfg: ModelConfig) -> None:
@@ -26,8 +20,6 @@ def check_config(cfg: ModelConfig) -> None:
 ARCHITECTURE = Architecture(
     name="llama",
     model_cls=LlamaModel,
-    blocks=blocks,
-    init_weights=LlamaModel.init_weights,
     matmul_parameters=matmul_parameters,
     count_parameters=count_parameters,
     check_config=check_config,
