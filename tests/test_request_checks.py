@@ -3,6 +3,7 @@ both, as one line on the command line and as a 400 naming the parameter over HTT
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -77,7 +78,8 @@ def test_infill_refuses_bad_requests_in_one_line(args, words, run_dir, loaded, c
 
 @pytest.mark.parametrize("lines, words", [
     (['{"text": "def f("}'], [":1:", "\"prompt\""]),
-    (['{"prompt": "a"}', "not json"], [":2:", "not JSON"]),
+    (['{"prompt": "a"}', "not json"], [":2:", "not valid JSON"]),
+    (['{"prompt": "a"}', '"just a string"'], [":2:", "expected a JSON object"]),
     (['{"prompt": 3}'], [":1:", "\"prompt\""]),
     ([""], ["no prompts"]),
 ])
@@ -86,6 +88,17 @@ def test_prompt_file_lines_are_checked_naming_the_line(lines, words, run_dir, tm
     path.write_text("\n".join(lines) + "\n")
     message = _cli_error(["sample", "--checkpoint", str(run_dir), "--prompt-file", str(path)], capsys)
     assert str(path) in message and all(w in message for w in words), message
+
+
+def test_unreadable_prompt_files_are_one_line_errors(run_dir, tmp_path, capsys):
+    """Not UTF-8, missing, or a truncated .gz: the one JSONL reader names the file, never a traceback."""
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9"}\n')
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "a"}\n' * 50)[:-12])
+    for name, words in (("latin1.jsonl", ["cannot read"]), ("missing.jsonl", ["file not found"]),
+                        ("cut.jsonl.gz", ["cannot read"])):
+        path = tmp_path / name
+        message = _cli_error(["sample", "--checkpoint", str(run_dir), "--prompt-file", str(path)], capsys)
+        assert str(path) in message and all(w in message for w in words), message
 
 
 def test_good_requests_still_run(run_dir, tmp_path, capsys):

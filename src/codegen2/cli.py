@@ -155,20 +155,11 @@ def _params(args):
 
 def read_prompt_file(path: str | Path) -> list[str]:
     """The "prompt" of each non-blank line of a JSONL file; a bad line is a UserError naming file:line."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read --prompt-file {path}: {exc}") from None
+    from .eval.tasks import read_jsonl
+
     prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{number}: not JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+    for number, row in read_jsonl(path):
+        if not isinstance(row.get("prompt"), str):
             raise UserError(f"{path}:{number}: each line needs a string \"prompt\" field, "
                             f"e.g. {{\"prompt\": \"def f(\"}}")
         prompts.append(row["prompt"])

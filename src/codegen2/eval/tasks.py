@@ -60,17 +60,21 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     if not path.is_file():
         raise UserError(f"file not found: {path}")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(value, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, got {type(value).__name__}")
-            yield number, value
+    number = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+                if not isinstance(value, dict):
+                    raise UserError(f"{path}:{number}: expected a JSON object, got {type(value).__name__}")
+                yield number, value
+    except (OSError, EOFError, UnicodeDecodeError) as exc:  # unreadable, not UTF-8, a corrupt or truncated .gz
+        raise UserError(f"{path}:{number + 1}: cannot read ({exc})") from None
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
