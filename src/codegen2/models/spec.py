@@ -55,8 +55,10 @@ class Architecture:
     - `count_parameters(cfg)`: exact parameter count without building the model.
     - `check_config(cfg)`: raise ConfigError for shapes this family cannot build.
     - `decode_weights(model)` -> W and `decode_step(W, tokens, pos, col, keys, values, valid)` -> logits
-      [B, vocab]: the fused one-token step `decode.FastDecoder` runs (eager or compiled); W is any nest of
-      tensors and Python constants, keys/values per layer [B, kv_heads, capacity, head_dim].
+      [B, vocab] for one new token per row, its key/value written at cache column `col`: the fused one-token
+      step `decode.FastDecoder` runs (eager or compiled). W is any nest of tensors and Python constants;
+      tokens, pos [B] (token ids and rotary positions); col a 0-d int64 tensor; keys/values per layer
+      [B, kv_heads, capacity, head_dim]; valid [B, capacity] (False at left padding).
     - `hf`: its Hugging Face mapping.
     """
 

@@ -19,12 +19,7 @@ def check_config(cfg: ModelConfig) -> None:
 
 
 ARCHITECTURE = Architecture(
-    name="codegen",
-    model_cls=CodeGenModel,
-    matmul_parameters=matmul_parameters,
-    count_parameters=count_parameters,
-    check_config=check_config,
-    decode_weights=decode_weights,
-    decode_step=decode_step,
-    hf=HF_MAPPING,
+    name="codegen", model_cls=CodeGenModel, check_config=check_config, hf=HF_MAPPING,
+    matmul_parameters=matmul_parameters, count_parameters=count_parameters,
+    decode_weights=decode_weights, decode_step=decode_step,
 )

@@ -67,22 +67,13 @@ def decode_weights(model: CodeGenModel) -> tuple:
                                                                           cfg.layer_norm_eps)
 
 
-def decode_step(
-    weights: tuple,
-    tokens: torch.Tensor,
-    pos: torch.Tensor,
-    col: torch.Tensor,
-    keys: list[torch.Tensor],
-    values: list[torch.Tensor],
-    valid: torch.Tensor,
-) -> torch.Tensor:
-    """Logits [B, vocab] for one new token per row, appended to the cache at column `col`.
+def decode_step(weights: tuple, tokens: torch.Tensor, pos: torch.Tensor, col: torch.Tensor,
+                keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    """CodeGen's one-token step (arguments as in `models.spec.Architecture.decode_step`).
 
-    tokens, pos [B] (token ids and rotary positions), col a 0-d int64 tensor, keys/values per layer
-    [B, H, capacity, D], valid [B, capacity] (False at left padding). `weights` is `decode_weights(model)`:
-    per-layer fused weights; the head (wte, ln_f w, ln_f b, lm_head weight [d, vocab] input-major, lm_head
-    bias); the [n_ctx, 3, width, 2] table of `model.rotary` (angle 0 for V); the static shape. Only tensors
-    flow through here, so one compiled graph fits all steps.
+    `weights` is `decode_weights(model)`: per-layer fused weights; the head (wte, ln_f w, ln_f b, lm_head
+    weight [d, vocab] input-major, lm_head bias); the [n_ctx, 3, width, 2] table of `model.rotary` (angle 0
+    for V); the static shape. Only tensors flow through here, so one compiled graph fits all steps.
     """
     layers, head, rotary, shape = weights
     mp_num, n_head, head_dim, eps = shape

@@ -56,20 +56,10 @@ def decode_weights(model: LlamaModel) -> tuple:
     return fuse_decode_weights(model), head, model.rotary.table(norm.device), shape
 
 
-def decode_step(
-    weights: tuple,
-    tokens: torch.Tensor,
-    pos: torch.Tensor,
-    col: torch.Tensor,
-    keys: list[torch.Tensor],
-    values: list[torch.Tensor],
-    valid: torch.Tensor,
-) -> torch.Tensor:
-    """Logits [B, vocab] for one new token per row, appended to the cache at column `col`.
-
-    tokens, pos [B] (token ids and rotary positions), col a 0-d int64 tensor, keys/values per layer
-    [B, kv_heads, capacity, head_dim], valid [B, capacity] (False at left padding).
-    """
+def decode_step(weights: tuple, tokens: torch.Tensor, pos: torch.Tensor, col: torch.Tensor,
+                keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    """LLaMA's one-token step (arguments as in `models.spec.Architecture.decode_step`); `weights` is
+    `decode_weights(model)`: fused layers, the head (embedding, final norm, output weight), rotary table, shape."""
     layers, head, rotary, shape = weights
     n_head, kv_heads, head_dim, inner, eps = shape
     embed_w, norm_w, head_w = head
