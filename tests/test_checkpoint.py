@@ -146,3 +146,19 @@ def test_init_from_a_run_with_another_qkv_grouping_keeps_the_function(tiny_confi
     with pytest.raises(UserError, match="n_layer 2 vs 3"):
         config = tiny_config(**{"model.n_layer": 3, "train.init_from": str(tmp_path / "source")})
         build_training_model(config, DistEnv())
+
+
+def test_weights_lacking_a_tensor_are_refused_not_loaded_silently():
+    """torch's full-state-dict loader keeps a missing tensor's initial values without a word."""
+    from codegen2.distributed import load_full_state
+
+    model = CodeGenModel(ModelConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=4, rotary_dim=4, mp_num=1))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = copy.deepcopy(model.state_dict())
+    gone = next(k for k in state if "mlp" in k)
+    del state[gone]
+    state[next(iter(state))] = torch.zeros_like(state[next(iter(state))])
+    with pytest.raises(UserError, match=f"lack 1 tensor.*{gone}"):
+        load_full_state(model, None, state, None)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was half-loaded
+    load_full_state(model, None, {**state, gone: before[gone]}, None)  # complete: loads

@@ -459,7 +459,10 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv) ->
         load_sharded(path / SHARDED, model, optimizer if trainer else None)
     else:
         state = load_weights(path / WEIGHTS)
-        load_full_state(model, optimizer, state, trainer.get("optimizer") if trainer else None)
+        try:
+            load_full_state(model, optimizer, state, trainer.get("optimizer") if trainer else None)
+        except UserError as exc:
+            raise UserError(f"{path / WEIGHTS}: {exc}") from None
     if trainer:
         scheduler.load_state_dict(trainer["scheduler"])
         rngs = trainer["rng"]

@@ -220,9 +220,22 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tup
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict,
                     optim_state: dict | None) -> None:
-    """Load full state dicts into a (possibly sharded) model and its optimizer on every rank."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+    """Load full state dicts into a (possibly sharded) model and its optimizer on every rank.
 
+    torch's full-state-dict loader reports unexpected tensors but silently keeps the initial values of
+    missing ones, so a checkpoint that lacks a tensor is refused here before anything is loaded."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    missing = sorted(set(get_model_state_dict(model)) - set(model_state))
+    if missing:
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        raise UserError(f"the weights to load lack {len(missing)} tensor(s) of this model: "
+                        f"{', '.join(missing[:4])}{more}; they come from another model or a damaged checkpoint")
     options = StateDictOptions(full_state_dict=True, strict=True)
     if optimizer is None or optim_state is None:
         set_model_state_dict(model, model_state, options=options)

@@ -241,7 +241,10 @@ def build_training_model(config: Config, env: DistEnv, parallel: str = "none", b
         if t.compile:
             compile_blocks(model)
     if t.init_from:
-        load_full_state(model, None, initial if initial is not None else init_state(t.init_from, config), None)
+        try:
+            load_full_state(model, None, initial if initial is not None else init_state(t.init_from, config), None)
+        except UserError as exc:
+            raise UserError(f"train.init_from={t.init_from}: {exc}") from None
     model.activation_checkpointing = t.activation_checkpointing
     if parallel == "ddp" and env.distributed:
         model = wrap_model(model, "ddp", env, bf16=False)
