@@ -174,6 +174,23 @@ def _shard_files(files: list[tuple[str, Path]], shard: tuple[int, int] | None) -
     return [(rel, path) for rel, path in files if in_shard(rel, shard)]
 
 
+# A record source with fewer files than this many per task is split between tasks by record, not by file.
+FILES_PER_TASK_FOR_FILE_SHARDING = 4
+
+
+def _record_shards(files: list[tuple[str, Path]], keep: Keep, shard: tuple[int, int] | None
+                   ) -> tuple[list[tuple[str, Path]], Keep]:
+    """The files a task opens and the per-record `keep` it applies, for JSONL and Parquet sources.
+
+    With many files, each task reads its share of the files. With few (one 50 GB JSONL is common), every
+    task opens every file and keeps only its share of the records (by a hash of `file:record`), so the
+    work still spreads over all tasks; lines outside the share are not even parsed. Either way the set of
+    documents is the same, so the prepared output does not depend on the number of tasks."""
+    if shard is None or shard[1] <= 1 or len(files) >= FILES_PER_TASK_FOR_FILE_SHARDING * shard[1]:
+        return _shard_files(files, shard), keep
+    return files, lambda key: in_shard(key, shard) and keep(key)
+
+
 # --------------------------------------------------------------------------------------------- text
 def decode_text(data: bytes, skipped: Counter) -> str | None:
     """UTF-8 text, or None (counted) for binary or non-UTF-8 content."""
@@ -244,15 +261,17 @@ def jsonl_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter,
     files = list_files(root, cfg.include, cfg.exclude, JSONL_SUFFIXES)
     if not files:
         raise UserError(f"data source {root}: no .jsonl files match include={cfg.include} exclude={cfg.exclude}")
-    for rel, path in _shard_files(files, shard):
+    opened, keep_record = _record_shards(files, keep, shard)
+    for rel, path in opened:
         try:
-            yield from _jsonl_file(rel, path, cfg, keep, skipped)
+            yield from _jsonl_file(rel, path, cfg, keep_record, skipped)
         except _corrupt_errors() as exc:
             kind = "zstd" if path.name.lower().endswith(".zst") else "gzip"
             if not cfg.skip_bad_lines:
                 raise UserError(f"{path}: corrupt or truncated {kind} data ({exc or type(exc).__name__}); "
                                 "set skip_bad_lines = true on this source to skip such files") from None
-            skipped["corrupt_files"] += 1
+            if in_shard(rel, shard):  # counted once, by the task that owns the file
+                skipped["corrupt_files"] += 1
 
 
 def _jsonl_file(rel: str, path: Path, cfg: SourceConfig, keep: Keep, skipped: Counter) -> Iterator[Document]:
@@ -302,7 +321,8 @@ def parquet_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter,
     files = list_files(root, cfg.include, cfg.exclude, PARQUET_SUFFIXES)
     if not files:
         raise UserError(f"data source {root}: no .parquet files match include={cfg.include} exclude={cfg.exclude}")
-    for rel, path in _shard_files(files, shard):
+    opened, keep_record = _record_shards(files, keep, shard)
+    for rel, path in opened:
         try:
             table_file = pq.ParquetFile(path)
         except Exception as exc:  # pyarrow raises several types for corrupt files
@@ -310,7 +330,7 @@ def parquet_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter,
         _require_string_column(str(path), table_file.schema_arrow, cfg.field)
         values = (v for batch in table_file.iter_batches(columns=[cfg.field], batch_size=BATCH_ROWS)
                   for v in batch.column(0).to_pylist())
-        yield from _row_documents(values, f"{rel}:", f"{path}:", cfg.kind, keep, skipped)
+        yield from _row_documents(values, f"{rel}:", f"{path}:", cfg.kind, keep_record, skipped)
 
 
 # ------------------------------------------------------------------------------------- HF datasets

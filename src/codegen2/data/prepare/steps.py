@@ -461,7 +461,7 @@ class MergeStep(PrepareStep):
             token_files.append(np.memmap(self.work / "tokens" / f"{r:05d}.bin", dtype=dtype, mode="r")
                                if idx[:, 1].sum() else np.empty(0, dtype=dtype))
             doc = idx[:, 0]
-            offsets = np.concatenate([[0], np.cumsum(idx[:, 1])[:-1]]).astype(np.int64)
+            offsets = (np.cumsum(idx[:, 1]) - idx[:, 1]).astype(np.int64)  # empty for a task that kept nothing
             entries.append(np.stack([meta["source"][doc].astype(np.int64), meta["split"][doc].astype(np.int64),
                                      meta["order"][doc].view(np.int64), meta["key"][doc].view(np.int64),
                                      np.full(len(doc), r, dtype=np.int64), offsets, idx[:, 1]], axis=1)
