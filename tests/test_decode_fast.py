@@ -111,8 +111,36 @@ def test_compiled_decode_step_gives_transformers_greedy_tokens():
         out = generate_ids(model, tok, prompts.tolist(), params, decoder=decoder)
         assert [c.token_ids for c in out] == ref, decoder
     # The same shapes again: no recompilation (the graph is reused), still the same tokens.
+    compiled = len(FastDecoder.compile_events)
     again = generate_ids(model, tok, prompts.tolist(), params, decoder="compiled")
     assert [c.token_ids for c in again] == ref
+    # Other prompt lengths, generation lengths and cache capacities: the attended length is a dynamic
+    # dimension, so the same graph serves them (no compile), and the tokens are still the model decoder's.
+    for length, new_tokens in ((3, 40), (30, 70)):
+        other = torch.randint(0, 316, (2, length), generator=torch.Generator().manual_seed(length)).tolist()
+        params = SamplingParams(max_new_tokens=new_tokens)
+        expected = [c.token_ids for c in generate_ids(model, tok, other, params, decoder="model")]
+        assert [c.token_ids for c in generate_ids(model, tok, other, params, decoder="compiled")] == expected
+    assert len(FastDecoder.compile_events) == compiled
+
+
+@ARCHS
+def test_fast_decoder_skips_columns_before_first_without_changing_logits(arch):
+    """`step(tokens, first)` attends from `first` on (the server's rows all start there): same logits as from 0."""
+    model = small_model(arch)
+    ids = torch.randint(0, 300, (2, 70))
+    with torch.no_grad():
+        cache = KVCache(model.config, 2, 70)
+        cache.valid[:, :37] = False  # columns no row may see (another row's, or padding)
+        cache.has_padding = True
+        model(ids[:, :40], position_ids=(torch.arange(40) - 37).clamp_min(0).expand(2, 40), cache=cache)
+        whole, skipping = FastDecoder(model, 2, 80), FastDecoder(model, 2, 80)
+        for decoder in (whole, skipping):
+            decoder.start(cache, torch.full((2,), 3))
+        for t in range(40, 70):
+            assert torch.equal(whole.step(ids[:, t]), skipping.step(ids[:, t], first=37))
+        with pytest.raises(ValueError, match="outside the filled cache"):
+            skipping.step(ids[:, 0], first=71)
 
 
 def _run_dir(directory: Path) -> Path:

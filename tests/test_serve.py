@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from codegen2 import cli
+from codegen2.decode import FastDecoder
 from codegen2.loading import load_checkpoint
 from codegen2.sampling import SamplingParams, generate_ids, infill_prompt_ids
 from codegen2.serve.app import create_app
@@ -309,12 +310,13 @@ def test_a_client_leaving_mid_stream_frees_its_slot(long_run_dir):
         assert again.status_code == 200
 
 
-@pytest.mark.parametrize("decoder", ["model", "fast"])
+@pytest.mark.parametrize("decoder", ["model", "fast", pytest.param("compiled", marks=pytest.mark.slow)])
 def test_rows_joining_and_leaving_at_any_step_each_match_their_solo_run(loaded, decoder):
     """Drive the engine step by step: dead slots reused in place, growth and compaction rebuilds, mixed params.
 
-    With the fused decode step ("fast"; "compiled" runs the same function) rows live in a static batch of
-    slots and join or leave through the slot mask; the reference is always the model's own decoder.
+    With the fused decode step ("fast", or "compiled": one graph for every batch and cache length, compiled
+    when the engine is built) rows live in a batch of slots and join or leave through the slot mask; the
+    reference is always the model's own decoder.
     """
     tok = loaded.tokenizer
     engine = BatchEngine(loaded.model, tok, max_batch_size=6, max_queue=100, decoder=decoder)
@@ -368,6 +370,9 @@ def test_rows_joining_and_leaving_at_any_step_each_match_their_solo_run(loaded, 
         assert results[i] == [ref.text, ref.finish_reason], i
     assert calls["in_place"] >= 5 and calls["rebuild_with_new_rows"] >= 2 and calls["compaction"] >= 1, calls
     assert engine.snapshot()["max_batch_seen"] == 6
+    if decoder == "compiled":  # compiled once, before the first row; every batch and length reused that graph
+        assert engine.compile_seconds > 0 and FastDecoder.compile_events[-1][0] == "any"
+        assert len([e for e in FastDecoder.compile_events if e[0] == "any"]) == 1
 
 
 def test_engine_refuses_rows_beyond_its_queue_without_queueing_any(loaded):

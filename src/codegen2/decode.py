@@ -7,8 +7,8 @@ graph that serves every step of a generation. This module owns what they share: 
 tensors, the cache column and positions, and the compile-once wrapper.
 
 `FastDecoder(compile=False)` runs the same step eagerly (no compile time; fewer ops than the model's
-forward). Compiling costs tens of seconds once per (batch, capacity) shape: worth it for evaluation or
-a long batch of samples, not for one short `codegen2 sample`.
+forward). Compiling costs seconds to tens of seconds once per batch size and process (the cache length is
+a dynamic dimension of the graph): worth it for evaluation, a long batch of samples or a server.
 """
 
 from __future__ import annotations
@@ -30,18 +30,21 @@ def compile_report() -> str:
     events = FastDecoder.compile_events
     if not events:
         return ""
-    shapes = ", ".join(f"batch {shape[0]} x cache {capacity}: {seconds:.1f} s" for shape, capacity, seconds in events)
-    return (f"compiled the decode step once per shape ({shapes}; later generations of these shapes reuse it; "
-            f"--decoder fast skips compiling)")
+    shapes = ", ".join(f"batch {batch}: {seconds:.1f} s" for batch, seconds in events)
+    return (f"compiled the decode step once per batch size ({shapes}; every cache length and later generations "
+            f"reuse it; --decoder fast skips compiling)")
 
 
 def capacity_bucket(needed: int, n_ctx: int, step: int = 128) -> int:
     """Cache capacity for `needed` positions, rounded up to a multiple of `step` (at most max(needed, n_ctx)).
 
-    A compiled step is specialised to its capacity: rounding lets generations of similar lengths share one
-    graph instead of compiling again, at the price of attending over a few masked columns.
+    The step attends only over the filled columns, so capacity is memory, not work: rounding lets a
+    server reuse one cache for rows of similar lengths.
     """
     return max(needed, min(-(-needed // step) * step, n_ctx))
+
+
+ATTENTION_BLOCK = 32  # the step attends over the filled cache columns rounded up to this (masked beyond `col`)
 
 
 class FastDecoder:
@@ -50,40 +53,52 @@ class FastDecoder:
     Use: `start(cache, next_pos)` after an eager prefill through the model's forward into a `KVCache`, then
     `step(tokens)` per token. Rows never leave (static shapes): a finished row keeps decoding junk that
     the caller ignores.
+
+    Each step attends over the filled columns only, rounded up to `ATTENTION_BLOCK` (views of the cache
+    tensors; `masks.decode_step_bias` hides the columns past `col`), not over the whole capacity. Compiled,
+    that length is a dynamic dimension of one graph, so a generation compiles once however long it runs;
+    `dynamic_batch=True` (the server, whose batch follows its rows) makes the batch dynamic too, so every
+    batch of two or more rows shares that graph.
     """
 
-    _compiled: dict[str, object] = {}  # one torch.compile wrapper per architecture; inductor caches graphs
-    compile_events: list[tuple[tuple[int, ...], int, float]] = []  # (batch shape, capacity, seconds) per compile
+    _compiled: dict[str, object] = {}  # one torch.compile wrapper per (architecture, batch mode)
+    compile_events: list[tuple[int | str, float]] = []  # (batch size or "any", seconds) per compile
 
     def __init__(self, model: nn.Module, batch: int, capacity: int, compile: bool = False,
-                 dynamic: bool | None = False):
+                 dynamic_batch: bool = False):
         cfg = model.config
         arch = architecture(cfg)
         param = next(model.parameters())
+        if dynamic_batch and batch < 2:
+            raise ValueError("a dynamic-batch decoder needs at least 2 rows (batch 1 is its own graph)")
         self.device, self.dtype = param.device, param.dtype
         self.weights = arch.decode_weights(model)
-        cache_shape = (batch, cfg.kv_heads, capacity, cfg.head_dim)
+        # One spare column that is never attended: the step's views then never cover a whole buffer, so they
+        # are never contiguous, and the graph (which guards on contiguity) serves the last block too.
+        cache_shape = (batch, cfg.kv_heads, capacity + 1, cfg.head_dim)
         self.keys = [torch.zeros(cache_shape, device=self.device, dtype=self.dtype) for _ in range(cfg.n_layer)]
         self.values = [torch.zeros(cache_shape, device=self.device, dtype=self.dtype) for _ in range(cfg.n_layer)]
-        self.valid = torch.ones(batch, capacity, dtype=torch.bool, device=self.device)
+        self.valid = torch.ones(batch, capacity + 1, dtype=torch.bool, device=self.device)
         self.col = torch.zeros((), dtype=torch.long, device=self.device)
         self.pos = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.batch = batch
         self.capacity = capacity
         self.length = 0  # cache columns filled (host copy of `col`)
         self.compile = compile
+        self.dynamic_batch = dynamic_batch
         self.compile_seconds = 0.0
+        self._views: tuple[int, int, list, list, torch.Tensor] | None = None
         self._fn = arch.decode_step
         if compile:
-            # dynamic=False: one graph per (batch, capacity), the fastest; None (the server, whose batch and
-            # capacity change as rows come and go): a second shape makes dynamo compile one graph for all.
-            key = f"{arch.name}/{dynamic}"
-            # Each (weight format, batch, capacity) is its own graph of the one `decode_step` function:
+            # dynamic=False: the batch is static unless marked dynamic; the attended length is always marked.
+            key = f"{arch.name}/{'any' if dynamic_batch else 'static'}-batch"
+            # Each (weight format, batch) is its own graph of the one `decode_step` function:
             # dynamo's default of 8 per function is soon reached (and with fullgraph=True it then fails).
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             torch._dynamo.config.accumulated_recompile_limit = max(
                 torch._dynamo.config.accumulated_recompile_limit, 256)
             if key not in FastDecoder._compiled:
-                FastDecoder._compiled[key] = torch.compile(arch.decode_step, fullgraph=True, dynamic=dynamic)
+                FastDecoder._compiled[key] = torch.compile(arch.decode_step, fullgraph=True, dynamic=False)
             self._fn = FastDecoder._compiled[key]
         self._warm = not compile
 
@@ -101,27 +116,58 @@ class FastDecoder:
         self.pos.copy_(next_pos)
         self.length = length
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [B, vocab] after feeding `tokens` [B]; advances the cache column and positions."""
+    def _attended(self, first: int) -> tuple[torch.Tensor, list, list, torch.Tensor]:
+        """Column of this step and views of the columns attended: from `first` (rounded down to a block) to
+        the filled ones plus this step's (rounded up, at most the capacity)."""
+        lo = first - first % ATTENTION_BLOCK
+        hi = min(self.capacity, -(-(self.length + 1) // ATTENTION_BLOCK) * ATTENTION_BLOCK)
+        if self._views is None or self._views[:2] != (lo, hi):
+            self._views = (lo, hi, [k[:, :, lo:hi] for k in self.keys], [v[:, :, lo:hi] for v in self.values],
+                           self.valid[:, lo:hi])
+        col = self.col if lo == 0 else self.col - lo
+        return col, self._views[2], self._views[3], self._views[4]
+
+    def step(self, tokens: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Logits [B, vocab] after feeding `tokens` [B]; advances the cache column and positions.
+
+        `first`: no row sees a column before it (a server's rows all start there or later), so the step
+        need not attend over them.
+        """
         if self.length >= self.capacity:
             raise ValueError(f"fast decoder cache is full ({self.capacity} positions)")
+        if not 0 <= first <= self.length:
+            raise ValueError(f"first column {first} is outside the filled cache (0..{self.length})")
+        col, keys, values, valid = self._attended(first)
         if not self._warm:
-            began = time.perf_counter()
-            logits = self._fn(self.weights, tokens, self.pos, self.col, self.keys, self.values, self.valid)
-            self.compile_seconds = time.perf_counter() - began
-            self._warm = True
-            if self.compile_seconds > 1.0:  # a first call that compiled (reusing a graph takes milliseconds)
-                FastDecoder.compile_events.append((tuple(tokens.shape), self.capacity, self.compile_seconds))
-            log.info("decode step compiled for batch %d, cache %d: %.1f s", tokens.shape[0], self.capacity,
-                     self.compile_seconds)
+            logits = self._compile_step(tokens, col, keys, values, valid)
         elif self.compile:
-            # The graph was specialised on these very tensors (shapes, dtypes, devices): skipping dynamo's
-            # guard checks saves ~0.2 ms per step, a tenth of a tiny model's step.
+            # The graphs differ only in what dynamo must tell apart (batch size, weight format): skipping
+            # the other guard checks saves ~0.2 ms per step, a tenth of a tiny model's step.
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                logits = self._fn(self.weights, tokens, self.pos, self.col, self.keys, self.values, self.valid)
+                logits = self._fn(self.weights, tokens, self.pos, col, keys, values, valid)
         else:
-            logits = self._fn(self.weights, tokens, self.pos, self.col, self.keys, self.values, self.valid)
+            logits = self._fn(self.weights, tokens, self.pos, col, keys, values, valid)
         self.col += 1
         self.pos += 1
         self.length += 1
+        return logits
+
+    def _compile_step(self, tokens, col, keys, values, valid) -> torch.Tensor:
+        """First compiled call: mark the dynamic dimensions, run (compiling if no graph fits) and record the time."""
+        # maybe_: dynamo may still bound or specialise a dimension (no error), which only costs a recompile.
+        for t in keys + values:
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+        torch._dynamo.maybe_mark_dynamic(valid, 1)
+        if self.dynamic_batch:
+            for t in [tokens, self.pos, valid] + keys + values:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        began = time.perf_counter()
+        logits = self._fn(self.weights, tokens, self.pos, col, keys, values, valid)
+        self.compile_seconds = time.perf_counter() - began
+        self._warm = True
+        if torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs:  # compiled (not a graph reused)
+            batch = "any" if self.dynamic_batch else self.batch
+            FastDecoder.compile_events.append((batch, self.compile_seconds))
+            log.info("decode step compiled for batch %s, every cache length: %.1f s", batch, self.compile_seconds)
         return logits

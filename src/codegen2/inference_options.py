@@ -19,7 +19,7 @@ def add_dtype_flag(parser, default: str | None = None, extra: str = "") -> None:
                              f"channel, activations in floating point){extra}; default: {default or 'as stored'}")
 
 
-SERVE_DECODER = "model"  # measured faster under continuous batching than the fused step (docs/serving.md)
+SERVE_DECODER = "compiled"  # of `codegen2 serve`: compiled once at start-up, any batch and cache length
 
 
 def add_decoder_flag(parser, default: str = DEFAULT_DECODER) -> None:

@@ -106,9 +106,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                decoder=args.decoder)
         source = engine.source
     app = create_app(engine, name, api_key=api_key)
+    compiled = (f", decode step compiled at start-up in {engine.compile_seconds:.1f} s"
+                if engine.compile_seconds else "")
     print(f"serving {name} ({source}) on http://{args.host}:{args.port}/v1 "
-          f"(batch {args.max_batch_size}, queue {args.max_queue}, auth {'on' if api_key else 'off'})",
-          file=sys.stderr, flush=True)
+          f"(batch {args.max_batch_size}, queue {args.max_queue}, decoder {args.decoder}{compiled}, "
+          f"auth {'on' if api_key else 'off'})", file=sys.stderr, flush=True)
     verbose = bool(getattr(args, "verbose", False))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if verbose else "warning",
                 access_log=verbose)

@@ -30,13 +30,15 @@ from dataclasses import dataclass
 import torch
 
 from ..decode import FastDecoder, compile_report
-from ..inference_options import DECODERS
+from ..inference_options import DECODERS, LIBRARY_DECODER
 from ..masks import slot_key_valid
 from ..models.common import KVCache
 from ..sampling import SamplingParams, choose_tokens
 from .text import IncrementalText
 
 log = logging.getLogger("codegen2.serve")
+
+FAST_CAPACITY_STEP = 64  # the fused step's cache capacity grows in multiples of this (memory; not recompiles)
 
 
 @dataclass
@@ -145,15 +147,17 @@ class BatchEngine:
         max_cache_len: int | None = None,
         max_prefill_tokens: int = 8192,
         bidirectional_prompt: bool = False,
-        decoder: str = "model",
+        decoder: str = LIBRARY_DECODER,
     ):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be at least 1")
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, not {decoder!r}")
         # "model": the model's forward over a KVCache whose batch grows and shrinks with the rows. "fast" /
-        # "compiled": the fused decode step (decode.FastDecoder) over a static batch of slots (a power of
-        # two) and a bucketed capacity; rows join and leave slots through `masks.slot_key_valid`.
+        # "compiled": the fused decode step (decode.FastDecoder) over a batch of slots that follows the rows
+        # (at least 2) and a bucketed capacity; rows join and leave slots through `masks.slot_key_valid`.
+        # Compiled, the batch and the attended cache length are dynamic dimensions of one graph, compiled
+        # here, before the first request (`warm_up`), so no request ever waits for a compile.
         self.decoder = decoder
         self.model = model
         self.tokenizer = tokenizer
@@ -179,12 +183,32 @@ class BatchEngine:
         self._cache: KVCache | None = None
         self._logits: torch.Tensor | None = None  # [slots, vocab]: next-token logits of every slot
         self._next_pos: torch.Tensor | None = None  # [slots]: position of the next fed token
+        self.compile_seconds = self.warm_up() if decoder == "compiled" else 0.0
 
     # ------------------------------------------------------------------------------ public API
     @property
     def max_rows_per_submit(self) -> int:
         """A submission with more rows than this could never be queued."""
         return self.max_queue
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Compile the server's decode step (any batch of 2+ slots, any cache length) now; returns its seconds.
+
+        Runs two steps on a throw-away decoder of 2 slots, so the graph the engine's decoders share exists
+        before the first request; the model's weights are only read.
+        """
+        compiled = len(FastDecoder.compile_events)
+        decoder = FastDecoder(self.model, 2, 2 * FAST_CAPACITY_STEP, compile=True, dynamic_batch=True)
+        decoder.length = 1
+        decoder.col.fill_(1)
+        tokens = torch.zeros(2, dtype=torch.long, device=self.device)
+        for _ in range(2):
+            decoder.step(tokens)
+        seconds = sum(s for _, s in FastDecoder.compile_events[compiled:])
+        if seconds:
+            log.warning("%s", compile_report())
+        return seconds
 
     def start(self) -> None:
         if self._thread is None:
@@ -297,15 +321,17 @@ class BatchEngine:
             # Mostly dead slots and nobody to take them: shrink, so dead slots stop costing compute.
             tokens = tokens[torch.tensor(live, dtype=torch.long, device=tokens.device)]
             self._rebuild(live)
-            if len(self._slots) > len(live):  # a fast decoder's batch is a power of two: pad with dead slots
+            if len(self._slots) > len(live):  # a fast decoder keeps at least 2 slots: pad with a dead one
                 pad = tokens.new_full((len(self._slots) - len(live),), self.tokenizer.eot_id)
                 tokens = torch.cat((tokens, pad))
         assert self._cache is not None and self._next_pos is not None
         alive = torch.tensor([row is not None for row in self._slots], device=self._next_pos.device)
         if self.decoder != "model":
             compiled_before = len(FastDecoder.compile_events)
-            self._logits = self._cache.step(tokens)  # advances the column and every slot's position
-            if len(FastDecoder.compile_events) > compiled_before:  # shown once per compile, in the server log
+            # No live row sees columns before its own first one: attention starts at the earliest of those.
+            first = min(row.start for row in self._slots if row is not None)
+            self._logits = self._cache.step(tokens, first)  # advances the column and every slot's position
+            if len(FastDecoder.compile_events) > compiled_before:  # not expected after warm_up; shown if it happens
                 log.warning("%s", compile_report())
             self._next_pos.masked_fill_(~alive, 0)  # dead slots decode junk at position 0 until reused
             return
@@ -465,7 +491,7 @@ class BatchEngine:
                 for layer, (keys, values) in enumerate(zip(cache.keys, cache.values)):
                     keys[slot, :, length - n:length] = fresh.keys[layer, j, :, fresh.length - n:fresh.length]
                     values[slot, :, length - n:length] = fresh.values[layer, j, :, fresh.length - n:fresh.length]
-                cache.valid[slot] = slot_key_valid(capacity, length - n, self.device)
+                cache.valid[slot, :capacity] = slot_key_valid(capacity, length - n, self.device)
             else:
                 cache.keys[:, slot, :, length - n:length] = fresh.keys[:, j, :, fresh.length - n:fresh.length]
                 cache.values[:, slot, :, length - n:length] = fresh.values[:, j, :, fresh.length - n:fresh.length]
@@ -546,18 +572,19 @@ class BatchEngine:
 
     def _rebuild_fast(self, old_rows, keep, new_rows, new_cache, new_index, new_logits, new_pos, first: int,
                       span: int, fresh: int, length: int, capacity: int) -> None:
-        """`_rebuild` for the fused decode step: the same row layout in a new static batch of slots.
+        """`_rebuild` for the fused decode step: the same row layout in a new batch of slots, one per row.
 
-        The batch is the next power of two (at most max_batch_size) and the capacity a multiple of 128, so a
-        compiled step sees few distinct shapes; slots past the rows are dead (they decode junk, unread).
+        The compiled step's batch and attended length are dynamic, so the batch follows the rows (a lone
+        row gets a dead partner slot: batch 1 would be a graph of its own) and the capacity, a multiple of
+        `FAST_CAPACITY_STEP`, is only memory.
         """
         from ..decode import capacity_bucket
 
         rows = [r for r in old_rows if r is not None] + list(new_rows)
-        slots = min(self.max_batch_size, 1 << (len(rows) - 1).bit_length())
-        capacity = capacity_bucket(capacity, self.max_cache_len)
+        slots = max(2, len(rows))
+        capacity = capacity_bucket(capacity, self.max_cache_len, FAST_CAPACITY_STEP)
         old = self._cache
-        dec = FastDecoder(self.model, slots, capacity, compile=self.decoder == "compiled", dynamic=None)
+        dec = FastDecoder(self.model, slots, capacity, compile=self.decoder == "compiled", dynamic_batch=True)
         dec.valid.fill_(True)
         logits = torch.zeros(slots, self._logits_width(new_logits), device=self.device,
                              dtype=new_logits.dtype if new_logits is not None else self._logits.dtype)

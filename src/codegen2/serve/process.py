@@ -19,6 +19,7 @@ import threading
 from typing import Any
 
 from ..errors import UserError
+from ..inference_options import LIBRARY_DECODER
 from .engine import EngineStopped, QueueFull, RowEvent, RowRequest, Sink, Ticket, check_rows
 
 log = logging.getLogger("codegen2.serve")
@@ -40,7 +41,7 @@ def _child_main(conn, checkpoint: str, load_kwargs: dict, engine_kwargs: dict, t
         return
     engine = BatchEngine(loaded.model, loaded.tokenizer, bidirectional_prompt=loaded.prefix_lm, **engine_kwargs)
     conn.send(("ready", {"tokenizer": loaded.tokenizer, "n_ctx": engine.n_ctx, "vocab_size": engine.vocab_size,
-                         "source": loaded.source}))
+                         "source": loaded.source, "compile_seconds": engine.compile_seconds}))
     send_lock = threading.Lock()
     tickets: dict[int, Ticket] = {}
 
@@ -102,7 +103,7 @@ class ProcessEngine:
         max_batch_size: int = 32,
         max_queue: int = 256,
         load_timeout: float | None = None,
-        decoder: str = "model",
+        decoder: str = LIBRARY_DECODER,
     ):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be at least 1")
@@ -125,6 +126,7 @@ class ProcessEngine:
         self.n_ctx: int = payload["n_ctx"]
         self.vocab_size: int = payload["vocab_size"]
         self.source: str = payload["source"]
+        self.compile_seconds: float = payload["compile_seconds"]  # the decode step's, at start-up (0: none)
 
         self._lock = threading.Lock()  # guards the fields below and sending on the pipe
         self._sinks: dict[int, list[Any]] = {}  # ticket id -> [sink, rows not finished]
