@@ -10,8 +10,9 @@ What it measures, in one command of a few minutes:
 2. Throughput: the same prepare with 1 worker and with 2 workers (same --tasks, so the output is the
    same; checked), wall time per stage, MB/s of raw text and tokens/s per worker, and the ratio. The
    tokenizer is trained once beforehand and given to both (its training is one task either way; its
-   time is reported on its own). The in-line token cache (`build_token_cache`, today's path: no
-   filters, no dedup) tokenizes the same sources with the same tokenizer in the same run, one core.
+   time is reported on its own). The control: tokenization alone (what the per-run token cache of
+   codegen2 before the one data path did: read, `encode_batch`, write; no filters, no dedup) of the
+   same sources with the same tokenizer in the same run, one core.
    Tokenizers' own thread pool is off (TOKENIZERS_PARALLELISM=false) so that one worker is one core.
 
     python benchmarks/bench_prepare.py [--target-mb 150] [--tasks 4] [--out /tmp/bench-prepare] [--json FILE]
@@ -36,7 +37,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from codegen2.config import SourceConfig, load_config
-from codegen2.data.cache import build_token_cache
 from codegen2.data.prepare.decontaminate import BENCHMARKS, Decontaminator, benchmark_patterns, humaneval_problems
 from codegen2.data.prepare.filters import CodeFilter
 from codegen2.data.prepare.minhash import code_tokens, jaccard
@@ -200,6 +200,29 @@ def run_prepare(config, out: Path, tasks: int, workers: int) -> dict:
     return {"wall": wall, "stages": {k: v["seconds"] for k, v in timings.items()}, "manifest": manifest}
 
 
+def tokenize_only(config, tokenizer, path: Path, batch_chars: int = 4_000_000) -> int:
+    """Read every training document, tokenize it in batches and append the tokens (+ eot) to `path`, as the
+    per-run token cache did; returns the number of tokens."""
+    import numpy as np
+
+    total = 0
+    with open(path, "wb") as out:
+        for source in data_sources(config.data, "train"):
+            batch, chars = [], 0
+            for doc in [*source.documents(), None]:
+                if doc is not None:
+                    batch.append(doc.text)
+                    chars += len(doc.text)
+                if batch and (doc is None or chars >= batch_chars):
+                    for ids in tokenizer.encode_batch(batch, literal_specials=True):
+                        ids.append(tokenizer.eot_id)
+                        np.asarray(ids, dtype=np.uint16).tofile(out)
+                        total += len(ids)
+                    batch, chars = [], 0
+    path.unlink()
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target-mb", type=float, default=150.0)
@@ -244,12 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     identical = all((args.out / "prepared-1w" / p.relative_to(args.out / "prepared-2w")).read_bytes() == p.read_bytes()
                     for p in sorted((args.out / "prepared-2w" / "shards").rglob("*.bin")))
 
-    # today's in-line token cache, same sources and tokenizer, one core
-    cache_dir = args.out / "cache"
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    # tokenization alone (the old per-run token cache's work), same sources and tokenizer, one core
     started = time.perf_counter()
-    cache_tokens = sum(int(build_token_cache(s, tokenizer, cache_dir, 1234, progress=False).manifest["tokens"])
-                       for s in data_sources(config.data, "train"))
+    cache_tokens = tokenize_only(config, tokenizer, args.out / "tokenize-only.bin")
     cache_seconds = time.perf_counter() - started
 
     manifest = two["manifest"]
@@ -278,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"control: 2 busy processes vs 1 on this machine, before / after the runs: {capacity_before:.2f}x / "
           f"{capacity_after:.2f}x (2.0 = two free cores)")
     print(f"tokenizer training (once, 5 M chars, vocab {config.tokenizer.vocab_size}): {tokenizer_seconds:.1f} s")
-    print(f"in-line token cache (today, no filters or dedup, 1 core): {cache_seconds:.1f} s, "
+    print(f"tokenization alone (the old token cache's work, no filters or dedup, 1 core): {cache_seconds:.1f} s, "
           f"{raw_mb / cache_seconds:.2f} MB/s, {cache_tokens / cache_seconds:,.0f} tokens/s")
     print(f"planted exact duplicates removed: {q['exact_removed']}/{q['planted_exact']}; near "
           f"(Jaccard >= {q['planted_near_min_jaccard']:.2f}): {q['near_removed']}/{q['planted_near']}; "

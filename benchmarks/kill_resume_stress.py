@@ -81,21 +81,9 @@ def tiny_config(workdir: Path, **overrides) -> Config:
     return config.validate()
 
 
-def share_data(config: Config, workdir: Path) -> Config:
-    """Train the tokenizer and fill the token cache once, and point the config at them, so launches skip it."""
-    from codegen2.data import prepare_data
-
-    shared = workdir / "shared-data"
-    if not (shared / "tokenizer.json").is_file():
-        prepare_data(config, shared, progress=False)
-    config.tokenizer.path = str(shared / "tokenizer.json")
-    config.data.cache_dir = str(shared / "data")
-    return config
-
-
 def share_prepared(config: Config, workdir: Path) -> Config:
     """Run `codegen2 data prepare` once and point the config at the prepared directory (no sources, no
-    tokenizer path): launches then memory-map its shards instead of tokenizing."""
+    tokenizer path): launches then memory-map its shards instead of each preparing the data again."""
     from codegen2.data.prepare.pipeline import prepare
 
     out = workdir / "prepared"
@@ -242,7 +230,7 @@ def reference_run(config_path: Path, run_dir: Path, nproc: int, parallel: str, i
 
 def suite_setup(config: Config, base: Path) -> tuple[Config, Path]:
     """The test suite's shared data and config file under `base` (shared by its test modules)."""
-    config = share_data(config, base)
+    config = share_prepared(config, base)
     path = base / "config.toml"
     if not path.is_file() or path.read_text() != dump_toml(config):
         write_config(config, path)
@@ -416,9 +404,9 @@ def timings(reference: Launch) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------------------------------- main
 def stress(workdir: Path, nproc: int, parallel: str, kills: int, seed: int, pause_s: float,
-           kinds: list[str], config: Config | None = None, prepared: bool = False) -> dict:
+           kinds: list[str], config: Config | None = None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
-    config = (share_prepared if prepared else share_data)(config or tiny_config(workdir), workdir)
+    config = share_prepared(config or tiny_config(workdir), workdir)
     config_path = write_config(config, workdir / f"config-{nproc}-{parallel}.toml")
     ref_dir = workdir / f"reference-{nproc}-{parallel}"
     shutil.rmtree(ref_dir, ignore_errors=True)
@@ -447,12 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/kill-stress"))
     parser.add_argument("--json", type=Path, help="also write the result here")
     parser.add_argument("--arch", choices=list(ARCH_OVERRIDES), default="codegen", help="model architecture")
-    parser.add_argument("--prepared", action="store_true",
-                        help="train from a `codegen2 data prepare` directory instead of the token cache")
     args = parser.parse_args(argv)
     config = tiny_config(args.out, **ARCH_OVERRIDES[args.arch])
     result = stress(args.out, args.nproc, args.parallel, args.kills, args.seed, args.pause, args.kinds.split(","),
-                    config, prepared=args.prepared)
+                    config)
     for i, kill in enumerate(result["kills"], 1):
         print(f"kill {i:2d}: resumed from step {kill['resumed_from']:2d}, {kill['kind']:5s} target "
               f"{kill['target']:3d} +{kill['delay']:.3f}s ({kill['how']}) -> {kill['landed']}")

@@ -1,10 +1,11 @@
-"""Data pipeline: sources and formats, held-out split, token caches, the mixture and the loader."""
+"""Data pipeline: sources and formats, held-out split, a run's in-line prepared data, the mixture and the loader."""
 
 from __future__ import annotations
 
 import hashlib
 import inspect
 import json
+import shutil
 import threading
 from collections import Counter
 from pathlib import Path
@@ -14,12 +15,12 @@ import pytest
 
 from codegen2.config import Config, DataConfig, ObjectiveConfig, SourceConfig
 from codegen2.data import embedded
-from codegen2.data.cache import build_token_cache
 from codegen2.data.documents import is_heldout
 from codegen2.data.formats import path_selected
 from codegen2.data.loader import BatchLoader
 from codegen2.data.mixture import BLOCK, PackedMixture
-from codegen2.data.pipeline import prepare_data, sample_texts
+from codegen2.data.pipeline import prepare_data
+from codegen2.data.prepare import PreparedData
 from codegen2.data.sources import embedded_sources, heldout_documents, source_from_path, user_sources
 from codegen2.errors import UserError
 from codegen2.objectives import OBJECTIVE_CODES, make_example
@@ -229,52 +230,63 @@ def test_truncation_is_counted(tmp_path):
     assert [d.text for d in docs] == ["x" * 30] and source.truncated == 1
 
 
-# ------------------------------------------------------------------------------------- token cache
+# ------------------------------------------------------------------------- a run's in-line prepared data
 def _split_docs(tokens: np.ndarray, eot: int) -> list[tuple[int, ...]]:
     cuts = np.flatnonzero(tokens == eot)
     assert len(cuts) and cuts[-1] == len(tokens) - 1, "every document is followed by one eot"
     return [tuple(p) for p in np.split(np.asarray(tokens), cuts + 1)[:-1]]
 
 
-def test_cache_holds_exactly_the_training_documents_shuffled(tok, tmp_path):
-    cfg = DataConfig(embedded_max_files=16, heldout_fraction=0.3)
-    (code, nl) = embedded_sources(cfg, "train")
-    cache = build_token_cache(code, tok, tmp_path, seed=3, progress=False)
-    assert cache.tokens.dtype == np.uint16 and not cache.reused
-    stored = _split_docs(cache.tokens, tok.eot_id)
-    train = [tuple(tok.encode(d.text, literal_specials=True)) + (tok.eot_id,) for d in code.documents()]
-    assert Counter(stored) == Counter(train) and stored != train  # same documents, other order
-    assert cache.manifest["docs"] == len(train) and cache.manifest["tokens"] == len(cache.tokens)
-    held = [tuple(tok.encode(d.text, literal_specials=True)) + (tok.eot_id,)
-            for d in heldout_documents(cfg, kind="code")]
-    assert held and not set(held) & set(stored)
-    again = build_token_cache(code, tok, tmp_path, seed=3, progress=False)
-    assert again.reused and np.array_equal(again.tokens, cache.tokens)
-    reshuffled = build_token_cache(code, tok, tmp_path, seed=4, progress=False)
-    assert not reshuffled.reused and Counter(_split_docs(reshuffled.tokens, tok.eot_id)) == Counter(stored)
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporaries left
-    manifest = json.loads(cache.path.with_suffix(".json").read_text())
-    assert manifest["tokenizer"] == tok.fingerprint() and manifest["split"] == "train"
+def _quiet(message: str) -> None:
+    pass
 
 
-def test_cache_encodes_special_strings_as_text_and_rebuilds_on_change(tok, tmp_path):
+def _small_config(data: DataConfig, vocab: int = 600) -> Config:
+    config = Config()
+    config.data = data
+    config.tokenizer.vocab_size, config.tokenizer.num_masks, config.tokenizer.train_chars = vocab, 8, 30_000
+    config.model.vocab_size, config.train.seq_len = vocab, 32
+    return config
+
+
+def test_run_prepares_exactly_the_kept_training_documents(tmp_path):
+    """The in-line path runs the prepare stages into RUN/prepared: its train shards hold every training document
+    the stages kept (each followed by one eot), none of the held-out ones, which are in heldout.jsonl."""
+    config = _small_config(DataConfig(embedded_max_files=16, heldout_fraction=0.3), vocab=700)
+    run = tmp_path / "run"
+    tok, mix, stats = prepare_data(config, run, log=_quiet)
+    data = PreparedData.open(run / "prepared")
+    removed = {(d["source"], d["split"], d["path"]) for d in map(json.loads, open(data.root / "removed.jsonl"))}
+    code_entry = next(s for s in data.sources if s["name"] == "stdlib-code")
+    stored = _split_docs(data.stream(code_entry, "train")[:], tok.eot_id)
+    (code, _) = embedded_sources(config.data, "train")
+    train = [tuple(tok.encode(d.text, literal_specials=True)) + (tok.eot_id,) for d in code.documents()
+             if ("stdlib-code", "train", d.path) not in removed]
+    assert Counter(stored) == Counter(train) and len(train) == code_entry["splits"]["train"]["docs"]
+    held = [d for d in heldout_documents(config.data) if (f"stdlib-{d.kind}", "heldout", d.path) not in removed]
+    assert held and [(d.path, d.text) for d in sorted(held, key=lambda d: d.path)] == \
+        [(d.path, d.text) for d in sorted(data.heldout_documents(), key=lambda d: d.path)]
+    held_code = {tuple(tok.encode(d.text, literal_specials=True)) + (tok.eot_id,) for d in held if d.kind == "code"}
+    assert not held_code & set(stored)
+    assert stats["sources"][0]["docs"] == len(train) and stats["tokens"] == sum(len(s) for s in mix.streams)
+
+
+def test_special_strings_in_documents_stay_text(tmp_path):
     data = tmp_path / "src"
     data.mkdir()
-    (data / "a.py").write_text("s = '<|endoftext|><mask_1><sep>'\n")
-    (source,) = user_sources(_data([SourceConfig(path=str(data))]), "train")
-    cache = build_token_cache(source, tok, tmp_path / "cache", seed=0, progress=False)
-    assert int((cache.tokens == tok.eot_id).sum()) == 1 and tok.mask_id(1) not in cache.tokens
-    (data / "b.py").write_text("t = 2\n")
-    (source,) = user_sources(_data([SourceConfig(path=str(data))]), "train")
-    rebuilt = build_token_cache(source, tok, tmp_path / "cache", seed=0, progress=False)
-    assert not rebuilt.reused and rebuilt.manifest["docs"] == 2
+    (data / "a.py").write_text("s = '<|endoftext|><mask_1><sep>'\n" * 3)
+    config = _small_config(_data([SourceConfig(path=str(data))]))
+    tok, mix, _ = prepare_data(config, tmp_path / "run", log=_quiet)
+    tokens = mix.streams[0][:]
+    assert int((tokens == tok.eot_id).sum()) == 1 and tok.mask_id(1) not in tokens and tok.sep_id not in tokens
 
 
-def test_source_without_documents_is_an_error(tok, tmp_path):
+def test_source_without_documents_is_an_error(tmp_path):
     (tmp_path / "blob.bin").write_bytes(b"\x00\x00")
-    (source,) = user_sources(_data([SourceConfig(path=str(tmp_path))]), "train")
-    with pytest.raises(UserError, match=rf"data source {tmp_path}: no train documents \(1 binary\)"):
-        build_token_cache(source, tok, tmp_path / "cache", seed=0, progress=False)
+    config = _small_config(_data([SourceConfig(path=str(tmp_path))]))
+    expected = r"no training documents \(" + tmp_path.name + r": 0 documents, skipped 1 binary\)"
+    with pytest.raises(UserError, match=expected):
+        prepare_data(config, tmp_path.parent / f"{tmp_path.name}-run", log=_quiet)
 
 
 # ------------------------------------------------------------------------------------------ mixture
@@ -447,34 +459,28 @@ def test_prepare_data_end_to_end(tmp_path):
     root = embedded.stdlib_root()
     for name in ("textwrap.py", "shlex.py", "bisect.py", "glob.py", "fnmatch.py", "this.py"):
         (data / name).write_text((root / name).read_text(encoding="utf-8"))
-    config = Config()
-    config.data = _data([SourceConfig(path=str(data), weight=3), SourceConfig(path=str(data / "this.py"), kind="nl")])
-    config.tokenizer.vocab_size, config.tokenizer.num_masks, config.tokenizer.train_chars = 700, 8, 50_000
-    config.model.vocab_size, config.train.seq_len = 700, 32
+    config = _small_config(_data([SourceConfig(path=str(data), weight=3),
+                                  SourceConfig(path=str(data / "this.py"), kind="nl")]), vocab=700)
+    config.tokenizer.train_chars = 50_000
     run = tmp_path / "run"
-    tokenizer, mix, stats = prepare_data(config, run, progress=False)
+    tokenizer, mix, stats = prepare_data(config, run, log=_quiet)
     assert (run / "tokenizer.json").is_file() and tokenizer.vocab_size == 700
-    assert stats["tokenizer"]["origin"] == "trained" and stats["tokenizer"]["train_chars"] <= 50_000
-    assert [s["name"] for s in stats["sources"]] == ["code", "this"]
-    assert [s["docs"] for s in stats["sources"]] == [6, 1] and mix.weights.tolist() == [0.75, 0.25]
+    manifest = PreparedData.open(run / "prepared").manifest
+    assert manifest["tokenizer"]["origin"] == "trained" and manifest["tokenizer"]["train_chars"] <= 50_000
+    # this.py is in both sources: one copy is kept (the smaller key hash), the other removed as a duplicate
+    kept = {s["name"]: s["splits"]["train"]["docs"] for s in manifest["sources"]}
+    assert sorted(kept) == ["code", "this"] and sum(kept.values()) == 6
+    assert sum(s["splits"]["train"]["removed"].get("exact_duplicate", 0) for s in manifest["sources"]) == 1
+    assert [s["name"] for s in stats["sources"]] == [name for name in ("code", "this") if kept[name]]
     assert stats["tokens"] == sum(len(s) for s in mix.streams)
-    again_tok, again_mix, again = prepare_data(config, run, progress=False)
-    assert again["tokenizer"]["origin"] == str(run / "tokenizer.json")
-    assert all(s["reused"] for s in again["sources"])
+    stamp = (run / "prepared" / "manifest.json").stat().st_mtime_ns
+    lines: list[str] = []
+    again_tok, again_mix, again = prepare_data(config, run, log=lines.append)
+    assert lines == [] and (run / "prepared" / "manifest.json").stat().st_mtime_ns == stamp  # reused, not redone
     assert np.array_equal(again_mix.get_batch(range(50)), mix.get_batch(range(50)))
     config.model.vocab_size = 600
     with pytest.raises(UserError, match="model.vocab_size=600"):
-        prepare_data(config, run, progress=False)
-
-
-def test_tokenizer_sample_is_deterministic_and_bounded(tmp_path):
-    for i in range(40):
-        (tmp_path / f"f{i}.txt").write_text(f"doc {i} " * (i + 1))
-    (source,) = user_sources(_data([SourceConfig(path=str(tmp_path))]), "train")
-    texts = sample_texts(source, 600, seed=1)
-    assert texts == sample_texts(source, 600, seed=1) and 0 < sum(map(len, texts)) <= 600
-    assert texts != sample_texts(source, 600, seed=2)
-    assert sum(map(len, sample_texts(source, 10**9, seed=1))) == sum(len(d.text) for d in source.documents())
+        prepare_data(config, run, log=_quiet)
 
 
 def test_run_directory_inside_the_data_is_never_read(tmp_path):
@@ -483,16 +489,14 @@ def test_run_directory_inside_the_data_is_never_read(tmp_path):
     root = embedded.stdlib_root()
     for name in ("textwrap.py", "shlex.py"):
         (project / name).write_text((root / name).read_text(encoding="utf-8"))
-    config = Config()
-    config.data = _data([source_from_path(str(project))])
-    config.tokenizer.vocab_size, config.tokenizer.num_masks, config.tokenizer.train_chars = 600, 8, 20_000
-    config.model.vocab_size, config.train.seq_len = 600, 32
+    config = _small_config(_data([source_from_path(str(project))]))
     run = project / "runs" / "r1"
-    _, _, stats = prepare_data(config, run, progress=False)
+    _, _, stats = prepare_data(config, run, log=_quiet)
     assert stats["sources"][0]["docs"] == 2 and stats["sources"][0]["skipped"] == {}
     (run / "metrics.jsonl").write_text('{"loss": 1.0}\n')  # the run keeps writing while it trains
-    _, _, again = prepare_data(config, run, progress=False)
-    assert again["sources"][0]["reused"] and again["sources"][0]["docs"] == 2
+    shutil.rmtree(run / "prepared")  # prepared again, with the run's tokenizer.json and files present
+    _, _, again = prepare_data(config, run, log=_quiet)
+    assert again["sources"][0]["docs"] == 2
 
 
 def test_training_data_stats_count_the_held_out_split(tmp_path):
@@ -501,16 +505,69 @@ def test_training_data_stats_count_the_held_out_split(tmp_path):
 
     for i in range(60):
         (tmp_path / f"f{i}.py").write_text(f"x_{i} = {i}\n")
-    config = Config()
-    config.data = _data([SourceConfig(path=str(tmp_path))])
+    config = _small_config(_data([SourceConfig(path=str(tmp_path))]))
     config.data.heldout_fraction = 0.2
-    config.tokenizer.vocab_size, config.tokenizer.num_masks, config.tokenizer.train_chars = 600, 8, 20_000
-    config.model.vocab_size, config.train.seq_len = 600, 32
     (heldout,) = user_sources(config.data, "heldout")
     expected = len(list(heldout.documents()))  # the held-out split itself, read the way evaluation reads it
     (train,) = user_sources(config.data, "train")
     assert 0 < expected < 60 and len(list(train.documents())) == 60 - expected == 60 - train.other_split
-    _, _, stats = prepare_data(config, tmp_path.parent / "run", progress=False)
+    _, _, stats = prepare_data(config, tmp_path.parent / "run", log=_quiet)
     (entry,) = stats["sources"]
     assert entry["heldout_docs"] == expected and entry["docs"] == 60 - expected
     assert data_summary(stats)[entry["name"]].endswith(f"; {expected:,} held out")
+
+
+def test_removed_cache_dir_key_is_a_clear_error_and_old_configs_still_load(tmp_path):
+    from codegen2.config import ConfigError, load_config
+
+    old = tmp_path / "old.toml"
+    old.write_text('[data]\ncache_dir = ""\n')  # what an earlier codegen2 wrote into every run's config.toml
+    assert not hasattr(load_config(old).data, "cache_dir")
+    old.write_text('[data]\ncache_dir = "/shared/cache"\n')
+    with pytest.raises(ConfigError, match=r"old.toml: data.cache_dir was removed: .*data.prepared = DIR"):
+        load_config(old)
+    with pytest.raises(ConfigError, match=r"--set data.cache_dir: data.cache_dir was removed"):
+        load_config(None, overrides=["data.cache_dir=x"])
+
+
+# ------------------------------------------------------------------- the run's prepared data: bad input
+def _run_with_prepared_data(tmp_path) -> tuple[Config, Path]:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    root = embedded.stdlib_root()
+    for name in ("textwrap.py", "shlex.py", "bisect.py", "glob.py"):
+        (corpus / name).write_text((root / name).read_text(encoding="utf-8"))
+    config = _small_config(_data([SourceConfig(path=str(corpus))]))
+    config.data.heldout_fraction = 0.3
+    run = tmp_path / "run"
+    prepare_data(config, run, log=_quiet)
+    return config, run
+
+
+def test_resume_needs_no_raw_files_and_damage_is_one_line(tmp_path):
+    config, run = _run_with_prepared_data(tmp_path)
+    _, before, _ = prepare_data(config, run, log=_quiet)
+    shutil.rmtree(tmp_path / "corpus")  # the raw source disappeared: the prepared data is enough
+    _, after, _ = prepare_data(config, run, log=_quiet)
+    assert np.array_equal(before.get_batch(range(20)), after.get_batch(range(20)))
+    changed = _small_config(_data([SourceConfig(path=str(tmp_path / "corpus"))]))
+    changed.data.heldout_fraction = 0.5
+    with pytest.raises(UserError, match=r"prepared with other settings than its config has now "
+                                        r"\(data.heldout_fraction\)"):
+        prepare_data(changed, run, log=_quiet)
+    shard = next((run / "prepared" / "shards").rglob("train-*.bin"))
+    shard.write_bytes(shard.read_bytes()[:-2])  # truncated
+    with pytest.raises(UserError, match=r"shard .* has the wrong size \(the run's own prepared data is damaged: "
+                                        r"remove .*prepared and run again with --resume"):
+        prepare_data(config, run, log=_quiet)
+    (run / "prepared" / "manifest.json").write_text('{"format": "codegen2-prep')  # cut short
+    with pytest.raises(UserError, match=r"unreadable manifest .*the run's own prepared data is damaged"):
+        prepare_data(config, run, log=_quiet)
+
+
+def test_unfinished_inline_prepare_with_other_settings_is_refused(tmp_path):
+    config, run = _run_with_prepared_data(tmp_path)
+    (run / "prepared" / "manifest.json").unlink()  # as if stopped before the last stage
+    config.prepare.minhash_threshold = 0.8
+    with pytest.raises(UserError, match="unfinished data preparation was started with other settings"):
+        prepare_data(config, run, log=_quiet)

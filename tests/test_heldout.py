@@ -1,5 +1,7 @@
 """Held-out metrics: the infill task set is fixed and lossless; the loss matches a direct computation."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -153,17 +155,61 @@ def test_completion_loss_scores_the_second_half_given_the_first():
 def test_heldout_with_nothing_held_out_says_why(tmp_path, small_tokenizer, capsys, fraction, words):
     from codegen2 import cli
     from codegen2.config import SourceConfig, load_config, save_config
+    from codegen2.data import prepare_data
     from conftest import make_random_run
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "one.py").write_text("def one():\n    return 1\n")
+    (corpus / "one.py").write_text("def one():\n    return 1\n" * 30)
     run = make_random_run(tmp_path / "run", small_tokenizer, 64)
     config = load_config(run / "config.toml")
     config.data.sources = [SourceConfig(path=str(corpus), kind="code")]
     config.data.heldout_fraction = fraction
     save_config(config, run / "config.toml")
+    prepare_data(config, run, log=lambda message: None)  # what training does first: RUN/prepared
+    capsys.readouterr()
     assert cli.main(["eval", "heldout", "--checkpoint", str(run), "--n-infill", "0"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1, captured
     assert "no held-out documents" in captured.err and words in captured.err, captured.err
+
+
+def test_eval_scores_exactly_the_prepared_heldout_documents(tmp_path, small_tokenizer, capsys, monkeypatch):
+    """`eval heldout` on a run reads the held-out documents of the run's prepared data, not the raw sources:
+    a held-out file that duplicates a training file was removed there and is not scored, and the raw files
+    can be gone."""
+    import shutil
+
+    from codegen2 import cli
+    from codegen2.config import SourceConfig, load_config, save_config
+    from codegen2.data import is_heldout, prepare_data
+    from codegen2.data.prepare import PreparedData
+    from codegen2.eval import heldout as heldout_module
+    from conftest import make_random_run
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(value):\n    total = value * {i}\n    return total + {i}\n")
+    names = [f"m{i}.py" for i in range(40)]
+    held = [n for n in names if is_heldout(n, 0.25)]
+    trained = [n for n in names if not is_heldout(n, 0.25)]
+    (corpus / held[0]).write_text((corpus / trained[0]).read_text())  # a held-out copy of a training file
+    run = make_random_run(tmp_path / "run", small_tokenizer, 64)
+    config = load_config(run / "config.toml")
+    config.data.sources = [SourceConfig(path=str(corpus), kind="code")]
+    config.data.heldout_fraction = 0.25
+    save_config(config, run / "config.toml")
+    prepare_data(config, run, log=lambda message: None)
+    prepared = PreparedData.open(run / "prepared").heldout_documents()
+    assert len(prepared) in (len(held) - 1, len(held))  # the duplicate pair keeps one copy, in whichever split
+    removed = [line for line in (run / "prepared" / "removed.jsonl").read_text().splitlines()]
+    assert len(removed) == 1 and "exact_duplicate" in removed[0]
+    seen = []
+    evaluate = heldout_module.evaluate_heldout
+    monkeypatch.setattr(heldout_module, "evaluate_heldout",
+                        lambda loaded, documents, *args: seen.append(documents) or evaluate(loaded, documents, *args))
+    shutil.rmtree(corpus)  # evaluation never reads the raw files
+    assert cli.main(["eval", "heldout", "--checkpoint", str(run), "--n-infill", "0", "--max-tokens", "500"]) == 0
+    assert [(d.path, d.text, d.kind) for d in seen[0]] == [(d.path, d.text, d.kind) for d in prepared]
+    assert json.loads(capsys.readouterr().out)["heldout_docs"] == {"code": len(prepared), "nl": 0}

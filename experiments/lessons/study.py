@@ -6,9 +6,10 @@ held-out split, and write docs/lessons.md with its table and plots.
 
 Arms are `experiments/lessons/arms/*.toml` over `common.toml`; each (arm, seed) is a normal `codegen2 train`
 run in RUN_ROOT/<arm>-seed<k>, evaluated by `codegen2 eval heldout` into its eval.json. Everything resumes:
-a finished run is skipped, a killed one continues from its last checkpoint. All arms share one tokenizer and
-one token cache (built first, in this process), so their losses are in the same units and two runs never
-write the same cache file at once. Each run gets one thread; `--jobs` runs go side by side.
+a finished run is skipped, a killed one continues from its last checkpoint. All arms share one tokenizer
+(trained first, in this process, by one `codegen2 data prepare` of the common data), so their losses are in
+the same units; each run then prepares its data with it into its own RUN/prepared (the same filters, dedup and
+held-out split for every arm). Each run gets one thread; `--jobs` runs go side by side.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def load_arms(names: list[str] | None = None) -> list[Arm]:
 
 
 def shared_overrides(root: Path, steps: int | None, extra: list[str]) -> list[str]:
-    """Overrides every run gets: the shared tokenizer and cache, a shorter schedule for --steps, then --set."""
-    items = [f'tokenizer.path="{root / "shared" / "tokenizer.json"}"', f'data.cache_dir="{root / "cache"}"']
+    """Overrides every run gets: the shared tokenizer, a shorter schedule for --steps, then --set."""
+    items = [f'tokenizer.path="{root / "shared" / "tokenizer.json"}"']
     if steps is not None:
         items += [f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 4)}",
                   f"train.checkpoint_every={max(1, steps // 2)}", f"train.log_every={max(1, steps // 4)}",
@@ -78,17 +79,15 @@ def shared_overrides(root: Path, steps: int | None, extra: list[str]) -> list[st
 
 
 def prepare_shared(root: Path, seeds: list[int], extra: list[str]) -> None:
-    """Train the one tokenizer and fill the token cache for every seed before any run starts."""
+    """Train the one tokenizer (a `codegen2 data prepare` of the common data, first seed) before any run starts."""
     from codegen2.config import load_config
-    from codegen2.data import prepare_data
+    from codegen2.data.prepare.pipeline import prepare
 
     shared = root / "shared"
-    shared.mkdir(parents=True, exist_ok=True)
-    for seed in seeds:
-        overrides = [f'data.cache_dir="{root / "cache"}"', f"train.seed={seed}"] + extra + (
-            [f'tokenizer.path="{shared / "tokenizer.json"}"'] if (shared / "tokenizer.json").is_file() else [])
-        config = load_config(HERE / "common.toml", overrides=overrides)
-        prepare_data(config, shared)
+    if (shared / "manifest.json").is_file():
+        return
+    config = load_config(HERE / "common.toml", overrides=[f"train.seed={seeds[0]}"] + extra)
+    prepare(config, shared, resume=(shared / "plan.json").is_file())
 
 
 def codegen2_command() -> list[str]:

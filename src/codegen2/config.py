@@ -151,9 +151,9 @@ class DataConfig:
     embedded_nl_weight: float = 0.2  # default corpus: prose shipped with Python
     embedded_max_files: int = 0  # 0 = all standard-library files
     heldout_fraction: float = 0.02  # files held out by a hash of their path, never trained on
-    max_doc_chars: int = 1_000_000  # longer documents are truncated (and counted)
-    cache_dir: str = ""  # token cache; defaults to RUN_DIR/data
-    prepared: str = ""  # a directory written by `codegen2 data prepare`: train on its token shards
+    max_doc_chars: int = 1_000_000  # longer documents are truncated (and counted) where raw files are read
+    prepared: str = ""  # a directory written by `codegen2 data prepare`: train on its token shards (else the run
+    #                     prepares its sources into RUN/prepared)
 
     def validate(self) -> None:
         if not 0.0 <= self.heldout_fraction < 1.0:
@@ -408,9 +408,31 @@ def parse_text(text: str, hint: Any, key: str, origin: str = "--set") -> Any:
     return check_value(toml_value, hint, key, origin)
 
 
+# Keys that existed once: (section, key) -> why they are gone and what to use. A config.toml written by an older
+# version holds them with their default value, which is accepted (and dropped) so that old runs still load.
+REMOVED_KEYS: dict[tuple[str, str], tuple[Any, str]] = {
+    ("data", "cache_dir"): ("", "data.cache_dir was removed: a run prepares its sources into RUN/prepared; to share "
+                                "prepared data between runs, run `codegen2 data prepare --out DIR` once and set "
+                                "data.prepared = DIR"),
+}
+
+
+def _removed_key(section: str, key: str, value: Any, prefix: str = "") -> bool:
+    """True for a removed key holding its old default (to drop); a ConfigError for one set to anything else."""
+    if (section, key) not in REMOVED_KEYS:
+        return False
+    default, message = REMOVED_KEYS[(section, key)]
+    if value != default:
+        raise ConfigError(f"{prefix}{message}")
+    return True
+
+
 def _build_dataclass(cls: type, values: dict[str, Any], where: str, origin: str = "") -> Any:
     """Build `cls` from a dict, rejecting unknown keys (with the list of valid ones) and values of the wrong type."""
     hints = _field_hints(cls)
+    section = where.rstrip(".")
+    values = {k: v for k, v in values.items()
+              if not _removed_key(section, k, v, f"{origin}: " if origin else "")}
     for key in values:
         if key not in hints:
             prefix = f"{origin}: " if origin else ""
@@ -473,6 +495,8 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             raise ConfigError(f"--set {dotted}: unknown config section '{section}'; valid sections: "
                               f"{', '.join(sorted(_SECTION_CLASSES))}")
         hints = _field_hints(_SECTION_CLASSES[section])
+        if (section, key) in REMOVED_KEYS:
+            raise ConfigError(f"--set {dotted}: {REMOVED_KEYS[(section, key)][1]}")
         if key not in hints:
             raise ConfigError(f"unknown config key '{section}.{key}'; valid keys: {', '.join(sorted(hints))}")
         if section == "data" and key == "sources":

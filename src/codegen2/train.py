@@ -487,11 +487,25 @@ def init_tokenizer(config: Config):
 
 
 def _prepare_data_on_ranks(config: Config, run_dir: Path, tokenizer, env: DistEnv, prepare_data):
-    """Rank 0 trains the tokenizer and fills the token cache; the others then read the cache."""
+    """Rank 0 prepares the run's data if it is not prepared yet (the others wait for its manifest, then the
+    barrier); then every rank memory-maps the shards."""
+    from .data.pipeline import run_prepared_dir
+    from .data.prepare.shards import MANIFEST
+
     if tokenizer is None and config.train.init_from and not (run_dir / "tokenizer.json").is_file():
         tokenizer = init_tokenizer(config)
     if env.is_main:
         tokenizer, dataset, stats = prepare_data(config, run_dir, tokenizer)
+    else:
+        manifest = run_prepared_dir(config, run_dir) / MANIFEST
+        if not manifest.is_file():
+            if env.rank == 1:
+                print(f"ranks 1-{env.world_size - 1} wait for rank 0 to prepare the data in {manifest.parent}",
+                      file=sys.stderr, flush=True)
+            # Polled rather than a barrier alone, whose timeout (30 minutes) a large preparation can exceed;
+            # if rank 0 fails, torchrun stops this rank.
+            while not manifest.is_file():
+                time.sleep(1.0)
     barrier(env)
     if not env.is_main:
         tokenizer, dataset, stats = prepare_data(config, run_dir, tokenizer)
@@ -502,8 +516,9 @@ def _prepare_data_on_ranks(config: Config, run_dir: Path, tokenizer, env: DistEn
 
 
 def data_summary(stats: dict) -> dict:
-    """The data line of the training summary: per source its documents and tokens, and what was skipped
-    (binary, not UTF-8, empty, bad lines...) or truncated, so that nothing is dropped without a word."""
+    """The data line of the training summary: per source its documents and tokens, what was skipped (binary,
+    not UTF-8, empty, bad lines...) or removed (filters, duplicates, benchmark text) and how many documents are
+    held out, so that nothing is dropped without a word."""
     summary = dict(stats.get("summary", {}))
     for source in stats.get("sources", []):
         skipped = [f"{count:,} {reason.replace('_', ' ')}"
@@ -511,6 +526,10 @@ def data_summary(stats: dict) -> dict:
         notes = [f"skipped {', '.join(skipped)}"] if skipped else []
         if source.get("truncated"):
             notes.append(f"{source['truncated']:,} cut to data.max_doc_chars")
+        removed = [f"{count:,} {reason.replace('_', ' ')}"
+                   for reason, count in sorted(source.get("removed", {}).items()) if count]
+        if removed:
+            notes.append(f"removed {', '.join(removed)}")
         if source.get("heldout_docs"):
             notes.append(f"{source['heldout_docs']:,} held out")
         if notes and source["name"] in summary:
@@ -586,9 +605,9 @@ def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, pre
     run_log = RunLog(run_dir, env.is_main, step)
     probe = None
     if t.eval_every > 0:
-        from .eval.heldout import HeldoutProbe
+        from .eval.heldout import HeldoutProbe, run_heldout_documents
 
-        probe = HeldoutProbe(config.data, tokenizer, t.seq_len, t.eval_tokens, micro_bs)
+        probe = HeldoutProbe(run_heldout_documents(config, run_dir), tokenizer, t.seq_len, t.eval_tokens, micro_bs)
     if env.is_main:
         print(f"training {unwrap(model).num_parameters():,} parameters on {env.world_size}x {env.device.type} "
               f"({parallel}, {'bf16' if bf16 else 'fp32'}), {micro_bs} x {grad_accum} x {env.world_size} = "

@@ -1,8 +1,9 @@
 """Training data: sources (embedded corpus, directories, JSONL, Parquet, HF datasets), the held-out
-split, token caches, the weighted packed mixture and the prefetching batch loader.
+split, the prepare stages and their token shards, the weighted packed mixture and the prefetching batch loader.
 
 Modules: `documents` (Document, held-out split), `embedded` (the default corpus), `formats`
-(user-data readers), `sources`, `cache`, `mixture`, `loader`, `pipeline` (prepare_data).
+(user-data readers), `sources`, `prepare` (filter, dedup, decontaminate, tokenize into shards), `mixture`,
+`loader`, `pipeline` (prepare_data: a run's data, always through `prepare`).
 """
 
 from codegen2.data.documents import Document, is_heldout

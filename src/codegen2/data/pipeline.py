@@ -1,95 +1,152 @@
-"""From a Config to training data: sources -> tokenizer -> token caches -> packed mixture."""
+"""From a Config to training data: every run trains from a prepared directory (docs/data.md).
+
+With `data.prepared`, the directory `codegen2 data prepare` wrote. Otherwise the run prepares its own sources
+(`--data PATH`, `[[data.sources]]` or the embedded corpus) with the same stages on datatrove's local executor,
+in this process, into `RUN/prepared`: one data path. A resumed run reuses that directory (the raw files are no
+longer needed); a run stopped while preparing continues the preparation where it stopped.
+"""
 
 from __future__ import annotations
 
-import heapq
-import logging
-from collections.abc import Iterable
+import copy
+import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from codegen2.config import Config
-from codegen2.data.cache import build_token_cache
-from codegen2.data.documents import stable_fraction
-from codegen2.data.formats import mark_not_data
+from codegen2.data.formats import mark_not_data, walk_files
 from codegen2.data.mixture import PackedMixture
-from codegen2.data.sources import Source, data_sources
+from codegen2.data.sources import data_sources
 from codegen2.errors import UserError
-from codegen2.tokenizer import CodeGenTokenizer, train_tokenizer
+from codegen2.tokenizer import CodeGenTokenizer
 
-log = logging.getLogger(__name__)
+RUN_PREPARED = "prepared"  # RUN/prepared: the in-line prepared data of a run
+OLD_TOKEN_CACHE = "data"  # RUN/data: the per-run token cache of codegen2 before the one data path
+TASK_BYTES = 4 << 20  # in-line preparation: about one task per 4 MiB of raw data (at most one per core)
 
 
-def sample_texts(source: Source, budget: int, seed: int) -> list[str]:
-    """A deterministic sample of about `budget` characters of `source`'s documents.
+def run_prepared_dir(config: Config, run_dir: str | Path) -> Path:
+    """Where a run's prepared data lives: `data.prepared`, else the run's own `RUN/prepared`."""
+    return Path(config.data.prepared).expanduser() if config.data.prepared else Path(run_dir) / RUN_PREPARED
 
-    Documents are ranked by a seeded hash of their path and taken in that order while they fit
-    (streaming, memory bounded by the budget), so the sample spreads over the whole source
-    instead of favouring the first files of a sorted directory.
-    """
-    if budget <= 0:
-        return []
-    heap: list[tuple[float, str, str]] = []  # (-priority, path, text): the kept documents
+
+def usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def inline_tasks(config: Config) -> int:
+    """Tasks (= workers) of an in-line preparation: one per TASK_BYTES of raw data, at most one per usable core,
+    so small data runs in this process (no worker start-up) and the embedded corpus uses every core. The
+    prepared output is the same for any number."""
     total = 0
-    smallest: tuple[float, str, str] | None = None  # in case no whole document fits
-    for doc in source.documents():
-        priority = stable_fraction(doc.path, f"tokenizer-sample:{seed}")
-        if smallest is None or priority < smallest[0]:
-            smallest = (priority, doc.path, doc.text)
-        heapq.heappush(heap, (-priority, doc.path, doc.text))
-        total += len(doc.text)
-        while total > budget and heap:
-            total -= len(heapq.heappop(heap)[2])
-    if not heap and smallest is not None:
-        return [smallest[2][:budget]]
-    return [text for _, _, text in sorted(heap, key=lambda item: (-item[0], item[1]))]
+    for source in data_sources(config.data, "train", all_kinds=True):
+        for root in source.roots:
+            if root.is_file():
+                total += root.stat().st_size
+            elif root.is_dir():
+                total += sum(path.stat().st_size for _, path in walk_files(root))
+    return max(1, min(usable_cores(), total // TASK_BYTES))
 
 
-def tokenizer_training_texts(sources: Iterable[Source], total_chars: int, seed: int) -> list[str]:
-    """Split the character budget between sources by their mixture weights."""
-    sources = list(sources)
-    weight_sum = sum(s.weight for s in sources)
-    texts: list[str] = []
-    for source in sources:
-        texts.extend(sample_texts(source, int(total_chars * source.weight / weight_sum), seed))
-    return texts
-
-
-def resolve_tokenizer(config: Config, run_dir: Path, sources: list[Source],
-                      tokenizer: CodeGenTokenizer | None) -> tuple[CodeGenTokenizer, dict[str, Any]]:
-    """The given tokenizer, else tokenizer.path, else the run's saved one, else a newly trained one."""
+def _inline_config(config: Config, run_dir: Path, tokenizer: CodeGenTokenizer | None) -> Config:
+    """The config the run's sources are prepared with: the tokenizer is the given one (saved as the run's
+    tokenizer.json), else tokenizer.path, else the run's saved tokenizer.json, else one trained by the prepare."""
+    config = copy.deepcopy(config)
     saved = run_dir / "tokenizer.json"
     if tokenizer is not None:
-        info = {"origin": "given"}
-    elif config.tokenizer.path:
-        tokenizer, info = CodeGenTokenizer.load(config.tokenizer.path), {"origin": config.tokenizer.path}
-    elif saved.is_file():
-        tokenizer, info = CodeGenTokenizer.load(saved), {"origin": str(saved)}
+        if saved.is_file() and CodeGenTokenizer.load(saved).fingerprint() != tokenizer.fingerprint():
+            raise UserError(f"{saved} is another tokenizer than the one this run was given; start a new run")
+        if not saved.is_file():
+            tokenizer.save(run_dir)
+        config.tokenizer.path = str(saved)
+    elif not config.tokenizer.path and saved.is_file():
+        config.tokenizer.path = str(saved)
+    return config
+
+
+def _changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two settings trees."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [key for k in sorted(set(old) | set(new))
+                for key in _changed_settings(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def prepare_inline(config: Config, run_dir: Path, tokenizer: CodeGenTokenizer | None = None, log=None) -> Path:
+    """Prepare the run's sources into RUN/prepared (local executor, in this process), continue a preparation
+    that was stopped, or reuse a finished one without reading any raw file; returns the directory."""
+    from codegen2.data.prepare.pipeline import PLAN, prepare, prepare_settings, settings_fingerprint
+    from codegen2.data.prepare.shards import MANIFEST
+
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    out = run_dir / RUN_PREPARED
+    if (out / MANIFEST).is_file():
+        settings = open_checked(out).manifest.get("settings", {})
+        now = prepare_settings(config)
+        changed = [k for section in ("data", "prepare")
+                   for k in _changed_settings(settings.get(section), now[section], f"{section}.")]
+        if changed:
+            raise UserError(f"{out}: the run's data was prepared with other settings than its config has now "
+                            f"({', '.join(changed[:4])}); resume without changing them, or start a new run")
+        return out
+    old_cache = run_dir / OLD_TOKEN_CACHE
+    if not out.exists() and old_cache.is_dir() and any(old_cache.glob("*.npy")):
+        log(f"note: {run_dir} was started on the per-run token cache of an earlier codegen2 ({old_cache}); "
+            f"its sources are prepared again into {out} (filtered and deduplicated), so training continues on "
+            "another sample order")
+    inline = _inline_config(config, run_dir, tokenizer)
+    resume = (out / PLAN).is_file()
+    if resume:
+        plan = _read_json(out / PLAN, out)
+        tasks = int(plan.get("tasks", 1))
+        if plan.get("fingerprint") != settings_fingerprint(prepare_settings(inline)):
+            raise UserError(f"{out}: the run's unfinished data preparation was started with other settings "
+                            "(sources, filters, tokenizer); resume with the run's config unchanged, or start "
+                            "afresh with --overwrite")
+        log(f"continuing the run's data preparation in {out} ({tasks} task(s))")
     else:
-        texts = tokenizer_training_texts(sources, config.tokenizer.train_chars, config.train.seed)
-        log.info("training a %d-token BPE on %d characters", config.tokenizer.vocab_size, sum(map(len, texts)))
-        tokenizer = train_tokenizer(texts, config.tokenizer.vocab_size, config.tokenizer.num_masks)
-        info = {"origin": "trained", "train_chars": sum(map(len, texts)), "train_docs": len(texts)}
-    if tokenizer.vocab_size > config.model.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
-                        f"{config.model.vocab_size}; set model.vocab_size to at least {tokenizer.vocab_size}")
-    if not saved.is_file():
-        tokenizer.save(run_dir)
-    info.update(vocab_size=tokenizer.vocab_size, num_masks=tokenizer.num_masks, saved=str(saved))
-    return tokenizer, info
+        tasks = inline_tasks(inline)
+        log(f"preparing the run's data into {out} (filters, dedup, decontamination, tokenizer, shards; "
+            f"{tasks} task(s) on this machine)")
+    try:
+        prepare(inline, out, tasks=tasks, workers=tasks, resume=resume, log=log)
+    except KeyboardInterrupt:
+        log(f"interrupted while preparing the data in {out}; `codegen2 train --out {run_dir} --resume` continues it")
+        raise
+    return out
 
 
-def prepared_data(config: Config, run_dir: Path, tokenizer: CodeGenTokenizer | None
+def _read_json(path: Path, root: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"prepared data {root}: {path.name} is unreadable ({exc}); the directory is damaged") \
+            from None
+    if not isinstance(value, dict):
+        raise UserError(f"prepared data {root}: {path.name} is damaged")
+    return value
+
+
+def prepared_data(config: Config, run_dir: Path, tokenizer: CodeGenTokenizer | None, root: Path | None = None
                   ) -> tuple[CodeGenTokenizer, PackedMixture, dict[str, Any]]:
-    """Training data from a `codegen2 data prepare` directory: its tokenizer and memory-mapped train shards.
+    """Training data from a prepared directory (`root`, else `data.prepared`): its tokenizer and memory-mapped
+    train shards.
 
     Nothing is tokenized and no raw file is read. The run must use the directory's tokenizer: a different
     one (given, in tokenizer.path, or saved in the run directory by an earlier run) is an error.
     """
     from codegen2.data.prepare import PreparedData
 
-    data = PreparedData.open(config.data.prepared)
-    theirs = CodeGenTokenizer.load(data.root / "tokenizer.json")
+    data = PreparedData.open(root or config.data.prepared)
+    try:
+        theirs = CodeGenTokenizer.load(data.root / "tokenizer.json")
+    except Exception as exc:  # noqa: BLE001 - any unreadable tokenizer file is the same user-facing problem
+        raise UserError(f"prepared data {data.root}: tokenizer.json is unreadable ({exc})") from None
     if theirs.fingerprint() != data.manifest["tokenizer"]["fingerprint"]:
         raise UserError(f"prepared data {data.root}: tokenizer.json does not match its manifest (was it replaced?)")
     saved = run_dir / "tokenizer.json"
@@ -106,9 +163,11 @@ def prepared_data(config: Config, run_dir: Path, tokenizer: CodeGenTokenizer | N
     if theirs.vocab_size > config.model.vocab_size:
         raise UserError(f"the prepared data's tokenizer has {theirs.vocab_size} tokens but model.vocab_size="
                         f"{config.model.vocab_size}; set model.vocab_size to at least {theirs.vocab_size}")
-    sources = [s for s in data.sources if s["splits"]["train"]["tokens"] > 0]
+    # a source of weight 0 (the embedded corpus's prose in a code-only run) is prepared for its held-out
+    # documents but not trained on
+    sources = [s for s in data.sources if s["splits"]["train"]["tokens"] > 0 and s["weight"] > 0]
     if not sources:
-        raise UserError(f"prepared data {data.root}: no training tokens")
+        raise UserError(f"prepared data {data.root}: no training documents ({what_was_dropped(data)})")
     streams = [data.stream(s, "train") for s in sources]
     mixture = PackedMixture(streams, [s["weight"] for s in sources], config.train.seq_len, config.train.seed,
                             names=[s["name"] for s in sources])
@@ -119,50 +178,63 @@ def prepared_data(config: Config, run_dir: Path, tokenizer: CodeGenTokenizer | N
         "tokenizer": info,
         "prepared": str(data.root),
         "sources": [{"name": s["name"], "kind": s["kind"], "weight": float(w), "docs": t["docs"], "tokens": t["tokens"],
-                     "chunks": n, "shards": len(t["shards"])}
+                     "chunks": n, "shards": len(t["shards"]), "skipped": t.get("skipped", {}),
+                     "removed": t.get("removed", {}), "heldout_docs": s["splits"]["heldout"]["docs"]}
                     for s, w, n in zip(sources, mixture.weights, mixture.num_chunks) for t in [s["splits"]["train"]]],
         "tokens": int(sum(len(st) for st in streams)),
         "num_samples_per_epoch": mixture.num_samples_per_epoch,
     }
+    where = f"the run's prepared data {data.root}" if root is not None else f"prepared {data.root}"
     stats["summary"] = {
-        "data": f"prepared {data.root}: {shards} shard(s) memory-mapped, no tokenization, no raw-file walk",
+        "data": f"{where}: {shards} shard(s) memory-mapped, no tokenization, no raw-file walk",
         **{s["name"]: f"{s['docs']} docs, {s['tokens']:,} tokens, weight {s['weight']:.2f}" for s in stats["sources"]},
     }
     return theirs, mixture, stats
 
 
 def prepare_data(config: Config, run_dir: str | Path, tokenizer: CodeGenTokenizer | None = None,
-                 progress: bool = True) -> tuple[CodeGenTokenizer, PackedMixture, dict[str, Any]]:
-    """Everything training needs from the data side, reusing the run's tokenizer and caches if present.
+                 log=None) -> tuple[CodeGenTokenizer, PackedMixture, dict[str, Any]]:
+    """Everything training needs from the data side: the prepared directory's tokenizer and train shards.
 
-    With `data.prepared`, the shards of that directory (see `prepared_data`); otherwise the sources are
-    tokenized into the run's token cache.
+    With `data.prepared`, that directory; otherwise the run's sources are prepared into RUN/prepared first
+    (see `prepare_inline`). Under torchrun only rank 0 calls this until the data is prepared.
     """
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     if config.data.prepared:
-        run_dir.mkdir(parents=True, exist_ok=True)
         return prepared_data(config, run_dir, tokenizer)
     mark_not_data(run_dir)  # `--data .` with the run inside it must not train on the run's files
-    sources = data_sources(config.data, "train")
-    tokenizer, tokenizer_info = resolve_tokenizer(config, run_dir, sources, tokenizer)
-    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / "data"
-    caches = [build_token_cache(s, tokenizer, cache_dir, config.train.seed, progress=progress) for s in sources]
-    mixture = PackedMixture([c.tokens for c in caches], [s.weight for s in sources], config.train.seq_len,
-                            config.train.seed, names=[s.name for s in sources])
-    stats: dict[str, Any] = {
-        "tokenizer": tokenizer_info,
-        "sources": [
-            {"name": s.name, "kind": s.kind, "weight": float(w), "docs": c.manifest["docs"],
-             "tokens": c.manifest["tokens"], "chunks": n, "skipped": c.manifest["skipped"],
-             "truncated": c.manifest["truncated"], "heldout_docs": c.manifest.get("other_split"),
-             "cache": str(c.path), "reused": c.reused}
-            for s, c, w, n in zip(sources, caches, mixture.weights, mixture.num_chunks)
-        ],
-        "tokens": int(sum(c.manifest["tokens"] for c in caches)),
-        "num_samples_per_epoch": mixture.num_samples_per_epoch,
-    }
-    stats["summary"] = {
-        "tokenizer": tokenizer_info["origin"],
-        **{s["name"]: f"{s['docs']} docs, {s['tokens']:,} tokens, weight {s['weight']:.2f}" for s in stats["sources"]},
-    }
-    return tokenizer, mixture, stats
+    root = prepare_inline(config, run_dir, tokenizer, log)
+    open_checked(root)
+    return prepared_data(config, run_dir, tokenizer, root)
+
+
+def open_checked(root: Path):
+    """A run's own prepared directory, opened and checked (manifest, shard sizes, tokenizer, held-out
+    documents); damage is one line that says how to recover."""
+    from codegen2.data.prepare import PreparedData
+
+    try:
+        data = PreparedData.open(root)
+        data.check()
+        CodeGenTokenizer.load(root / "tokenizer.json")
+    except UserError as exc:
+        raise UserError(f"{exc} (the run's own prepared data is damaged: remove {root} and run again with "
+                        "--resume to prepare it again from the sources)") from None
+    except Exception as exc:  # noqa: BLE001 - an unreadable tokenizer file
+        raise UserError(f"prepared data {root}: tokenizer.json is unreadable ({type(exc).__name__}); remove {root} "
+                        "and run again with --resume to prepare it again from the sources") from None
+    return data
+
+
+def what_was_dropped(data) -> str:
+    """Per source, the training documents read and what was skipped or removed, for an empty-data message."""
+    parts = []
+    for source in data.sources:
+        split = source["splits"]["train"]
+        notes = [f"{what} " + ", ".join(f"{n:,} {why.replace('_', ' ')}" for why, n in sorted(counts.items()))
+                 for what, counts in (("skipped", split.get("skipped", {})), ("removed", split.get("removed", {})))
+                 if any(counts.values())]
+        parts.append(f"{source['name']}: {split['docs_in']:,} documents" + "".join(f", {n}" for n in notes)
+                     + (", weight 0" if not source["weight"] > 0 else ""))
+    return "; ".join(parts)

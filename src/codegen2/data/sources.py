@@ -88,8 +88,9 @@ def _shard(files: list[str], shard: tuple[int, int] | None) -> list[str]:
     return [rel for rel in files if in_shard(rel, shard)]
 
 
-def embedded_sources(cfg: DataConfig, split: str) -> list[Source]:
-    """The default corpus for `split` ("train" or "heldout"); a source with weight 0 is left out."""
+def embedded_sources(cfg: DataConfig, split: str, all_kinds: bool = False) -> list[Source]:
+    """The default corpus for `split` ("train" or "heldout"); a source with weight 0 is left out unless
+    `all_kinds` (preparation keeps both, so every run's held-out split has code and prose)."""
     keep = split_filter(split, cfg.heldout_fraction)
     weights = {"code": cfg.embedded_code_weight, "nl": cfg.embedded_nl_weight}
     if any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
@@ -101,13 +102,13 @@ def embedded_sources(cfg: DataConfig, split: str) -> list[Source]:
                 "max_files": cfg.embedded_max_files, "heldout_fraction": cfg.heldout_fraction}
     roots = [root / rel for rel in files]
     sources = []
-    if weights["code"] > 0:
+    if weights["code"] > 0 or all_kinds:
         sources.append(Source(
             name="stdlib-code", kind="code", weight=weights["code"], split=split,
             description=f"Python standard library ({root})",
             read=lambda keep, skipped, shard: embedded.code_documents(_shard(files, shard), keep, skipped),
             keep=keep, identity={**identity, "kind": "code"}, roots=roots, max_doc_chars=cfg.max_doc_chars))
-    if weights["nl"] > 0:
+    if weights["nl"] > 0 or all_kinds:
         from pydoc_data import topics
 
         sources.append(Source(
@@ -166,9 +167,9 @@ def user_sources(cfg: DataConfig, split: str) -> list[Source]:
     return sources
 
 
-def data_sources(cfg: DataConfig, split: str) -> list[Source]:
-    """User sources if any are configured, else the embedded corpus."""
-    return user_sources(cfg, split) if cfg.sources else embedded_sources(cfg, split)
+def data_sources(cfg: DataConfig, split: str, all_kinds: bool = False) -> list[Source]:
+    """User sources if any are configured, else the embedded corpus (with `all_kinds`, both of its sources)."""
+    return user_sources(cfg, split) if cfg.sources else embedded_sources(cfg, split, all_kinds)
 
 
 def heldout_documents(cfg: DataConfig, kind: str | None = None) -> list[Document]:

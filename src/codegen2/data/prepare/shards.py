@@ -5,7 +5,8 @@ tokens, each document followed by `<|endoftext|>`, concatenated in a fixed order
 document's source and path, so the order never depends on how the work was split into tasks) and cut
 into files of `shard_tokens` tokens: `shards/SOURCE/SPLIT-00000.bin`, raw little-endian uint16 (uint32
 for vocabularies over 65,536). `manifest.json`, written last and atomically, lists every shard with its
-token count and SHA-256; a directory without it is unfinished and is never read.
+token count and SHA-256; a directory without it is unfinished and is never read. `heldout.jsonl` holds the
+text of the held-out documents (those of the `heldout` shards, in the same order) for evaluation.
 
 Training memory-maps the shards of each source as one `ShardedStream` (no copy, no tokenization).
 """
@@ -22,11 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from codegen2.data.documents import Document
 from codegen2.errors import UserError
 
 MANIFEST = "manifest.json"
+HELDOUT_DOCUMENTS = "heldout.jsonl"
 FORMAT = "codegen2-prepared"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: heldout.jsonl (the held-out documents' text) added
+READABLE_VERSIONS = (1, 2)  # version 1 trains; evaluation needs version 2's heldout.jsonl
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -139,8 +143,10 @@ class PreparedData:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise UserError(f"{path}: unreadable manifest ({exc})") from None
-        if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-            raise UserError(f"{path}: not a codegen2 prepared-data manifest of version {FORMAT_VERSION}")
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or \
+                manifest.get("version") not in READABLE_VERSIONS:
+            raise UserError(f"{path}: not a codegen2 prepared-data manifest (version "
+                            f"{' or '.join(map(str, READABLE_VERSIONS))})")
         return cls(root=root, manifest=manifest)
 
     @property
@@ -157,3 +163,36 @@ class PreparedData:
                 raise UserError(f"prepared data {self.root}: shard {path} is missing or has the wrong size")
             arrays.append(np.memmap(path, dtype=dtype, mode="r"))
         return ShardedStream(arrays)
+
+    def heldout_documents(self, kind: str | None = None) -> list[Document]:
+        """The held-out documents this directory kept (of one kind, or all), from `heldout.jsonl`: exactly the
+        documents of the held-out shards, in their order. Evaluation reads these, never the raw sources."""
+        entry = self.manifest.get("heldout_documents")
+        path = self.root / HELDOUT_DOCUMENTS
+        if entry is None:
+            raise UserError(f"prepared data {self.root} has no {HELDOUT_DOCUMENTS} (prepared by an older codegen2); "
+                            "prepare it again to evaluate on its held-out split")
+        try:
+            data = path.read_bytes()
+        except OSError:
+            raise UserError(f"prepared data {self.root}: {HELDOUT_DOCUMENTS} is missing") from None
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise UserError(f"prepared data {self.root}: {HELDOUT_DOCUMENTS} does not match its manifest "
+                            "(damaged or truncated)")
+        docs = []
+        for line in data.decode("utf-8").splitlines():
+            record = json.loads(line)
+            if kind in (None, record["kind"]):
+                docs.append(Document(text=record["text"], path=record["path"], kind=record["kind"]))
+        return docs
+
+    def check(self) -> None:
+        """Every shard the manifest lists, and heldout.jsonl, are present with their sizes (a truncated or
+        missing file is an error); contents are not hashed, so this stays cheap for large directories."""
+        for source in self.sources:
+            for split in source["splits"]:
+                self.stream(source, split)
+        entry = self.manifest.get("heldout_documents")
+        path = self.root / HELDOUT_DOCUMENTS
+        if entry is not None and (not path.is_file() or path.stat().st_size != entry["bytes"]):
+            raise UserError(f"prepared data {self.root}: {HELDOUT_DOCUMENTS} is missing or has the wrong size")

@@ -9,7 +9,8 @@
 4. `TokenizerStep` (1 task): the given tokenizer, or a BPE trained on a sample of the kept training documents.
 5. `TokenizeStep` (N tasks): tokenize the kept documents of one read task.
 6. `MergeStep` (1 task): concatenate every source's and split's documents in key-hash order into shards,
-   write `removed.jsonl` and, last, `manifest.json`.
+   write `removed.jsonl`, the held-out documents' text (`heldout.jsonl`, for evaluation) and, last,
+   `manifest.json`.
 
 Every decision depends on document keys (source name + path), never on which task saw a document, so the
 output is byte-identical for any number of tasks and workers. Each task writes its files under temporary
@@ -44,7 +45,14 @@ from codegen2.data.prepare.minhash import (
     connected_components,
     estimated_jaccard,
 )
-from codegen2.data.prepare.shards import FORMAT, FORMAT_VERSION, MANIFEST, ShardWriter, token_dtype
+from codegen2.data.prepare.shards import (
+    FORMAT,
+    FORMAT_VERSION,
+    HELDOUT_DOCUMENTS,
+    MANIFEST,
+    ShardWriter,
+    token_dtype,
+)
 from codegen2.data.sources import data_sources
 
 MINHASH_SEED = 42
@@ -123,7 +131,7 @@ class PrepareStep(PipelineStep):
         return Path(self.out) / "work"
 
     def source_names(self) -> list[str]:
-        return [s.name for s in data_sources(self.config.data, "train")]
+        return [s.name for s in data_sources(self.config.data, "train", all_kinds=True)]
 
     def load_meta(self) -> list[dict[str, np.ndarray]]:
         metas = []
@@ -159,7 +167,7 @@ class ReadStep(PrepareStep):
         docs_tmp = out_dir / f".{rank:05d}.docs.jsonl.{os.getpid()}.tmp"
         with open(docs_tmp, "w", encoding="utf-8") as docs_file:
             for split_index, split in enumerate(SPLITS):
-                for source_index, source in enumerate(data_sources(self.config.data, split)):
+                for source_index, source in enumerate(data_sources(self.config.data, split, all_kinds=True)):
                     source.max_doc_chars = 0  # the size filter decides instead of truncating
                     c = counts[source.name][split]
                     for doc in source.documents(shard=(rank, world_size)):
@@ -356,7 +364,7 @@ class TokenizerStep(PrepareStep):
         """About `tokenizer.train_chars` characters of kept training documents, split between the sources by
         weight: each source's documents in a seeded hash order of their keys, taken while they fit (the first
         one always). Two passes (choose, then read), so the choice never depends on the order of the files."""
-        sources = data_sources(self.config.data, "train")
+        sources = data_sources(self.config.data, "train", all_kinds=True)
         weight_sum = sum(s.weight for s in sources)
         budget = [int(self.config.tokenizer.train_chars * s.weight / weight_sum) for s in sources]
         salt = f"tokenizer-sample:{self.config.train.seed}"
@@ -452,8 +460,8 @@ class MergeStep(PrepareStep):
             return
         tokenizer = CodeGenTokenizer.load(out / "tokenizer.json")
         dtype = token_dtype(tokenizer.vocab_size)
-        sources = data_sources(self.config.data, "train")
-        entries = []  # (source, split, order, key, read task, offset, length)
+        sources = data_sources(self.config.data, "train", all_kinds=True)
+        entries = []  # (source, split, order, key, read task, offset, length, index in the read task)
         token_files = []
         for r in range(self.read_tasks):
             meta = np.load(self.work / "read" / f"{r:05d}.meta.npz")
@@ -464,11 +472,11 @@ class MergeStep(PrepareStep):
             offsets = (np.cumsum(idx[:, 1]) - idx[:, 1]).astype(np.int64)  # empty for a task that kept nothing
             entries.append(np.stack([meta["source"][doc].astype(np.int64), meta["split"][doc].astype(np.int64),
                                      meta["order"][doc].view(np.int64), meta["key"][doc].view(np.int64),
-                                     np.full(len(doc), r, dtype=np.int64), offsets, idx[:, 1]], axis=1)
-                           .reshape(-1, 7))
+                                     np.full(len(doc), r, dtype=np.int64), offsets, idx[:, 1], doc], axis=1)
+                           .reshape(-1, 8))
         table = np.concatenate(entries)
         counts = self.counts(sources)
-        manifest_sources = []
+        manifest_sources, heldout_rows = [], []
         for s, source in enumerate(sources):
             shard_dir = out / "shards" / source.name
             shard_dir.mkdir(parents=True, exist_ok=True)
@@ -477,9 +485,11 @@ class MergeStep(PrepareStep):
                 rows = table[(table[:, 0] == s) & (table[:, 1] == sp)]
                 rows = rows[np.lexsort((rows[:, 3].view(np.uint64), rows[:, 2].view(np.uint64)))]
                 writer = ShardWriter(shard_dir, split, self.config.prepare.shard_tokens, dtype)
-                for _, _, _, _, r, offset, length in rows.tolist():
+                for _, _, _, _, r, offset, length, _ in rows.tolist():
                     writer.write(token_files[r][offset:offset + length])
                 shards = writer.finish()
+                if split == "heldout":
+                    heldout_rows.extend((source.name, source.kind, r, i) for r, i in rows[:, [4, 7]].tolist())
                 c = counts[source.name][split]
                 splits[split] = {"docs_in": c.pop("docs_in", 0), "chars_in": c.pop("chars_in", 0),
                                  "removed": {k: v for k, v in sorted(c.items()) if not k.startswith("skipped_")},
@@ -489,12 +499,14 @@ class MergeStep(PrepareStep):
             manifest_sources.append({"name": source.name, "kind": source.kind, "weight": source.weight,
                                      "description": source.description, "splits": splits})
         self.write_removed(out)
+        heldout = self.write_heldout(out, heldout_rows)
         origin = json.loads((self.work / "tokenizer.json").read_text(encoding="utf-8"))
         manifest = {
             "format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype.str, "eot_id": tokenizer.eot_id,
             "tokenizer": {"fingerprint": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size, **origin},
             "config_fingerprint": self.fingerprint, "settings": self.settings, "sources": manifest_sources,
             "totals": {"docs": int(len(table)), "tokens": int(table[:, 6].sum()) if len(table) else 0},
+            "heldout_documents": heldout,
         }
         write_json(out / MANIFEST, manifest)
         del token_files
@@ -512,6 +524,35 @@ class MergeStep(PrepareStep):
                 for split, c in by_split.items():
                     counts[name][split].update(c)
         return counts
+
+    def write_heldout(self, out: Path, rows: list[tuple[str, str, int, int]]) -> dict[str, Any]:
+        """`heldout.jsonl`: the text of every kept held-out document (source, kind, path, text), in the order of
+        the held-out shards. Evaluation reads it (the infill tasks need text); only held-out documents are
+        kept in memory here."""
+        wanted: dict[int, dict[int, int]] = defaultdict(dict)  # read task -> index in it -> output position
+        for position, (_, _, r, i) in enumerate(rows):
+            wanted[r][i] = position
+        texts: list[tuple[str, str] | None] = [None] * len(rows)
+        for r, indices in wanted.items():
+            with open(self.work / "read" / f"{r:05d}.docs.jsonl", encoding="utf-8") as handle:
+                for i, line in enumerate(handle):
+                    if i in indices:
+                        record = json.loads(line)
+                        texts[indices[i]] = (record["path"], record["text"])
+        digest, size = hashlib.sha256(), 0
+
+        def write(tmp: Path) -> None:
+            nonlocal size
+            with open(tmp, "wb") as handle:
+                for (name, kind, _, _), (path, text) in zip(rows, texts):
+                    line = (json.dumps({"source": name, "kind": kind, "path": path, "text": text},
+                                       ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
+                    handle.write(line)
+                    digest.update(line)
+                    size += len(line)
+
+        write_atomic(out / HELDOUT_DOCUMENTS, write)
+        return {"file": HELDOUT_DOCUMENTS, "docs": len(rows), "bytes": size, "sha256": digest.hexdigest()}
 
     def write_removed(self, out: Path) -> None:
         removed = []
