@@ -80,8 +80,7 @@ def test_cli_info_prints_exact_parameter_counts():
 
 
 def test_eval_every_logs_heldout_loss_without_changing_training(tiny_config, tmp_path):
-    from codegen2.data import heldout_documents
-    from codegen2.eval.heldout import heldout_loss
+    from codegen2.eval.heldout import heldout_loss, run_heldout_documents
     from codegen2.loading import load_checkpoint
 
     settings = {"train.eval_every": 4, "train.eval_tokens": 300, "train.log_every": 3}
@@ -101,7 +100,8 @@ def test_eval_every_logs_heldout_loss_without_changing_training(tiny_config, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)  # evaluating never changes what training does
 
     loaded = load_checkpoint(tmp_path / "probed")
-    texts = [d.text for d in heldout_documents(probed_config.data, kind="code")]
+    # the probe scores the run's prepared held-out documents (RUN/prepared/heldout.jsonl)
+    texts = [d.text for d in run_heldout_documents(probed_config, tmp_path / "probed") if d.kind == "code"]
     assert texts
     direct = heldout_loss(loaded.model, loaded.tokenizer, texts, window=probed_config.train.seq_len,
                           max_tokens=300, batch_size=probed_config.train.micro_batch_size)

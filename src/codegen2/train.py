@@ -500,8 +500,8 @@ def _prepare_data_on_ranks(config: Config, run_dir: Path, tokenizer, env: DistEn
         manifest = run_prepared_dir(config, run_dir) / MANIFEST
         if not manifest.is_file():
             if env.rank == 1:
-                print(f"ranks 1-{env.world_size - 1} wait for rank 0 to prepare the data in {manifest.parent}",
-                      file=sys.stderr, flush=True)
+                waiting = "rank 1 waits" if env.world_size == 2 else f"ranks 1-{env.world_size - 1} wait"
+                print(f"{waiting} for rank 0 to prepare the data in {manifest.parent}", file=sys.stderr, flush=True)
             # Polled rather than a barrier alone, whose timeout (30 minutes) a large preparation can exceed;
             # if rank 0 fails, torchrun stops this rank.
             while not manifest.is_file():
