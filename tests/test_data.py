@@ -472,6 +472,11 @@ def test_prepare_data_end_to_end(tmp_path):
     assert sorted(kept) == ["code", "this"] and sum(kept.values()) == 6
     assert sum(s["splits"]["train"]["removed"].get("exact_duplicate", 0) for s in manifest["sources"]) == 1
     assert [s["name"] for s in stats["sources"]] == [name for name in ("code", "this") if kept[name]]
+    from codegen2.train import data_summary
+
+    line = data_summary(stats)["code"]  # the training summary names what the stages removed
+    removed = stats["sources"][0]["removed"]
+    assert ("; removed 1 exact duplicate" in line) == (removed.get("exact_duplicate") == 1), line
     assert stats["tokens"] == sum(len(s) for s in mix.streams)
     stamp = (run / "prepared" / "manifest.json").stat().st_mtime_ns
     lines: list[str] = []

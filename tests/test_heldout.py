@@ -213,3 +213,12 @@ def test_eval_scores_exactly_the_prepared_heldout_documents(tmp_path, small_toke
     assert cli.main(["eval", "heldout", "--checkpoint", str(run), "--n-infill", "0", "--max-tokens", "500"]) == 0
     assert [(d.path, d.text, d.kind) for d in seen[0]] == [(d.path, d.text, d.kind) for d in prepared]
     assert json.loads(capsys.readouterr().out)["heldout_docs"] == {"code": len(prepared), "nl": 0}
+
+
+def test_eval_data_flag_is_for_checkpoints_without_a_run(tmp_path, small_tokenizer, capsys):
+    from codegen2 import cli
+    from conftest import make_random_run
+
+    run = make_random_run(tmp_path / "run", small_tokenizer, 64)
+    assert cli.main(["eval", "heldout", "--checkpoint", str(run), "--data", str(tmp_path)]) == 2
+    assert "--data is for checkpoints without a run" in capsys.readouterr().err

@@ -55,7 +55,7 @@ class SlurmOptions:
 def prepare_settings(config: Config) -> dict[str, Any]:
     """Everything that changes the prepared output (and nothing that does not, like tasks or workers)."""
     data = dataclasses.asdict(config.data)
-    for key in ("prepared", "cache_dir", "max_doc_chars"):
+    for key in ("prepared", "max_doc_chars"):
         data.pop(key, None)
     return {"data": data, "prepare": dataclasses.asdict(config.prepare),
             "tokenizer": dataclasses.asdict(config.tokenizer), "seed": config.train.seed}
