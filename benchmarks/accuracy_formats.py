@@ -1,9 +1,9 @@
-"""Accuracy of the weight formats on a trained checkpoint: float32 against bfloat16 and int8.
+"""Accuracy of the weight formats on a trained checkpoint: float32 against bfloat16, int8 and int8-dynamic.
 
 On the held-out split of the run's own data (never trained on): held-out code loss per format and its change
-relative to float32 (target for int8: within 1%); greedy continuations of held-out prompts compared token by
-token with float32's, both free-running (one early flip changes the rest of a row) and fed float32's tokens
-(per-position agreement, no cascade); single-line infill exact match per format.
+relative to float32 (target for both int8 formats: within 1%); greedy continuations of held-out prompts
+compared token by token with float32's, both free-running (one early flip changes the rest of a row) and fed
+float32's tokens (per-position agreement, no cascade); single-line infill exact match per format.
 
     python benchmarks/accuracy_formats.py --checkpoint runs/tiny            # a run directory (has held-out data)
 """
@@ -23,7 +23,7 @@ from codegen2.eval.heldout import evaluation_data_config, heldout_loss, infill_e
 from codegen2.loading import load_checkpoint
 from codegen2.sampling import SamplingParams, generate_ids
 
-FORMATS = ("float32", "bfloat16", "int8")
+FORMATS = ("float32", "bfloat16", "int8", "int8-dynamic")
 
 
 def held_out_prompts(tokenizer, texts: list[str], count: int, length: int) -> list[list[int]]:

@@ -1,26 +1,31 @@
-"""Greedy generation speed: codegen2 (float32, bfloat16, int8 weights) against CTranslate2 and transformers.
+"""Greedy generation speed: codegen2 (float32, bfloat16, int8 formats) against CTranslate2 and transformers.
 
 For each shape and batch size: 64-token prompts (random ids, seeded), then exactly 128 new tokens
 (no early stop) in every engine, on the CPU. Contenders, all on the same weights:
 - `codegen2 <dtype>`: `generate_ids` with the default decoder on the model loaded in that weight format
-  (`--decoders model,fast,compiled` adds columns for the other decoders, float32 only);
+  (`--decoders model,fast,compiled` adds columns for the other decoders, float32 only); `int8` is
+  weight-only, `int8-dynamic` the same weights with activations rounded to int8 per row;
 - `ctranslate2 float32` / `ctranslate2 int8`: CTranslate2 (if installed) on the same weights converted by its
-  own converter, compute type float32 and int8 (its int8: int8 weights and int8 activations);
+  own converter, compute type float32 and int8 (its int8: int8 weights and int8 activations; the peer of
+  both codegen2 int8 formats);
 - `transformers`: `CodeGenForCausalLM.generate` on the HF twin (float32; left out at 1b, `--no-transformers`).
 The greedy tokens of every engine are compared with a reference (codegen2 float32, else codegen2 int8); on
 random weights the logits are nearly tied, so bf16/int8 agreement here says little (docs/inference.md
 measures it on a trained model). Runs alternate between engines; the table gives the median new tokens/s,
 the range over runs and the ratios of medians against the peers of the same weight format.
 
-The machine's read bandwidth (a sum over 512 MB, same thread count) is measured and printed; for batch 1
-the int8 rate is compared with its bound, bandwidth / bytes read per token (int8 weights and scales, norms,
-biases and the KV cache at the mean generated length).
+The machine's read bandwidth is measured before the first shape and after the last (the best of several
+1 GiB sums, more than this CPU's last-level cache, same thread count) and printed with the load average;
+for batch 1 each int8 rate is compared with its bound, bandwidth / bytes read per token (int8 weights and
+scales, norms, biases and the KV cache at the mean generated length), using the best bandwidth measured.
+The run ends with one table of the int8 targets: each ratio with "met" or "missed by X%".
 
 Also timed: one typical infill request (CodeGen2 format: 96-token prefix, <mask_1>, 32-token suffix,
 <|endoftext|> <sep> <mask_1>, then up to 24 tokens), as request latency in milliseconds.
 
     python benchmarks/bench_generate.py --threads 1                    # tiny, 125m, 1b; batch 1 and 8
     python benchmarks/bench_generate.py --shapes tiny --batches 1 --repeats 7 --threads 1
+    python benchmarks/bench_generate.py --int8-targets --threads 1     # only what the int8 targets need
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -57,7 +63,10 @@ NEW_TOKENS = 128
 TARGET_VS_TRANSFORMERS = 3.0
 TARGET_VS_CT2 = 1.0
 TARGET_BANDWIDTH = 0.70  # 1b batch-1 int8 decoding, fraction of the bandwidth bound
-CT2_TYPES = {"float32": "float32", "int8": "int8"}  # codegen2 dtype -> CTranslate2 compute type it is held to
+CT2_TYPES = {"float32": "float32", "int8": "int8", "int8-dynamic": "int8"}  # codegen2 dtype -> its CTranslate2 peer
+INT8_FORMATS = ("int8", "int8-dynamic")
+INT8_TARGET_SHAPES = ("125m", "1b")
+BANDWIDTH_MIB = 1024  # the probe's buffer: well above the 260 MiB L3 of the Xeon these runs use
 
 
 class IdTokenizer:
@@ -94,20 +103,18 @@ def write_hf_directory(model, directory: Path) -> Path:
 
 
 def ct2_generators(hf_dir: Path, dtypes: list[str], threads: int, workdir: Path) -> dict[str, object]:
-    """CTranslate2 generators (by codegen2 dtype) for the weights in `hf_dir`, converted by its own converter."""
+    """CTranslate2 generators (by compute type) for the weights in `hf_dir`, converted by its own converter."""
     try:
         import ctranslate2
     except ImportError:
         return {}
     out = {}
-    for dtype in dtypes:
-        if dtype not in CT2_TYPES:
-            continue
-        target = workdir / f"ct2-{dtype}"
+    for compute_type in dict.fromkeys(CT2_TYPES[d] for d in dtypes if d in CT2_TYPES):
+        target = workdir / f"ct2-{compute_type}"
         ctranslate2.converters.TransformersConverter(str(hf_dir), low_cpu_mem_usage=True).convert(
-            str(target), quantization=CT2_TYPES[dtype])
-        out[dtype] = ctranslate2.Generator(str(target), device="cpu", compute_type=CT2_TYPES[dtype],
-                                           intra_threads=threads or torch.get_num_threads())
+            str(target), quantization=compute_type)
+        out[compute_type] = ctranslate2.Generator(str(target), device="cpu", compute_type=compute_type,
+                                                  intra_threads=threads or torch.get_num_threads())
     return out
 
 
@@ -128,15 +135,18 @@ def build_formats(ours, dtypes: list[str]) -> dict[str, object]:
     models = {}
     if "bfloat16" in dtypes:
         models["bfloat16"] = copy.deepcopy(ours).to(torch.bfloat16).use_decode_layout()
-    if "int8" in dtypes:
-        models["int8"] = quantize_model(copy.deepcopy(ours) if "float32" in dtypes or "bfloat16" in dtypes else ours)
+    int8_formats = [d for d in dtypes if d in INT8_FORMATS]
+    for i, name in enumerate(int8_formats):
+        last_use = i == len(int8_formats) - 1 and "float32" not in dtypes and "bfloat16" not in dtypes
+        models[name] = quantize_model(ours if last_use else copy.deepcopy(ours), fmt=name)
     if "float32" in dtypes:
         models["float32"] = ours.use_decode_layout()
     return {d: models[d] for d in dtypes}
 
 
 def run_shape(shape: str, batches: list[int], repeats: int, threads: int, use_ct2: bool, dtypes: list[str],
-              decoders: list[str], use_transformers: bool, bandwidth: float) -> None:
+              decoders: list[str], use_transformers: bool, bandwidth: float, targets: list[dict]) -> None:
+    """Time every engine on `shape`; the int8 rates and their peers are appended to `targets`."""
     cfg = model_config(shape)
     ours = build_ours(cfg).eval()
     n_params = sum(p.numel() for p in ours.parameters())
@@ -166,13 +176,13 @@ def run_shape(shape: str, batches: list[int], repeats: int, threads: int, use_ct
 
                 contenders["transformers"] = run_transformers
             start_tokens = [[f"t{i}" for i in row] for row in prompts.tolist()]
-            for dtype, generator_ct2 in ct2.items():
+            for compute_type, generator_ct2 in ct2.items():
                 def run_ct2(g=generator_ct2) -> list[list[int]]:
                     results = g.generate_batch(start_tokens, max_length=NEW_TOKENS, min_length=NEW_TOKENS,
                                                beam_size=1, include_prompt_in_result=False, end_token=[])
                     return [r.sequences_ids[0] for r in results]
 
-                contenders[f"ctranslate2 {dtype}"] = run_ct2
+                contenders[f"ctranslate2 {compute_type}"] = run_ct2
             for dtype, model in models.items():
                 for decoder in [DEFAULT_DECODER] + [d for d in decoders if d != DEFAULT_DECODER and dtype == "float32"]:
                     def run_ours(m=model, decoder=decoder) -> list[list[int]]:
@@ -208,15 +218,22 @@ def run_shape(shape: str, batches: list[int], repeats: int, threads: int, use_ct
                 if "transformers" in rate and dtype == "float32":
                     print(ratio_line(f"{name} / transformers", rate["transformers"], rate[name],
                                      TARGET_VS_TRANSFORMERS))
-                for peer in [f"ctranslate2 {dtype}"]:  # bfloat16 has no CTranslate2 peer on CPU and no target
-                    if peer in rate:
-                        print(ratio_line(f"{name} / {peer}", rate[peer], rate[name], TARGET_VS_CT2))
-            if batch == 1 and "codegen2 int8" in rate:
-                per_token = weight_bytes(models["int8"]) + kv_bytes(cfg, batch)
+                peer = f"ctranslate2 {CT2_TYPES[dtype]}" if dtype in CT2_TYPES else None  # bf16: no CPU peer
+                if peer in rate:
+                    print(ratio_line(f"{name} / {peer}", rate[peer], rate[name], TARGET_VS_CT2))
+                    if dtype in INT8_FORMATS and shape in INT8_TARGET_SHAPES:
+                        targets.append({"what": f"{shape} batch {batch}: codegen2 {dtype} / {peer}",
+                                        "ours": rate[name], "peer": rate[peer], "target": TARGET_VS_CT2})
+            for int8_name in [d for d in INT8_FORMATS if f"codegen2 {d}" in rate and batch == 1]:
+                per_token = weight_bytes(models[int8_name]) + kv_bytes(cfg, batch)
                 bound = bandwidth * 1e9 / per_token
-                print(f"bandwidth bound, int8 batch 1: {per_token / 1e6:.0f} MB per token / {bandwidth:.1f} GB/s = "
-                      f"{bound:.1f} tokens/s; " + ratio_line("codegen2 int8 / bound", bound, rate["codegen2 int8"],
-                                                             TARGET_BANDWIDTH))
+                ours = rate[f"codegen2 {int8_name}"]
+                print(f"bandwidth bound, {int8_name} batch 1: {per_token / 1e6:.0f} MB per token / "
+                      f"{bandwidth:.1f} GB/s = {bound:.1f} tokens/s; "
+                      + ratio_line(f"codegen2 {int8_name} / bound", bound, ours, TARGET_BANDWIDTH))
+                if shape == "1b":
+                    targets.append({"what": f"1b batch 1: codegen2 {int8_name} / bandwidth bound", "ours": ours,
+                                    "bytes_per_token": per_token, "target": TARGET_BANDWIDTH})
         if theirs is not None and "float32" in models:
             infill_latency(models["float32"], theirs, tokenizer, repeats)
 
@@ -250,26 +267,63 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="tiny,125m,1b", help=f"comma-separated, from {', '.join(SHAPES)}")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per engine (median reported)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per engine (median reported; "
+                        "default 5)")
     parser.add_argument("--threads", type=int, default=0, help="torch and CTranslate2 threads (0: torch's default)")
-    parser.add_argument("--dtypes", default="float32,bfloat16,int8",
-                        help="codegen2 weight formats (at 1b only int8 unless --big-float is given)")
+    parser.add_argument("--dtypes", default="float32,bfloat16,int8,int8-dynamic",
+                        help="codegen2 weight formats (at 1b only the int8 ones unless --big-float is given)")
     parser.add_argument("--decoders", default="", help="extra float32 columns for other decoders: model,fast,compiled")
     parser.add_argument("--no-ct2", action="store_true", help="leave CTranslate2 out")
     parser.add_argument("--no-transformers", action="store_true", help="leave transformers out (always at 1b)")
     parser.add_argument("--big-float", action="store_true", help="at 1b, also float32/bfloat16 (needs ~12 GB)")
+    parser.add_argument("--int8-targets", action="store_true",
+                        help="only the int8 targets: shapes 125m,1b, formats int8,int8-dynamic, CTranslate2 int8, "
+                             "no transformers, repeats 3 (unless given)")
     args = parser.parse_args()
+    args.repeats = args.repeats or (3 if args.int8_targets else 5)
+    if args.int8_targets:
+        args.shapes, args.dtypes, args.no_transformers = "125m,1b", ",".join(INT8_FORMATS), True
     parse_threads(args.threads)
     print(machine_line())
-    bandwidth = read_bandwidth()
-    print(f"read bandwidth: {bandwidth:.1f} GB/s (sum over 512 MB, {torch.get_num_threads()} thread(s))")
+    began = time.perf_counter()
+    bandwidths = [probe_bandwidth("before the first shape")]
+    targets: list[dict] = []
     for shape in args.shapes.split(","):
         dtypes = args.dtypes.split(",")
         if shape == "1b" and not args.big_float:
-            dtypes = [d for d in dtypes if d == "int8"] or dtypes
+            dtypes = [d for d in dtypes if d in INT8_FORMATS] or dtypes
         run_shape(shape, [int(b) for b in args.batches.split(",")], args.repeats, args.threads, not args.no_ct2,
                   dtypes, [d for d in args.decoders.split(",") if d], not args.no_transformers and shape != "1b",
-                  bandwidth)
+                  max(bandwidths), targets)
+    bandwidths.append(probe_bandwidth("after the last shape"))
+    print_targets(targets, max(bandwidths))
+    print(f"\nwhole run: {(time.perf_counter() - began) / 60:.1f} min")
+
+
+def probe_bandwidth(when: str) -> float:
+    """The read bandwidth now (best of several 1 GiB sums), printed with the load average it was measured at."""
+    bandwidth = read_bandwidth(megabytes=BANDWIDTH_MIB, repeats=7)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"read bandwidth {when}: {bandwidth:.1f} GB/s (best of 7 sums over {BANDWIDTH_MIB} MiB, "
+          f"{torch.get_num_threads()} thread(s); load average {load})", flush=True)
+    return bandwidth
+
+
+def print_targets(targets: list[dict], bandwidth: float) -> None:
+    """Every int8 target measured in this run, with its ratio and verdict (bandwidth: the best probe)."""
+    if not targets:
+        return
+    print(f"\n== int8 targets (CTranslate2 int8 quantizes activations too; bandwidth bound at {bandwidth:.1f} GB/s, "
+          f"the best probe of this run)")
+    for t in targets:
+        if "peer" in t:
+            line = ratio_line(t["what"], t["peer"], t["ours"], t["target"])
+            print(f"{line}   [{t['ours']:.1f} vs {t['peer']:.1f} tokens/s]")
+        else:
+            bound = bandwidth * 1e9 / t["bytes_per_token"]
+            line = ratio_line(t["what"], bound, t["ours"], t["target"])
+            print(f"{line}   [{t['ours']:.1f} tokens/s, bound {bound:.1f} = {bandwidth:.1f} GB/s / "
+                  f"{t['bytes_per_token'] / 1e6:.0f} MB per token]")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""int8 weight-only quantization: the kernel against a naive dequantized matmul, the quantizer's bounds,
-whole-model swaps (any Linear / Embedding), the inference-only guard, saved int8 checkpoints, dtype names."""
+"""int8 quantization: both matmul paths (weight-only and int8-dynamic) against naive dequantized matmuls, the
+quantizer's bounds, whole-model swaps (any Linear / Embedding), the decode-step weights (`mm`, fused
+projections), the inference-only guard, saved int8 checkpoints, dtype names."""
 
 from __future__ import annotations
 
@@ -11,11 +12,18 @@ from codegen2.config import ModelConfig
 from codegen2.errors import UserError
 from codegen2.models.codegen.model import CodeGenModel
 from codegen2.quantize import (
+    DynamicInt8Weight,
     Int8Embedding,
     Int8Linear,
+    check_int8_kernel,
+    fuse_linears,
+    int8_dynamic_linear,
+    int8_format,
     int8_linear,
     is_quantized,
+    linear_weight,
     load_quantized_into,
+    mm,
     parse_dtype,
     quantize_model,
     quantize_rows,
@@ -55,6 +63,67 @@ def test_int8_matmul_matches_a_naive_dequantized_matmul(rows, with_bias):
     # The kernel's only rounding beyond the reference: its bf16 output before scaling (8 mantissa bits).
     product = reference - (bias.double() if bias is not None else 0)
     assert ((out.double() - reference).abs() <= product.abs() * 2 ** -8 + 1e-5).all()
+
+
+def naive_dynamic_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """int8-dynamic by hand: x rounded per row (max|row| / 127) and weight per channel, multiplied in float64."""
+    _, q, scale = naive_int8_reference(x, weight, None)
+    row_scale = x.double().abs().amax(dim=1, keepdim=True) / 127
+    row_scale = torch.where(row_scale > 0, row_scale, torch.ones_like(row_scale))
+    xq = torch.clamp(torch.round(x.double() / row_scale), -127, 127)
+    out = (xq @ q.T) * row_scale * scale
+    return out + bias.double() if bias is not None else out
+
+
+@pytest.mark.parametrize("rows", [1, 5, 8, 33])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int8_dynamic_matmul_matches_a_naive_quantized_matmul(rows, with_bias):
+    gen = torch.Generator().manual_seed(100 + rows)
+    weight = torch.randn(96, 80, generator=gen)
+    bias = torch.randn(96, generator=gen) if with_bias else None
+    x = torch.randn(rows, 80, generator=gen) * 3
+    x[0, :5] = 40.0  # an outlier feature: the row's scale follows it
+    if rows > 1:
+        x[1] = 0.0  # an all-zero row stays exactly zero (plus bias)
+    reference = naive_dynamic_reference(x, weight, bias)
+    q, scales = quantize_rows(weight)
+    out = int8_dynamic_linear(x, q, scales, bias)
+    assert out.dtype == torch.float32 and out.shape == (rows, 96)
+    # The int32 sums are exact; only the fp32 rescale and bias add round (a few ulps of the result).
+    assert torch.allclose(out.double(), reference, rtol=1e-5, atol=1e-4)
+    # A row's result never depends on the rest of the batch (each row has its own scale).
+    assert torch.allclose(int8_dynamic_linear(x[-1:], q, scales, bias), out[-1:], rtol=0, atol=0)
+    # And the error against the float matmul stays where int8 on both sides puts it.
+    exact = x.double() @ weight.double().T + (bias.double() if bias is not None else 0)
+    assert (out.double() - exact).abs().max() < 0.03 * exact.abs().max()
+
+
+def test_decode_step_weights_multiply_like_the_modules_in_both_int8_formats():
+    torch.manual_seed(1)
+    for fmt in ("int8", "int8-dynamic"):
+        layers = [nn.Linear(48, 40), nn.Linear(48, 24)]
+        holder = quantize_model(nn.Sequential(*layers), fmt=fmt)
+        assert int8_format(holder) == fmt
+        x = torch.randn(3, 48)
+        with torch.no_grad():
+            separate = torch.cat([holder[0](x), holder[1](x)], dim=1)
+            alone = mm(x, linear_weight(holder[0]), holder[0].bias)
+            fused = fuse_linears([holder[0], holder[1]])
+            assert isinstance(fused, DynamicInt8Weight) == (fmt == "int8-dynamic")
+            both = mm(x, fused, torch.cat([holder[0].bias, holder[1].bias]))
+        assert torch.equal(alone, separate[:, :40])
+        assert torch.allclose(both, separate, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():  # the modules now read slices of the fused rows: unchanged results
+            assert torch.equal(torch.cat([holder[0](x), holder[1](x)], dim=1), separate)
+
+
+def test_int8_dynamic_refuses_a_saturating_kernel(monkeypatch):
+    """A CPU whose int8 x int8 kernel saturates (no VNNI) must not silently corrupt results."""
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: real(a, b).clamp(-32768, 32767))
+    with pytest.raises(UserError, match="int8-dynamic: .*not exact.*--dtype int8"):
+        check_int8_kernel("cpu", dynamic=True)
+    check_int8_kernel("cpu")  # the weight-only kernel does not use it
 
 
 def test_quantize_rows_error_bound_chunks_and_zero_rows():
@@ -116,19 +185,26 @@ def test_saved_int8_checkpoint_loads_the_same_model(tmp_path):
     save_quantized(model, tmp_path)
     manifest = read_manifest(tmp_path)
     assert manifest["format"] == "int8" and manifest["modules"]["lm_head"] == "linear"
-    assert manifest["modules"]["transformer.wte"] == "embedding"
+    assert manifest["modules"]["transformer.wte"] == "embedding" and manifest["inference_format"] == "int8"
     with torch.device("meta"):
         empty = CodeGenModel(model.config)
     loaded = load_quantized_into(empty, tmp_path, manifest)
     ids = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
+    with torch.device("meta"):  # the same int8 weights run as int8-dynamic when asked
+        empty = CodeGenModel(model.config)
+    dynamic = load_quantized_into(empty, tmp_path, manifest, fmt="int8-dynamic")
+    assert int8_format(dynamic) == "int8-dynamic"
+    with torch.no_grad():
+        assert (dynamic(ids) - model(ids)).abs().max() < 0.05 * model(ids).abs().max()
     (tmp_path / "quantization.json").write_text('{"format": "int4"}')
     with pytest.raises(UserError, match="not a codegen2 int8 manifest"):
         read_manifest(tmp_path)
 
 
 @pytest.mark.parametrize("name,expected", [("float32", "float32"), ("bf16", "bfloat16"), ("INT8", "int8"),
+                                           ("int8-dynamic", "int8-dynamic"), ("int8_dynamic", "int8-dynamic"),
                                            (torch.bfloat16, "bfloat16"), (None, None)])
 def test_dtype_names(name, expected):
     assert parse_dtype(name) == expected

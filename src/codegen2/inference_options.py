@@ -6,7 +6,7 @@ a format and `sampling.generate_ids` runs a decoder.
 
 from __future__ import annotations
 
-DTYPES = ("float32", "bfloat16", "int8")
+DTYPES = ("float32", "bfloat16", "int8", "int8-dynamic")
 DECODERS = ("model", "fast", "compiled")
 DEFAULT_DECODER = "compiled"  # of the commands: compile time is paid once per process and shape, and printed
 LIBRARY_DECODER = "fast"  # of `sampling.generate_ids` and friends: no compile unless the caller asks for it
@@ -16,7 +16,9 @@ def add_dtype_flag(parser, default: str | None = None, extra: str = "") -> None:
     """`--dtype`, checked when the model loads (a clear error names the allowed formats)."""
     parser.add_argument("--dtype", default=default,
                         help=f"weight format: {', '.join(DTYPES)} (int8: weight-only, one scale per output "
-                             f"channel, activations in floating point){extra}; default: {default or 'as stored'}")
+                             f"channel, activations in floating point; int8-dynamic: the same weights, activations "
+                             f"rounded to int8 per row for int8 x int8 matmuls){extra}; "
+                             f"default: {default or 'as stored'}")
 
 
 SERVE_DECODER = "compiled"  # of `codegen2 serve`: compiled once at start-up, any batch and cache length

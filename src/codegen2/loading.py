@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from .checkpoint import WEIGHTS, checkpoint_step, latest_checkpoint, list_checkp
 from .config import Config, ModelConfig, load_config
 from .errors import UserError
 from .models import build_model
-from .quantize import compute_dtype, load_int8, parse_dtype, read_manifest
+from .quantize import compute_dtype, is_int8_format, load_int8, parse_dtype, read_manifest
 
 log = logging.getLogger("codegen2")
 
@@ -24,6 +25,27 @@ class LoadedModel:
     config: ModelConfig
     prefix_lm: bool = False  # trained as a prefix-LM: prompts are read bidirectionally
     source: str = ""
+
+
+@contextmanager
+def _no_parameter_init():
+    """Make `torch.nn.init` fills no-ops: on the meta device they compute nothing, yet `nn.Embedding`'s
+    `normal_` goes through torch._refs, which imports torch._dynamo (about 70 MB resident and a second)."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
+def empty_model(config: ModelConfig) -> torch.nn.Module:
+    """The model for `config` on the meta device (shapes only), for a loader to fill tensor by tensor."""
+    with _no_parameter_init(), torch.device("meta"):
+        return build_model(config)
 
 
 def is_run_directory(path: Path) -> bool:
@@ -44,8 +66,9 @@ def load_checkpoint(
 ) -> LoadedModel:
     """Load weights + tokenizer from a run directory (latest or given step) or a Hugging Face directory.
 
-    `dtype`: None keeps the stored dtype; "float32", "bfloat16" or "int8" (weight-only, quantized while the
-    weights stream in: `codegen2.quantize`). A directory written by `codegen2 quantize` loads as int8.
+    `dtype`: None keeps the stored dtype; "float32", "bfloat16", "int8" (weight-only, quantized while the
+    weights stream in: `codegen2.quantize`) or "int8-dynamic" (the same weights, int8 activations too).
+    A directory written by `codegen2 quantize` loads as int8 (or int8-dynamic when asked).
     With `inference` (the default: sampling, infilling, evaluation, serving), a model on the CPU gets
     the decode weight layout (the model's `use_decode_layout`): same values and state dict, faster
     one-token matmuls. Callers that go on to train the loaded modules themselves pass `inference=False`;
@@ -56,7 +79,7 @@ def load_checkpoint(
         raise UserError(f"checkpoint not found: {path}")
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
-    if not inference and (dtype == "int8" or read_manifest(path) is not None):
+    if not inference and (is_int8_format(dtype) or read_manifest(path) is not None):
         raise UserError(f"{path}: int8 weights are for inference only and cannot be trained; start from the "
                         f"float32 or bfloat16 checkpoint they were quantized from")
     if is_run_directory(path):
@@ -91,11 +114,10 @@ def _load_run(run_dir: Path, device, dtype, step: int | None) -> LoadedModel:
             raise UserError(f"{run_dir} has no checkpoint for step {step} (it has: {', '.join(map(str, steps))})")
         ckpt = matches[0]
     tokenizer = CodeGenTokenizer.load(run_dir)
-    with torch.device("meta"):
-        model = build_model(config.model)
+    model = empty_model(config.model)
     try:
-        if dtype == "int8":
-            load_int8(model, ckpt / WEIGHTS, device, config_name="config.toml")
+        if is_int8_format(dtype):
+            load_int8(model, ckpt / WEIGHTS, device, config_name="config.toml", fmt=dtype)
         else:
             state = load_weights(ckpt / WEIGHTS, device=device)
             if dtype is not None:

@@ -10,6 +10,13 @@ memory bandwidth bounds the step (DESIGN §6). On this CPU the kernel is fast on
 hence the cast. The scheme is generic: every `nn.Linear` and `nn.Embedding` is replaced, whatever the
 architecture calls it; norms and the rest stay in floating point.
 
+`int8-dynamic` keeps the same int8 weights and also quantizes activations: each row of a matmul's input
+is rounded to int8 with its own scale (`max|row| / 127`, computed per call), the product runs int8 x int8
+with int32 accumulation (`torch._int_mm`, VNNI on this CPU), and the row and channel scales are applied
+afterwards. That is CTranslate2's int8 scheme; it trades a little accuracy (docs/inference.md) for
+int8 arithmetic, which the weight-only kernel's bf16 multiply-adds cannot match when several rows share
+a weight (batch 8) or when the memory is fast enough that the multiply-adds, not the bytes, bound a step.
+
 A quantized model is for inference only: its modules refuse to run in training mode and its parameters
 have `requires_grad` off. Quantized weights can be saved (`save_quantized`) as safetensors plus a
 `quantization.json` manifest, so a large model is converted once and later loaded in int8 directly.
@@ -20,6 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +39,11 @@ from .inference_options import DTYPES
 MANIFEST = "quantization.json"
 SCHEME = "int8 weight-only, symmetric, one fp32 scale per output channel (row): scale = max|row| / 127"
 QMAX = 127
-CHUNK_ROWS = 4096  # rows quantized at once: bounds the temporary fp32 copy of a large weight
+INT8_FORMATS = ("int8", "int8-dynamic")
+# Elements quantized at once (8 MiB of fp32): bounds the fp32 work buffer and the file pages of a source chunk
+# resident together. With 4,096-row chunks a 1B model's [2048, 8192] weights held 128 MiB of both at the end
+# of a load, when the int8 model is nearly complete: 1.37 GiB peak against 1.25 GiB after (docs/inference.md).
+CHUNK_ELEMENTS = 2**21
 
 
 def parse_dtype(name: str | torch.dtype | None, where: str = "--dtype") -> str | None:
@@ -40,38 +52,49 @@ def parse_dtype(name: str | torch.dtype | None, where: str = "--dtype") -> str |
         return None
     if isinstance(name, torch.dtype):
         name = str(name).removeprefix("torch.")
-    aliases = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "qint8": "int8"}
+    aliases = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "qint8": "int8",
+               "int8_dynamic": "int8-dynamic", "int8dynamic": "int8-dynamic"}
     value = aliases.get(str(name).lower(), str(name).lower())
     if value not in DTYPES:
         raise UserError(f"{where}: unknown weight dtype {name!r}; choose one of {', '.join(DTYPES)} "
-                        f"(int8 is weight-only; there is no int4 or float16 inference path)")
+                        f"(int8 is weight-only, int8-dynamic also quantizes activations; there is no int4 or float16 "
+                        f"inference path)")
     return value
 
 
 def compute_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """The floating dtype a model in format `name` computes in (int8 keeps fp32 activations)."""
+    """The floating dtype a model in format `name` computes in (both int8 formats keep fp32 activations)."""
     if name is None or isinstance(name, torch.dtype):
         return name
-    return torch.float32 if name == "int8" else getattr(torch, name)
+    return torch.float32 if is_int8_format(name) else getattr(torch, name)
+
+
+def is_int8_format(name: str | torch.dtype | None) -> bool:
+    """True for the int8 formats (weight-only `int8` and `int8-dynamic`): both store int8 weights."""
+    return name in INT8_FORMATS
 
 
 # --------------------------------------------------------------------------------------------- kernels
-def quantize_rows(weight: torch.Tensor, chunk_rows: int = CHUNK_ROWS,
-                  after_chunk: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(weight: torch.Tensor, chunk_rows: int | None = None,
+                  after_chunk: Callable[[torch.Tensor], None] | None = None,
+                  work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 [N, K], scales fp32 [N]) with weight[n] ~= q[n] * scales[n]; rows processed in chunks.
 
-    One fp32 work buffer of `chunk_rows` rows is reused for every chunk and all arithmetic is in place, so
-    quantizing allocates nothing per chunk (repeated large temporaries fragment the heap and stay resident).
-    `after_chunk(source_rows)` lets a caller drop the pages of a memory-mapped source as soon as they are
-    quantized. An all-zero row gets scale 1 (q = 0).
+    Each chunk (`chunk_rows` rows, default CHUNK_ELEMENTS worth) is copied into one fp32 work buffer and
+    quantized there in place, so quantizing allocates nothing per chunk. `work` (a flat fp32 tensor) lets a
+    loader share one buffer across all its tensors: per-tensor buffers, freed between the int8 weights that
+    stay, fragment the heap and keep tens of MB resident. `after_chunk(source_rows)` lets a caller drop the
+    pages of a memory-mapped source as soon as they are quantized. An all-zero row gets scale 1 (q = 0).
     """
     rows, cols = weight.shape
+    chunk_rows = min(rows, chunk_rows or max(1, CHUNK_ELEMENTS // max(cols, 1)))
     q = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
     scales = torch.empty(rows, dtype=torch.float32, device=weight.device)
-    work = torch.empty(min(rows, chunk_rows), cols, dtype=torch.float32, device=weight.device)
+    if work is None or work.numel() < chunk_rows * cols or work.device != weight.device:
+        work = torch.empty(chunk_rows * cols, dtype=torch.float32, device=weight.device)
     for start in range(0, rows, chunk_rows):
         source = weight[start:start + chunk_rows]
-        block = work[: source.shape[0]]
+        block = work[: source.numel()].view(source.shape)
         block.copy_(source)  # the source stays untouched
         low, high = torch.aminmax(block, dim=1)
         amax = torch.maximum(low.abs(), high.abs())
@@ -99,16 +122,50 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ones: to
     return out.reshape(*lead, q.shape[0]).to(x.dtype)
 
 
-def check_int8_kernel(device: torch.device | str) -> None:
-    """Raise a UserError when this torch build has no int8 weight-only matmul on `device`."""
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 rows, fp32 row scales [M, 1]) with x[m] ~= q[m] * scale[m], scale = max|x[m]| / 127 (zero rows: 1)."""
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+    return torch.round(x / scale).clamp_(-QMAX, QMAX).to(torch.int8), scale
+
+
+def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ (q * scales[:, None]).T + bias with x quantized per row to int8: int8 x int8 -> int32.
+
+    Each input row gets its own scale, so a row's result never depends on the other rows of a batch.
+    The int32 sums are exact; the fp32 rescale (row scale x channel scale) and the bias follow in one op.
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    flat, row_scale = quantize_activations(x.reshape(-1, k).float())
+    out = torch._int_mm(flat, q.t())  # q [N, K] row-major is the [K, N] operand, transposed: no copy
+    out = torch.addcmul(bias, out * row_scale, scales) if bias is not None else out * row_scale * scales
+    return out.reshape(*lead, q.shape[0]).to(x.dtype)
+
+
+def check_int8_kernel(device: torch.device | str, dynamic: bool = False) -> None:
+    """Raise a UserError when this torch build has no int8 matmul for the format on `device`.
+
+    For `int8-dynamic` the probe also checks that int8 x int8 sums are exact at full scale: a CPU without
+    VNNI multiplies u8 x s8 pairs into saturating int16 lanes in some kernels, which would corrupt results.
+    """
     device = torch.device(device)
+    name = "int8-dynamic" if dynamic else "int8"
     try:
-        q = torch.ones(8, 32, dtype=torch.int8, device=device)
-        int8_linear(torch.ones(1, 32, device=device), q, torch.ones(8, device=device),
-                    torch.ones(8, dtype=torch.bfloat16, device=device))
+        if dynamic:
+            q = torch.full((8, 64), QMAX, dtype=torch.int8, device=device)
+            exact = torch._int_mm(torch.full((1, 64), -QMAX, dtype=torch.int8, device=device), q.t())
+            if not bool((exact == -QMAX * QMAX * 64).all()):
+                raise UserError(f"--dtype int8-dynamic: the int8 x int8 matmul on {device.type} is not exact "
+                                f"(it saturates; a CPU without VNNI); use --dtype int8 there")
+        else:
+            q = torch.ones(8, 32, dtype=torch.int8, device=device)
+            int8_linear(torch.ones(1, 32, device=device), q, torch.ones(8, device=device),
+                        torch.ones(8, dtype=torch.bfloat16, device=device))
     except (RuntimeError, NotImplementedError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--dtype int8: torch {torch.__version__} has no int8 weight-only matmul kernel on "
+        kind = "int8 x int8 (dynamic)" if dynamic else "int8 weight-only"
+        raise UserError(f"--dtype {name}: torch {torch.__version__} has no {kind} matmul kernel on "
                         f"{device.type} ({first[:120]}); use --dtype bfloat16 or float32 there") from None
 
 
@@ -126,6 +183,7 @@ class Int8Linear(nn.Module):
                              persistent=False)
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False)
                      if bias else None)
+        self.dynamic = False  # True: int8-dynamic (activations quantized per row too); see `use_int8_format`
 
     def set_weight(self, q: torch.Tensor, scales: torch.Tensor) -> None:
         self.weight, self.weight_scale = q, scales
@@ -136,10 +194,13 @@ class Int8Linear(nn.Module):
         if self.training:
             raise UserError("int8 weights are for inference only: a quantized model cannot be trained "
                             "(load the float32 or bfloat16 checkpoint to train)")
+        if self.dynamic:
+            return int8_dynamic_linear(x, self.weight, self.weight_scale, self.bias)
         return int8_linear(x, self.weight, self.weight_scale, self._ones, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+        kind = "int8-dynamic" if self.dynamic else "int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {kind}"
 
 
 class Int8Embedding(nn.Module):
@@ -169,6 +230,30 @@ QUANTIZED = (Int8Linear, Int8Embedding)
 
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QUANTIZED) for m in model.modules())
+
+
+def use_int8_format(model: nn.Module, name: str, device: torch.device | str | None = None) -> nn.Module:
+    """Set how a quantized model's Linear layers multiply: `int8` (weight-only) or `int8-dynamic`.
+
+    The int8 weights are the same in both; only the activations differ. Checks the format's kernel on
+    `device` (default: the model's).
+    """
+    if name not in INT8_FORMATS:
+        raise ValueError(f"not an int8 format: {name!r}")
+    dynamic = name == "int8-dynamic"
+    check_int8_kernel(device if device is not None else next(model.buffers()).device, dynamic=dynamic)
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            module.dynamic = dynamic
+    return model
+
+
+def int8_format(model: nn.Module) -> str | None:
+    """"int8", "int8-dynamic", or None for a floating-point model."""
+    linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    if not linears:
+        return "int8" if is_quantized(model) else None
+    return "int8-dynamic" if linears[0].dynamic else "int8"
 
 
 def _replacement(module: nn.Module, float_dtype: torch.dtype) -> nn.Module | None:
@@ -202,8 +287,9 @@ def swap_modules(model: nn.Module, float_dtype: torch.dtype = torch.float32,
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, skip: Callable[[str], bool] = lambda name: False) -> nn.Module:
-    """Quantize a loaded floating-point model in place to int8 weights; returns it in eval mode."""
+def quantize_model(model: nn.Module, skip: Callable[[str], bool] = lambda name: False,
+                   fmt: str = "int8") -> nn.Module:
+    """Quantize a loaded floating-point model in place to int8 weights (`fmt`: int8 or int8-dynamic); eval mode."""
     originals = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
     float_dtype = next(iter(originals.values())).weight.dtype if originals else torch.float32
     check_int8_kernel(next(model.parameters()).device)
@@ -213,7 +299,7 @@ def quantize_model(model: nn.Module, skip: Callable[[str], bool] = lambda name: 
         new.set_weight(*quantize_rows(old.weight.detach()))
         if isinstance(old, nn.Linear) and old.bias is not None:
             new.bias = nn.Parameter(old.bias.detach(), requires_grad=False)
-    return freeze(model)
+    return freeze(use_int8_format(model, fmt))
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -232,11 +318,20 @@ def quantized_names(model: nn.Module) -> dict[str, str]:
 # ------------------------------------------------------------------------------- decode-step weights
 # A fused decode step (models/*/decode.py) holds each matmul weight in the form its format multiplies
 # fastest: a float weight input-major ([in, out] contiguous, MKL's streaming layout for one or few rows), an
-# int8 weight as the kernel's (q [out, in], scales, ones) triple. `mm` multiplies either.
+# int8 weight as the kernel's (q [out, in], scales, ones) triple, an int8-dynamic one as a
+# `DynamicInt8Weight` (q, scales). `mm` multiplies any of them.
+
+class DynamicInt8Weight(NamedTuple):
+    """An int8-dynamic `mm` weight: q [out, in] int8 rows and their fp32 scales."""
+    q: torch.Tensor
+    scales: torch.Tensor
+
 
 def linear_weight(module: nn.Module) -> torch.Tensor | tuple:
-    """`module`'s weight for `mm`: float as an [in, out] view, int8 as (q, scales, ones)."""
+    """`module`'s weight for `mm`: float as an [in, out] view, int8 as (q, scales, ones) or DynamicInt8Weight."""
     if isinstance(module, Int8Linear):
+        if module.dynamic:
+            return DynamicInt8Weight(module.weight, module.weight_scale)
         return module.weight, module.weight_scale, module._ones
     return module.weight.t()
 
@@ -251,16 +346,20 @@ def fuse_linears(modules: list[nn.Module]) -> torch.Tensor | tuple:
     """
     first = modules[0]
     cached = getattr(first, "_decode_fused", None)
-    if cached is not None and cached[0] == first.weight.data_ptr():
+    dynamic = getattr(first, "dynamic", False)
+    if cached is not None and cached[0] == first.weight.data_ptr() and cached[2] == dynamic:
         return cached[1]
     if all(isinstance(m, Int8Linear) for m in modules):
+        if any(m.dynamic != dynamic for m in modules):
+            raise ValueError("cannot fuse int8 and int8-dynamic projections into one matmul")
         q = torch.cat([m.weight for m in modules])
         scales = torch.cat([m.weight_scale for m in modules])
         start = 0
         for m in modules:
             m.set_weight(q[start:start + m.out_features], scales[start:start + m.out_features])
             start += m.out_features
-        fused = (q, scales, torch.ones(q.shape[0], dtype=torch.bfloat16, device=q.device))
+        fused = (DynamicInt8Weight(q, scales) if dynamic else
+                 (q, scales, torch.ones(q.shape[0], dtype=torch.bfloat16, device=q.device)))
     elif any(isinstance(m, Int8Linear) for m in modules):
         raise ValueError("cannot fuse int8 and floating-point projections into one matmul")
     else:
@@ -269,12 +368,14 @@ def fuse_linears(modules: list[nn.Module]) -> torch.Tensor | tuple:
         for m in modules:
             m.weight.data = fused[:, start:start + m.out_features].t()
             start += m.out_features
-    first._decode_fused = (first.weight.data_ptr(), fused)
+    first._decode_fused = (first.weight.data_ptr(), fused, dynamic)
     return fused
 
 
 def mm(x: torch.Tensor, weight: torch.Tensor | tuple, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, in] times a decode-step weight (`linear_weight` / `fuse_linears`), plus bias."""
+    if isinstance(weight, DynamicInt8Weight):
+        return int8_dynamic_linear(x, weight.q, weight.scales, bias=bias)
     if isinstance(weight, tuple):
         return int8_linear(x, *weight, bias=bias)
     return torch.addmm(bias, x, weight) if bias is not None else torch.mm(x, weight)
@@ -298,15 +399,18 @@ def assign_streamed(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]
                     release: Callable[[torch.Tensor], None] | None = None) -> None:
     """Fill a meta-built model whose Linear/Embedding were swapped to int8, from float tensors streamed by name.
 
-    The weight of an int8 module is quantized as it arrives, CHUNK_ROWS rows at a time (`release` is
+    The weight of an int8 module is quantized as it arrives, CHUNK_ELEMENTS at a time (`release` is
     called on each consumed chunk of the source, e.g. to drop memory-mapped pages); every other tensor
     is converted to `float_dtype` and assigned. The full-precision model never exists.
     """
+    work = None  # one fp32 chunk buffer for every weight (see quantize_rows)
     for name, tensor in tensors:
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
         if isinstance(module, QUANTIZED) and leaf == "weight":
-            module.set_weight(*quantize_rows(tensor, after_chunk=release))
+            if work is None:
+                work = torch.empty(CHUNK_ELEMENTS, dtype=torch.float32, device=tensor.device)
+            module.set_weight(*quantize_rows(tensor, after_chunk=release, work=work))
         else:
             value = tensor.to(float_dtype)
             if release is not None and value.data_ptr() != tensor.data_ptr():
@@ -316,22 +420,22 @@ def assign_streamed(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]
 
 
 def load_int8(model: nn.Module, path: str | Path, device: str | torch.device = "cpu",
-              config_name: str = "config.json") -> nn.Module:
+              config_name: str = "config.json", fmt: str = "int8") -> nn.Module:
     """Fill a meta-built floating model with int8 weights quantized while the float file streams in.
 
     `path` is a weights file or a HF directory. Tensors are memory-mapped and each weight is quantized
-    CHUNK_ROWS rows at a time, the file pages of a chunk dropped as soon as it is done, so the peak is
+    CHUNK_ELEMENTS at a time, the file pages of a chunk dropped as soon as it is done, so the peak is
     about the int8 model plus one chunk (a 1B-shaped fp32 checkpoint: see docs/inference.md).
     """
     from .hf.weights import expected_shapes, read_checked_tensors, release_mapped_pages
 
-    check_int8_kernel(device)
+    check_int8_kernel(device, dynamic=fmt == "int8-dynamic")
     expected = expected_shapes(model)
     swap_modules(model, torch.float32)
     tensors = read_checked_tensors(path, expected, device, dtype=None, config_name=config_name)
     assign_streamed(model, tensors, torch.float32, release=release_mapped_pages)
     _return_freed_memory()
-    return freeze(model)
+    return freeze(use_int8_format(model, fmt, device))
 
 
 def _return_freed_memory() -> None:
@@ -360,14 +464,16 @@ def save_quantized(model: nn.Module, directory: str | Path, extra: dict | None =
     if not modules:
         raise UserError("save_quantized: the model has no int8 modules (quantize it first)")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    manifest = {"format": "int8", "scheme": SCHEME, "compute_dtype": "float32", "modules": modules, **(extra or {})}
+    manifest = {"format": "int8", "scheme": SCHEME, "compute_dtype": "float32",
+                "inference_format": int8_format(model), "modules": modules, **(extra or {})}
     write_safetensors(state, directory / "model.safetensors",
                       metadata={"format": "pt", "codegen2_quantization": "int8"})
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return directory
 
 
-def write_quantized_checkpoint(source: str | Path, out_dir: str | Path, mp_num: int | None = None) -> Path:
+def write_quantized_checkpoint(source: str | Path, out_dir: str | Path, mp_num: int | None = None,
+                               fmt: str = "int8") -> Path:
     """`codegen2 quantize`: load a float checkpoint as int8 (streamed) and write a directory that loads as int8.
 
     The directory holds config.json and the tokenizer (as an exported HF directory does) plus the int8
@@ -382,7 +488,7 @@ def write_quantized_checkpoint(source: str | Path, out_dir: str | Path, mp_num: 
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir} already exists and is not empty; choose a new output directory")
-    loaded = load_checkpoint(source, dtype="int8", mp_num=mp_num)
+    loaded = load_checkpoint(source, dtype=fmt, mp_num=mp_num)
     cfg = loaded.config
     hf_config = architecture(cfg).hf.config_to_hf(cfg, loaded.tokenizer.eot_id, "float32")
     for field in architecture(cfg).hf.layout_fields:  # the tensors keep the source's layout (CodeGen: qkv groups)
@@ -412,9 +518,10 @@ def read_manifest(directory: str | Path) -> dict | None:
 
 
 def load_quantized_into(model: nn.Module, directory: str | Path, manifest: dict,
-                        device: str | torch.device = "cpu") -> nn.Module:
+                        device: str | torch.device = "cpu", fmt: str | None = None) -> nn.Module:
     """Fill a meta-built floating model from a checkpoint written by `save_quantized`, tensor by tensor.
 
+    `fmt` (int8 or int8-dynamic) chooses how it multiplies; None: the format it was saved from.
     Each tensor is copied out of the memory-mapped file (the int8 kernel needs aligned rows, which a
     tensor at an arbitrary file offset does not have) and the file's pages are dropped behind it.
     """
@@ -428,7 +535,10 @@ def load_quantized_into(model: nn.Module, directory: str | Path, manifest: dict,
     unknown = [n for n in modules if n not in dict(model.named_modules())]
     if unknown:
         raise UserError(f"{directory / MANIFEST}: modules {unknown[:3]} are not in this model's architecture")
-    check_int8_kernel(device)
+    fmt = fmt or manifest.get("inference_format") or "int8"
+    if fmt not in INT8_FORMATS:
+        raise UserError(f"{directory / MANIFEST}: unknown inference_format {fmt!r} (one of {', '.join(INT8_FORMATS)})")
+    check_int8_kernel(device, dynamic=fmt == "int8-dynamic")
     swap_modules(model, torch.float32, skip=lambda name: name not in modules)
     expected = dict(model.state_dict(keep_vars=True))
     seen = set()
@@ -459,4 +569,4 @@ def load_quantized_into(model: nn.Module, directory: str | Path, manifest: dict,
     for module in model.modules():
         if isinstance(module, Int8Linear):
             module.set_weight(module.weight, module.weight_scale)
-    return freeze(model)
+    return freeze(use_int8_format(model, fmt, device))

@@ -32,10 +32,11 @@ from ..checkpoint import (
 )
 from ..config import Config, load_config, save_config
 from ..errors import UserError
+from ..loading import empty_model
 from ..models import architecture, build_model
 from ..models.codegen.hf import detect_mp_num, regroup_qkv, regroup_state_dict
 from ..quantize import MANIFEST as QUANTIZATION_MANIFEST
-from ..quantize import compute_dtype, load_int8, load_quantized_into, parse_dtype, read_manifest
+from ..quantize import compute_dtype, is_int8_format, load_int8, load_quantized_into, parse_dtype, read_manifest
 from .codegen25_tokenizer import is_codegen25_directory, load_codegen25_tokenizer
 from .config import CONFIG_FILE, load_hf_config, model_config_from_raw, read_hf_config
 from .weights import expected_shapes, load_into, read_checked_tensors
@@ -105,17 +106,16 @@ def from_pretrained(
     path = Path(path)
     cfg = model_config_from_raw(read_hf_config(path), path, mp_num)
     tokenizer = load_hf_tokenizer(path, cfg.vocab_size) if load_tokenizer else None
-    with torch.device("meta"):
-        model = build_model(cfg)
+    model = empty_model(cfg)
     weight_format = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, "dtype")
     manifest = read_manifest(path)
     if manifest is not None:  # written by `codegen2 quantize`
-        if weight_format not in (None, "int8"):
-            raise UserError(f"{path} holds int8 weights ({QUANTIZATION_MANIFEST}); it loads only as int8, not "
-                            f"{weight_format}")
-        load_quantized_into(model, path, manifest, device)
-    elif weight_format == "int8":
-        load_int8(model, path, device)
+        if weight_format is not None and not is_int8_format(weight_format):
+            raise UserError(f"{path} holds int8 weights ({QUANTIZATION_MANIFEST}); it loads only as int8 or "
+                            f"int8-dynamic, not {weight_format}")
+        load_quantized_into(model, path, manifest, device, fmt=weight_format)
+    elif is_int8_format(weight_format):
+        load_int8(model, path, device, fmt=weight_format)
     else:
         load_into(model, path, device=device, dtype=compute_dtype(weight_format))
     model.eval()
