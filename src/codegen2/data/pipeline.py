@@ -184,9 +184,11 @@ def prepared_data(config: Config, run_dir: Path, tokenizer: CodeGenTokenizer | N
         "tokens": int(sum(len(st) for st in streams)),
         "num_samples_per_epoch": mixture.num_samples_per_epoch,
     }
-    where = f"the run's prepared data {data.root}" if root is not None else f"prepared {data.root}"
+    # in-line: the run prepared (or reused) its own data just before; else nothing of the raw data is touched
+    where = f"the run's prepared data {data.root}: {shards} shard(s) memory-mapped" if root is not None else \
+        f"prepared {data.root}: {shards} shard(s) memory-mapped, no tokenization, no raw-file walk"
     stats["summary"] = {
-        "data": f"{where}: {shards} shard(s) memory-mapped, no tokenization, no raw-file walk",
+        "data": where,
         **{s["name"]: f"{s['docs']} docs, {s['tokens']:,} tokens, weight {s['weight']:.2f}" for s in stats["sources"]},
     }
     return theirs, mixture, stats
