@@ -3,7 +3,7 @@
 Stages, on the embedded corpus (Python standard library code and docs), with the tiny preset's settings
 (4096-token BPE, sequences of 256, micro-batches of 8, 50% file-level span corruption):
 
-1. tokenisation: `CodeGenTokenizer.encode_batch` of whole documents (done once, into the token cache);
+1. tokenisation: `CodeGenTokenizer.encode_batch` of whole documents (done once, by the data preparation);
 2. mixture + packing + objective: `BatchLoader.step_batches` (what the background worker runs every step).
 
 Rates are tokens per CPU-second of this process (all its threads together), i.e. per core. The pipeline
