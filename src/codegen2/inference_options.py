@@ -8,7 +8,7 @@ from __future__ import annotations
 
 DTYPES = ("float32", "bfloat16", "int8", "int8-dynamic")
 DECODERS = ("model", "fast", "compiled")
-DEFAULT_DECODER = "compiled"  # of the commands: compile time is paid once per process and shape, and printed
+DEFAULT_DECODER = "compiled"  # of the commands, serve included: compiled once per process (and batch), printed
 LIBRARY_DECODER = "fast"  # of `sampling.generate_ids` and friends: no compile unless the caller asks for it
 
 
@@ -21,12 +21,9 @@ def add_dtype_flag(parser, default: str | None = None, extra: str = "") -> None:
                              f"default: {default or 'as stored'}")
 
 
-SERVE_DECODER = "compiled"  # of `codegen2 serve`: compiled once at start-up, any batch and cache length
-
-
 def add_decoder_flag(parser, default: str = DEFAULT_DECODER) -> None:
     """`--decoder`: how tokens after the prompt are computed (all give the same tokens up to rounding)."""
     parser.add_argument("--decoder", choices=DECODERS, default=default,
                         help="the model's forward with a KV cache (model), the fused one-token step eagerly (fast), "
-                             "or that step compiled once per process and shape (compiled; its compile time is "
+                             "or that step compiled once per process and batch size (compiled; its compile time is "
                              f"printed); default: {default}")

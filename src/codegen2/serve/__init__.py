@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from ..inference_options import SERVE_DECODER, add_decoder_flag, add_dtype_flag
+from ..inference_options import add_decoder_flag, add_dtype_flag
 
 log = logging.getLogger("codegen2.serve")
 
@@ -35,7 +35,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="sequences allowed to wait; beyond it requests get 429 at once")
     p.add_argument("--device", default="cpu")
     add_dtype_flag(p, default="auto", extra="; auto: bfloat16 on CUDA, as stored on the CPU")
-    add_decoder_flag(p, default=SERVE_DECODER)
+    add_decoder_flag(p)
     p.add_argument("--mp-num", type=int, default=None, help="qkv grouping of a HF checkpoint (default: detect)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: the newest)")
     p.add_argument("--threads", type=int, default=0,
