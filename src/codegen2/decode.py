@@ -98,7 +98,12 @@ class FastDecoder:
             torch._dynamo.config.accumulated_recompile_limit = max(
                 torch._dynamo.config.accumulated_recompile_limit, 256)
             if key not in FastDecoder._compiled:
-                FastDecoder._compiled[key] = torch.compile(arch.decode_step, fullgraph=True, dynamic=False)
+                # The graph's inputs are always this class's own cache views and the model's weights, laid out
+                # the same way every call: the wrapper's ~40 per-call stride/alignment asserts cost 2-4% of a
+                # tiny step (thread time, batch 1: 1.005 vs 1.03 ms; batch 8: 2.12 vs 2.20 ms).
+                FastDecoder._compiled[key] = torch.compile(
+                    arch.decode_step, fullgraph=True, dynamic=False,
+                    options={"size_asserts": False, "alignment_asserts": False})
             self._fn = FastDecoder._compiled[key]
         self._warm = not compile
 
