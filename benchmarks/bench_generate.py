@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from codegen2.inference_options import DEFAULT_DECODER
-from codegen2.quantize import quantize_model
+from codegen2.quantize import quantize_model, use_int8_format
 from codegen2.sampling import SamplingParams, generate_ids
 from common import (
     SHAPES,
@@ -136,9 +136,11 @@ def build_formats(ours, dtypes: list[str]) -> dict[str, object]:
     if "bfloat16" in dtypes:
         models["bfloat16"] = copy.deepcopy(ours).to(torch.bfloat16).use_decode_layout()
     int8_formats = [d for d in dtypes if d in INT8_FORMATS]
-    for i, name in enumerate(int8_formats):
-        last_use = i == len(int8_formats) - 1 and "float32" not in dtypes and "bfloat16" not in dtypes
-        models[name] = quantize_model(ours if last_use else copy.deepcopy(ours), fmt=name)
+    if int8_formats:  # quantized once; the other int8 format is a copy of the int8 model (1 byte per weight)
+        keep_float = "float32" in dtypes or "bfloat16" in dtypes
+        quantized = quantize_model(copy.deepcopy(ours) if keep_float else ours, fmt=int8_formats[0])
+        for name in int8_formats:
+            models[name] = quantized if name == int8_formats[0] else use_int8_format(copy.deepcopy(quantized), name)
     if "float32" in dtypes:
         models["float32"] = ours.use_decode_layout()
     return {d: models[d] for d in dtypes}
