@@ -576,3 +576,26 @@ def test_unfinished_inline_prepare_with_other_settings_is_refused(tmp_path):
     config.prepare.minhash_threshold = 0.8
     with pytest.raises(UserError, match="unfinished data preparation was started with other settings"):
         prepare_data(config, run, log=_quiet)
+
+
+def test_run_from_the_old_token_cache_is_prepared_again_with_a_note(tmp_path):
+    """A run started by an earlier codegen2 (RUN/data/*.npy token caches, no RUN/prepared): evaluation says what
+    to do, and --resume prepares its sources into RUN/prepared with a note that the sample order changes."""
+    from codegen2.eval.heldout import run_heldout_documents
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    root = embedded.stdlib_root()
+    for name in ("textwrap.py", "shlex.py"):
+        (corpus / name).write_text((root / name).read_text(encoding="utf-8"))
+    config = _small_config(_data([SourceConfig(path=str(corpus))]))
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    np.save(run / "data" / "corpus-train-0123.npy", np.zeros(10, dtype=np.uint16))
+    with pytest.raises(UserError, match=r"has no prepared data .*`codegen2 train --out .* --resume` prepares it"):
+        run_heldout_documents(config, run)
+    lines: list[str] = []
+    prepare_data(config, run, log=lines.append)
+    assert any(line.startswith("note: ") and "token cache" in line and "another sample order" in line
+               for line in lines), lines
+    assert (run / "prepared" / "manifest.json").is_file() and (run / "data" / "corpus-train-0123.npy").is_file()
