@@ -3,8 +3,8 @@
 BigCode's rule (DESIGN §6): a file is removed if it contains a HumanEval docstring (taken from the prompt) or
 canonical solution. We add the HumanEval-infilling middles (derived as in `codegen2.eval.infilling`).
 
-A pattern with fewer than `min_chars` characters other than whitespace is too generic to search on its own: `return x + y`
-(the whole solution of HumanEval/53) or a single-line middle such as `return False` occurs in countless
+A pattern with fewer than `min_chars` characters other than whitespace is too generic to search on its own:
+`return x + y` (the whole solution of HumanEval/53) or a single-line middle such as `return False` occurs in countless
 unrelated files. Such a solution is searched right after its function's `def` header (how a solved copy
 without the docstring reads), and such a middle is not searched on its own (each middle is a
 piece of a canonical solution, which is searched). The search is one Aho-Corasick pass per document
