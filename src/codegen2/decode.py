@@ -45,6 +45,36 @@ def capacity_bucket(needed: int, n_ctx: int, step: int = 128) -> int:
 
 
 ATTENTION_BLOCK = 32  # the step attends over the filled cache columns rounded up to this (masked beyond `col`)
+CHUNK_LAYERS = 16  # a greedy chunk's graph holds at most this many layers (k steps of n_layer layers each)
+MAX_CHUNK = 4  # greedy tokens per call at most: 8 measured no faster than 4 on the tiny shape
+
+
+def greedy_chunk_size(n_layer: int) -> int:
+    """Greedy tokens per `FastDecoder.greedy` call for a model of `n_layer` layers (1: one step per call).
+
+    Several steps per call save the per-call cost (dynamo's entry, the Python around each step: ~0.1 ms of
+    a tiny model's 1 ms step), which matters only where a step is short; the graph and its compile time grow
+    with k * n_layer, so only models of at most CHUNK_LAYERS / 2 layers use more than one.
+    """
+    return max(1, min(MAX_CHUNK, CHUNK_LAYERS // n_layer))
+
+
+def _greedy_chunk(step, k: int, last_position: int):
+    """`step` run k times, each feeding the argmax of the logits before: returns the k tokens chosen [B, k].
+
+    Positions past `last_position` (only reached by tokens after the requested ones, which the caller
+    drops) read the rotary table's last row instead of indexing past it.
+    """
+    def chunk(weights, tokens, pos, col, keys, values, valid):
+        chosen = []
+        for _ in range(k):
+            logits = step(weights, tokens, pos.clamp_max(last_position), col, keys, values, valid)
+            tokens = logits.argmax(dim=-1)
+            chosen.append(tokens)
+            pos, col = pos + 1, col + 1
+        return torch.stack(chosen, dim=1)
+
+    return chunk
 
 
 class FastDecoder:
@@ -61,8 +91,8 @@ class FastDecoder:
     batch of two or more rows shares that graph.
     """
 
-    _compiled: dict[str, object] = {}  # one torch.compile wrapper per (architecture, batch mode)
-    compile_events: list[tuple[int | str, float]] = []  # (batch size or "any", seconds) per compile
+    _compiled: dict[str, object] = {}  # one torch.compile wrapper per (architecture, batch mode, chunk)
+    compile_events: list[tuple[int | str, float]] = []  # (batch size or "any", and the chunk; seconds) per compile
 
     def __init__(self, model: nn.Module, batch: int, capacity: int, compile: bool = False,
                  dynamic_batch: bool = False):
@@ -88,24 +118,35 @@ class FastDecoder:
         self.dynamic_batch = dynamic_batch
         self.compile_seconds = 0.0
         self._views: tuple[int, int, list, list, torch.Tensor] | None = None
-        self._fn = arch.decode_step
-        if compile:
-            # dynamic=False: the batch is static unless marked dynamic; the attended length is always marked.
-            key = f"{arch.name}/{'any' if dynamic_batch else 'static'}-batch"
-            # Each (weight format, batch) is its own graph of the one `decode_step` function:
-            # dynamo's default of 8 per function is soon reached (and with fullgraph=True it then fails).
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            torch._dynamo.config.accumulated_recompile_limit = max(
-                torch._dynamo.config.accumulated_recompile_limit, 256)
-            if key not in FastDecoder._compiled:
-                # The graph's inputs are always this class's own cache views and the model's weights, laid out
-                # the same way every call: the wrapper's ~40 per-call stride/alignment asserts cost 2-4% of a
-                # tiny step (thread time, batch 1: 1.005 vs 1.03 ms; batch 8: 2.12 vs 2.20 ms).
-                FastDecoder._compiled[key] = torch.compile(
-                    arch.decode_step, fullgraph=True, dynamic=False,
-                    options={"size_asserts": False, "alignment_asserts": False})
-            self._fn = FastDecoder._compiled[key]
-        self._warm = not compile
+        self._arch = arch
+        self.chunk = greedy_chunk_size(cfg.n_layer)  # greedy tokens per `greedy` call
+        self._last_position = cfg.n_ctx - 1
+        self._fn = self._function("step")
+        self._chunk_fn = None  # built on the first `greedy` call
+        self._warm = {"step": not compile, "chunk": not compile}
+
+    def _function(self, kind: str):
+        """The step ("step") or the greedy chunk ("chunk"), compiled once per process if this decoder compiles."""
+        arch = self._arch
+        fn = arch.decode_step if kind == "step" else _greedy_chunk(arch.decode_step, self.chunk, self._last_position)
+        if not self.compile:
+            return fn
+        # dynamic=False: the batch is static unless marked dynamic; the attended length is always marked.
+        key = f"{arch.name}/{'any' if self.dynamic_batch else 'static'}-batch/{kind}"
+        if kind == "chunk":
+            key += f"{self.chunk}/{self._last_position}"
+        # Each (weight format, batch) is its own graph of the one function: dynamo's default of 8 per
+        # function is soon reached (and with fullgraph=True it then fails).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 256)
+        if key not in FastDecoder._compiled:
+            # The graph's inputs are always this class's own cache views and the model's weights, laid out
+            # the same way every call: the wrapper's ~40 per-call stride/alignment asserts cost 2-4% of a
+            # tiny step (thread time, batch 1: 1.005 vs 1.03 ms; batch 8: 2.12 vs 2.20 ms).
+            FastDecoder._compiled[key] = torch.compile(
+                fn, fullgraph=True, dynamic=False, options={"size_asserts": False, "alignment_asserts": False})
+        return FastDecoder._compiled[key]
 
     def start(self, cache: KVCache, next_pos: torch.Tensor) -> None:
         """Take over a prefilled cache (its first `cache.length` columns) and each row's next position."""
@@ -121,11 +162,11 @@ class FastDecoder:
         self.pos.copy_(next_pos)
         self.length = length
 
-    def _attended(self, first: int) -> tuple[torch.Tensor, list, list, torch.Tensor]:
+    def _attended(self, first: int, steps: int = 1) -> tuple[torch.Tensor, list, list, torch.Tensor]:
         """Column of this step and views of the columns attended: from `first` (rounded down to a block) to
-        the filled ones plus this step's (rounded up, at most the capacity)."""
+        the filled ones plus the next `steps` (rounded up, at most the capacity)."""
         lo = first - first % ATTENTION_BLOCK
-        hi = min(self.capacity, -(-(self.length + 1) // ATTENTION_BLOCK) * ATTENTION_BLOCK)
+        hi = min(self.capacity, -(-(self.length + steps) // ATTENTION_BLOCK) * ATTENTION_BLOCK)
         if self._views is None or self._views[:2] != (lo, hi):
             self._views = (lo, hi, [k[:, :, lo:hi] for k in self.keys], [v[:, :, lo:hi] for v in self.values],
                            self.valid[:, lo:hi])
@@ -138,41 +179,60 @@ class FastDecoder:
         `first`: no row sees a column before it (a server's rows all start there or later), so the step
         need not attend over them.
         """
-        if self.length >= self.capacity:
+        return self._run("step", tokens, first, 1)
+
+    def greedy(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed `tokens` [B], then each row's greedy choice, `self.chunk` times in one call: the chosen tokens
+        [B, chunk], the same as `step` and argmax would give one by one. The last one is not fed yet.
+
+        Tokens past a row's stop or its budget are wasted work the caller drops (at most chunk - 1 steps);
+        the capacity must leave room for the whole chunk.
+        """
+        if self._chunk_fn is None:
+            self._chunk_fn = self._function("chunk")
+        return self._run("chunk", tokens, 0, self.chunk)
+
+    def _run(self, kind: str, tokens: torch.Tensor, first: int, steps: int) -> torch.Tensor:
+        if self.length + steps > self.capacity:
             raise ValueError(f"fast decoder cache is full ({self.capacity} positions)")
         if not 0 <= first <= self.length:
             raise ValueError(f"first column {first} is outside the filled cache (0..{self.length})")
-        col, keys, values, valid = self._attended(first)
-        if not self._warm:
-            logits = self._compile_step(tokens, col, keys, values, valid)
+        col, keys, values, valid = self._attended(first, steps)
+        fn = self._fn if kind == "step" else self._chunk_fn
+        args = (self.weights, tokens, self.pos, col, keys, values, valid)
+        if not self._warm[kind]:
+            out = self._compile(kind, fn, args)
         elif self.compile:
             # The graphs differ only in what dynamo must tell apart (batch size, weight format): skipping
             # the other guard checks saves ~0.2 ms per step, a tenth of a tiny model's step.
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                logits = self._fn(self.weights, tokens, self.pos, col, keys, values, valid)
+                out = fn(*args)
         else:
-            logits = self._fn(self.weights, tokens, self.pos, col, keys, values, valid)
-        self.col += 1
-        self.pos += 1
-        self.length += 1
-        return logits
+            out = fn(*args)
+        self.col += steps
+        self.pos += steps
+        self.length += steps
+        return out
 
-    def _compile_step(self, tokens, col, keys, values, valid) -> torch.Tensor:
+    def _compile(self, kind: str, fn, args) -> torch.Tensor:
         """First compiled call: mark the dynamic dimensions, run (compiling if no graph fits) and record the time."""
+        _, tokens, pos, _, keys, values, valid = args
         # maybe_: dynamo may still bound or specialise a dimension (no error), which only costs a recompile.
         for t in keys + values:
             torch._dynamo.maybe_mark_dynamic(t, 2)
         torch._dynamo.maybe_mark_dynamic(valid, 1)
         if self.dynamic_batch:
-            for t in [tokens, self.pos, valid] + keys + values:
+            for t in [tokens, pos, valid] + keys + values:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         began = time.perf_counter()
-        logits = self._fn(self.weights, tokens, self.pos, col, keys, values, valid)
-        self.compile_seconds = time.perf_counter() - began
-        self._warm = True
+        out = fn(*args)
+        seconds = time.perf_counter() - began
+        self.compile_seconds += seconds
+        self._warm[kind] = True
         if torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs:  # compiled (not a graph reused)
             batch = "any" if self.dynamic_batch else self.batch
-            FastDecoder.compile_events.append((batch, self.compile_seconds))
-            log.info("decode step compiled for batch %s, every cache length: %.1f s", batch, self.compile_seconds)
-        return logits
+            label = batch if kind == "step" else f"{batch}, {self.chunk}-token greedy chunk"
+            FastDecoder.compile_events.append((label, seconds))
+            log.info("decode step compiled for batch %s, every cache length: %.1f s", label, seconds)
+        return out

@@ -129,9 +129,12 @@ def generate_ids(
     logits = model(input_ids, position_ids=positions, prefix_len=prefix_len, cache=cache, last_only=True)[:, -1]
     next_pos = positions[:, -1] + 1
     if decoder != "model":
-        from .decode import FastDecoder, capacity_bucket
+        from .decode import FastDecoder, capacity_bucket, greedy_chunk_size
 
-        fast = FastDecoder(model, batch, capacity_bucket(total, model.config.n_ctx), compile=decoder == "compiled")
+        # Room for a whole greedy chunk past the last token asked for (its extra tokens are dropped).
+        spare = greedy_chunk_size(model.config.n_layer) if params.temperature <= 0 else 0
+        fast = FastDecoder(model, batch, capacity_bucket(total + spare, model.config.n_ctx),
+                           compile=decoder == "compiled")
         fast.start(cache, next_pos)
         feed = torch.full((batch,), pad_id, dtype=torch.long, device=device)
 
@@ -139,20 +142,42 @@ def generate_ids(
     stop_set = set(stop_ids)
     generated: list[list[int]] = [[] for _ in range(batch)]
     finish = ["length"] * batch
-    active = list(range(batch))  # original row of each cache row
-    for _ in range(params.max_new_tokens):
+
+    def finished(row: int, token: int) -> bool:
+        """Take `token` as row's next choice; True when it ends the row (not kept if it is a stop id)."""
+        if token in stop_set:
+            finish[row] = "stop"
+            return True
+        generated[row].append(token)
+        # A new stop string must end in the newest token, so a short tail is enough to find it.
+        if params.stop and _first_stop(tokenizer.decode(generated[row][-stop_window:]), params.stop) != -1:
+            finish[row] = "stop"
+            return True
+        return False
+
+    if fast is not None and fast.chunk > 1 and params.temperature <= 0:
+        # Greedy, several tokens per call (`FastDecoder.greedy`): stops are checked after each chunk, token
+        # by token, so every row keeps exactly the tokens the one-step loop below would give it.
+        chosen, made, done = logits.argmax(dim=-1)[:, None], 0, [False] * batch
+        while True:
+            new = chosen[:, : params.max_new_tokens - made]
+            made += new.shape[1]
+            for row, tokens in enumerate(new.tolist()):  # one host transfer per chunk
+                for token in tokens if not done[row] else ():
+                    if finished(row, token):
+                        done[row] = True
+                        break
+            if all(done) or made >= params.max_new_tokens:
+                break
+            feed.copy_(chosen[:, -1])  # the graph wants the same contiguous [B] tensor every call
+            chosen = fast.greedy(feed)
+        active = []
+    else:
+        active = list(range(batch))  # original row of each cache row
+    for _ in range(params.max_new_tokens if active else 0):
         tokens = choose_tokens(logits.float(), params, [generators[r] for r in active])
-        keep = []
-        for slot, (row, token) in enumerate(zip(active, tokens.tolist())):  # one host transfer per step
-            if token in stop_set:
-                finish[row] = "stop"
-                continue
-            generated[row].append(token)
-            # A new stop string must end in the newest token, so a short tail is enough to find it.
-            if params.stop and _first_stop(tokenizer.decode(generated[row][-stop_window:]), params.stop) != -1:
-                finish[row] = "stop"
-                continue
-            keep.append(slot)
+        keep = [slot for slot, (row, token) in enumerate(zip(active, tokens.tolist()))  # one host transfer
+                if not finished(row, token)]
         if not keep:
             break
         if fast is not None:
