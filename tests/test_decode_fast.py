@@ -13,7 +13,7 @@ import torch
 
 from codegen2.checkpoint import write_checkpoint
 from codegen2.config import Config, ModelConfig, TokenizerConfig, TrainConfig, save_config
-from codegen2.decode import FastDecoder, capacity_bucket
+from codegen2.decode import FastDecoder, capacity_bucket, greedy_chunk_size
 from codegen2.loading import load_checkpoint
 from codegen2.models import build_model
 from codegen2.models.codegen.model import CodeGenModel
@@ -81,6 +81,74 @@ def test_seeded_sampling_is_the_same_in_every_decoder(arch):
     assert [c.token_ids for c in generate_ids(model, tok, prompts, params, decoder="fast")] == ref
     with pytest.raises(ValueError, match="decoder must be one of"):
         generate_ids(model, tok, prompts, params, decoder="jit")
+
+
+def test_greedy_chunk_size_keeps_a_chunk_graph_within_16_layers():
+    assert [greedy_chunk_size(n) for n in (1, 2, 4, 5, 8, 12, 16, 32)] == [4, 4, 4, 3, 2, 1, 1, 1]
+
+
+@ARCHS
+def test_greedy_chunk_equals_one_step_and_argmax_at_a_time(arch):
+    """`FastDecoder.greedy` (k steps, argmax inside) chooses what k calls of `step` and argmax choose."""
+    model = small_model(arch)
+    ids = torch.randint(0, 300, (3, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cache = KVCache(model.config, 3, 12)
+        model(ids, cache=cache)
+        chunked, stepped = FastDecoder(model, 3, 40), FastDecoder(model, 3, 40)
+        for decoder in (chunked, stepped):
+            decoder.start(cache, torch.full((3,), 12))
+        assert chunked.chunk == 4
+        feed = ids[:, -1].clone()
+        for _ in range(3):
+            chosen = chunked.greedy(feed)
+            expected = []
+            for _ in range(chunked.chunk):
+                feed = stepped.step(feed).argmax(dim=-1)
+                expected.append(feed)
+            assert torch.equal(chosen, torch.stack(expected, dim=1))
+            feed = chosen[:, -1].contiguous()
+        assert chunked.length == stepped.length == 24
+        full = FastDecoder(model, 3, 14)  # 12 filled: no room for a chunk of 4
+        full.start(cache, torch.full((3,), 12))
+        with pytest.raises(ValueError, match="cache is full"):
+            full.greedy(feed)
+
+
+@pytest.mark.parametrize("arch, decoder", [("codegen", "fast"), ("llama", "fast"),
+                                           pytest.param("codegen", "compiled", marks=pytest.mark.slow)])
+def test_greedy_chunks_stop_exactly_where_the_one_step_loop_stops(arch, decoder):
+    """Stops are checked after each chunk, token by token: stop ids and stop strings met mid-chunk by some
+    rows, budgets that are not a multiple of the chunk, left padding, and a generation that ends at the
+    context's last position (the chunk's extra steps run past it) give the model decoder's tokens exactly.
+    (LLaMA's compiled chunk: tests/test_llama.py, against transformers.)"""
+    model, tok = small_model(arch), CharTokenizer()
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42], [200, 13]]
+    for new_tokens in (1, 2, 5, 13):
+        params = SamplingParams(max_new_tokens=new_tokens)
+        ref = generate_ids(model, tok, prompts, params, decoder="model")
+        fast = generate_ids(model, tok, prompts, params, decoder=decoder)
+        assert [c.token_ids for c in fast] == [c.token_ids for c in ref]
+        assert all(len(c.token_ids) == new_tokens for c in fast)
+    params = SamplingParams(max_new_tokens=13)
+    ref = generate_ids(model, tok, prompts, params, decoder="model")
+    stop_id = ref[1].token_ids[5]  # in row 1's second chunk, not at its end
+    text = tok.decode(ref[3].token_ids)
+    stop_text = text[2:4] if len(text) >= 4 else text[:1]
+    for stop_ids, stop in (([stop_id], ()), ((), (stop_text,)), ([stop_id], (stop_text,))):
+        params = SamplingParams(max_new_tokens=13, stop=stop)
+        ref = generate_ids(model, tok, prompts, params, stop_ids=stop_ids, decoder="model")
+        fast = generate_ids(model, tok, prompts, params, stop_ids=stop_ids, decoder=decoder)
+        assert [(c.token_ids, c.text, c.finish_reason) for c in fast] == \
+            [(c.token_ids, c.text, c.finish_reason) for c in ref]
+        assert "stop" in [c.finish_reason for c in fast] and "length" in [c.finish_reason for c in fast]
+    # Up to the context's end: the last chunk's extra positions (past n_ctx - 1) must not fail.
+    n_ctx = model.config.n_ctx
+    long_prompts = [list(range(n_ctx - 6)), [7] * (n_ctx - 9), [3] * 5, [9] * (n_ctx - 7)]  # batch 4: one graph
+    params = SamplingParams(max_new_tokens=6)
+    ref = generate_ids(model, tok, long_prompts, params, decoder="model")
+    assert [c.token_ids for c in generate_ids(model, tok, long_prompts, params, decoder=decoder)] == \
+        [c.token_ids for c in ref]
 
 
 def test_capacity_bucket():
