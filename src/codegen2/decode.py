@@ -6,6 +6,9 @@ changes from step to step is a Python number, so `torch.compile(fullgraph=True)`
 graph that serves every step of a generation. This module owns what they share: the per-layer cache
 tensors, the cache column and positions, and the compile-once wrapper.
 
+For greedy decoding of small models, `FastDecoder.greedy` runs several steps per call with the argmax inside
+the graph (`greedy_chunk_size`): the per-call costs are then paid once per chunk, not per token.
+
 `FastDecoder(compile=False)` runs the same step eagerly (no compile time; fewer ops than the model's
 forward). Compiling costs seconds to tens of seconds once per batch size and process (the cache length is
 a dynamic dimension of the graph): worth it for evaluation, a long batch of samples or a server.

@@ -93,6 +93,8 @@ def generate_ids(
     cache; finished rows leave the batch), "fast" (`decode.FastDecoder`: fused projections, fewer ops per
     token) or "compiled" (the same step compiled by torch.compile: tens of seconds once per batch size and
     cache bucket, then the fastest on CPU). All three give the same tokens up to floating-point rounding.
+    Greedy decoding of a small model on the fused step takes several tokens per call (`FastDecoder.greedy`)
+    and checks stops after each chunk, token by token: the same tokens as one step at a time.
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, not {decoder!r}")
