@@ -148,10 +148,11 @@ class FastDecoder:
             # the same way every call: the wrapper's ~40 per-call stride/alignment asserts cost 2-4% of a
             # tiny step (thread time, batch 1: 1.005 vs 1.03 ms; batch 8: 2.12 vs 2.20 ms).
             options = {"size_asserts": False, "alignment_asserts": False}
-            if kind == "chunk":
+            if kind == "chunk" and self.device.type == "cpu":
                 # A chunk runs k steps' worth of wrapper code per call: in C++ rather than Python it saves
                 # ~4% of a tiny batch-1 token (thread time, best of 8: 0.82-0.83 vs 0.85-0.86 ms), neutral
-                # at batch 8; for the one-step graph it measured slower (1.11 vs 1.06 ms).
+                # at batch 8; for the one-step graph it measured slower (1.11 vs 1.06 ms). Measured on the
+                # CPU only, so other devices keep the Python wrapper.
                 options["cpp_wrapper"] = True
             FastDecoder._compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False, options=options)
         return FastDecoder._compiled[key]
