@@ -154,3 +154,24 @@ def small_tokenizer():
 
     texts = [Path(m.__file__).read_text(encoding="utf-8") for m in (text_a, text_b)]
     return train_tokenizer(texts, vocab_size=512, num_masks=8)
+
+
+@pytest.fixture
+def int8_kernel(monkeypatch):
+    """Choose the int8 matmul kernel for one test: `int8_kernel("native")` or `int8_kernel("torch")`.
+
+    "native" skips the test where the native kernel cannot run (no C compiler, a CPU without AVX-512 VNNI), with
+    the reason; on such machines the torch variant of the same test still runs.
+    """
+    from codegen2.kernels import int8
+
+    def choose(name: str) -> None:
+        monkeypatch.setenv("CODEGEN2_INT8_KERNEL", "auto" if name == "native" else name)
+        int8.reset()
+        if name == "native":
+            available, why = int8.native_available()
+            if not available:
+                pytest.skip(f"the native int8 kernel cannot run here: {why}")
+
+    yield choose
+    int8.reset()

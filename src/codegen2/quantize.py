@@ -35,6 +35,7 @@ from torch import nn
 
 from .errors import UserError
 from .inference_options import DTYPES
+from .kernels.int8 import int8_matmul, row_sums, use_native
 
 MANIFEST = "quantization.json"
 SCHEME = "int8 weight-only, symmetric, one fp32 scale per output channel (row): scale = max|row| / 127"
@@ -114,6 +115,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ones: to
     and the bias are applied afterwards in one fp32 op, so scales keep their full precision.
     """
     lead, k = x.shape[:-1], x.shape[-1]
+    if use_native(x):
+        return int8_matmul(x.reshape(-1, k), q, scales, bias).reshape(*lead, q.shape[0]).to(x.dtype)
     flat = x.reshape(-1, k).to(torch.bfloat16)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
@@ -130,13 +133,17 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
+                        bias: torch.Tensor | None = None, sums: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ (q * scales[:, None]).T + bias with x quantized per row to int8: int8 x int8 -> int32.
 
     Each input row gets its own scale, so a row's result never depends on the other rows of a batch.
     The int32 sums are exact; the fp32 rescale (row scale x channel scale) and the bias follow in one op.
+    `sums` (`row_sums(q)`, kept by the caller) saves the native kernel recomputing them.
     """
     lead, k = x.shape[:-1], x.shape[-1]
+    if use_native(x):
+        out = int8_matmul(x.reshape(-1, k), q, scales, bias, dynamic=True, sums=sums)
+        return out.reshape(*lead, q.shape[0]).to(x.dtype)
     flat, row_scale = quantize_activations(x.reshape(-1, k).float())
     out = torch._int_mm(flat, q.t())  # q [N, K] row-major is the [K, N] operand, transposed: no copy
     out = torch.addcmul(bias, out * row_scale, scales) if bias is not None else out * row_scale * scales
@@ -183,19 +190,27 @@ class Int8Linear(nn.Module):
                              persistent=False)
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False)
                      if bias else None)
-        self.dynamic = False  # True: int8-dynamic (activations quantized per row too); see `use_int8_format`
+        # int8-dynamic only: each row's sum of int8 weights, which the native kernel needs (not saved)
+        self.register_buffer("weight_sum", None, persistent=False)
+        self.dynamic = False  # True: int8-dynamic (activations quantized per row too); see `set_dynamic`
 
     def set_weight(self, q: torch.Tensor, scales: torch.Tensor) -> None:
         self.weight, self.weight_scale = q, scales
         if self._ones.is_meta or self._ones.device != q.device:
             self._ones = torch.ones(self.out_features, dtype=torch.bfloat16, device=q.device)
+        self.weight_sum = row_sums(q) if self.dynamic and not q.is_meta else None
+
+    def set_dynamic(self, dynamic: bool) -> None:
+        """Switch between int8 (weight-only) and int8-dynamic; the weights stay the same."""
+        self.dynamic = dynamic
+        self.weight_sum = row_sums(self.weight) if dynamic and not self.weight.is_meta else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             raise UserError("int8 weights are for inference only: a quantized model cannot be trained "
                             "(load the float32 or bfloat16 checkpoint to train)")
         if self.dynamic:
-            return int8_dynamic_linear(x, self.weight, self.weight_scale, self.bias)
+            return int8_dynamic_linear(x, self.weight, self.weight_scale, self.bias, self.weight_sum)
         return int8_linear(x, self.weight, self.weight_scale, self._ones, self.bias)
 
     def extra_repr(self) -> str:
@@ -244,7 +259,7 @@ def use_int8_format(model: nn.Module, name: str, device: torch.device | str | No
     check_int8_kernel(device if device is not None else next(model.buffers()).device, dynamic=dynamic)
     for module in model.modules():
         if isinstance(module, Int8Linear):
-            module.dynamic = dynamic
+            module.set_dynamic(dynamic)
     return model
 
 
@@ -322,16 +337,17 @@ def quantized_names(model: nn.Module) -> dict[str, str]:
 # `DynamicInt8Weight` (q, scales). `mm` multiplies any of them.
 
 class DynamicInt8Weight(NamedTuple):
-    """An int8-dynamic `mm` weight: q [out, in] int8 rows and their fp32 scales."""
+    """An int8-dynamic `mm` weight: q [out, in] int8 rows, their fp32 scales and int32 row sums (`row_sums`)."""
     q: torch.Tensor
     scales: torch.Tensor
+    sums: torch.Tensor
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor | tuple:
     """`module`'s weight for `mm`: float as an [in, out] view, int8 as (q, scales, ones) or DynamicInt8Weight."""
     if isinstance(module, Int8Linear):
         if module.dynamic:
-            return DynamicInt8Weight(module.weight, module.weight_scale)
+            return DynamicInt8Weight(module.weight, module.weight_scale, module.weight_sum)
         return module.weight, module.weight_scale, module._ones
     return module.weight.t()
 
@@ -358,7 +374,7 @@ def fuse_linears(modules: list[nn.Module]) -> torch.Tensor | tuple:
         for m in modules:
             m.set_weight(q[start:start + m.out_features], scales[start:start + m.out_features])
             start += m.out_features
-        fused = (DynamicInt8Weight(q, scales) if dynamic else
+        fused = (DynamicInt8Weight(q, scales, row_sums(q)) if dynamic else
                  (q, scales, torch.ones(q.shape[0], dtype=torch.bfloat16, device=q.device)))
     elif any(isinstance(m, Int8Linear) for m in modules):
         raise ValueError("cannot fuse int8 and floating-point projections into one matmul")
@@ -375,7 +391,7 @@ def fuse_linears(modules: list[nn.Module]) -> torch.Tensor | tuple:
 def mm(x: torch.Tensor, weight: torch.Tensor | tuple, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, in] times a decode-step weight (`linear_weight` / `fuse_linears`), plus bias."""
     if isinstance(weight, DynamicInt8Weight):
-        return int8_dynamic_linear(x, weight.q, weight.scales, bias=bias)
+        return int8_dynamic_linear(x, weight.q, weight.scales, bias=bias, sums=weight.sums)
     if isinstance(weight, tuple):
         return int8_linear(x, *weight, bias=bias)
     return torch.addmm(bias, x, weight) if bias is not None else torch.mm(x, weight)

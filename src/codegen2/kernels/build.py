@@ -1,0 +1,86 @@
+"""Compile a C source of this package into a shared library once per user and machine, then load it.
+
+Why not torch.utils.cpp_extension: its builds include PyTorch's C++ headers (a minute per build on a small machine)
+and need ninja; these kernels are plain C on raw pointers, so one `cc` call takes about three seconds.
+
+The library lands in `$CODEGEN2_KERNEL_CACHE`, else `$XDG_CACHE_HOME/codegen2/kernels`, else
+`~/.cache/codegen2/kernels`, named by a hash of the source, the flags and the compiler's version: a changed source
+or compiler builds a new file and never overwrites one another process may have loaded. Each build writes a
+temporary file and renames it into place, so processes building at once never load a half-written library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp")
+_lock = threading.Lock()
+
+
+class BuildError(RuntimeError):
+    """The library could not be built or loaded; the message says why in one line."""
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("CODEGEN2_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "codegen2" / "kernels"
+
+
+def compiler() -> str:
+    """The C compiler: `$CC`, else `cc`, else `gcc` on PATH."""
+    name = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not name:
+        raise BuildError("no C compiler found (set CC or install gcc)")
+    return name
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        done = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise BuildError(f"cannot run the C compiler {cc!r}: {exc}") from None
+    return done.stdout.splitlines()[0] if done.returncode == 0 and done.stdout else cc
+
+
+def library_path(source: Path) -> Path:
+    cc = compiler()
+    key = hashlib.sha256(source.read_bytes() + repr((FLAGS, _compiler_version(cc))).encode()).hexdigest()[:16]
+    return cache_dir() / f"{source.stem}-{key}.so"
+
+
+def _build(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler(), *FLAGS, "-o", tmp, str(source)], capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
+            raise BuildError(f"compiling {source.name} failed: {first}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(source: Path) -> ctypes.CDLL:
+    """The compiled library of `source` (built on first use); BuildError with the reason if that fails."""
+    with _lock:
+        try:
+            target = library_path(source)
+            if not target.exists():
+                _build(source, target)
+            return ctypes.CDLL(str(target))
+        except OSError as exc:  # an unwritable cache, a library the loader refuses
+            raise BuildError(f"cannot build or load {source.name} in {cache_dir()}: {exc}") from None

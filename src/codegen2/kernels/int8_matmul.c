@@ -1,0 +1,317 @@
+/* int8 matmuls for decoding on x86-64 CPUs with AVX-512 VNNI: y[M, N] = x[M, K] @ (q[N, K] * scale[N]).T + bias.
+ *
+ * Why hand-written: decoding multiplies one to a few rows by every weight, so a step is as fast as the weights stream
+ * from memory. PyTorch's CPU kernels fall short there (measured in docs/benchmarks.md): `_weight_int8pack_mm` widens
+ * each int8 weight to fp32 and is compute-bound on one core; `torch._int_mm` and the fbgemm/oneDNN int8 linears reach
+ * 5-8 GB/s at 8 rows against 15 GB/s of memory. Here each 64-byte line of weights is read once per block of rows
+ * and consumed by one VNNI dot-product instruction per row (int8 x int8 -> int32, exact), so both batch 1 and
+ * batch 8 stay near the memory's speed. q is the row-major [N, K] int8 layout the rest of codegen2 keeps (no
+ * repacking, no second copy).
+ *
+ * Two schemes, the same int8 weights:
+ * - dynamic (`int8-dynamic`): each row of x is rounded to int8 with its own scale max|x[m]| / 127 (the rule of
+ *   quantize.quantize_activations: x / scale, rounded half to even, clamped to +-127), the products are summed
+ *   exactly in int32, then scaled by row scale x channel scale. VNNI multiplies unsigned by signed bytes, so x
+ *   is stored shifted by +128 and 128 * sum_k q[n, k] is subtracted (sums computed in the same pass).
+ * - weight-only (`int8`): x stays fp32; each int8 weight is widened to fp32 and multiply-added.
+ *
+ * Rows of q are split between threads (OpenMP). Each thread walks blocks of NR weight rows and, for each block, every
+ * block of MR input rows, so a block of weights is read from memory once and reused from L1 for all rows of x.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* 1 when this CPU runs the instructions above (checked by the loader before the first call). */
+int int8_matmul_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+/* Everything below needs these instruction sets; the loader calls int8_matmul_supported() first. */
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+
+/* acc += u8 a . s8 w, in place. The intrinsic (_mm512_dpbusd_epi32) returns a new vector, and GCC 12 then copies and
+ * spills every accumulator on every step (measured: 2-3x slower); with the accumulator as an in-out operand it does not. */
+#define DPBUSD(acc, a, w) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(w))
+
+/* Complete unrolling of the loops over block rows lets GCC keep each accumulator in its own register. */
+#define UNROLL _Pragma("GCC unroll 8")
+
+#define MR 8     /* input rows multiplied per pass over a block of weights */
+#define NR_MAX 8 /* weight rows per block, at most */
+
+/* Weight rows per block for a pass of `mrows` input rows: as many as keep mrows x rows <= 24 accumulators in the 32
+ * vector registers. More rows per block at batch 1 keeps more memory streams in flight. */
+static int block_rows(int64_t mrows) { return mrows <= 2 ? 8 : mrows <= 4 ? 6 : 3; }
+
+static inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+/* Round each row of x [M, K] to int8 (+128 as uint8, zero-padded to Kp) and return its scale in xs[m]. */
+static void quantize_rows_u8(const float *x, int64_t M, int64_t K, int64_t Kp, uint8_t *xq, float *xs) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * K;
+        __m512 vmax = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+        float amax = _mm512_reduce_max_ps(vmax);
+        for (; k < K; k++) amax = fmaxf(amax, fabsf(row[k]));
+        float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+        xs[m] = scale;
+        uint8_t *out = xq + m * Kp;
+        __m512 vscale = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+        __m512i shift = _mm512_set1_epi32(128);
+        for (k = 0; k + 16 <= K; k += 16) {
+            __m512 v = _mm512_div_ps(_mm512_loadu_ps(row + k), vscale);
+            v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+            __m512i i = _mm512_add_epi32(_mm512_cvtps_epi32(v), shift);
+            _mm_storeu_si128((__m128i *)(out + k), _mm512_cvtepi32_epi8(i));
+        }
+        for (; k < K; k++) {
+            float v = nearbyintf(row[k] / scale);
+            v = fminf(fmaxf(v, -127.0f), 127.0f);
+            out[k] = (uint8_t)((int)v + 128);
+        }
+        memset(out + K, 0, (size_t)(Kp - K));
+    }
+}
+
+/* Horizontal sums of four accumulators at once (fold each to 128 bits, then two rounds of pairwise adds): about half
+ * the instructions of four separate reductions, which matters for the short rows of small models (K = 768). */
+static inline __attribute__((always_inline)) __m128i fold_epi32(__m512i v) {
+    __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+static inline __attribute__((always_inline)) __m128i sum4_epi32(__m512i a, __m512i b, __m512i c, __m512i d) {
+    return _mm_hadd_epi32(_mm_hadd_epi32(fold_epi32(a), fold_epi32(b)), _mm_hadd_epi32(fold_epi32(c), fold_epi32(d)));
+}
+static inline __attribute__((always_inline)) __m128 fold_ps(__m512 v) {
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+static inline __attribute__((always_inline)) __m128 sum4_ps(__m512 a, __m512 b, __m512 c, __m512 d) {
+    return _mm_hadd_ps(_mm_hadd_ps(fold_ps(a), fold_ps(b)), _mm_hadd_ps(fold_ps(c), fold_ps(d)));
+}
+/* One sum in exactly sum4_ps's order, so a row's result never depends on how many rows share its block. */
+static inline __attribute__((always_inline)) float sum1_ps(__m512 v) {
+    __m128 f = fold_ps(v);
+    f = _mm_hadd_ps(f, f);
+    return _mm_cvtss_f32(_mm_hadd_ps(f, f));
+}
+
+/* DST[j] = horizontal sum of VEC[j] for j < NROWS (constant), four at a time. */
+#define REDUCE_ROW(DST, VEC, NROWS, SUM4, STORE4, REDUCE1)                                                           \
+    do {                                                                                                             \
+        int j = 0;                                                                                                   \
+        UNROLL for (; j + 4 <= NROWS; j += 4) STORE4(&(DST)[j], SUM4((VEC)[j], (VEC)[j + 1], (VEC)[j + 2], (VEC)[j + 3])); \
+        UNROLL for (; j < NROWS; j++)(DST)[j] = REDUCE1((VEC)[j]);                                                   \
+    } while (0)
+#define STORE4_EPI32(p, v) _mm_storeu_si128((__m128i *)(p), v)
+#define STORE4_PS(p, v) _mm_storeu_ps(p, v)
+
+/* Block kernels: MROWS input rows x NROWS weight rows over the whole of K. Each is its own function with constant loop
+ * bounds (generated below for every shape used) because GCC keeps the accumulators in registers only then; with
+ * run-time bounds, or a branch inside the loop, it stores all of them to the stack on every step. The last, partial
+ * column of K is a masked step after the main loop. All input rows of a pass share one read of each weight vector:
+ * a second pass over the same block from L1 would not overlap with the memory stalls of the first. */
+
+/* One 64-byte column of K: NROWS weight vectors loaded with LOAD_W (an expression of j and k), multiply-added.
+ * Each step also prefetches the same column of the next block's rows (the block's rows are contiguous, so the next
+ * block is the next NROWS * K bytes): the hardware prefetcher ramps up late on rows of a few hundred bytes and stops
+ * at page ends, and a pass at 8 input rows, whose multiply-adds take longer than the loads, otherwise leaves the
+ * memory idle part of the time. Measured on 125M/1B-shaped weights, one thread: batch 1 11.4 -> 12.2 GB/s and
+ * 13.8 -> 13.9, batch 8 7.8 -> 9.9 and 8.3 -> 10.4 (against a fixed 1 KB ahead per row; none at all was worse still).
+ * Past the last block it prefetches addresses beyond the weights, which never faults. */
+#define U8S8_STEP(MROWS, NROWS, WITH_SUMS, LOAD_W)                                                                   \
+    do {                                                                                                             \
+        __m512i w[NROWS];                                                                                            \
+        UNROLL for (int j = 0; j < NROWS; j++) _mm_prefetch((const char *)(q + (j + NROWS) * K + k), _MM_HINT_T0); \
+        UNROLL for (int j = 0; j < NROWS; j++) w[j] = LOAD_W;                                                        \
+        if (WITH_SUMS)                                                                                               \
+            UNROLL for (int j = 0; j < NROWS; j++) DPBUSD(rs[j], ones, w[j]);                                        \
+        UNROLL for (int i = 0; i < MROWS; i++) {                                                                     \
+            __m512i a = _mm512_load_si512(xq + i * Kp + k);                                                          \
+            UNROLL for (int j = 0; j < NROWS; j++) DPBUSD(acc[i][j], a, w[j]);                                       \
+        }                                                                                                            \
+    } while (0)
+
+/* u8 x s8 -> int32 sums of the rows of xq (+128 shifted, 64-byte aligned rows of Kp bytes) with the rows of q; with
+ * WITH_SUMS also sum_k q[n, k] (needed once per weight row to remove the shift). */
+#define DEFINE_U8S8(MROWS, NROWS, WITH_SUMS)                                                                         \
+    static void u8s8_##MROWS##x##NROWS##_##WITH_SUMS(const uint8_t *xq, int64_t Kp, const int8_t *q, int64_t K,      \
+                                                     int32_t out[MR][NR_MAX], int32_t sums[NR_MAX]) {                \
+        const __m512i ones = _mm512_set1_epi8(1);                                                                    \
+        __m512i acc[MROWS][NROWS], rs[NROWS];                                                                        \
+        UNROLL for (int i = 0; i < MROWS; i++)                                                                       \
+            UNROLL for (int j = 0; j < NROWS; j++) acc[i][j] = _mm512_setzero_si512();                               \
+        UNROLL for (int j = 0; j < NROWS; j++) rs[j] = _mm512_setzero_si512();                                       \
+        int64_t k = 0;                                                                                               \
+        for (; k + 64 <= K; k += 64) U8S8_STEP(MROWS, NROWS, WITH_SUMS, _mm512_loadu_si512(q + j * K + k));          \
+        if (k < K) {                                                                                                 \
+            const __mmask64 mask = ((__mmask64)1 << (K - k)) - 1;                                                    \
+            U8S8_STEP(MROWS, NROWS, WITH_SUMS, _mm512_maskz_loadu_epi8(mask, q + j * K + k));                        \
+        }                                                                                                            \
+        UNROLL for (int i = 0; i < MROWS; i++)                                                                       \
+            REDUCE_ROW(out[i], acc[i], NROWS, sum4_epi32, STORE4_EPI32, _mm512_reduce_add_epi32);                   \
+        if (WITH_SUMS) REDUCE_ROW(sums, rs, NROWS, sum4_epi32, STORE4_EPI32, _mm512_reduce_add_epi32);               \
+    }
+
+/* One 16-wide column of K for the weight-only scheme: int8 weights widened to fp32, fp32 multiply-adds. */
+#define F32S8_STEP(MROWS, NROWS, MASK)                                                                               \
+    do {                                                                                                             \
+        __m512 w[NROWS];                                                                                             \
+        if ((k & 63) == 0) UNROLL for (int j = 0; j < NROWS; j++) _mm_prefetch((const char *)(q + (j + NROWS) * K + k), _MM_HINT_T0); \
+        UNROLL for (int j = 0; j < NROWS; j++)                                                                       \
+            w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(MASK, q + j * K + k)));              \
+        UNROLL for (int i = 0; i < MROWS; i++) {                                                                     \
+            __m512 a = _mm512_maskz_loadu_ps(MASK, x + i * K + k);                                                   \
+            UNROLL for (int j = 0; j < NROWS; j++) acc[i][j] = _mm512_fmadd_ps(a, w[j], acc[i][j]);                  \
+        }                                                                                                            \
+    } while (0)
+
+#define DEFINE_F32S8(MROWS, NROWS)                                                                                   \
+    static void f32s8_##MROWS##x##NROWS(const float *x, int64_t K, const int8_t *q, float out[MR][NR_MAX]) {         \
+        __m512 acc[MROWS][NROWS];                                                                                    \
+        UNROLL for (int i = 0; i < MROWS; i++)                                                                       \
+            UNROLL for (int j = 0; j < NROWS; j++) acc[i][j] = _mm512_setzero_ps();                                  \
+        int64_t k = 0;                                                                                               \
+        for (; k + 16 <= K; k += 16) F32S8_STEP(MROWS, NROWS, (__mmask16)0xFFFF);                                    \
+        if (k < K) F32S8_STEP(MROWS, NROWS, (__mmask16)((1u << (K - k)) - 1));                                       \
+        UNROLL for (int i = 0; i < MROWS; i++)                                                                       \
+            REDUCE_ROW(out[i], acc[i], NROWS, sum4_ps, STORE4_PS, sum1_ps);                                          \
+    }
+
+/* Every shape used: NROWS = block_rows(mrows) for passes of 1..MR rows, and NROWS = 1 for a block's last rows. */
+#define DEFINE_SHAPE(MROWS, NROWS) DEFINE_U8S8(MROWS, NROWS, 0) DEFINE_U8S8(MROWS, NROWS, 1) DEFINE_F32S8(MROWS, NROWS)
+DEFINE_SHAPE(1, 8) DEFINE_SHAPE(2, 8)
+DEFINE_SHAPE(1, 6) DEFINE_SHAPE(2, 6) DEFINE_SHAPE(3, 6) DEFINE_SHAPE(4, 6)
+DEFINE_SHAPE(1, 3) DEFINE_SHAPE(2, 3) DEFINE_SHAPE(3, 3) DEFINE_SHAPE(4, 3)
+DEFINE_SHAPE(5, 3) DEFINE_SHAPE(6, 3) DEFINE_SHAPE(7, 3) DEFINE_SHAPE(8, 3)
+DEFINE_SHAPE(1, 1) DEFINE_SHAPE(2, 1) DEFINE_SHAPE(3, 1) DEFINE_SHAPE(4, 1)
+DEFINE_SHAPE(5, 1) DEFINE_SHAPE(6, 1) DEFINE_SHAPE(7, 1) DEFINE_SHAPE(8, 1)
+
+typedef void (*u8s8_fn)(const uint8_t *, int64_t, const int8_t *, int64_t, int32_t[MR][NR_MAX], int32_t[NR_MAX]);
+typedef void (*f32s8_fn)(const float *, int64_t, const int8_t *, float[MR][NR_MAX]);
+
+/* The kernel for mrows input rows and nrows (1 or block_rows) weight rows. */
+#define PICK(MROWS, NROWS, FN)                                                                                       \
+    if (mrows == MROWS && nrows == NROWS) return FN;
+static u8s8_fn pick_u8s8(int mrows, int nrows, int with_sums) {
+#define P(MROWS, NROWS) PICK(MROWS, NROWS, with_sums ? u8s8_##MROWS##x##NROWS##_1 : u8s8_##MROWS##x##NROWS##_0)
+    P(1, 8) P(2, 8) P(1, 6) P(2, 6) P(3, 6) P(4, 6) P(1, 3) P(2, 3) P(3, 3) P(4, 3) P(5, 3) P(6, 3) P(7, 3) P(8, 3)
+    P(1, 1) P(2, 1) P(3, 1) P(4, 1) P(5, 1) P(6, 1) P(7, 1) P(8, 1)
+#undef P
+    return NULL;
+}
+static f32s8_fn pick_f32s8(int mrows, int nrows) {
+#define P(MROWS, NROWS) PICK(MROWS, NROWS, f32s8_##MROWS##x##NROWS)
+    P(1, 8) P(2, 8) P(1, 6) P(2, 6) P(3, 6) P(4, 6) P(1, 3) P(2, 3) P(3, 3) P(4, 3) P(5, 3) P(6, 3) P(7, 3) P(8, 3)
+    P(1, 1) P(2, 1) P(3, 1) P(4, 1) P(5, 1) P(6, 1) P(7, 1) P(8, 1)
+#undef P
+    return NULL;
+}
+#undef PICK
+
+static int threads_for(int nthreads, int64_t blocks) {
+    if (nthreads < 1) nthreads = 1;
+    return blocks < nthreads ? (int)blocks : nthreads;
+}
+
+/* y[M, N] = dequant(int8(x) @ q.T) + bias (dynamic scheme); bias may be NULL. qsum: sum_k q[n, k] per row, or NULL
+ * to compute it in the first pass (extra multiply-adds: precomputed sums make batch 1 about 8% faster). Returns 0,
+ * or -1 if out of memory. */
+int int8_matmul_dynamic(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t N, const float *scale,
+                        const int32_t *qsum, const float *bias, float *y, int nthreads) {
+    int64_t Kp = round_up(K, 64), rows = M > 0 ? M : 1;
+    uint8_t *xq = aligned_alloc(64, (size_t)(rows * Kp)); /* Kp is a multiple of 64 */
+    float *xs = malloc(sizeof(float) * (size_t)rows);
+    if (!xq || !xs) {
+        free(xq);
+        free(xs);
+        return -1;
+    }
+    quantize_rows_u8(x, M, K, Kp, xq, xs);
+    const int nb = block_rows(M < MR ? M : MR);
+    const int64_t blocks = (N + nb - 1) / nb;
+    const int threads = threads_for(nthreads, blocks);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = b * nb;
+        const int nr = N - n0 < nb ? (int)(N - n0) : nb;
+        int32_t sums[NR_MAX] = {0}, out[MR][NR_MAX], dummy[NR_MAX];
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+            const int mr = M - m0 < MR ? (int)(M - m0) : MR;
+            const int with_sums = m0 == 0 && !qsum;
+            if (m0 == 0 && qsum)
+                for (int j = 0; j < nr; j++) sums[j] = qsum[n0 + j];
+            if (nr == nb) {
+                pick_u8s8(mr, nb, with_sums)(xq + m0 * Kp, Kp, q + n0 * K, K, out, sums);
+            } else { /* the last rows of q, one at a time */
+                for (int j = 0; j < nr; j++) {
+                    int32_t col[MR][NR_MAX];
+                    pick_u8s8(mr, 1, with_sums)(xq + m0 * Kp, Kp, q + (n0 + j) * K, K, col, with_sums ? dummy : NULL);
+                    for (int i = 0; i < mr; i++) out[i][j] = col[i][0];
+                    if (with_sums) sums[j] = dummy[0];
+                }
+            }
+            for (int i = 0; i < mr; i++)
+                for (int j = 0; j < nr; j++) {
+                    float v = (float)(out[i][j] - 128 * sums[j]) * xs[m0 + i];
+                    v = v * scale[n0 + j];
+                    y[(m0 + i) * N + n0 + j] = bias ? v + bias[n0 + j] : v;
+                }
+        }
+    }
+    free(xq);
+    free(xs);
+    return 0;
+}
+
+/* y[M, N] = x @ (q * scale).T + bias with x in fp32 (weight-only scheme); bias may be NULL. Returns 0. */
+int int8_matmul_weight_only(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t N, const float *scale,
+                            const float *bias, float *y, int nthreads) {
+    const int nb = block_rows(M < MR ? M : MR);
+    const int64_t blocks = (N + nb - 1) / nb;
+    const int threads = threads_for(nthreads, blocks);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = b * nb;
+        const int nr = N - n0 < nb ? (int)(N - n0) : nb;
+        float out[MR][NR_MAX];
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+            const int mr = M - m0 < MR ? (int)(M - m0) : MR;
+            if (nr == nb) {
+                pick_f32s8(mr, nb)(x + m0 * K, K, q + n0 * K, out);
+            } else {
+                for (int j = 0; j < nr; j++) {
+                    float col[MR][NR_MAX];
+                    pick_f32s8(mr, 1)(x + m0 * K, K, q + (n0 + j) * K, col);
+                    for (int i = 0; i < mr; i++) out[i][j] = col[i][0];
+                }
+            }
+            for (int i = 0; i < mr; i++)
+                for (int j = 0; j < nr; j++) {
+                    float v = out[i][j] * scale[n0 + j];
+                    y[(m0 + i) * N + n0 + j] = bias ? v + bias[n0 + j] : v;
+                }
+        }
+    }
+    return 0;
+}
+
+/* sums[n] = sum_k q[n, k] (int32; |sum| <= 127 K): the qsum argument of int8_matmul_dynamic, computed once per weight. */
+void int8_row_sums(const int8_t *q, int64_t N, int64_t K, int32_t *sums) {
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *row = q + n * K;
+        __m512i acc = _mm512_setzero_si512();
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) acc = _mm512_add_epi32(acc, _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k))));
+        int32_t total = _mm512_reduce_add_epi32(acc);
+        for (; k < K; k++) total += row[k];
+        sums[n] = total;
+    }
+}

@@ -1,0 +1,184 @@
+"""The native int8 matmul (kernels/int8_matmul.c) against naive references, its build cache and its fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codegen2.errors import UserError
+from codegen2.kernels import build, int8
+from codegen2.quantize import int8_dynamic_linear, int8_linear, quantize_rows
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (fixture in conftest.py)
+
+# Shapes that reach every code path: 1-8 input rows per pass (and more than one pass), weight rows that fill
+# blocks of 8, 6 and 3 rows or leave a remainder, K below, at and above one 64-byte column, with a partial column.
+SHAPES = [(m, k, n) for m in (1, 2, 3, 4, 5, 8, 9, 19) for k, n in ((1, 1), (63, 7), (64, 8), (130, 25), (768, 13))]
+
+
+def naive_dynamic(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    """x rounded to int8 per row (max|row| / 127, half to even), exact integer products in int64, then scaled."""
+    amax = x.abs().amax(dim=1, keepdim=True)
+    row_scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    xq = torch.clamp(torch.round(x / row_scale), -127, 127).long()  # the kernel's float32 rule, bit for bit
+    sums = xq @ q.long().T
+    out = sums.double() * row_scale.double() * scales.double()
+    return out + bias.double() if bias is not None else out, sums, xq
+
+
+@pytest.fixture
+def native(int8_kernel):
+    int8_kernel("native")
+
+
+@pytest.mark.usefixtures("native")
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_native_dynamic_matmul_sums_exactly_like_integers(m, k, n):
+    gen = torch.Generator().manual_seed(m * 1000 + k + n)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    scales = torch.rand(n, generator=gen) + 0.5
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(m, k, generator=gen) * 4
+    reference, _, _ = naive_dynamic(x, q, scales, bias)
+    out = int8.int8_matmul(x, q, scales, bias, dynamic=True)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    sums = int8.row_sums(q)
+    assert torch.equal(sums, q.long().sum(dim=1).int())
+    assert torch.equal(int8.int8_matmul(x, q, scales, bias, dynamic=True, sums=sums), out)  # precomputed sums
+    # Exact int32 sums; the float rescale and bias add round once or twice (a few ulps of the magnitudes involved).
+    bound = (reference.abs() + bias.double().abs()) * 2**-21 + 1e-6
+    assert ((out.double() - reference).abs() <= bound).all()
+
+
+@pytest.mark.usefixtures("native")
+def test_native_dynamic_matmul_is_exact_at_full_scale():
+    """Every product at +-127 x +-127: a kernel that saturates pairs into int16 lanes would fail here."""
+    k = 768
+    q = torch.full((9, k), 127, dtype=torch.int8)
+    q[1] = -127
+    q[2, ::2] = -127
+    x = torch.full((3, k), 127.0)
+    x[1] = -127.0
+    x[2, 1::3] = -127.0
+    out = int8.int8_matmul(x, q, torch.ones(9), None, dynamic=True)
+    assert torch.equal(int8.int8_matmul(x, q, torch.ones(9), None, dynamic=True, sums=int8.row_sums(q)), out)
+    exact = x.long() @ q.long().T  # scale 1 per row: 127 / 127; all values exact in fp32 (< 2**24)
+    assert torch.equal(out, exact.float())
+
+
+@pytest.mark.usefixtures("native")
+@pytest.mark.parametrize("m,k,n", SHAPES[::3])
+def test_native_weight_only_matmul_matches_float64(m, k, n):
+    gen = torch.Generator().manual_seed(k * 7 + m + n)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    scales = torch.rand(n, generator=gen) * 0.01
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(m, k, generator=gen)
+    out = int8.int8_matmul(x, q, scales, bias, dynamic=False)
+    reference = x.double() @ (q.double() * scales.double()[:, None]).T + bias.double()
+    bound = (x.double().abs() @ (q.double().abs() * scales.double()[:, None]).T) * 2**-20 + 1e-6
+    assert ((out.double() - reference).abs() <= bound).all()
+
+
+@pytest.mark.usefixtures("native")
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_native_rows_do_not_depend_on_the_batch_or_the_thread_count(dynamic):
+    gen = torch.Generator().manual_seed(5)
+    q, scales = quantize_rows(torch.randn(50, 200, generator=gen))
+    x = torch.randn(11, 200, generator=gen)
+    x[3] = 0.0
+    batch = int8.int8_matmul(x, q, scales, None, dynamic)
+    alone = torch.cat([int8.int8_matmul(x[i:i + 1], q, scales, None, dynamic) for i in range(11)])
+    assert torch.equal(batch, alone)
+    assert torch.equal(batch[3], torch.zeros(50))
+    torch.set_num_threads(2)  # the fixture restores one thread
+    assert torch.equal(int8.int8_matmul(x, q, scales, None, dynamic), batch)
+
+
+@pytest.mark.usefixtures("native")
+def test_native_and_torch_dynamic_kernels_agree_bit_for_bit_on_the_sums(int8_kernel):
+    gen = torch.Generator().manual_seed(9)
+    q, scales = quantize_rows(torch.randn(40, 96, generator=gen))
+    x = torch.randn(6, 96, generator=gen)
+    native_out = int8_dynamic_linear(x, q, torch.ones(40))
+    int8_kernel("torch")
+    torch_out = int8_dynamic_linear(x, q, torch.ones(40))
+    assert torch.allclose(native_out, torch_out, rtol=1e-6, atol=0)
+
+
+@pytest.mark.usefixtures("native")
+def test_native_kernel_inside_a_compiled_graph():
+    """torch.compile keeps the kernel as one custom-op call (no graph break) with the eager results."""
+    gen = torch.Generator().manual_seed(2)
+    q, scales = quantize_rows(torch.randn(24, 40, generator=gen))
+    bias = torch.randn(24, generator=gen)
+    ones = torch.ones(24, dtype=torch.bfloat16)
+
+    def both(x):
+        return torch.relu(int8_dynamic_linear(x, q, scales, bias)) + int8_linear(x, q, scales, ones, bias)
+
+    x = torch.randn(3, 40, generator=gen)
+    compiled = torch.compile(both, fullgraph=True)
+    assert torch.allclose(compiled(x), both(x), rtol=1e-6, atol=1e-6)
+    graph = torch._dynamo.explain(both)(x)
+    assert graph.graph_break_count == 0
+    assert "codegen2.int8_matmul" in str(graph.graphs[0].code)
+
+
+def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv("CODEGEN2_KERNEL_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "answer.c"
+    source.write_text("int answer(void) { return 42; }\n")
+    try:
+        lib = build.load(source)
+    except build.BuildError as exc:
+        pytest.skip(f"cannot build C here: {exc}")
+    assert lib.answer() == 42
+    built = list((tmp_path / "cache").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("answer-") and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    build.load(source)
+    assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    source.write_text("int answer(void) { return 43; }\n")  # a changed source builds a new file beside the old
+    assert build.load(source).answer() == 43
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_a_source_that_does_not_compile_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("CODEGEN2_KERNEL_CACHE", str(tmp_path))
+    source = tmp_path / "broken.c"
+    source.write_text("int broken(void) { return }\n")
+    try:
+        build.compiler()
+    except build.BuildError:
+        pytest.skip("no C compiler")
+    with pytest.raises(build.BuildError, match="compiling broken.c failed") as info:
+        build.load(source)
+    assert "\n" not in str(info.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["broken.c"]  # no temporary file left behind
+
+
+def test_without_a_compiler_auto_falls_back_and_native_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("CODEGEN2_KERNEL_CACHE", str(tmp_path / "empty-cache"))
+    saved = dict(int8._state)
+    int8._state.clear()
+    try:
+        monkeypatch.setenv("CODEGEN2_INT8_KERNEL", "auto")
+        available, why = int8.native_available()
+        assert not available and "no-such-cc" in why
+        gen = torch.Generator().manual_seed(1)
+        q, scales = quantize_rows(torch.randn(8, 16, generator=gen))
+        x = torch.randn(2, 16, generator=gen)
+        assert int8_dynamic_linear(x, q, scales).shape == (2, 8)  # PyTorch's kernel instead
+        int8.reset()
+        monkeypatch.setenv("CODEGEN2_INT8_KERNEL", "native")
+        with pytest.raises(UserError, match="CODEGEN2_INT8_KERNEL=native: the native int8 kernel cannot run here"):
+            int8.native_available()
+        int8.reset()
+        monkeypatch.setenv("CODEGEN2_INT8_KERNEL", "fastest")
+        with pytest.raises(UserError, match="CODEGEN2_INT8_KERNEL='fastest': choose one of auto, native, torch"):
+            int8.native_available()
+    finally:
+        int8._state.clear()
+        int8._state.update(saved)
