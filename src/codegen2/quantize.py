@@ -2,20 +2,22 @@
 
 int8 stores each row of a Linear weight (one output channel) as int8 values times one float scale,
 `w[n, k] ~= q[n, k] * scale[n]` with `scale[n] = max_k |w[n, k]| / 127`, and each row of an Embedding
-the same way. Activations stay floating point: a matmul reads the int8 weight and a bfloat16 copy of its
-input through PyTorch's `_weight_int8pack_mm` kernel, then applies the fp32 scales and bias. Decoding
-one token reads every weight once, so a quarter of fp32's bytes is up to four times the tokens/s where
-memory bandwidth bounds the step (DESIGN §6). On this CPU the kernel is fast only for bfloat16 inputs
-(measured for a [1, 2048] x [2048, 14336] product: 1.9 ms vs 6.6 ms fp32, while fp32 inputs take 116 ms),
-hence the cast. The scheme is generic: every `nn.Linear` and `nn.Embedding` is replaced, whatever the
-architecture calls it; norms and the rest stay in floating point.
+the same way. Activations stay floating point: a matmul multiplies its fp32 input by the int8 rows and then
+applies the fp32 scales and bias. Decoding one token reads every weight once, so a quarter of fp32's bytes is
+up to four times the tokens/s where memory bandwidth bounds the step (DESIGN §6). The scheme is generic: every
+`nn.Linear` and `nn.Embedding` is replaced, whatever the architecture calls it; norms and the rest stay in
+floating point.
 
 `int8-dynamic` keeps the same int8 weights and also quantizes activations: each row of a matmul's input
 is rounded to int8 with its own scale (`max|row| / 127`, computed per call), the product runs int8 x int8
-with int32 accumulation (`torch._int_mm`, VNNI on this CPU), and the row and channel scales are applied
-afterwards. That is CTranslate2's int8 scheme; it trades a little accuracy (docs/inference.md) for
-int8 arithmetic, which the weight-only kernel's bf16 multiply-adds cannot match when several rows share
-a weight (batch 8) or when the memory is fast enough that the multiply-adds, not the bytes, bound a step.
+with exact int32 sums, and the row and channel scales are applied afterwards. That is CTranslate2's int8
+scheme; it trades a little accuracy (docs/inference.md) for int8 multiply-adds (VNNI), four times as many
+per instruction as fp32's, which decides the speed when several rows share a weight (batch 8).
+
+The matmuls run on codegen2's native CPU kernel (`kernels/int8_matmul.c`: AVX-512 VNNI, near the memory's
+speed at batch 1 and 8) where it can run, else on PyTorch's: `_weight_int8pack_mm` for weight-only int8 (it
+reads a bfloat16 copy of the input: on this CPU its fp32-input path is a scalar loop) and `torch._int_mm` for
+int8-dynamic; `kernels/int8.py` says which and why.
 
 A quantized model is for inference only: its modules refuse to run in training mode and its parameters
 have `requires_grad` off. Quantized weights can be saved (`save_quantized`) as safetensors plus a
@@ -35,7 +37,7 @@ from torch import nn
 
 from .errors import UserError
 from .inference_options import DTYPES
-from .kernels.int8 import int8_matmul, row_sums, use_native
+from .kernels.int8 import int8_matmul, note_kernel_choice, row_sums, use_native
 
 MANIFEST = "quantization.json"
 SCHEME = "int8 weight-only, symmetric, one fp32 scale per output channel (row): scale = max|row| / 127"
@@ -158,10 +160,13 @@ def check_int8_kernel(device: torch.device | str, dynamic: bool = False) -> None
     """
     device = torch.device(device)
     name = "int8-dynamic" if dynamic else "int8"
-    try:
+    if device.type == "cpu":
+        note_kernel_choice()
+    try:  # the same functions the model calls, so the probe covers whichever kernel they pick
         if dynamic:
             q = torch.full((8, 64), QMAX, dtype=torch.int8, device=device)
-            exact = torch._int_mm(torch.full((1, 64), -QMAX, dtype=torch.int8, device=device), q.t())
+            x = torch.full((1, 64), -float(QMAX), device=device)  # row scale 1: x is its own int8 value
+            exact = int8_dynamic_linear(x, q, torch.ones(8, device=device))
             if not bool((exact == -QMAX * QMAX * 64).all()):
                 raise UserError(f"--dtype int8-dynamic: the int8 x int8 matmul on {device.type} is not exact "
                                 f"(it saturates; a CPU without VNNI); use --dtype int8 there")

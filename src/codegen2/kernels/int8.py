@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -82,6 +83,15 @@ def reset() -> None:
     _state.pop("available", None)
 
 
+def note_kernel_choice() -> None:
+    """Say once per process, on stderr, when int8 on the CPU falls back to PyTorch's slower kernels and why."""
+    available, why = native_available()
+    if not available and why != "CODEGEN2_INT8_KERNEL=torch" and not _state.get("noted"):
+        _state["noted"] = True
+        print(f"int8: using PyTorch's int8 kernels (1.3-2.4x slower here): the native kernel cannot run: {why}",
+              file=sys.stderr)
+
+
 def use_native(x: torch.Tensor) -> bool:
     """True when a matmul on `x` goes to the native kernel (CPU tensors where the kernel runs)."""
     return x.device.type == "cpu" and native_available()[0]
@@ -91,7 +101,7 @@ def row_sums(q: torch.Tensor) -> torch.Tensor:
     """int32 [N]: the sum of each int8 row of q, which the dynamic kernel needs (precomputed once per weight)."""
     q = q.contiguous()
     out = torch.empty(q.shape[0], dtype=torch.int32, device=q.device)
-    if q.device.type == "cpu" and _library() is not None:
+    if q.device.type == "cpu" and native_available()[0]:
         _state["lib"].int8_row_sums(q.data_ptr(), q.shape[0], q.shape[1], out.data_ptr())  # type: ignore[attr-defined]
         return out
     for start in range(0, q.shape[0], 4096):  # bounded int32 temporaries
@@ -118,12 +128,14 @@ def _run(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Ten
         return out
     lib = _state["lib"]
     bias_ptr = bias.data_ptr() if bias is not None else None
+    sums_ptr = sums.data_ptr() if sums is not None else None
     if dynamic:
         if sums is not None and (sums.dtype != torch.int32 or sums.shape != (n,) or not sums.is_contiguous()):
-            raise ValueError(f"int8 matmul: row sums must be contiguous int32 [{n}], got {sums.dtype} {tuple(sums.shape)}")
+            raise ValueError(f"int8 matmul: row sums must be contiguous int32 [{n}], got {sums.dtype} "
+                             f"{tuple(sums.shape)}")
         status = lib.int8_matmul_dynamic(  # type: ignore[attr-defined]
-            x.data_ptr(), m, k, q.data_ptr(), n, scales.data_ptr(), sums.data_ptr() if sums is not None else None,
-            bias_ptr, out.data_ptr(), torch.get_num_threads())
+            x.data_ptr(), m, k, q.data_ptr(), n, scales.data_ptr(), sums_ptr, bias_ptr, out.data_ptr(),
+            torch.get_num_threads())
     else:
         status = lib.int8_matmul_weight_only(  # type: ignore[attr-defined]
             x.data_ptr(), m, k, q.data_ptr(), n, scales.data_ptr(), bias_ptr, out.data_ptr(), torch.get_num_threads())

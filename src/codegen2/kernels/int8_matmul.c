@@ -120,16 +120,17 @@ static inline __attribute__((always_inline)) float sum1_ps(__m512 v) {
  * a second pass over the same block from L1 would not overlap with the memory stalls of the first. */
 
 /* One 64-byte column of K: NROWS weight vectors loaded with LOAD_W (an expression of j and k), multiply-added.
- * Each step also prefetches the same column of the next block's rows (the block's rows are contiguous, so the next
- * block is the next NROWS * K bytes): the hardware prefetcher ramps up late on rows of a few hundred bytes and stops
- * at page ends, and a pass at 8 input rows, whose multiply-adds take longer than the loads, otherwise leaves the
- * memory idle part of the time. Measured on 125M/1B-shaped weights, one thread: batch 1 11.4 -> 12.2 GB/s and
- * 13.8 -> 13.9, batch 8 7.8 -> 9.9 and 8.3 -> 10.4 (against a fixed 1 KB ahead per row; none at all was worse still).
+ * Each step also prefetches the same column of the rows two blocks ahead into L2 (a block's rows are contiguous, so
+ * that is the weights 2 * NROWS * K bytes on): the hardware prefetcher ramps up late on rows of a few hundred bytes
+ * and stops at page ends, and a pass at 8 input rows, whose multiply-adds take longer than the loads, otherwise
+ * leaves the memory idle part of the time. Measured on 125M/1B-shaped weights, one thread, GB/s of weights:
+ * batch 1 11.4 -> 13.3 and 13.8 -> 14.7, batch 8 7.8 -> 9.6 and 8.3 -> 10.4 (against a fixed 1 KB ahead per row
+ * into L1; one block ahead or into L1 was within noise of this, none at all worse still).
  * Past the last block it prefetches addresses beyond the weights, which never faults. */
 #define U8S8_STEP(MROWS, NROWS, WITH_SUMS, LOAD_W)                                                                   \
     do {                                                                                                             \
         __m512i w[NROWS];                                                                                            \
-        UNROLL for (int j = 0; j < NROWS; j++) _mm_prefetch((const char *)(q + (j + NROWS) * K + k), _MM_HINT_T0); \
+        UNROLL for (int j = 0; j < NROWS; j++) _mm_prefetch((const char *)(q + (j + 2 * NROWS) * K + k), _MM_HINT_T1); \
         UNROLL for (int j = 0; j < NROWS; j++) w[j] = LOAD_W;                                                        \
         if (WITH_SUMS)                                                                                               \
             UNROLL for (int j = 0; j < NROWS; j++) DPBUSD(rs[j], ones, w[j]);                                        \
@@ -164,7 +165,7 @@ static inline __attribute__((always_inline)) float sum1_ps(__m512 v) {
 #define F32S8_STEP(MROWS, NROWS, MASK)                                                                               \
     do {                                                                                                             \
         __m512 w[NROWS];                                                                                             \
-        if ((k & 63) == 0) UNROLL for (int j = 0; j < NROWS; j++) _mm_prefetch((const char *)(q + (j + NROWS) * K + k), _MM_HINT_T0); \
+        if ((k & 63) == 0) UNROLL for (int j = 0; j < NROWS; j++) _mm_prefetch((const char *)(q + (j + 2 * NROWS) * K + k), _MM_HINT_T1); \
         UNROLL for (int j = 0; j < NROWS; j++)                                                                       \
             w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(MASK, q + j * K + k)));              \
         UNROLL for (int i = 0; i < MROWS; i++) {                                                                     \
