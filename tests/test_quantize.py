@@ -125,10 +125,18 @@ def test_decode_step_weights_multiply_like_the_modules_in_both_int8_formats():
             assert torch.equal(torch.cat([holder[0](x), holder[1](x)], dim=1), separate)
 
 
-def test_int8_dynamic_refuses_a_saturating_kernel(monkeypatch):
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_int8_dynamic_refuses_a_saturating_kernel(monkeypatch, kernel, int8_kernel):
     """A CPU whose int8 x int8 kernel saturates (no VNNI) must not silently corrupt results."""
-    real = torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda a, b: real(a, b).clamp(-32768, 32767))
+    int8_kernel(kernel)
+    if kernel == "torch":
+        real = torch._int_mm
+        monkeypatch.setattr(torch, "_int_mm", lambda a, b: real(a, b).clamp(-32768, 32767))
+    else:
+        import codegen2.quantize as quantize
+
+        real = quantize.int8_matmul
+        monkeypatch.setattr(quantize, "int8_matmul", lambda *args, **kw: real(*args, **kw).clamp(-32768, 32767))
     with pytest.raises(UserError, match="int8-dynamic: .*not exact.*--dtype int8"):
         check_int8_kernel("cpu", dynamic=True)
     check_int8_kernel("cpu")  # the weight-only kernel does not use it
