@@ -51,6 +51,18 @@ def test_native_dynamic_matmul_sums_exactly_like_integers(m, k, n):
 
 
 @pytest.mark.usefixtures("native")
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_native_matmul_adds_a_per_row_bias_like_addmm(dynamic):
+    """The fused decode steps pass the residual stream [M, N] as the bias (addmm's contract), not only [N]."""
+    gen = torch.Generator().manual_seed(4)
+    q, scales = quantize_rows(torch.randn(20, 32, generator=gen))
+    x = torch.randn(3, 32, generator=gen)
+    for bias in (torch.randn(3, 20, generator=gen), torch.randn(1, 20, generator=gen), torch.randn(20, generator=gen)):
+        plain = int8.int8_matmul(x, q, scales, None, dynamic)
+        assert torch.allclose(int8.int8_matmul(x, q, scales, bias, dynamic), plain + bias, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.usefixtures("native")
 def test_native_dynamic_matmul_is_exact_at_full_scale():
     """Every product at +-127 x +-127: a kernel that saturates pairs into int16 lanes would fail here."""
     k = 768

@@ -268,7 +268,7 @@ def test_int8_and_bf16_weights_decode_as_their_own_forward(tied):
             decoder = FastDecoder(model, 2, 32)
             decoder.start(cache, torch.full((2,), 8))
             for t in range(8, 24):
-                # Both forms round activations to bf16 (int8's kernel reads a bf16 copy): bf16-sized differences.
+                # bf16 rounds activations (and PyTorch's int8 kernel reads a bf16 copy): bf16-sized differences.
                 step = decoder.step(ids[:, t])
                 assert max_diff(step.float(), full[:, t].float()) <= 0.02 * full.abs().max().item(), (form, t)
 

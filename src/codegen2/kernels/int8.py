@@ -117,6 +117,9 @@ def _run(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Ten
         x = x.to(torch.float32).contiguous()
     if not (q.is_contiguous() and scales.is_contiguous() and scales.dtype == torch.float32):
         q, scales = q.contiguous(), scales.to(torch.float32).contiguous()
+    residual = None  # a bias that is not one value per output channel (a [M, N] residual): added after the kernel
+    if bias is not None and bias.shape != (q.shape[0],):
+        residual, bias = bias, None
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
     m, k = x.shape
@@ -126,7 +129,7 @@ def _run(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Ten
     out = torch.empty(m, n, dtype=torch.float32)
     if m == 0 or n == 0:
         return out
-    lib = _state["lib"]
+    lib = _library()
     bias_ptr = bias.data_ptr() if bias is not None else None
     sums_ptr = sums.data_ptr() if sums is not None else None
     if dynamic:
@@ -141,7 +144,7 @@ def _run(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Ten
             x.data_ptr(), m, k, q.data_ptr(), n, scales.data_ptr(), bias_ptr, out.data_ptr(), torch.get_num_threads())
     if status != 0:
         raise MemoryError(f"int8 matmul: out of memory for a [{m}, {k}] input")
-    return out
+    return out.add_(residual) if residual is not None else out
 
 
 # The op for compiled graphs. Registered through torch.library.Library rather than the newer custom_op decorator:
@@ -161,6 +164,8 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: to
                 dynamic: bool = False, sums: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 [M, N] = x [M, K] @ (q [N, K] int8 * scales [N]).T + bias, on the native kernel (see `use_native`).
 
+    `bias` is one value per output channel [N] (added inside the kernel) or anything that broadcasts to [M, N],
+    such as the residual stream a fused decode step adds (added afterwards).
     `sums` (dynamic only): `row_sums(q)`, if the caller keeps it; otherwise the kernel recomputes it every call.
     """
     if torch.compiler.is_compiling():

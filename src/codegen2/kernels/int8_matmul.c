@@ -217,6 +217,31 @@ static f32s8_fn pick_f32s8(int mrows, int nrows) {
 }
 #undef PICK
 
+/* Rescale one row of a block's results, 8 outputs per instruction (the last group masked, so every output goes
+ * through the same instructions whatever its position: a row's result never depends on the block shape).
+ * Dynamic: y = (float)(sum - 128 * rowsum) * x_scale * scale (+ bias); weight-only: y = sum * scale (+ bias). */
+static inline void rescale_dynamic(const int32_t *acc, const int32_t *sums, float x_scale, const float *scale,
+                                   const float *bias, float *y, int nr) {
+    for (int j = 0; j < nr; j += 8) {
+        const __mmask8 m = nr - j >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (nr - j)) - 1);
+        __m256i unshifted = _mm256_sub_epi32(_mm256_maskz_loadu_epi32(m, acc + j),
+                                             _mm256_slli_epi32(_mm256_maskz_loadu_epi32(m, sums + j), 7));
+        __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(unshifted), _mm256_set1_ps(x_scale));
+        v = _mm256_mul_ps(v, _mm256_maskz_loadu_ps(m, scale + j));
+        if (bias) v = _mm256_add_ps(v, _mm256_maskz_loadu_ps(m, bias + j));
+        _mm256_mask_storeu_ps(y + j, m, v);
+    }
+}
+
+static inline void rescale_weight_only(const float *acc, const float *scale, const float *bias, float *y, int nr) {
+    for (int j = 0; j < nr; j += 8) {
+        const __mmask8 m = nr - j >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (nr - j)) - 1);
+        __m256 v = _mm256_mul_ps(_mm256_maskz_loadu_ps(m, acc + j), _mm256_maskz_loadu_ps(m, scale + j));
+        if (bias) v = _mm256_add_ps(v, _mm256_maskz_loadu_ps(m, bias + j));
+        _mm256_mask_storeu_ps(y + j, m, v);
+    }
+}
+
 static int threads_for(int nthreads, int64_t blocks) {
     if (nthreads < 1) nthreads = 1;
     return blocks < nthreads ? (int)blocks : nthreads;
@@ -260,11 +285,8 @@ int int8_matmul_dynamic(const float *x, int64_t M, int64_t K, const int8_t *q, i
                 }
             }
             for (int i = 0; i < mr; i++)
-                for (int j = 0; j < nr; j++) {
-                    float v = (float)(out[i][j] - 128 * sums[j]) * xs[m0 + i];
-                    v = v * scale[n0 + j];
-                    y[(m0 + i) * N + n0 + j] = bias ? v + bias[n0 + j] : v;
-                }
+                rescale_dynamic(out[i], sums, xs[m0 + i], scale + n0, bias ? bias + n0 : NULL, y + (m0 + i) * N + n0,
+                                nr);
         }
     }
     free(xq);
@@ -295,10 +317,7 @@ int int8_matmul_weight_only(const float *x, int64_t M, int64_t K, const int8_t *
                 }
             }
             for (int i = 0; i < mr; i++)
-                for (int j = 0; j < nr; j++) {
-                    float v = out[i][j] * scale[n0 + j];
-                    y[(m0 + i) * N + n0 + j] = bias ? v + bias[n0 + j] : v;
-                }
+                rescale_weight_only(out[i], scale + n0, bias ? bias + n0 : NULL, y + (m0 + i) * N + n0, nr);
         }
     }
     return 0;
