@@ -213,6 +213,16 @@ def test_eval_scores_exactly_the_prepared_heldout_documents(tmp_path, small_toke
     assert cli.main(["eval", "heldout", "--checkpoint", str(run), "--n-infill", "0", "--max-tokens", "500"]) == 0
     assert [(d.path, d.text, d.kind) for d in seen[0]] == [(d.path, d.text, d.kind) for d in prepared]
     assert json.loads(capsys.readouterr().out)["heldout_docs"] == {"code": len(prepared), "nl": 0}
+    # --baseline scores a freshly initialised model of the same shape, seeded: the same table on every run
+    # (and the caller's random state is left as it was)
+    untrained = []
+    for _ in range(2):
+        state = torch.random.get_rng_state()
+        assert cli.main(["eval", "heldout", "--checkpoint", str(run), "--n-infill", "0", "--max-tokens", "500",
+                         "--baseline"]) == 0
+        assert torch.equal(torch.random.get_rng_state(), state)
+        untrained.append(json.loads(capsys.readouterr().out)["untrained"]["code"]["loss"])
+    assert untrained[0] == untrained[1]
 
 
 def test_eval_data_flag_is_for_checkpoints_without_a_run(tmp_path, small_tokenizer, capsys):

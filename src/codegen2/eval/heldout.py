@@ -324,10 +324,13 @@ def run_heldout(args: argparse.Namespace) -> int:
     if "code" not in result and "nl" not in result:
         raise UserError(_no_heldout_reason(where))
     if args.baseline:
-        # The same shapes freshly initialised: the number training has to beat.
+        # The same shapes freshly initialised: the number training has to beat. Seeded (without touching the
+        # caller's random state) so that the table is the same on every run.
         from ..models import build_model
 
-        untrained = build_model(loaded.config).eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            untrained = build_model(loaded.config).eval()
         baseline = type(loaded)(model=untrained, tokenizer=loaded.tokenizer, config=loaded.config,
                                 prefix_lm=loaded.prefix_lm)
         result["untrained"] = evaluate_heldout(baseline, documents, window, args.max_tokens, args.n_infill,
