@@ -247,6 +247,83 @@ static int threads_for(int nthreads, int64_t blocks) {
     return blocks < nthreads ? (int)blocks : nthreads;
 }
 
+/* One call's operands; xq and xs (the rounded input rows and their scales) only for the dynamic scheme. */
+struct job {
+    const float *x;
+    const uint8_t *xq;
+    const float *xs;
+    int64_t M, K, Kp, N;
+    const int8_t *q;
+    const float *scale;
+    const int32_t *qsum;
+    const float *bias;
+    float *y;
+};
+
+/* Weight rows n0..n0+nr (a block of nb, or the last nr < nb) times every input row, dynamic scheme. */
+static void block_dynamic(const struct job *job, int64_t n0, int nb, int nr) {
+    const int64_t K = job->K, Kp = job->Kp, N = job->N;
+    int32_t sums[NR_MAX] = {0}, out[MR][NR_MAX], first[NR_MAX];
+    for (int64_t m0 = 0; m0 < job->M; m0 += MR) {
+        const int mr = job->M - m0 < MR ? (int)(job->M - m0) : MR;
+        const int with_sums = m0 == 0 && !job->qsum;
+        const uint8_t *xq = job->xq + m0 * Kp;
+        if (m0 == 0 && job->qsum)
+            for (int j = 0; j < nr; j++) sums[j] = job->qsum[n0 + j];
+        if (nr == nb) {
+            pick_u8s8(mr, nb, with_sums)(xq, Kp, job->q + n0 * K, K, out, sums);
+        } else { /* the last rows of q, one at a time */
+            for (int j = 0; j < nr; j++) {
+                int32_t col[MR][NR_MAX];
+                pick_u8s8(mr, 1, with_sums)(xq, Kp, job->q + (n0 + j) * K, K, col, with_sums ? first : NULL);
+                for (int i = 0; i < mr; i++) out[i][j] = col[i][0];
+                if (with_sums) sums[j] = first[0];
+            }
+        }
+        for (int i = 0; i < mr; i++)
+            rescale_dynamic(out[i], sums, job->xs[m0 + i], job->scale + n0, job->bias ? job->bias + n0 : NULL,
+                            job->y + (m0 + i) * N + n0, nr);
+    }
+}
+
+/* The same for the weight-only scheme (fp32 input rows). */
+static void block_weight_only(const struct job *job, int64_t n0, int nb, int nr) {
+    const int64_t K = job->K, N = job->N;
+    float out[MR][NR_MAX];
+    for (int64_t m0 = 0; m0 < job->M; m0 += MR) {
+        const int mr = job->M - m0 < MR ? (int)(job->M - m0) : MR;
+        const float *x = job->x + m0 * K;
+        if (nr == nb) {
+            pick_f32s8(mr, nb)(x, K, job->q + n0 * K, out);
+        } else {
+            for (int j = 0; j < nr; j++) {
+                float col[MR][NR_MAX];
+                pick_f32s8(mr, 1)(x, K, job->q + (n0 + j) * K, col);
+                for (int i = 0; i < mr; i++) out[i][j] = col[i][0];
+            }
+        }
+        for (int i = 0; i < mr; i++)
+            rescale_weight_only(out[i], job->scale + n0, job->bias ? job->bias + n0 : NULL, job->y + (m0 + i) * N + n0,
+                                nr);
+    }
+}
+
+/* Split the blocks of weight rows between threads; every block multiplies all input rows. */
+static void run_blocks(const struct job *job, int dynamic, int nthreads) {
+    const int nb = block_rows(job->M < MR ? job->M : MR);
+    const int64_t blocks = (job->N + nb - 1) / nb;
+    const int threads = threads_for(nthreads, blocks);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = b * nb;
+        const int nr = job->N - n0 < nb ? (int)(job->N - n0) : nb;
+        if (dynamic)
+            block_dynamic(job, n0, nb, nr);
+        else
+            block_weight_only(job, n0, nb, nr);
+    }
+}
+
 /* y[M, N] = dequant(int8(x) @ q.T) + bias (dynamic scheme); bias may be NULL. qsum: sum_k q[n, k] per row, or NULL
  * to compute it in the first pass (extra multiply-adds: precomputed sums make batch 1 about 8% faster). Returns 0,
  * or -1 if out of memory. */
@@ -261,34 +338,8 @@ int int8_matmul_dynamic(const float *x, int64_t M, int64_t K, const int8_t *q, i
         return -1;
     }
     quantize_rows_u8(x, M, K, Kp, xq, xs);
-    const int nb = block_rows(M < MR ? M : MR);
-    const int64_t blocks = (N + nb - 1) / nb;
-    const int threads = threads_for(nthreads, blocks);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n0 = b * nb;
-        const int nr = N - n0 < nb ? (int)(N - n0) : nb;
-        int32_t sums[NR_MAX] = {0}, out[MR][NR_MAX], dummy[NR_MAX];
-        for (int64_t m0 = 0; m0 < M; m0 += MR) {
-            const int mr = M - m0 < MR ? (int)(M - m0) : MR;
-            const int with_sums = m0 == 0 && !qsum;
-            if (m0 == 0 && qsum)
-                for (int j = 0; j < nr; j++) sums[j] = qsum[n0 + j];
-            if (nr == nb) {
-                pick_u8s8(mr, nb, with_sums)(xq + m0 * Kp, Kp, q + n0 * K, K, out, sums);
-            } else { /* the last rows of q, one at a time */
-                for (int j = 0; j < nr; j++) {
-                    int32_t col[MR][NR_MAX];
-                    pick_u8s8(mr, 1, with_sums)(xq + m0 * Kp, Kp, q + (n0 + j) * K, K, col, with_sums ? dummy : NULL);
-                    for (int i = 0; i < mr; i++) out[i][j] = col[i][0];
-                    if (with_sums) sums[j] = dummy[0];
-                }
-            }
-            for (int i = 0; i < mr; i++)
-                rescale_dynamic(out[i], sums, xs[m0 + i], scale + n0, bias ? bias + n0 : NULL, y + (m0 + i) * N + n0,
-                                nr);
-        }
-    }
+    const struct job job = {x, xq, xs, M, K, Kp, N, q, scale, qsum, bias, y};
+    run_blocks(&job, 1, nthreads);
     free(xq);
     free(xs);
     return 0;
@@ -297,29 +348,8 @@ int int8_matmul_dynamic(const float *x, int64_t M, int64_t K, const int8_t *q, i
 /* y[M, N] = x @ (q * scale).T + bias with x in fp32 (weight-only scheme); bias may be NULL. Returns 0. */
 int int8_matmul_weight_only(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t N, const float *scale,
                             const float *bias, float *y, int nthreads) {
-    const int nb = block_rows(M < MR ? M : MR);
-    const int64_t blocks = (N + nb - 1) / nb;
-    const int threads = threads_for(nthreads, blocks);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n0 = b * nb;
-        const int nr = N - n0 < nb ? (int)(N - n0) : nb;
-        float out[MR][NR_MAX];
-        for (int64_t m0 = 0; m0 < M; m0 += MR) {
-            const int mr = M - m0 < MR ? (int)(M - m0) : MR;
-            if (nr == nb) {
-                pick_f32s8(mr, nb)(x + m0 * K, K, q + n0 * K, out);
-            } else {
-                for (int j = 0; j < nr; j++) {
-                    float col[MR][NR_MAX];
-                    pick_f32s8(mr, 1)(x + m0 * K, K, q + (n0 + j) * K, col);
-                    for (int i = 0; i < mr; i++) out[i][j] = col[i][0];
-                }
-            }
-            for (int i = 0; i < mr; i++)
-                rescale_weight_only(out[i], scale + n0, bias ? bias + n0 : NULL, y + (m0 + i) * N + n0, nr);
-        }
-    }
+    const struct job job = {x, NULL, NULL, M, K, K, N, q, scale, NULL, bias, y};
+    run_blocks(&job, 0, nthreads);
     return 0;
 }
 
