@@ -13,7 +13,7 @@ from .checkpoint import WEIGHTS, checkpoint_step, latest_checkpoint, list_checkp
 from .config import Config, ModelConfig, load_config
 from .errors import UserError
 from .models import build_model
-from .quantize import compute_dtype, is_int8_format, load_int8, parse_dtype, read_manifest
+from .quantize import check_int8_kernel, compute_dtype, is_int8_format, load_int8, parse_dtype, read_manifest
 
 log = logging.getLogger("codegen2")
 
@@ -115,6 +115,8 @@ def _load_run(run_dir: Path, device, dtype, step: int | None) -> LoadedModel:
         ckpt = matches[0]
     tokenizer = CodeGenTokenizer.load(run_dir)
     model = empty_model(config.model)
+    if is_int8_format(dtype):  # a missing int8 kernel is this machine's problem, not the checkpoint's (no hint below)
+        check_int8_kernel(device, dynamic=dtype == "int8-dynamic")
     try:
         if is_int8_format(dtype):
             load_int8(model, ckpt / WEIGHTS, device, config_name="config.toml", fmt=dtype)
