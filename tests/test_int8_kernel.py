@@ -16,6 +16,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (fixture in conftest
 SHAPES = [(m, k, n) for m in (1, 2, 3, 4, 5, 8, 9, 19) for k, n in ((1, 1), (63, 7), (64, 8), (130, 25), (768, 13))]
 
 
+def random_operands(seed: int, m: int, k: int, n: int, x_scale: float, scale_low: float, scale_span: float):
+    """(x [m, k], q int8 [n, k], scales [n], bias [n]) drawn from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    scales = torch.rand(n, generator=gen) * scale_span + scale_low
+    bias = torch.randn(n, generator=gen)
+    return torch.randn(m, k, generator=gen) * x_scale, q, scales, bias
+
+
 def naive_dynamic(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
     """x rounded to int8 per row (max|row| / 127, half to even), exact integer products in int64, then scaled."""
     amax = x.abs().amax(dim=1, keepdim=True)
@@ -34,11 +43,7 @@ def native(int8_kernel):
 @pytest.mark.usefixtures("native")
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_native_dynamic_matmul_sums_exactly_like_integers(m, k, n):
-    gen = torch.Generator().manual_seed(m * 1000 + k + n)
-    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
-    scales = torch.rand(n, generator=gen) + 0.5
-    bias = torch.randn(n, generator=gen)
-    x = torch.randn(m, k, generator=gen) * 4
+    x, q, scales, bias = random_operands(m * 1000 + k + n, m, k, n, x_scale=4, scale_low=0.5, scale_span=1)
     reference, _, _ = naive_dynamic(x, q, scales, bias)
     out = int8.int8_matmul(x, q, scales, bias, dynamic=True)
     assert out.shape == (m, n) and out.dtype == torch.float32
@@ -81,11 +86,7 @@ def test_native_dynamic_matmul_is_exact_at_full_scale():
 @pytest.mark.usefixtures("native")
 @pytest.mark.parametrize("m,k,n", SHAPES[::3])
 def test_native_weight_only_matmul_matches_float64(m, k, n):
-    gen = torch.Generator().manual_seed(k * 7 + m + n)
-    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
-    scales = torch.rand(n, generator=gen) * 0.01
-    bias = torch.randn(n, generator=gen)
-    x = torch.randn(m, k, generator=gen)
+    x, q, scales, bias = random_operands(k * 7 + m + n, m, k, n, x_scale=1, scale_low=0, scale_span=0.01)
     out = int8.int8_matmul(x, q, scales, bias, dynamic=False)
     reference = x.double() @ (q.double() * scales.double()[:, None]).T + bias.double()
     bound = (x.double().abs() @ (q.double().abs() * scales.double()[:, None]).T) * 2**-20 + 1e-6

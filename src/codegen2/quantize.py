@@ -379,7 +379,7 @@ def fuse_linears(modules: list[nn.Module]) -> torch.Tensor | tuple:
         for m in modules:
             m.set_weight(q[start:start + m.out_features], scales[start:start + m.out_features])
             start += m.out_features
-        fused = (DynamicInt8Weight(q, scales, row_sums(q)) if dynamic else
+        fused = (DynamicInt8Weight(q, scales, torch.cat([m.weight_sum for m in modules])) if dynamic else
                  (q, scales, torch.ones(q.shape[0], dtype=torch.bfloat16, device=q.device)))
     elif any(isinstance(m, Int8Linear) for m in modules):
         raise ValueError("cannot fuse int8 and floating-point projections into one matmul")
