@@ -94,6 +94,23 @@ def test_native_weight_only_matmul_matches_float64(m, k, n):
 
 
 @pytest.mark.usefixtures("native")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_decode_rows_read_as_streams_land_in_their_places(threads):
+    """Decoding (at most 8 input rows) walks the weight rows as long streams, one row of each per block, and the
+    leftover rows in consecutive blocks: every output must still land in its own column, for each thread's range."""
+    torch.set_num_threads(threads)  # the fixture restores one thread
+    for m in (1, 3, 8):
+        x, q, scales, bias = random_operands(m, m, 200, 1003, x_scale=2, scale_low=0.01, scale_span=0.02)
+        reference, _, _ = naive_dynamic(x, q, scales, bias)
+        out = int8.int8_matmul(x, q, scales, bias, dynamic=True, sums=int8.row_sums(q))
+        assert ((out.double() - reference).abs() <= (reference.abs() + bias.double().abs()) * 2**-21 + 1e-6).all()
+        out = int8.int8_matmul(x, q, scales, bias, dynamic=False)
+        reference = x.double() @ (q.double() * scales.double()[:, None]).T + bias.double()
+        bound = (x.double().abs() @ (q.double().abs() * scales.double()[:, None]).T) * 2**-20 + 1e-6
+        assert ((out.double() - reference).abs() <= bound).all()
+
+
+@pytest.mark.usefixtures("native")
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_native_rows_do_not_depend_on_the_batch_or_the_thread_count(dynamic):
     gen = torch.Generator().manual_seed(5)
