@@ -30,9 +30,22 @@ def naive_dynamic(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: 
     amax = x.abs().amax(dim=1, keepdim=True)
     row_scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
     xq = torch.clamp(torch.round(x / row_scale), -127, 127).long()  # the kernel's float32 rule, bit for bit
-    sums = xq @ q.long().T
-    out = sums.double() * row_scale.double() * scales.double()
-    return out + bias.double() if bias is not None else out, sums, xq
+    out = (xq @ q.long().T).double() * row_scale.double() * scales.double()
+    return out + bias.double() if bias is not None else out
+
+
+def assert_matches_dynamic_reference(out, x, q, scales, bias):
+    """Exact int32 sums; the float rescale and bias add round once or twice (a few ulps of the magnitudes involved)."""
+    reference = naive_dynamic(x, q, scales, bias)
+    bound = (reference.abs() + bias.double().abs()) * 2**-21 + 1e-6
+    assert ((out.double() - reference).abs() <= bound).all()
+
+
+def assert_matches_weight_only_reference(out, x, q, scales, bias):
+    """fp32 products of the widened weights, summed in fp32: within a few ulps of the absolute sum, against float64."""
+    reference = x.double() @ (q.double() * scales.double()[:, None]).T + bias.double()
+    bound = (x.double().abs() @ (q.double().abs() * scales.double()[:, None]).T) * 2**-20 + 1e-6
+    assert ((out.double() - reference).abs() <= bound).all()
 
 
 @pytest.fixture
@@ -44,15 +57,12 @@ def native(int8_kernel):
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_native_dynamic_matmul_sums_exactly_like_integers(m, k, n):
     x, q, scales, bias = random_operands(m * 1000 + k + n, m, k, n, x_scale=4, scale_low=0.5, scale_span=1)
-    reference, _, _ = naive_dynamic(x, q, scales, bias)
     out = int8.int8_matmul(x, q, scales, bias, dynamic=True)
     assert out.shape == (m, n) and out.dtype == torch.float32
     sums = int8.row_sums(q)
     assert torch.equal(sums, q.long().sum(dim=1).int())
     assert torch.equal(int8.int8_matmul(x, q, scales, bias, dynamic=True, sums=sums), out)  # precomputed sums
-    # Exact int32 sums; the float rescale and bias add round once or twice (a few ulps of the magnitudes involved).
-    bound = (reference.abs() + bias.double().abs()) * 2**-21 + 1e-6
-    assert ((out.double() - reference).abs() <= bound).all()
+    assert_matches_dynamic_reference(out, x, q, scales, bias)
 
 
 @pytest.mark.usefixtures("native")
@@ -87,10 +97,7 @@ def test_native_dynamic_matmul_is_exact_at_full_scale():
 @pytest.mark.parametrize("m,k,n", SHAPES[::3])
 def test_native_weight_only_matmul_matches_float64(m, k, n):
     x, q, scales, bias = random_operands(k * 7 + m + n, m, k, n, x_scale=1, scale_low=0, scale_span=0.01)
-    out = int8.int8_matmul(x, q, scales, bias, dynamic=False)
-    reference = x.double() @ (q.double() * scales.double()[:, None]).T + bias.double()
-    bound = (x.double().abs() @ (q.double().abs() * scales.double()[:, None]).T) * 2**-20 + 1e-6
-    assert ((out.double() - reference).abs() <= bound).all()
+    assert_matches_weight_only_reference(int8.int8_matmul(x, q, scales, bias, dynamic=False), x, q, scales, bias)
 
 
 @pytest.mark.usefixtures("native")
@@ -101,13 +108,9 @@ def test_native_decode_rows_read_as_streams_land_in_their_places(threads):
     torch.set_num_threads(threads)  # the fixture restores one thread
     for m in (1, 3, 8):
         x, q, scales, bias = random_operands(m, m, 200, 1003, x_scale=2, scale_low=0.01, scale_span=0.02)
-        reference, _, _ = naive_dynamic(x, q, scales, bias)
         out = int8.int8_matmul(x, q, scales, bias, dynamic=True, sums=int8.row_sums(q))
-        assert ((out.double() - reference).abs() <= (reference.abs() + bias.double().abs()) * 2**-21 + 1e-6).all()
-        out = int8.int8_matmul(x, q, scales, bias, dynamic=False)
-        reference = x.double() @ (q.double() * scales.double()[:, None]).T + bias.double()
-        bound = (x.double().abs() @ (q.double().abs() * scales.double()[:, None]).T) * 2**-20 + 1e-6
-        assert ((out.double() - reference).abs() <= bound).all()
+        assert_matches_dynamic_reference(out, x, q, scales, bias)
+        assert_matches_weight_only_reference(int8.int8_matmul(x, q, scales, bias, dynamic=False), x, q, scales, bias)
 
 
 @pytest.mark.usefixtures("native")
