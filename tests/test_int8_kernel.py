@@ -25,6 +25,13 @@ def random_operands(seed: int, m: int, k: int, n: int, x_scale: float, scale_low
     return torch.randn(m, k, generator=gen) * x_scale, q, scales, bias
 
 
+def quantized_operands(seed: int, m: int, k: int, n: int):
+    """(generator, x [m, k], int8 rows q [n, k], scales [n]): real quantized weights, then the input, from one seed."""
+    gen = torch.Generator().manual_seed(seed)
+    q, scales = quantize_rows(torch.randn(n, k, generator=gen))
+    return gen, torch.randn(m, k, generator=gen), q, scales
+
+
 def naive_dynamic(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
     """x rounded to int8 per row (max|row| / 127, half to even), exact integer products in int64, then scaled."""
     amax = x.abs().amax(dim=1, keepdim=True)
@@ -69,9 +76,7 @@ def test_native_dynamic_matmul_sums_exactly_like_integers(m, k, n):
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_native_matmul_adds_a_per_row_bias_like_addmm(dynamic):
     """The fused decode steps pass the residual stream [M, N] as the bias (addmm's contract), not only [N]."""
-    gen = torch.Generator().manual_seed(4)
-    q, scales = quantize_rows(torch.randn(20, 32, generator=gen))
-    x = torch.randn(3, 32, generator=gen)
+    gen, x, q, scales = quantized_operands(4, 3, 32, 20)
     for bias in (torch.randn(3, 20, generator=gen), torch.randn(1, 20, generator=gen), torch.randn(20, generator=gen)):
         plain = int8.int8_matmul(x, q, scales, None, dynamic)
         assert torch.allclose(int8.int8_matmul(x, q, scales, bias, dynamic), plain + bias, rtol=1e-6, atol=1e-6)
@@ -116,9 +121,7 @@ def test_native_decode_rows_read_as_streams_land_in_their_places(threads):
 @pytest.mark.usefixtures("native")
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_native_rows_do_not_depend_on_the_batch_or_the_thread_count(dynamic):
-    gen = torch.Generator().manual_seed(5)
-    q, scales = quantize_rows(torch.randn(50, 200, generator=gen))
-    x = torch.randn(11, 200, generator=gen)
+    gen, x, q, scales = quantized_operands(5, 11, 200, 50)
     x[3] = 0.0
     batch = int8.int8_matmul(x, q, scales, None, dynamic)
     alone = torch.cat([int8.int8_matmul(x[i:i + 1], q, scales, None, dynamic) for i in range(11)])
@@ -130,9 +133,7 @@ def test_native_rows_do_not_depend_on_the_batch_or_the_thread_count(dynamic):
 
 @pytest.mark.usefixtures("native")
 def test_native_and_torch_dynamic_kernels_agree_bit_for_bit_on_the_sums(int8_kernel):
-    gen = torch.Generator().manual_seed(9)
-    q, scales = quantize_rows(torch.randn(40, 96, generator=gen))
-    x = torch.randn(6, 96, generator=gen)
+    gen, x, q, scales = quantized_operands(9, 6, 96, 40)
     native_out = int8_dynamic_linear(x, q, torch.ones(40))
     int8_kernel("torch")
     torch_out = int8_dynamic_linear(x, q, torch.ones(40))
