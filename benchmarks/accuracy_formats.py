@@ -20,8 +20,8 @@ import common  # noqa: F401  (puts src/ on the path)
 from codegen2.config import load_config
 from codegen2.data import heldout_documents
 from codegen2.eval.heldout import evaluation_data_config, heldout_loss, infill_exact_match, single_line_tasks
+from codegen2.generation.sampling import SamplingParams, generate_ids
 from codegen2.loading import load_checkpoint
-from codegen2.sampling import SamplingParams, generate_ids
 
 FORMATS = ("float32", "bfloat16", "int8", "int8-dynamic")
 

@@ -41,9 +41,9 @@ from pathlib import Path
 
 import torch
 
+from codegen2.generation.sampling import SamplingParams, generate_ids
 from codegen2.inference_options import DEFAULT_DECODER
 from codegen2.quantize import quantize_model, use_int8_format
-from codegen2.sampling import SamplingParams, generate_ids
 from common import (
     SHAPES,
     build_ours,

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from codegen2.generation.sampling import SamplingParams, generate_ids
 from codegen2.hf import export_hf
+from codegen2.inference_options import DECODERS
 from codegen2.loading import load_checkpoint
-from codegen2.sampling import DECODERS, SamplingParams, generate_ids
 
 
 def main() -> int:

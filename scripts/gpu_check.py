@@ -22,9 +22,9 @@ import torch
 
 from codegen2.config import Config, ModelConfig
 from codegen2.data.loader import Batch
+from codegen2.generation.sampling import SamplingParams, generate_ids
 from codegen2.metrics import device_peak_flops, flops_per_token
 from codegen2.models import ARCHITECTURES, architecture, build_model
-from codegen2.sampling import SamplingParams, generate_ids
 
 # 1B-shaped (CodeGen2-1B's width and depth); LLaMA gets a SwiGLU MLP of about the same parameter count.
 SHAPES = {

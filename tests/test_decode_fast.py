@@ -13,12 +13,12 @@ import torch
 
 from codegen2.checkpoint import write_checkpoint
 from codegen2.config import Config, ModelConfig, TokenizerConfig, TrainConfig, save_config
-from codegen2.decode import FastDecoder, capacity_bucket, greedy_chunk_size
+from codegen2.generation.decoder import FastDecoder, capacity_bucket, greedy_chunk_size
+from codegen2.generation.sampling import SamplingParams, generate_ids
 from codegen2.loading import load_checkpoint
 from codegen2.models import build_model
 from codegen2.models.codegen.model import CodeGenModel
 from codegen2.models.common import KVCache
-from codegen2.sampling import SamplingParams, generate_ids
 from conftest import CharTokenizer, naive_greedy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (fixture in conftest.py)

@@ -13,6 +13,7 @@ from codegen2 import cli  # noqa: E402
 from codegen2.eval import generation  # noqa: E402
 from codegen2.eval.scoring import results_path  # noqa: E402
 from codegen2.eval.tasks import load_tasks, read_jsonl, write_jsonl  # noqa: E402
+from codegen2.generation.core import truncate_at_stop  # noqa: E402
 from conftest import CharTokenizer  # noqa: E402
 
 
@@ -122,13 +123,13 @@ def test_sample_tasks_seeds_do_not_depend_on_batch_size():
 
 def test_truncate_at_stop():
     text = "    return 1\n\ndef other():\n    pass\n# trailing"
-    assert generation.truncate_at_stop(text, generation.HUMANEVAL_STOP) == "    return 1\n"
-    assert generation.truncate_at_stop("abc", ()) == "abc"
+    assert truncate_at_stop(text, generation.HUMANEVAL_STOP) == "    return 1\n"
+    assert truncate_at_stop("abc", ()) == "abc"
 
 
 def test_samplers_drive_the_real_model():
     """The adapters call codegen2.sampling with the task's prompt (and suffix); outputs equal direct calls."""
-    from codegen2.sampling import SamplingParams, generate, infill
+    from codegen2.generation.sampling import SamplingParams, generate, infill
 
     loaded = tiny_loaded()
     problem = load_tasks("humaneval")["HumanEval/2"]
@@ -136,7 +137,7 @@ def test_samplers_drive_the_real_model():
     params = SamplingParams(max_new_tokens=6, temperature=0.9, stop=("\n",))
     got = generation.left_to_right(loaded, params)([problem, problem], [5, 6])
     direct = generate(loaded.model, loaded.tokenizer, [problem["prompt"]] * 2, params, seeds=[5, 6])
-    assert got == [generation.truncate_at_stop(t, ("\n",)) for t in direct]
+    assert got == [truncate_at_stop(t, ("\n",)) for t in direct]
     middles = generation.infill_middle(loaded, params)([task], [3])
     assert middles == infill(loaded.model, loaded.tokenizer, [task["prompt"]], [task["suffix"]], params, seeds=[3])
     # The fused fast decoder samples the same tokens from the same seeds.

@@ -18,13 +18,13 @@ import torch
 from codegen2.checkpoint import write_checkpoint
 from codegen2.cli import main
 from codegen2.config import Config, ModelConfig, TokenizerConfig, TrainConfig, save_config
-from codegen2.decode import FastDecoder, capacity_bucket
 from codegen2.errors import UserError
+from codegen2.generation.decoder import FastDecoder, capacity_bucket
+from codegen2.generation.sampling import SamplingParams, generate_ids
 from codegen2.loading import load_checkpoint
 from codegen2.models.codegen.model import CodeGenModel
 from codegen2.models.common import KVCache
 from codegen2.quantize import Int8Linear, int8_format, is_quantized, read_manifest
-from codegen2.sampling import SamplingParams, generate_ids
 from conftest import CharTokenizer, naive_greedy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (fixture in conftest.py)

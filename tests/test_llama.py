@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 
 from codegen2.checkpoint import WEIGHTS, list_checkpoints, write_checkpoint
 from codegen2.config import Config, ConfigError, ModelConfig, load_config, preset_dict, save_config
-from codegen2.decode import FastDecoder
 from codegen2.errors import UserError
+from codegen2.generation.decoder import FastDecoder
 from codegen2.hf import export_hf, from_pretrained, register
 from codegen2.models import architecture, build_model
 from codegen2.models.common import KVCache
@@ -226,7 +226,7 @@ def test_mp_num_is_refused_for_llama(llama_dir):
 @pytest.mark.slow
 def test_compiled_decode_step_gives_transformers_greedy_tokens(tmp_path):
     """The fused step under torch.compile (one graph for every step) decodes what transformers' generate does."""
-    from codegen2.sampling import SamplingParams, generate_ids
+    from codegen2.generation.sampling import SamplingParams, generate_ids
     from conftest import CharTokenizer
 
     hf = hf_llama(SHAPES[2])
@@ -310,7 +310,7 @@ def test_every_objective_trains_a_llama_model_and_it_evaluates(tiny_config, tmp_
 @pytest.mark.parametrize("decoder", ["model", "fast"])
 def test_serving_engine_batches_llama_rows_as_their_solo_runs(tokenizer, decoder):
     """The server's continuous-batching engine on a GQA llama: rows join at different steps, each ends as alone."""
-    from codegen2.sampling import SamplingParams, generate_ids
+    from codegen2.generation.sampling import SamplingParams, generate_ids
     from codegen2.serve.engine import BatchEngine, RowRequest
 
     torch.manual_seed(0)

@@ -23,10 +23,11 @@ import pytest
 import torch
 
 from codegen2 import cli
-from codegen2.decode import FastDecoder
+from codegen2.generation.decoder import FastDecoder
+from codegen2.generation.sampling import SamplingParams, generate_ids
+from codegen2.infill import Sentinels, infill_prompt
 from codegen2.loading import load_checkpoint
 from codegen2.quantize import int8_format
-from codegen2.sampling import SamplingParams, generate_ids, infill_prompt_ids
 from codegen2.serve.app import create_app
 from codegen2.serve.engine import BatchEngine, QueueFull, RowRequest
 from codegen2.serve.text import IncrementalText
@@ -137,7 +138,8 @@ def test_infill_with_suffix_equals_the_cli(client, run_dir, loaded, capsys):
                      "--temperature", "0.8", "--max-new-tokens", "24"]) == 0
     printed = capsys.readouterr().out
     assert printed == out.choices[0].text + "\n"
-    assert out.usage.prompt_tokens == len(infill_prompt_ids(loaded.tokenizer, prefix, suffix))
+    tok = loaded.tokenizer
+    assert out.usage.prompt_tokens == len(infill_prompt(Sentinels.of(tok), tok.encode(prefix), tok.encode(suffix)))
 
 
 def test_streamed_text_adds_up_to_the_plain_completion(client):

@@ -135,7 +135,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _report_compile() -> None:
-    from .decode import compile_report
+    from .generation.decoder import compile_report
 
     line = compile_report()
     if line:
@@ -144,8 +144,8 @@ def _report_compile() -> None:
 
 def _params(args):
     """Sampling parameters, checked by the rules the server applies too (before any model is loaded)."""
+    from .generation.sampling import SamplingParams
     from .request_checks import check_sampling, check_stops
-    from .sampling import SamplingParams
 
     check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, seed=args.seed)
@@ -169,8 +169,8 @@ def read_prompt_file(path: str | Path) -> list[str]:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from .generation.sampling import generate
     from .request_checks import check_context, check_prompt
-    from .sampling import generate
 
     prompts = list(args.prompt or [])
     if args.prompt_file:
@@ -196,13 +196,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_infill(args: argparse.Namespace) -> int:
+    from .generation.sampling import infill
+    from .infill import Sentinels, infill_prompt
     from .request_checks import check_context, check_infill
-    from .sampling import infill, infill_prompt_ids
 
     params = _params(args)
     check_infill(args.prefix, args.suffix)
     loaded = _load(args)
-    ids = infill_prompt_ids(loaded.tokenizer, args.prefix, args.suffix)
+    tok = loaded.tokenizer
+    ids = infill_prompt(Sentinels.of(tok), tok.encode(args.prefix), tok.encode(args.suffix))
     check_context(len(ids), params.max_new_tokens, loaded.config.n_ctx,
                   "the prefix and suffix with the infill sentinels")
     middle = infill(loaded.model, loaded.tokenizer, [args.prefix], [args.suffix], params,

@@ -143,8 +143,8 @@ def cmd_humaneval(args) -> int:
 
     import torch
 
+    from ..generation.sampling import SamplingParams
     from ..loading import load_checkpoint
-    from ..sampling import SamplingParams
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     loaded = load_checkpoint(args.checkpoint, device=device, dtype=args.dtype, mp_num=args.mp_num, step=args.step)
@@ -166,7 +166,7 @@ def cmd_humaneval(args) -> int:
     rows = sample_tasks(tasks, args.n, complete, batch_size=args.batch_size, seed=args.seed,
                         progress=not args.no_progress)
     sampling_seconds = time.perf_counter() - started
-    from ..decode import compile_report
+    from ..generation.decoder import compile_report
 
     if compile_report():
         print(compile_report(), file=sys.stderr)

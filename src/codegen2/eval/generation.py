@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..inference_options import LIBRARY_DECODER
+from ..infill import Sentinels, infill_prompt, infill_stop_ids
 
 # Left-to-right HumanEval completions end where a new top-level statement would begin (Codex paper:
 # class, def, #, if, print; plus the start of a new top-level docstring).
@@ -15,16 +16,6 @@ HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", '\n"""', "\n'''"
 
 # (tasks, per-row seeds) -> completion texts, one per task
 CompleteFn = Callable[[Sequence[dict], Sequence[int]], list[str]]
-
-
-def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
-    """Cut text at the earliest occurrence of any stop string."""
-    cut = len(text)
-    for stop in stops:
-        found = text.find(stop)
-        if found != -1:
-            cut = min(cut, found)
-    return text[:cut]
 
 
 def sample_tasks(tasks: Sequence[dict], n: int, complete: CompleteFn, *, batch_size: int = 8, seed: int = 0,
@@ -68,12 +59,11 @@ def fit_prompt(ids: list[int], max_new_tokens: int, n_ctx: int, cuttable: int | 
 def task_prompt(tokenizer, task: dict, infilling: bool, max_new_tokens: int, n_ctx: int) -> list[int] | None:
     """The token ids sampled from for `task`, fitted to the context: a left-to-right prompt loses its start;
     an infill prompt (DESIGN §2) loses the start of its prefix only, never the suffix or the sentinels."""
-    from ..sampling import infill_prompt_ids
-
     if not infilling:
         return fit_prompt(tokenizer.encode(task["prompt"]), max_new_tokens, n_ctx)
-    ids = infill_prompt_ids(tokenizer, task["prompt"], task["suffix"])
-    return fit_prompt(ids, max_new_tokens, n_ctx, cuttable=len(tokenizer.encode(task["prompt"])))
+    prefix_ids = tokenizer.encode(task["prompt"])
+    ids = infill_prompt(Sentinels.of(tokenizer), prefix_ids, tokenizer.encode(task["suffix"]))
+    return fit_prompt(ids, max_new_tokens, n_ctx, cuttable=len(prefix_ids))
 
 
 def context_report(tokenizer, tasks: Sequence[dict], infilling: bool, max_new_tokens: int, n_ctx: int) -> dict:
@@ -91,11 +81,12 @@ def context_report(tokenizer, tasks: Sequence[dict], infilling: bool, max_new_to
 
 
 def _completer(loaded, params, infilling: bool, decoder: str) -> CompleteFn:
-    """Sample each task's fitted prompt with `codegen2.sampling.generate_ids`; a skipped task completes as ""."""
-    from ..sampling import generate_ids
+    """Sample each task's fitted prompt with `generation.sampling.generate_ids`; a skipped task completes as ""."""
+    from ..generation.core import truncate_at_stop
+    from ..generation.sampling import generate_ids
 
     tokenizer = loaded.tokenizer
-    stop_ids = [tokenizer.eom_id, tokenizer.eot_id] if infilling else [tokenizer.eot_id]
+    stop_ids = infill_stop_ids(Sentinels.of(tokenizer)) if infilling else (tokenizer.eot_id,)
 
     def complete(tasks: Sequence[dict], seeds: Sequence[int]) -> list[str]:
         prompts = [task_prompt(tokenizer, t, infilling, params.max_new_tokens, loaded.config.n_ctx) for t in tasks]

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..generation.sampling import SamplingParams, generate_ids
 from ..inference_options import add_dtype_flag
-from ..sampling import SamplingParams, generate_ids
+from ..infill import INFILL_FORMATS, Sentinels, infill_prompt, infill_stop_ids
 
 
 @dataclass
@@ -43,7 +44,6 @@ class InfillTask:
     suffix: str
 
 
-INFILL_FORMATS = ("codegen2", "fim")
 
 
 def default_infill_format(objective) -> str:
@@ -80,16 +80,6 @@ def raw_heldout_documents(data_config) -> list:
     from ..data import heldout_documents
 
     return heldout_documents(evaluation_data_config(data_config))
-
-
-def infill_prompt(tokenizer, prefix_ids: list[int], suffix_ids: list[int], fmt: str = "codegen2") -> list[int]:
-    """Token ids of an infill prompt in format `fmt` (module docstring); the model's next token starts the middle."""
-    if fmt == "codegen2":
-        mask = tokenizer.mask_id(1)
-        return prefix_ids + [mask] + suffix_ids + [tokenizer.eot_id, tokenizer.sep_id, mask]
-    if fmt == "fim":
-        return [tokenizer.mask_id(1)] + prefix_ids + [tokenizer.mask_id(2)] + suffix_ids + [tokenizer.sep_id]
-    raise ValueError(f"unknown infill format {fmt!r}; choose from {', '.join(INFILL_FORMATS)}")
 
 
 def chunk_tokens(docs_tokens: list[list[int]], eot: int, window: int, max_tokens: int) -> torch.Tensor:
@@ -182,11 +172,12 @@ def single_line_tasks(docs, n_tasks: int, min_line_chars: int = 4) -> list[Infil
 def _task_prompts(tokenizer, tasks: list[InfillTask], context_tokens: int, fmt: str) -> list[list[int]]:
     prefix_budget = int(context_tokens * 0.6)
     suffix_budget = context_tokens - prefix_budget
+    sentinels = Sentinels.of(tokenizer)
     prompts = []
     for task in tasks:
         prefix_ids = tokenizer.encode(task.prefix)[-prefix_budget:] if task.prefix else []
         suffix_ids = tokenizer.encode(task.suffix)[:suffix_budget] if task.suffix else []
-        prompts.append(infill_prompt(tokenizer, prefix_ids, suffix_ids, fmt))
+        prompts.append(infill_prompt(sentinels, prefix_ids, suffix_ids, fmt))
     return prompts
 
 
@@ -196,10 +187,11 @@ def infill_exact_match(model, tokenizer, tasks: list[InfillTask], context_tokens
     """Greedy infill of each masked line in format `fmt`; exact match of the first generated line."""
     prompts = _task_prompts(tokenizer, tasks, context_tokens, fmt)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=("\n",))
+    stop_ids = infill_stop_ids(Sentinels.of(tokenizer))
     hits, examples = 0, []
     for start in range(0, len(prompts), batch_size):
         done = generate_ids(model, tokenizer, prompts[start: start + batch_size], params,
-                            stop_ids=[tokenizer.eom_id, tokenizer.eot_id], bidirectional_prompt=bidirectional_prompt)
+                            stop_ids=stop_ids, bidirectional_prompt=bidirectional_prompt)
         for task, completion in zip(tasks[start: start + batch_size], done):
             predicted = completion.text.split("\n", 1)[0]
             hit = predicted.strip() == task.line.strip()

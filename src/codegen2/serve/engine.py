@@ -13,14 +13,15 @@ is copied into a dead slot in place when it fits. The cache is rebuilt (compacte
 headroom) only when a row cannot be placed, or when most slots are dead and nobody is waiting:
 rebuilding at every join and leave took half of the step time at batch 64.
 
-Sampling reuses `sampling.choose_tokens`, the prefill mirrors `sampling.generate_ids`, and each row
-is seeded exactly as `generate_ids` seeds its rows, so a request served alone reproduces
-`codegen2 sample` / `codegen2 infill` with the same seed token for token.
+Prefill, the step and the cache copies are the generation core's (`generation.core`), sampling is
+`generation.sampling.choose_tokens`, and each row is seeded exactly as `generate_ids` seeds its rows, so a
+request served alone reproduces `codegen2 sample` / `codegen2 infill` with the same seed token for token.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -29,11 +30,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..decode import FastDecoder, compile_report
+from ..generation.core import copy_rows, prefill, set_filled, step
+from ..generation.decoder import FastDecoder, capacity_bucket, compile_report
+from ..generation.sampling import SamplingParams, choose_tokens
 from ..inference_options import DECODERS, LIBRARY_DECODER
-from ..masks import slot_key_valid
 from ..models.common import KVCache
-from ..sampling import SamplingParams, choose_tokens
 from .text import IncrementalText
 
 log = logging.getLogger("codegen2.serve")
@@ -103,6 +104,34 @@ class Ticket:
         self._engine.cancel(self)
 
 
+class Cancellable:
+    """What both engines share: a submission is cancelled once, under the engine's lock."""
+
+    _lock: threading.Condition | threading.Lock
+
+    def cancel(self, ticket: Ticket) -> None:
+        with self._lock:
+            if ticket.cancelled:
+                return
+            ticket.cancelled = True
+            self._forget(ticket)
+
+    def _forget(self, ticket: Ticket) -> None:
+        """Drop the cancelled submission's rows (called once, with the lock held)."""
+        raise NotImplementedError
+
+
+@dataclass
+class _Prefilled:
+    """New rows prefilled together: rows `index` of `cache`, with their next logits and positions."""
+
+    rows: list[_Row]
+    cache: KVCache
+    index: torch.Tensor
+    logits: torch.Tensor
+    next_pos: torch.Tensor
+
+
 @dataclass
 class _Row:
     spec: RowRequest
@@ -123,6 +152,8 @@ class _Row:
 
 @dataclass
 class EngineStats:
+    """What `snapshot` reports, in its order: the rows now, then totals since the engine started."""
+
     active: int = 0
     waiting: int = 0
     steps: int = 0
@@ -130,11 +161,11 @@ class EngineStats:
     rows_cancelled: int = 0
     rows_failed: int = 0
     tokens_generated: int = 0
-    busy_seconds: float = 0.0
     max_batch_seen: int = 0
+    busy_seconds: float = 0.0
 
 
-class BatchEngine:
+class BatchEngine(Cancellable):
     """Runs submitted rows on `model` with continuous batching in a background thread."""
 
     def __init__(
@@ -154,7 +185,7 @@ class BatchEngine:
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, not {decoder!r}")
         # "model": the model's forward over a KVCache whose batch grows and shrinks with the rows. "fast" /
-        # "compiled": the fused decode step (decode.FastDecoder) over a batch of slots that follows the rows
+        # "compiled": the fused decode step (`FastDecoder`) over a batch of slots that follows the rows
         # (at least 2) and a bucketed capacity; rows join and leave slots through `masks.slot_key_valid`.
         # Compiled, the batch and the attended cache length are dynamic dimensions of one graph, compiled
         # here, before the first request (`warm_up`), so no request ever waits for a compile.
@@ -200,8 +231,7 @@ class BatchEngine:
         """
         compiled = len(FastDecoder.compile_events)
         decoder = FastDecoder(self.model, 2, 2 * FAST_CAPACITY_STEP, compile=True, dynamic_batch=True)
-        decoder.length = 1
-        decoder.col.fill_(1)
+        set_filled(decoder, 1)
         tokens = torch.zeros(2, dtype=torch.long, device=self.device)
         for _ in range(2):
             decoder.step(tokens)
@@ -246,25 +276,18 @@ class BatchEngine:
             self._lock.notify_all()
         return ticket
 
-    def cancel(self, ticket: Ticket) -> None:
-        """Forget a submission: waiting rows leave the queue now, running rows at the next step."""
-        with self._lock:
-            if ticket.cancelled:
-                return
-            ticket.cancelled = True
-            before = len(self._waiting)
-            self._waiting = collections.deque(r for r in self._waiting if r.ticket is not ticket)
-            self.stats.rows_cancelled += before - len(self._waiting)
-            self.stats.waiting = len(self._waiting)
+    def _forget(self, ticket: Ticket) -> None:
+        """Waiting rows leave the queue now, running rows at the next step."""
+        before = len(self._waiting)
+        self._waiting = collections.deque(r for r in self._waiting if r.ticket is not ticket)
+        self.stats.rows_cancelled += before - len(self._waiting)
+        self.stats.waiting = len(self._waiting)
 
     def snapshot(self) -> dict:
         with self._lock:
-            s = self.stats
-            return {"active": s.active, "waiting": s.waiting, "steps": s.steps, "rows_finished": s.rows_finished,
-                    "rows_cancelled": s.rows_cancelled, "rows_failed": s.rows_failed,
-                    "tokens_generated": s.tokens_generated, "max_batch_seen": s.max_batch_seen,
-                    "busy_seconds": round(s.busy_seconds, 3), "max_batch_size": self.max_batch_size,
-                    "max_queue": self.max_queue}
+            stats = dataclasses.asdict(self.stats)
+        stats["busy_seconds"] = round(stats["busy_seconds"], 3)
+        return {**stats, "max_batch_size": self.max_batch_size, "max_queue": self.max_queue}
 
     # --------------------------------------------------------------------------- engine thread
     def _live(self) -> list[int]:
@@ -324,21 +347,22 @@ class BatchEngine:
             if len(self._slots) > len(live):  # a fast decoder keeps at least 2 slots: pad with a dead one
                 pad = tokens.new_full((len(self._slots) - len(live),), self.tokenizer.eot_id)
                 tokens = torch.cat((tokens, pad))
+        self._feed(tokens)
+
+    def _feed(self, tokens: torch.Tensor) -> None:
+        """One decode step for every slot; dead slots decode junk at position 0 until reused."""
         assert self._cache is not None and self._next_pos is not None
         alive = torch.tensor([row is not None for row in self._slots], device=self._next_pos.device)
-        if self.decoder != "model":
-            compiled_before = len(FastDecoder.compile_events)
-            # No live row sees columns before its own first one: attention starts at the earliest of those.
-            first = min(row.start for row in self._slots if row is not None)
-            self._logits = self._cache.step(tokens, first)  # advances the column and every slot's position
-            if len(FastDecoder.compile_events) > compiled_before:  # not expected after warm_up; shown if it happens
-                log.warning("%s", compile_report())
-            self._next_pos.masked_fill_(~alive, 0)  # dead slots decode junk at position 0 until reused
-            return
-        logits = self.model(tokens[:, None], position_ids=self._next_pos[:, None], cache=self._cache)
-        self._logits = logits[:, -1]
-        # Dead slots decode junk at position 0 until reused; their keys are masked out on reuse.
-        self._next_pos = torch.where(alive, self._next_pos + 1, torch.zeros_like(self._next_pos))
+        # No live row sees columns before its own first one: attention starts at the earliest of those.
+        first = min(row.start for row in self._slots if row is not None)
+        compiled_before = len(FastDecoder.compile_events)
+        self._logits = step(self.model, self._cache, tokens, self._next_pos, first)
+        if len(FastDecoder.compile_events) > compiled_before:  # not expected after warm_up; shown if it happens
+            log.warning("%s", compile_report())
+        if self.decoder != "model":  # the decoder advanced every slot's position itself
+            self._next_pos.masked_fill_(~alive, 0)
+        else:
+            self._next_pos = torch.where(alive, self._next_pos + 1, torch.zeros_like(self._next_pos))
 
     def _choose(self, live: list[int]) -> torch.Tensor:
         """Next token of every slot (dead slots get a dummy), grouping rows that share temperature and top-p."""
@@ -438,34 +462,17 @@ class BatchEngine:
         for row in new:
             if row.spec.temperature > 0:
                 row.generator = torch.Generator().manual_seed(int(row.spec.seed))
-        cache, logits, next_pos = self._prefill(new)
+        cache, logits, next_pos = prefill(self.model, [r.spec.prompt_ids for r in new], self.tokenizer.eot_id,
+                                          bidirectional=self.bidirectional_prompt)
         for row, pos in zip(new, next_pos.tolist()):
             row.start = cache.length - int(pos)  # column of its first token in the prefill cache
         leftover = self._place_in_dead_slots(new, cache, logits, next_pos)
         if leftover:
             index = torch.tensor(leftover, dtype=torch.long, device=self.device)
-            self._rebuild(self._live(), [new[i] for i in leftover], cache, index, logits[index], next_pos[index])
+            self._rebuild(self._live(), _Prefilled([new[i] for i in leftover], cache, index, logits[index],
+                                                   next_pos[index]))
         with self._lock:
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._live()))
-
-    def _prefill(self, rows: list[_Row]) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
-        """Run new prompts as one left-padded batch (as `generate_ids` does); return cache, logits, positions."""
-        prompts = [r.spec.prompt_ids for r in rows]
-        batch, longest = len(prompts), max(len(p) for p in prompts)
-        input_ids = torch.full((batch, longest), self.tokenizer.eot_id, dtype=torch.long)
-        valid = torch.zeros(batch, longest, dtype=torch.bool)
-        for i, prompt in enumerate(prompts):
-            input_ids[i, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            valid[i, longest - len(prompt):] = True
-        input_ids, valid = input_ids.to(self.device), valid.to(self.device)
-        positions = (valid.long().cumsum(dim=1) - 1).clamp_min(0)
-        cache = KVCache(self.model.config, batch, longest, device=self.device, dtype=self.dtype)
-        cache.valid[:, :longest] = valid
-        cache.has_padding = bool((~valid).any())
-        prefix_len = torch.full((batch,), longest, device=self.device) if self.bidirectional_prompt else None
-        logits = self.model(input_ids, position_ids=positions, prefix_len=prefix_len, cache=cache,
-                            last_only=True)[:, -1]
-        return cache, logits, positions[:, -1] + 1
 
     def _place_in_dead_slots(self, new: list[_Row], fresh: KVCache, logits: torch.Tensor,
                              next_pos: torch.Tensor) -> list[int]:
@@ -479,7 +486,7 @@ class BatchEngine:
         if cache is None or not dead:
             return list(range(len(new)))
         assert self._logits is not None and self._next_pos is not None
-        length, leftover, placed = cache.length, [], False
+        length, leftover = cache.length, []
         capacity = cache.capacity if self.decoder != "model" else cache.max_len
         for j, row in enumerate(new):
             n = len(row.spec.prompt_ids)
@@ -487,135 +494,64 @@ class BatchEngine:
                 leftover.append(j)
                 continue
             slot = dead.pop(0)
-            if self.decoder != "model":
-                for layer, (keys, values) in enumerate(zip(cache.keys, cache.values)):
-                    keys[slot, :, length - n:length] = fresh.keys[layer, j, :, fresh.length - n:fresh.length]
-                    values[slot, :, length - n:length] = fresh.values[layer, j, :, fresh.length - n:fresh.length]
-                cache.valid[slot, :capacity] = slot_key_valid(capacity, length - n, self.device)
-            else:
-                cache.keys[:, slot, :, length - n:length] = fresh.keys[:, j, :, fresh.length - n:fresh.length]
-                cache.values[:, slot, :, length - n:length] = fresh.values[:, j, :, fresh.length - n:fresh.length]
-                cache.valid[slot] = slot_key_valid(capacity, length - n, self.device)
+            row.start = copy_rows(cache, slot, fresh, j, fresh.length - n, length)
             self._logits[slot] = logits[j]
             self._next_pos[slot] = next_pos[j]
-            row.start = length - n
             self._slots[slot] = row
-            placed = True
-        if placed and self.decoder == "model":
-            cache.has_padding = bool((~cache.valid[:, :length]).any())
+        if len(leftover) < len(new):
+            set_filled(cache, length)  # the padding of the model's cache changed
         return leftover
 
-    def _rebuild(
-        self,
-        keep: list[int],
-        new_rows: list[_Row] | None = None,
-        new_cache: KVCache | None = None,
-        new_index: torch.Tensor | None = None,
-        new_logits: torch.Tensor | None = None,
-        new_pos: torch.Tensor | None = None,
-    ) -> None:
-        """A fresh cache holding the kept slots' rows plus new rows (rows `new_index` of `new_cache`).
+    def _rebuild(self, keep: list[int], new: _Prefilled | None = None) -> None:
+        """A fresh cache holding the kept slots' rows plus `new` rows, one slot each.
 
         Rows stay right-aligned and leading all-padding columns are dropped. The capacity covers the
         longest remaining generation plus headroom, so that later rows can take dead slots in place.
         """
-        new_rows = new_rows or []
-        old_rows = [self._slots[i] for i in keep]
-        rows: list[_Row] = [r for r in old_rows if r is not None] + new_rows
+        kept = [row for row in (self._slots[i] for i in keep) if row is not None]
+        parts: list[tuple[list[_Row], object, torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
+        if kept:
+            assert self._cache is not None and self._logits is not None and self._next_pos is not None
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            parts.append((kept, self._cache, index, min(r.start for r in kept), self._logits[index],
+                          self._next_pos[index]))
+        if new is not None:
+            parts.append((new.rows, new.cache, new.index, 0, new.logits, new.next_pos))
+        rows = [row for part in parts for row in part[0]]
         if not rows:
             self._reset()
             return
-        old = self._cache
-        span = first = 0
-        if keep:
-            assert old is not None
-            first = min(r.start for r in old_rows if r is not None)
-            span = old.length - first
-        fresh = new_cache.length if new_cache is not None else 0
-        length = max(span, fresh)
+        length = max(src.length - first for _, src, _, first, _, _ in parts)
         needed = length + max(1, max(r.remaining for r in rows))
-        capacity = max(needed, min(self.max_cache_len, needed + max(64, length)))
-        if self.decoder != "model":
-            self._rebuild_fast(old_rows, keep, new_rows, new_cache, new_index, new_logits, new_pos, first, span,
-                               fresh, length, capacity)
-            return
-        cache = KVCache(self.model.config, len(rows), capacity, device=self.device, dtype=self.dtype)
-        cache.valid[:, :length] = False
-        logits, positions = [], []
-        if keep:
-            assert old is not None and self._logits is not None and self._next_pos is not None
-            index = torch.tensor(keep, dtype=torch.long, device=self.device)
-            n, lo = len(keep), length - span
-            cache.keys[:, :n, :, lo:length] = old.keys[:, index, :, first:old.length]
-            cache.values[:, :n, :, lo:length] = old.values[:, index, :, first:old.length]
-            cache.valid[:n, lo:length] = old.valid[index, first:old.length]
-            for row in old_rows:
-                assert row is not None
+        cache = self._new_cache(len(rows), max(needed, min(self.max_cache_len, needed + max(64, length))))
+        done = 0
+        for part_rows, src, index, first, _, _ in parts:
+            lo = copy_rows(cache, slice(done, done + len(part_rows)), src, index, first, length)
+            for row in part_rows:
                 row.start += lo - first
-            logits.append(self._logits[index])
-            positions.append(self._next_pos[index])
-        if new_rows:
-            assert new_cache is not None and new_index is not None and new_logits is not None and new_pos is not None
-            n, lo = len(keep), length - fresh
-            cache.keys[:, n:, :, lo:length] = new_cache.keys[:, new_index, :, :fresh]
-            cache.values[:, n:, :, lo:length] = new_cache.values[:, new_index, :, :fresh]
-            cache.valid[n:, lo:length] = new_cache.valid[new_index, :fresh]
-            for row in new_rows:
-                row.start += lo
-            logits.append(new_logits)
-            positions.append(new_pos)
-        cache.length = length
-        cache.has_padding = bool((~cache.valid[:, :length]).any())
-        self._slots, self._cache = list(rows), cache
-        self._logits = torch.cat(logits) if len(logits) > 1 else logits[0]
-        self._next_pos = torch.cat(positions) if len(positions) > 1 else positions[0]
+            done += len(part_rows)
+        set_filled(cache, length)
+        self._install(cache, rows, torch.cat([part[4] for part in parts]), torch.cat([part[5] for part in parts]))
 
-    def _rebuild_fast(self, old_rows, keep, new_rows, new_cache, new_index, new_logits, new_pos, first: int,
-                      span: int, fresh: int, length: int, capacity: int) -> None:
-        """`_rebuild` for the fused decode step: the same row layout in a new batch of slots, one per row.
+    def _new_cache(self, rows: int, capacity: int):
+        """An empty cache for `rows` rows: the model's `KVCache`, or a fused decoder's batch of slots.
 
         The compiled step's batch and attended length are dynamic, so the batch follows the rows (a lone
         row gets a dead partner slot: batch 1 would be a graph of its own) and the capacity, a multiple of
         `FAST_CAPACITY_STEP`, is only memory.
         """
-        from ..decode import capacity_bucket
+        if self.decoder == "model":
+            return KVCache(self.model.config, rows, capacity, device=self.device, dtype=self.dtype)
+        return FastDecoder(self.model, max(2, rows), capacity_bucket(capacity, self.max_cache_len, FAST_CAPACITY_STEP),
+                           compile=self.decoder == "compiled", dynamic_batch=True)
 
-        rows = [r for r in old_rows if r is not None] + list(new_rows)
-        slots = max(2, len(rows))
-        capacity = capacity_bucket(capacity, self.max_cache_len, FAST_CAPACITY_STEP)
-        old = self._cache
-        dec = FastDecoder(self.model, slots, capacity, compile=self.decoder == "compiled", dynamic_batch=True)
-        dec.valid.fill_(True)
-        logits = torch.zeros(slots, self._logits_width(new_logits), device=self.device,
-                             dtype=new_logits.dtype if new_logits is not None else self._logits.dtype)
-        n = len(keep)
-        if keep:
-            index = torch.tensor(keep, dtype=torch.long, device=self.device)
-            lo = length - span
-            for layer in range(len(dec.keys)):
-                dec.keys[layer][:n, :, lo:length] = old.keys[layer][index, :, first:old.length]
-                dec.values[layer][:n, :, lo:length] = old.values[layer][index, :, first:old.length]
-            dec.valid[:n, :lo] = False
-            dec.valid[:n, lo:length] = old.valid[index, first:old.length]
-            for row in old_rows:
-                row.start += lo - first
-            logits[:n] = self._logits[index]
-            dec.pos[:n] = self._next_pos[index]
-        if new_rows:
-            m, lo = len(new_rows), length - fresh
-            for layer in range(len(dec.keys)):
-                dec.keys[layer][n:n + m, :, lo:length] = new_cache.keys[layer, new_index, :, :fresh]
-                dec.values[layer][n:n + m, :, lo:length] = new_cache.values[layer, new_index, :, :fresh]
-            dec.valid[n:n + m, :lo] = False
-            dec.valid[n:n + m, lo:length] = new_cache.valid[new_index, :fresh]
-            for row in new_rows:
-                row.start += lo
-            logits[n:n + m] = new_logits
-            dec.pos[n:n + m] = new_pos
-        dec.col.fill_(length)
-        dec.length = length
-        self._slots = rows + [None] * (slots - len(rows))
-        self._cache, self._logits, self._next_pos = dec, logits, dec.pos
-
-    def _logits_width(self, new_logits) -> int:
-        return (new_logits if new_logits is not None else self._logits).shape[-1]
+    def _install(self, cache, rows: list[_Row], logits: torch.Tensor, positions: torch.Tensor) -> None:
+        """Make `cache` the running one, its first slots holding `rows` (a fused decoder's extra slot is dead)."""
+        if isinstance(cache, KVCache):
+            self._slots, self._cache, self._logits, self._next_pos = list(rows), cache, logits, positions
+            return
+        self._slots = rows + [None] * (cache.batch - len(rows))
+        self._logits = logits.new_zeros(cache.batch, logits.shape[-1])
+        self._logits[:len(rows)] = logits
+        cache.pos[:len(rows)] = positions
+        self._cache, self._next_pos = cache, cache.pos  # the decoder advances its own positions

@@ -20,13 +20,26 @@ from typing import Any
 
 from ..errors import UserError
 from ..inference_options import LIBRARY_DECODER
-from .engine import EngineStopped, QueueFull, RowEvent, RowRequest, Sink, Ticket, check_rows
+from .engine import Cancellable, EngineStopped, QueueFull, RowEvent, RowRequest, Sink, Ticket, check_rows
 
 log = logging.getLogger("codegen2.serve")
 
 
 def _child_main(conn, checkpoint: str, load_kwargs: dict, engine_kwargs: dict, threads: int) -> None:
     """Load the model, run a BatchEngine, and relay messages until told to stop or the parent goes."""
+    engine = _load_engine(conn, checkpoint, load_kwargs, engine_kwargs, threads)
+    if engine is None:
+        return
+    engine.start()
+    try:
+        _Relay(conn, engine).run()
+    finally:
+        engine.stop()
+        conn.close()
+
+
+def _load_engine(conn, checkpoint: str, load_kwargs: dict, engine_kwargs: dict, threads: int):
+    """The child's BatchEngine, announced to the parent ("ready"), or None after sending the load error."""
     import torch
 
     from ..loading import load_checkpoint
@@ -38,57 +51,64 @@ def _child_main(conn, checkpoint: str, load_kwargs: dict, engine_kwargs: dict, t
         loaded = load_checkpoint(checkpoint, **load_kwargs)
     except Exception as exc:  # report any load failure as one line to the parent
         conn.send(("error", f"{exc}" if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"))
-        return
+        return None
     engine = BatchEngine(loaded.model, loaded.tokenizer, bidirectional_prompt=loaded.prefix_lm, **engine_kwargs)
     conn.send(("ready", {"tokenizer": loaded.tokenizer, "n_ctx": engine.n_ctx, "vocab_size": engine.vocab_size,
                          "source": loaded.source, "compile_seconds": engine.compile_seconds}))
-    send_lock = threading.Lock()
-    tickets: dict[int, Ticket] = {}
+    return engine
 
-    def send(message: tuple) -> None:
-        with send_lock:
-            conn.send(message)
 
-    def sink_for(ticket_id: int, size: int) -> Sink:
+class _Relay:
+    """The child's side of the pipe: messages from the parent go to the engine, events go back up."""
+
+    def __init__(self, conn, engine):
+        self.conn, self.engine = conn, engine
+        self.send_lock = threading.Lock()
+        self.tickets: dict[int, Ticket] = {}
+
+    def send(self, message: tuple) -> None:
+        with self.send_lock:
+            self.conn.send(message)
+
+    def sink_for(self, ticket_id: int, size: int) -> Sink:
         left = [size]
 
         def sink(event: RowEvent) -> None:
-            send(("event", ticket_id, event))
+            self.send(("event", ticket_id, event))
             if event.finish_reason is not None:
                 left[0] -= 1
                 if left[0] == 0:
-                    tickets.pop(ticket_id, None)
+                    self.tickets.pop(ticket_id, None)
         return sink
 
-    engine.start()
-    try:
+    def run(self) -> None:
+        """Serve the parent's messages until it says stop or goes away."""
         while True:
             try:
-                message = conn.recv()
+                message = self.conn.recv()
             except (EOFError, OSError):  # the parent is gone
-                break
+                return
             kind = message[0]
             if kind == "submit":
-                _, ticket_id, rows = message
-                try:
-                    tickets[ticket_id] = engine.submit(rows, sink_for(ticket_id, len(rows)))
-                except (QueueFull, EngineStopped, ValueError) as exc:
-                    for i in range(len(rows)):
-                        send(("event", ticket_id, RowEvent(i, "", "error", 0, error=str(exc))))
+                self.submit(*message[1:])
             elif kind == "cancel":
-                ticket = tickets.pop(message[1], None)
+                ticket = self.tickets.pop(message[1], None)
                 if ticket is not None:
                     ticket.cancel()
             elif kind == "stats":
-                send(("stats", engine.snapshot()))
+                self.send(("stats", self.engine.snapshot()))
             elif kind == "stop":
-                break
-    finally:
-        engine.stop()
-        conn.close()
+                return
+
+    def submit(self, ticket_id: int, rows: list[RowRequest]) -> None:
+        try:
+            self.tickets[ticket_id] = self.engine.submit(rows, self.sink_for(ticket_id, len(rows)))
+        except (QueueFull, EngineStopped, ValueError) as exc:
+            for i in range(len(rows)):
+                self.send(("event", ticket_id, RowEvent(i, "", "error", 0, error=str(exc))))
 
 
-class ProcessEngine:
+class ProcessEngine(Cancellable):
     """A `BatchEngine` running in a spawned child process; same methods the HTTP layer uses."""
 
     def __init__(
@@ -175,16 +195,12 @@ class ProcessEngine:
             self._conn.send(("submit", ticket.id, rows))
         return ticket
 
-    def cancel(self, ticket: Ticket) -> None:
-        with self._lock:
-            if ticket.cancelled:
-                return
-            ticket.cancelled = True
-            entry = self._sinks.pop(ticket.id, None)
-            if entry is None or self._stopped:
-                return
-            self._in_flight -= entry[1]
-            self._conn.send(("cancel", ticket.id))
+    def _forget(self, ticket: Ticket) -> None:
+        entry = self._sinks.pop(ticket.id, None)
+        if entry is None or self._stopped:
+            return
+        self._in_flight -= entry[1]
+        self._conn.send(("cancel", ticket.id))
 
     def snapshot(self, timeout: float = 10.0) -> dict:
         with self._lock:

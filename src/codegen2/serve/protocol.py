@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..infill import Sentinels, infill_prompt, infill_stop_ids
 from ..request_checks import RequestError, check_context, check_infill, check_prompt, check_sampling, check_stops
 from .engine import RowRequest
 
@@ -168,10 +169,9 @@ def _plan_request(req: CompletionRequest, tokenizer, n_ctx: int, vocab_size: int
         for text in texts:
             check_infill(text, req.suffix)
         suffix_ids = tokenizer.encode(req.suffix)
-        mask = tokenizer.mask_id(1)
-        # docs/design.md §2: prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>, the middle ends at <eom>.
-        ids_list = [ids + [mask] + suffix_ids + [tokenizer.eot_id, tokenizer.sep_id, mask] for ids in ids_list]
-        stop_ids: tuple[int, ...] = (tokenizer.eom_id, tokenizer.eot_id)
+        sentinels = Sentinels.of(tokenizer)
+        ids_list = [infill_prompt(sentinels, ids, suffix_ids) for ids in ids_list]
+        stop_ids: tuple[int, ...] = infill_stop_ids(sentinels)
     else:
         for i, ids in enumerate(ids_list):
             check_prompt(ids, "prompt" if len(ids_list) == 1 else f"prompt[{i}]")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from ..generation.core import first_stop
+
 REPLACEMENT = "\ufffd"
 
 
@@ -53,13 +55,3 @@ class IncrementalText:
         delta = self.text[self.sent:end]
         self.sent = end
         return delta
-
-
-def first_stop(text: str, stops: Sequence[str], start: int = 0) -> int:
-    """Index of the earliest occurrence of any stop string at or after `start`, or -1."""
-    cut = -1
-    for stop in stops:
-        at = text.find(stop, start)
-        if at != -1 and (cut == -1 or at < cut):
-            cut = at
-    return cut

@@ -22,8 +22,9 @@ import time
 import torch
 from torch import nn
 
-from .models import architecture
-from .models.common import KVCache
+from ..models import architecture
+from ..models.common import KVCache
+from .core import copy_rows, set_filled
 
 log = logging.getLogger("codegen2")
 
@@ -162,14 +163,10 @@ class FastDecoder:
         length = cache.length
         if length >= self.capacity:
             raise ValueError(f"prefill of {length} positions leaves no room in a capacity of {self.capacity}")
-        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
-            k[:, :, :length] = cache.keys[layer, :, :, :length]
-            v[:, :, :length] = cache.values[layer, :, :, :length]
-        self.valid[:, :length] = cache.valid[:, :length]
+        copy_rows(self, slice(None), cache, slice(None), 0, length)
         self.valid[:, length:] = True
-        self.col.fill_(length)
+        set_filled(self, length)
         self.pos.copy_(next_pos)
-        self.length = length
 
     def _attended(self, first: int, steps: int = 1) -> tuple[torch.Tensor, list, list, torch.Tensor]:
         """Column of this step and views of the columns attended: from `first` (rounded down to a block) to
