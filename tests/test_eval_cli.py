@@ -128,7 +128,7 @@ def test_truncate_at_stop():
 
 
 def test_samplers_drive_the_real_model():
-    """The adapters call codegen2.sampling with the task's prompt (and suffix); outputs equal direct calls."""
+    """The adapters call generation.sampling with the task's prompt (and suffix); outputs equal direct calls."""
     from codegen2.generation.sampling import SamplingParams, generate, infill
 
     loaded = tiny_loaded()

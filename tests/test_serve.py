@@ -1,6 +1,6 @@
 """The OpenAI-compatible server, driven by the official `openai` client and raw HTTP.
 
-References: `sampling.generate_ids` / `codegen2 infill` run on the same checkpoint (what a request must
+References: `generation.sampling.generate_ids` / `codegen2 infill` run on the same checkpoint (what a request must
 reproduce with the same seed), `tokenizer.decode` of the whole sequence (what streamed text must add
 up to), and the OpenAI error shape. The model is a tiny random CodeGen, so texts are gibberish but
 exactly reproducible.
