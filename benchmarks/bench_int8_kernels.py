@@ -20,8 +20,8 @@ import time
 
 import torch
 
+from codegen2.int8 import int8_dynamic_linear, int8_linear
 from codegen2.kernels import int8 as native
-from codegen2.quantize import int8_dynamic_linear, int8_linear
 from common import machine_line, parse_threads
 
 SHAPES = {  # (in, out) of each matmul weight, in decode order

@@ -35,7 +35,7 @@ INT8_1B_TARGET_GB = 1.4  # issue 13: loading a 1B-shaped checkpoint as int8 peak
 
 CHILD = r"""
 import json, sys, torch
-from codegen2.hf import from_pretrained
+from codegen2 import from_pretrained
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -44,10 +44,10 @@ from codegen2.checkpoint import (
     WEIGHTS,
     latest_checkpoint,
     list_checkpoints,
-    load_weights,
     read_meta,
 )
 from codegen2.config import Config, SourceConfig, dump_toml, load_config
+from codegen2.safetensors_io import read_file
 
 DONE_MARKER = "reference-complete"
 CORPUS_FILES = ["textwrap.py", "glob.py", "fnmatch.py", "shlex.py", "bisect.py", "heapq.py", "colorsys.py",
@@ -366,8 +366,8 @@ def read_log(run_dir: Path) -> list[dict]:
 def compare_runs(reference: Path, candidate: Path) -> list[str]:
     """Differences between two finished runs (empty when identical): weights bit for bit, and the log."""
     problems = []
-    a = load_weights(latest_checkpoint(reference) / WEIGHTS)
-    b = load_weights(latest_checkpoint(candidate) / WEIGHTS)
+    a = read_file(latest_checkpoint(reference) / WEIGHTS)
+    b = read_file(latest_checkpoint(candidate) / WEIGHTS)
     if a.keys() != b.keys():
         problems.append(f"weight names differ: {sorted(a.keys() ^ b.keys())}")
     for name in sorted(a.keys() & b.keys()):

@@ -28,14 +28,14 @@ def test_registry_builds_the_configured_architecture():
 
 def test_unknown_architecture_is_a_config_error():
     with pytest.raises(ConfigError, match="model.arch='mamba' must be one of codegen"):
-        ModelConfig(**TINY, arch="mamba").validate()
+        architecture(ModelConfig(**TINY, arch="mamba"))
 
 
 def test_codegen_refuses_llama_only_settings():
     with pytest.raises(ConfigError, match="n_kv_head"):
-        ModelConfig(**TINY, n_kv_head=2).validate()
+        architecture(ModelConfig(**TINY, n_kv_head=2))
     with pytest.raises(ConfigError, match="tie_word_embeddings"):
-        ModelConfig(**TINY, tie_word_embeddings=True).validate()
+        architecture(ModelConfig(**TINY, tie_word_embeddings=True))
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))

@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from codegen2 import checkpoint as ckpt
+from codegen2 import fsutil
 from codegen2.config import ModelConfig
 from codegen2.distributed import init_streaming
 from codegen2.errors import UserError
 from codegen2.models.codegen.model import CodeGenModel
+from codegen2.safetensors_io import read_file
 from codegen2.train import resume_batching
 
 
@@ -57,7 +59,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
         child.send_signal(signal.SIGKILL)
         child.wait()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001"]
-    weights = ckpt.load_weights(ckpt.latest_checkpoint(tmp_path) / ckpt.WEIGHTS)
+    weights = read_file(ckpt.latest_checkpoint(tmp_path) / ckpt.WEIGHTS)
     assert all(torch.equal(weights[k], v) for k, v in small_state(1).items())
     ckpt.remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
@@ -88,6 +90,38 @@ def test_prune_keeps_the_newest_k_and_nothing_half_deleted(tmp_path):
     assert sorted(p.name for p in (tmp_path / ckpt.CHECKPOINTS).iterdir()) == ["step_00000008", "step_00000010"]
     ckpt.prune_checkpoints(tmp_path, 0)  # 0 keeps everything
     assert len(ckpt.list_checkpoints(tmp_path)) == 2
+
+
+def test_an_atomic_write_that_fails_keeps_the_old_file_and_leaves_no_staging_file(tmp_path):
+    target = tmp_path / "config.toml"
+    fsutil.atomic_write_text(target, "old\n")
+    with pytest.raises(RuntimeError), fsutil.atomic_file(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["config.toml"]
+    fsutil.atomic_write_text(target, "new\n")
+    assert target.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["config.toml"]
+
+
+def test_every_reader_names_the_file_and_the_tensor_it_lacks(tmp_path, small_tokenizer):
+    """Run checkpoints, HF directories and resumes share one reader and one set of checks."""
+    from safetensors.torch import load_file, save_file
+
+    from codegen2.hf import export_hf
+    from codegen2.loading import load_checkpoint
+    from conftest import make_random_run
+
+    run = make_random_run(tmp_path / "run", small_tokenizer, 64)
+    export_hf(run, tmp_path / "hf")
+    for directory in (run, tmp_path / "hf"):
+        weights = (ckpt.latest_checkpoint(run) if directory == run else directory) / ckpt.WEIGHTS
+        state = load_file(weights)
+        del state["lm_head.bias"]
+        save_file(state, weights, metadata={"format": "pt"})
+        for dtype in (None, "bfloat16"):
+            with pytest.raises(UserError, match=r"the weights lack 1 tensor\(s\) .*lm_head\.bias \[512\]") as info:
+                load_checkpoint(directory, dtype=dtype)
+            assert str(directory) in str(info.value) and "\n" not in str(info.value)
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

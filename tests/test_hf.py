@@ -18,13 +18,14 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
+from codegen2 import from_pretrained
 from codegen2.checkpoint import WEIGHTS, list_checkpoints, write_checkpoint
 from codegen2.config import Config, ModelConfig, load_config, save_config
 from codegen2.errors import UserError
-from codegen2.hf import detect_mp_num, export_hf, from_pretrained, import_hf, is_hf_directory, load_hf_config, register
-from codegen2.hf.weights import release_mapped_pages
+from codegen2.hf import detect_mp_num, export_hf, import_hf, is_hf_directory, load_hf_config, register
 from codegen2.models.codegen.hf import regroup_qkv, regroup_state_dict
 from codegen2.models.codegen.model import CodeGenModel
+from codegen2.safetensors_io import release_mapped_pages
 from codegen2.tokenizer import train_tokenizer
 
 VOCAB = 512

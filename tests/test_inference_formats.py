@@ -21,10 +21,11 @@ from codegen2.config import Config, ModelConfig, TokenizerConfig, TrainConfig, s
 from codegen2.errors import UserError
 from codegen2.generation.decoder import FastDecoder, capacity_bucket
 from codegen2.generation.sampling import SamplingParams, generate_ids
+from codegen2.int8 import Int8Linear, int8_format, is_quantized
 from codegen2.loading import load_checkpoint
 from codegen2.models.codegen.model import CodeGenModel
 from codegen2.models.common import KVCache
-from codegen2.quantize import Int8Linear, int8_format, is_quantized, read_manifest
+from codegen2.quantize import read_manifest
 from conftest import CharTokenizer, naive_greedy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (fixture in conftest.py)
@@ -183,11 +184,11 @@ def test_unknown_dtype_flags_are_one_line_errors(run, capsys, flag):
 
 
 def test_int8_on_a_device_without_the_kernel_is_a_clear_error(monkeypatch):
-    from codegen2 import quantize
+    from codegen2 import int8
 
     def no_kernel(*args, **kwargs):
         raise NotImplementedError("Could not run 'aten::_weight_int8pack_mm' with arguments from the 'Meta' backend")
 
-    monkeypatch.setattr(quantize, "int8_linear", no_kernel)
+    monkeypatch.setattr(int8, "int8_linear", no_kernel)
     with pytest.raises(UserError, match="no int8 weight-only matmul kernel on meta"):
-        quantize.check_int8_kernel("meta")
+        int8.check_int8_kernel("meta")

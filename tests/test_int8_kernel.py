@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from codegen2.errors import UserError
+from codegen2.int8 import int8_dynamic_linear, int8_linear, quantize_rows
 from codegen2.kernels import build, int8
-from codegen2.quantize import int8_dynamic_linear, int8_linear, quantize_rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (fixture in conftest.py)
 

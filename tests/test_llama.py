@@ -16,11 +16,12 @@ from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
 
+from codegen2 import from_pretrained
 from codegen2.checkpoint import WEIGHTS, list_checkpoints, write_checkpoint
 from codegen2.config import Config, ConfigError, ModelConfig, load_config, preset_dict, save_config
 from codegen2.errors import UserError
 from codegen2.generation.decoder import FastDecoder
-from codegen2.hf import export_hf, from_pretrained, register
+from codegen2.hf import export_hf, register
 from codegen2.models import architecture, build_model
 from codegen2.models.common import KVCache
 from codegen2.tokenizer import train_tokenizer
@@ -123,11 +124,11 @@ def test_llama_tiny_preset_matches_tiny_in_size():
 
 def test_llama_config_checks():
     with pytest.raises(ConfigError, match="rotary_dim=32: LLaMA rotates whole heads"):
-        ModelConfig(arch="llama", n_embd=128, n_head=2, rotary_dim=32).validate()
+        architecture(ModelConfig(arch="llama", n_embd=128, n_head=2, rotary_dim=32))
     with pytest.raises(ConfigError, match="must divide model.n_head"):
         ModelConfig(arch="llama", n_embd=120, n_head=6, n_kv_head=4, rotary_dim=20).validate()
     with pytest.raises(ConfigError, match="model.arch='gpt9' must be one of"):
-        ModelConfig(arch="gpt9").validate()
+        architecture(ModelConfig(arch="gpt9"))
 
 
 # ------------------------------------------------------------------------------------ export / import
@@ -245,7 +246,7 @@ def test_compiled_decode_step_gives_transformers_greedy_tokens(tmp_path):
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_int8_and_bf16_weights_decode_as_their_own_forward(tied):
     """`quantize` swaps every Linear / Embedding: llama's forward and fused step both run the swapped weights."""
-    from codegen2.quantize import Int8Linear, is_quantized, quantize_model
+    from codegen2.int8 import Int8Linear, is_quantized, quantize_model
 
     cfg = ModelConfig(arch="llama", vocab_size=300, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, rotary_dim=16,
                       n_inner=96, n_ctx=64, tie_word_embeddings=tied)

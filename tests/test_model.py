@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from codegen2.config import ModelConfig, config_from_dict, preset_dict
-from codegen2.models import build_model
+from codegen2.models import architecture, build_model
 from codegen2.models.codegen.model import CodeGenModel, count_parameters
 from codegen2.models.common import KVCache
 
@@ -105,7 +105,7 @@ def test_bad_shapes_are_rejected():
     from codegen2.config import ConfigError
 
     with pytest.raises(ConfigError, match="mp_num"):
-        ModelConfig(n_embd=96, n_head=6, mp_num=4, rotary_dim=8).validate()
+        architecture(ModelConfig(n_embd=96, n_head=6, mp_num=4, rotary_dim=8))
 
 
 @ARCHS

@@ -10,8 +10,7 @@ from torch import nn
 
 from codegen2.config import ModelConfig
 from codegen2.errors import UserError
-from codegen2.models.codegen.model import CodeGenModel
-from codegen2.quantize import (
+from codegen2.int8 import (
     DynamicInt8Weight,
     Int8Embedding,
     Int8Linear,
@@ -22,14 +21,13 @@ from codegen2.quantize import (
     int8_linear,
     is_quantized,
     linear_weight,
-    load_quantized_into,
     mm,
     parse_dtype,
     quantize_model,
     quantize_rows,
-    read_manifest,
-    save_quantized,
 )
+from codegen2.models.codegen.model import CodeGenModel
+from codegen2.quantize import load_quantized_into, read_manifest, save_quantized
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (fixture in conftest.py)
 
@@ -133,10 +131,10 @@ def test_int8_dynamic_refuses_a_saturating_kernel(monkeypatch, kernel, int8_kern
         real = torch._int_mm
         monkeypatch.setattr(torch, "_int_mm", lambda a, b: real(a, b).clamp(-32768, 32767))
     else:
-        import codegen2.quantize as quantize
+        import codegen2.int8 as int8
 
-        real = quantize.int8_matmul
-        monkeypatch.setattr(quantize, "int8_matmul", lambda *args, **kw: real(*args, **kw).clamp(-32768, 32767))
+        real = int8.int8_matmul
+        monkeypatch.setattr(int8, "int8_matmul", lambda *args, **kw: real(*args, **kw).clamp(-32768, 32767))
     with pytest.raises(UserError, match="int8-dynamic: .*not exact.*--dtype int8"):
         check_int8_kernel("cpu", dynamic=True)
     check_int8_kernel("cpu")  # the weight-only kernel does not use it

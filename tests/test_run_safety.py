@@ -20,6 +20,7 @@ from codegen2 import checkpoint as ckpt
 from codegen2 import cli
 from codegen2.config import ConfigError, dump_toml, load_config
 from codegen2.errors import UserError
+from codegen2.safetensors_io import read_file
 from codegen2.tokenizer import CodeGenTokenizer
 from codegen2.train import train
 
@@ -246,7 +247,7 @@ def test_resume_takes_data_for_an_imported_run_but_not_for_a_trained_one(finishe
     imported.mkdir()
     for name in ("config.toml", "tokenizer.json"):
         (imported / name).write_bytes((run / name).read_bytes())
-    weights = ckpt.load_weights(run / "checkpoints" / "step_00000004" / ckpt.WEIGHTS)
+    weights = read_file(run / "checkpoints" / "step_00000004" / ckpt.WEIGHTS)
     ckpt.write_checkpoint(imported, 0, weights, {"tokens_seen": 0, "imported_from": "somewhere"})
     seen = {}
     monkeypatch.setattr("codegen2.train.train", _fake_train(seen))

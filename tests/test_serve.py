@@ -26,8 +26,8 @@ from codegen2 import cli
 from codegen2.generation.decoder import FastDecoder
 from codegen2.generation.sampling import SamplingParams, generate_ids
 from codegen2.infill import Sentinels, infill_prompt
+from codegen2.int8 import int8_format
 from codegen2.loading import load_checkpoint
-from codegen2.quantize import int8_format
 from codegen2.serve.app import create_app
 from codegen2.serve.engine import BatchEngine, QueueFull, RowRequest
 from codegen2.serve.text import IncrementalText

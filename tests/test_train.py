@@ -8,7 +8,8 @@ import sys
 
 import torch
 
-from codegen2.checkpoint import WEIGHTS, latest_checkpoint, list_checkpoints, load_weights
+from codegen2.checkpoint import WEIGHTS, latest_checkpoint, list_checkpoints
+from codegen2.safetensors_io import read_file
 from codegen2.train import lr_at, train
 
 
@@ -37,8 +38,8 @@ def test_resume_after_interruption_is_bitwise_identical(tiny_config, tmp_path):
     # Lose everything written after the last checkpoint, as a kill would.
     resumed = train(config, tmp_path / "b", resume=True)
     assert resumed.final_step == straight.final_step == 6
-    a = load_weights(latest_checkpoint(tmp_path / "a") / WEIGHTS)
-    b = load_weights(latest_checkpoint(tmp_path / "b") / WEIGHTS)
+    a = read_file(latest_checkpoint(tmp_path / "a") / WEIGHTS)
+    b = read_file(latest_checkpoint(tmp_path / "b") / WEIGHTS)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
@@ -95,8 +96,8 @@ def test_eval_every_logs_heldout_loss_without_changing_training(tiny_config, tmp
     evaluated = [r["step"] for r in records if "eval_code_loss" in r]
     assert evaluated == [4, 6]  # every 4 steps and at the end
     assert [r["step"] for r in records if "loss" in r] == [1, 3, 6]
-    a = load_weights(latest_checkpoint(tmp_path / "probed") / WEIGHTS)
-    b = load_weights(latest_checkpoint(tmp_path / "plain") / WEIGHTS)
+    a = read_file(latest_checkpoint(tmp_path / "probed") / WEIGHTS)
+    b = read_file(latest_checkpoint(tmp_path / "plain") / WEIGHTS)
     assert all(torch.equal(a[k], b[k]) for k in a)  # evaluating never changes what training does
 
     loaded = load_checkpoint(tmp_path / "probed")

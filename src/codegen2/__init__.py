@@ -3,10 +3,18 @@
 __version__ = "0.1.0"
 
 
-def from_pretrained(path, mp_num=None, device="cpu", dtype=None):
-    """Load a Hugging Face directory (or one written by `codegen2 quantize`); the tokenizer is attached as
-    `model.tokenizer` (see codegen2.hf). `dtype`: None (as stored), "float32", "bfloat16" or "int8"
-    (weight-only, quantized while the weights stream in; docs/inference.md), or a torch dtype."""
-    from .hf import from_pretrained as _from_pretrained
+def from_pretrained(path, mp_num=None, device="cpu", dtype=None, load_tokenizer=True):
+    """Load a Hugging Face directory, one written by `codegen2 quantize`, or a codegen2 run directory (its
+    newest checkpoint); the tokenizer is attached as `model.tokenizer`. `dtype`: None (as stored), "float32",
+    "bfloat16" or "int8" (weight-only, quantized while the weights stream in; docs/inference.md), or a torch
+    dtype. A thin front over `codegen2.loading.load_checkpoint`, which also says the step, format and
+    prefix-LM flag."""
+    from .int8 import parse_dtype
+    from .loading import load_checkpoint
 
-    return _from_pretrained(path, mp_num=mp_num, device=device, dtype=dtype)
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype, "dtype")
+    loaded = load_checkpoint(path, device=device, dtype=dtype, mp_num=mp_num, load_tokenizer=load_tokenizer,
+                             decode_layout=False)
+    loaded.model.tokenizer = loaded.tokenizer
+    return loaded.model

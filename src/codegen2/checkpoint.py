@@ -14,10 +14,12 @@ Layout of a run directory:
                                               state when there is no `sharded/` (absent for imported weights)
         meta.json                             step, tokens seen, data position, world size, batch layout
 
-A checkpoint is first written to `step_XXXXXXXX.tmp-<token>` (every rank of an FSDP run writes its shard
-there), every file is fsynced, then the directory is renamed into place and the parent directory fsynced.
-A directory whose name contains `.tmp-` is never a checkpoint; leftovers are cleaned up at the next start.
-Pruning renames a checkpoint to a `.tmp-` name before deleting it, so a half-deleted one is never read.
+A checkpoint is first written to a staging directory `step_XXXXXXXX.tmp-<token>` (every rank of an FSDP run
+writes its shard there), then committed with `fsutil.commit_directory`: every file fsynced, the directory
+renamed into place, the parent fsynced. A staging name is never a checkpoint; leftovers are cleaned up at the
+next start. Pruning renames a checkpoint to a staging name before deleting it, so a half-deleted one is never
+read. The sharded (DCP) format is written and read here too (`save_sharded`, `load_sharded`,
+`consolidate_sharded`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import sys
 import time
 import warnings
@@ -36,18 +37,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from torch import nn
 
-from .distributed import (
-    DistEnv,
-    barrier,
-    broadcast_object,
-    full_state,
-    gather_objects,
-    load_full_state,
-    load_sharded,
-    save_sharded,
-)
+from . import fsutil, safetensors_io
+from .distributed import DistEnv, barrier, broadcast_object, full_state, gather_objects, load_full_state
 from .errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -78,75 +71,12 @@ def save_pause() -> None:
         time.sleep(seconds)
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or directory so a rename that follows is durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and directory under `root` (children before parents)."""
-    for directory, _, files in os.walk(root, topdown=False):
-        for name in files:
-            fsync_path(Path(directory) / name)
-        fsync_path(Path(directory))
-
-
-def staging_path(final: Path, token: str) -> Path:
-    return final.parent / f"{final.name}.tmp-{token}"
-
-
-def commit_directory(tmp: Path, final: Path) -> None:
-    """Make the fully written `tmp` durable and atomically visible as `final`."""
-    fsync_tree(tmp)
-    if final.exists():
-        # Only reachable when re-saving an existing step; the old copy stays restorable until the swap is done
-        # (remove_stale_temporaries puts it back if we die in between).
-        trash = final.parent / f"{final.name}.tmp-old-{os.getpid()}"
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    fsync_path(final.parent)
-
-
-@contextlib.contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory; on success fsync its files and rename it to `final`."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_path(final, str(os.getpid()))
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        commit_directory(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and ".tmp-" not in p.name
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and not fsutil.is_staging(p)
              and (p / WEIGHTS).is_file() and (p / META).is_file()]
     return sorted(found, key=checkpoint_step)
 
@@ -156,19 +86,23 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def select_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
+    """The checkpoint of `step` (None: the newest); a UserError listing the steps there are otherwise."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise UserError(f"{run_dir}: no complete checkpoint yet ({CHECKPOINTS}/step_*/{WEIGHTS})")
+    if step is None:
+        return found[-1]
+    for path in found:
+        if checkpoint_step(path) == step:
+            return path
+    raise UserError(f"{run_dir}: no checkpoint for step {step} (available: "
+                    f"{', '.join(str(checkpoint_step(p)) for p in found)})")
+
+
 def remove_stale_temporaries(run_dir: str | Path) -> None:
     """Delete what an interrupted save or prune left behind; restore a checkpoint caught mid-swap."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return
-    for p in sorted(root.iterdir()):
-        if ".tmp-old-" in p.name:
-            final = root / p.name.split(".tmp-")[0]
-            if not final.exists():
-                os.rename(p, final)
-                continue
-        if ".tmp-" in p.name:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    fsutil.remove_stale_temporaries(Path(run_dir) / CHECKPOINTS)
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int, run_id: str | None = None,
@@ -188,9 +122,7 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int, run_id: str | None = 
         except (OSError, ValueError):  # unreadable meta: not provably ours, so left alone
             continue
     for old in own[:-keep_last]:
-        doomed = staging_path(old, f"prune-{os.getpid()}")
-        os.rename(old, doomed)  # invisible at once, so a kill mid-delete never leaves a partial checkpoint
-        shutil.rmtree(doomed, ignore_errors=True)
+        fsutil.remove_atomically(old, "prune")  # invisible at once: a kill mid-delete leaves no partial checkpoint
 
 
 # ------------------------------------------------------------------------- run directories
@@ -240,37 +172,10 @@ def check_run_directory(run_dir: str | Path, resume: bool, overwrite: bool) -> s
 def clear_run_directory(run_dir: str | Path) -> None:
     """Remove a previous run's files (`RUN_FILES`) from `run_dir`, leaving anything else there alone."""
     for name in RUN_FILES:
-        path = Path(run_dir) / name
-        if path.is_dir():
-            doomed = staging_path(path, f"overwrite-{os.getpid()}")
-            os.rename(path, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-        elif path.exists():
-            path.unlink()
+        fsutil.remove_atomically(Path(run_dir) / name, "overwrite")
 
 
 # ------------------------------------------------------------------------- integrity
-def _safetensors_problem(path: Path) -> str | None:
-    """Why a safetensors file cannot be read whole (header or size), without loading its tensors."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                return "truncated (no header)"
-            header_len = int.from_bytes(head, "little")
-            if header_len > size - 8:
-                return "truncated (header cut short)"
-            header = json.loads(handle.read(header_len))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        return f"unreadable header ({type(exc).__name__})"
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    expected = 8 + header_len + max(ends, default=0)
-    if size < expected:
-        return f"truncated ({size:,} of {expected:,} bytes)"
-    return None
-
-
 def checkpoint_problem(path: Path, need_trainer_state: bool = False) -> str | None:
     """Why checkpoint `path` cannot be used ("FILE: what is wrong"), or None when its files look whole."""
     path = Path(path)
@@ -281,7 +186,7 @@ def checkpoint_problem(path: Path, need_trainer_state: bool = False) -> str | No
     except (OSError, ValueError) as exc:
         return f"{path / META}: unreadable ({type(exc).__name__}: {exc})"
     if not (path / SHARDED).is_dir():
-        problem = _safetensors_problem(path / WEIGHTS)
+        problem = safetensors_io.file_problem(path / WEIGHTS)
         if problem:
             return f"{path / WEIGHTS}: {problem}"
     trainer = path / TRAINER_STATE
@@ -300,37 +205,9 @@ def checkpoint_problem(path: Path, need_trainer_state: bool = False) -> str | No
     return None
 
 
-def _umask() -> int:
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """safetensors' save_file, with the file mode every other file gets (it creates files 0600)."""
-    save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~_umask())
-
-
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    write_safetensors(tensors, path, metadata={"format": "pt", "producer": "codegen2"})
-
-
-def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; a truncated or corrupt file is a UserError naming it."""
-    problem = _safetensors_problem(Path(path))
-    if problem:
-        raise UserError(f"{path}: {problem}; the file is damaged (an earlier checkpoint may be intact)")
-    try:
-        return load_file(str(path), device=str(device))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-        raise UserError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+    safetensors_io.write_file(tensors, path, metadata={"format": "pt", "producer": "codegen2"})
 
 
 def read_meta(checkpoint_dir: Path) -> dict[str, Any]:
@@ -358,9 +235,44 @@ def write_checkpoint(
 ) -> Path:
     """Write one complete checkpoint atomically and return its directory."""
     final = Path(run_dir) / CHECKPOINTS / checkpoint_name(step)
-    with atomic_directory(final) as tmp:
+    with fsutil.atomic_directory(final) as tmp:
         write_files(tmp, step, model_state, meta, trainer_state)
     return final
+
+
+# ------------------------------------------------------------------------- the sharded (DCP) format
+def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its own shards of the model and optimizer with DCP (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({MODEL_KEY: model_state, OPTIM_KEY: optim_state}, checkpoint_id=str(directory))
+
+
+def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a DCP checkpoint into this model's current layout; DCP reads whichever saved shards overlap ours."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    if optimizer is None:
+        model_state = get_model_state_dict(model)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({MODEL_KEY: model_state}, checkpoint_id=str(directory))
+        set_model_state_dict(model, model_state)
+        return
+    model_state, optim_state = get_state_dict(model, optimizer)  # creates empty optimizer state to fill
+    state = {MODEL_KEY: model_state, OPTIM_KEY: optim_state}
+    with warnings.catch_warnings():  # one process reading a multi-rank checkpoint is intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(model, optimizer, model_state_dict=state[MODEL_KEY], optim_state_dict=state[OPTIM_KEY])
 
 
 def consolidate_sharded(sharded_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -408,7 +320,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, env: 
     the model into one safetensors file. Otherwise rank 0 writes the gathered full state.
     """
     final = run_dir / CHECKPOINTS / checkpoint_name(step)
-    staging = staging_path(final, str(broadcast_object(os.getpid(), env)))
+    staging = fsutil.staging_path(final, str(broadcast_object(os.getpid(), env)))
     if env.is_main:
         staging.mkdir(parents=True)
     barrier(env)
@@ -427,8 +339,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, env: 
         if not sharded:
             trainer_state["optimizer"] = optim_state
         write_files(staging, step, model_state, {**meta, "format": "sharded" if sharded else "full"},
-                         trainer_state)
-        commit_directory(staging, final)
+                    trainer_state)
+        fsutil.commit_directory(staging, final)
         prune_checkpoints(run_dir, keep_last, run_id=meta.get("run_id"), before_step=step)
     barrier(env)
 
@@ -458,11 +370,9 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv) ->
     if (path / SHARDED).is_dir():
         load_sharded(path / SHARDED, model, optimizer if trainer else None)
     else:
-        state = load_weights(path / WEIGHTS)
-        try:
-            load_full_state(model, optimizer, state, trainer.get("optimizer") if trainer else None)
-        except UserError as exc:
-            raise UserError(f"{path / WEIGHTS}: {exc}") from None
+        state = safetensors_io.read_file(path / WEIGHTS)
+        optim_state = trainer.get("optimizer") if trainer else None
+        load_full_state(model, optimizer, state, optim_state, where=str(path / WEIGHTS))
     if trainer:
         scheduler.load_state_dict(trainer["scheduler"])
         rngs = trainer["rng"]

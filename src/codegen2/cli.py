@@ -126,7 +126,7 @@ def _load(args):
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .quantize import write_quantized_checkpoint
+    from .loading import write_quantized_checkpoint
 
     out = write_quantized_checkpoint(args.checkpoint, args.out, mp_num=args.mp_num)
     size = sum(f.stat().st_size for f in Path(out).iterdir())

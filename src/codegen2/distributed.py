@@ -1,11 +1,8 @@
 """torchrun integration: process groups, DDP / FSDP2 wrapping, meta-device initialisation, and state exchange.
 
-Two checkpoint formats meet here:
-- *full* state (model and optimizer unsharded, keyed by parameter name) gathered with
-  `torch.distributed.checkpoint.state_dict`: used by single-process and DDP runs;
-- *sharded* state written by every FSDP rank with `torch.distributed.checkpoint` (DCP): each rank writes
-  only its shards, and DCP reshards on load, so it resumes on any number of ranks and any layout.
-Both load into any layout (none, DDP, FSDP with any rank count).
+The *full* state (model and optimizer unsharded, keyed by parameter name) is gathered and loaded here with
+`torch.distributed.checkpoint.state_dict`, into any layout (none, DDP, FSDP with any rank count). The
+*sharded* (DCP) checkpoint format is written and read by `codegen2.checkpoint`.
 """
 
 from __future__ import annotations
@@ -16,7 +13,6 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,6 +22,7 @@ from torch import nn
 
 from .errors import UserError
 from .models import architecture
+from .safetensors_io import require_all
 
 
 @dataclass
@@ -219,11 +216,11 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tup
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict,
-                    optim_state: dict | None) -> None:
+                    optim_state: dict | None, where: str = "") -> None:
     """Load full state dicts into a (possibly sharded) model and its optimizer on every rank.
 
     torch's full-state-dict loader reports unexpected tensors but silently keeps the initial values of
-    missing ones, so a checkpoint that lacks a tensor is refused here before anything is loaded."""
+    missing ones, so a state that lacks a tensor is refused here (naming `where`) before anything is loaded."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -231,54 +228,12 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, m
         set_state_dict,
     )
 
-    missing = sorted(set(get_model_state_dict(model)) - set(model_state))
-    if missing:
-        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
-        raise UserError(f"the weights to load lack {len(missing)} tensor(s) of this model: "
-                        f"{', '.join(missing[:4])}{more}; they come from another model or a damaged checkpoint")
+    require_all(get_model_state_dict(model), model_state, where)
     options = StateDictOptions(full_state_dict=True, strict=True)
     if optimizer is None or optim_state is None:
         set_model_state_dict(model, model_state, options=options)
     else:
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
-
-
-def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Every rank writes its own shards of the model and optimizer with DCP (a collective)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from .checkpoint import MODEL_KEY, OPTIM_KEY
-
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({MODEL_KEY: model_state, OPTIM_KEY: optim_state}, checkpoint_id=str(directory))
-
-
-def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Load a DCP checkpoint into this model's current layout; DCP reads whichever saved shards overlap ours."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_state_dict,
-        set_model_state_dict,
-        set_state_dict,
-    )
-
-    from .checkpoint import MODEL_KEY, OPTIM_KEY
-
-    if optimizer is None:
-        model_state = get_model_state_dict(model)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({MODEL_KEY: model_state}, checkpoint_id=str(directory))
-        set_model_state_dict(model, model_state)
-        return
-    model_state, optim_state = get_state_dict(model, optimizer)  # creates empty optimizer state to fill
-    state = {MODEL_KEY: model_state, OPTIM_KEY: optim_state}
-    with warnings.catch_warnings():  # one process reading a multi-rank checkpoint is intended here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(directory))
-    set_state_dict(model, optimizer, model_state_dict=state[MODEL_KEY], optim_state_dict=state[OPTIM_KEY])
 
 
 def shutdown(env: DistEnv) -> None:

@@ -1,12 +1,15 @@
 """The inference choices every command shares (sample, infill, eval, serve): weight format and decoder.
 
-Kept free of torch so that building the command-line parser stays fast; `quantize.parse_dtype` checks
+Kept free of torch so that building the command-line parser stays fast; `int8.parse_dtype` checks
 a format and `sampling.generate_ids` runs a decoder.
 """
 
 from __future__ import annotations
 
-DTYPES = ("float32", "bfloat16", "int8", "int8-dynamic")
+# The one list of weight-format names; each command accepts a subset (`int8.parse_dtype(name, where, accepted)`).
+DTYPES = ("float32", "bfloat16", "float16", "int8", "int8-dynamic")
+INFERENCE_DTYPES = ("float32", "bfloat16", "int8", "int8-dynamic")  # sample, infill, eval, serve, from_pretrained
+IMPORT_DTYPES = ("float32", "bfloat16", "float16")  # import-hf: what the stored float weights are converted to
 DECODERS = ("model", "fast", "compiled")
 DEFAULT_DECODER = "compiled"  # of the commands, serve included: compiled once per process (and batch), printed
 LIBRARY_DECODER = "fast"  # of `sampling.generate_ids` and friends: no compile unless the caller asks for it
@@ -15,7 +18,7 @@ LIBRARY_DECODER = "fast"  # of `sampling.generate_ids` and friends: no compile u
 def add_dtype_flag(parser, default: str | None = None, extra: str = "") -> None:
     """`--dtype`, checked when the model loads (a clear error names the allowed formats)."""
     parser.add_argument("--dtype", default=default,
-                        help=f"weight format: {', '.join(DTYPES)} (int8: weight-only, one scale per output "
+                        help=f"weight format: {', '.join(INFERENCE_DTYPES)} (int8: weight-only, one scale per output "
                              f"channel, activations in floating point; int8-dynamic: the same weights, activations "
                              f"rounded to int8 per row for int8 x int8 matmuls){extra}; "
                              f"default: {default or 'as stored'}")

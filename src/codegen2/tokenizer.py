@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from codegen2.errors import UserError
+from codegen2.fsutil import atomic_write_text
 
 if TYPE_CHECKING:
     from codegen2.objectives import SpecialIds
@@ -102,8 +103,6 @@ class CodeGenTokenizer:
 
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json plus the two small files transformers' AutoTokenizer needs."""
-        from .checkpoint import atomic_write_text
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         # Atomic: a kill during the first save must not leave a truncated tokenizer for resume to read.

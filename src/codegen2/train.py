@@ -49,6 +49,7 @@ from .distributed import (
     wrap_model,
 )
 from .errors import UserError
+from .fsutil import atomic_write_text
 from .metrics import Throughput, device_peak_flops, flops_per_token, format_duration
 from .models import architecture, build_model
 from .objectives import OBJECTIVE_NAMES
@@ -178,7 +179,7 @@ class RunLog:
                         kept.append(line)
                 except json.JSONDecodeError:  # a line cut short by a kill
                     continue
-            ckpt.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -461,7 +462,7 @@ def _start_run_directory(config: Config, run_dir: Path, resume: bool, overwrite:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temporaries(run_dir)
         if not resume:
-            ckpt.atomic_write_text(run_dir / "config.toml", dump_toml(config))
+            atomic_write_text(run_dir / "config.toml", dump_toml(config))
     barrier(env)
     if not resume:
         return None

@@ -1,27 +1,23 @@
 """Read Hugging Face weight files frugally and check them against the model they are for.
 
 Supported layouts: `model.safetensors`, `pytorch_model.bin`, and either one sharded with its
-`*.index.json`. Tensors are memory-mapped (safetensors' mmap, `torch.load(mmap=True)`), so a tensor
-is paged in from the file once and never copied; with a dtype conversion safetensors reads each
-tensor with pread instead, so only one unconverted tensor exists at a time. Together with a model
-built on the meta device, peak memory stays near one copy of the weights.
+`*.index.json`. safetensors files are read by `codegen2.safetensors_io`, PyTorch ones memory-mapped with
+`torch.load(mmap=True)`, and every tensor goes through `safetensors_io.check_tensors`. Together with a
+model built on the meta device, peak memory stays near one copy of the weights.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
-import mmap
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..errors import UserError
+from ..safetensors_io import TensorSpec, check_tensors, iter_file, tensor_specs
 
 log = logging.getLogger("codegen2")
 
@@ -69,30 +65,9 @@ def iter_tensors(files: list[Path], device: str | torch.device = "cpu",
     """
     for file in files:
         if file.suffix == ".safetensors":
-            yield from _iter_safetensors(file, device, converting)
+            yield from iter_file(file, device, converting, skip=IGNORED_SUFFIXES)
         else:
             yield from _iter_torch_bin(file)
-
-
-def _open_safetensors(file: Path, device: str, converting: bool):
-    """(handle, file_mapped): pread (safetensors >= 0.8) when converting, else zero-copy mmap."""
-    if converting:
-        try:
-            return safe_open(str(file), framework="pt", device=device, backend="pread"), False
-        except TypeError:
-            pass
-    return safe_open(str(file), framework="pt", device=device), device == "cpu"
-
-
-def _iter_safetensors(file: Path, device, converting: bool) -> Iterator[tuple[str, torch.Tensor, Path, bool]]:
-    try:
-        handle, mapped = _open_safetensors(file, str(device), converting)
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise UserError(f"{file}: cannot read safetensors file ({exc})") from None
-    with handle:
-        for name in handle.keys():
-            if not name.endswith(IGNORED_SUFFIXES):
-                yield name, handle.get_tensor(name), file, mapped
 
 
 def _iter_torch_bin(file: Path) -> Iterator[tuple[str, torch.Tensor, Path, bool]]:
@@ -120,83 +95,28 @@ def _iter_torch_bin(file: Path) -> Iterator[tuple[str, torch.Tensor, Path, bool]
             yield name, tensor, file, mapped
 
 
-def release_mapped_pages(tensor: torch.Tensor) -> None:
-    """Let the kernel drop the file pages behind a memory-mapped tensor we have copied and no longer need.
-
-    Without this, a converted (e.g. fp32 -> bf16) checkpoint keeps every source page resident until
-    the whole file is unmapped, which costs a second copy of the weights. Only for private mappings
-    of a file that are never written: dropped pages would simply be read again from the file.
-    Linux only; a no-op elsewhere.
-    """
-    if sys.platform != "linux" or tensor.device.type != "cpu" or _libc() is None:
-        return
-    page = mmap.PAGESIZE
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    first, last = -(-start // page) * page, end // page * page
-    if last > first:
-        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
-
-
-def _libc():
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL(None, use_errno=True)
-            _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        except (OSError, AttributeError):
-            _LIBC = False
-    return _LIBC or None
-
-
-_LIBC = None
-
-
 def read_checked_tensors(
     path: str | Path,
-    expected: dict[str, torch.Size],
+    expected: dict[str, TensorSpec],
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     config_name: str = "config.json",
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream the tensors of a HF directory (or one weights file), each checked against `expected`.
+    """Stream the tensors of a HF directory (or one weights file), each checked against `expected`
+    (`safetensors_io.check_tensors`: unknown, duplicated, mis-shaped or, at the end, missing tensors).
 
     With `dtype` None the checkpoint's own floating dtype is kept (a file mixing dtypes is unified to
-    its first one). Raises UserError for unknown, duplicated, mis-shaped or (at the end) missing tensors.
+    its first one).
     """
     path = Path(path)
     files = [path] if path.is_file() else weight_files(path)
-    seen: set[str] = set()
-    target = dtype
-    for name, source, file, mapped in iter_tensors(files, device, converting=dtype is not None):
-        tensor = source
-        if name not in expected:
-            raise UserError(f"{file}: unexpected tensor {name} (shape {list(tensor.shape)}); this is not a "
-                            f"checkpoint matching {config_name}")
-        if name in seen:
-            raise UserError(f"{file}: tensor {name} appears twice in the checkpoint")
-        if tuple(tensor.shape) != tuple(expected[name]):
-            raise UserError(f"{file}: tensor {name} has shape {list(tensor.shape)} but {config_name} implies "
-                            f"{list(expected[name])}; fix {config_name} or use the matching weights")
-        if not tensor.is_floating_point():
-            raise UserError(f"{file}: tensor {name} has dtype {tensor.dtype}; weights must be floating point")
-        if target is None:
-            target = tensor.dtype
-        tensor = tensor.to(device=device, dtype=target)
-        if mapped and tensor.data_ptr() != source.data_ptr():
-            release_mapped_pages(source)
-        del source
-        seen.add(name)
-        yield name, tensor
-    missing = [name for name in expected if name not in seen]
-    if missing:
-        shown = ", ".join(f"{n} {list(expected[n])}" for n in missing[:4])
-        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
-        raise UserError(f"{path}: missing tensor(s) {shown}{more}")
+    items = iter_tensors(files, device, converting=dtype is not None)
+    yield from check_tensors(items, expected, path, device, dtype, source=config_name)
 
 
-def expected_shapes(model: nn.Module) -> dict[str, torch.Size]:
-    return {name: p.shape for name, p in model.named_parameters()}
+def expected_tensors(model: nn.Module) -> dict[str, TensorSpec]:
+    """What a (meta-built) model expects from a weights file: each parameter's shape, any floating dtype."""
+    return tensor_specs(dict(model.named_parameters()))
 
 
 def assign_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -209,5 +129,5 @@ def assign_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 def load_into(model: nn.Module, path: str | Path, device: str | torch.device = "cpu",
               dtype: torch.dtype | None = None) -> None:
     """Fill a model built on the meta device from a HF directory's weights, tensor by tensor."""
-    for name, tensor in read_checked_tensors(path, expected_shapes(model), device, dtype):
+    for name, tensor in read_checked_tensors(path, expected_tensors(model), device, dtype):
         assign_parameter(model, name, tensor)

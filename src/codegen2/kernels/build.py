@@ -16,9 +16,10 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
+
+from ..fsutil import atomic_file
 
 FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp")
 _lock = threading.Lock()
@@ -59,19 +60,14 @@ def library_path(source: Path) -> Path:
 
 
 def _build(source: Path, target: Path) -> None:
+    """Compile into a staging file renamed into place, so another process never loads half a library."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler(), *FLAGS, "-o", tmp, str(source)], capture_output=True, text=True,
+    with atomic_file(target) as tmp:
+        done = subprocess.run([compiler(), *FLAGS, "-o", str(tmp), str(source)], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
             raise BuildError(f"compiling {source.name} failed: {first}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load(source: Path) -> ctypes.CDLL:

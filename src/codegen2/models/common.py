@@ -6,6 +6,10 @@ attention); masks over it come from `codegen2.masks`, so every architecture deco
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -67,6 +71,18 @@ class DecoderLM(nn.Module):
 
     activation_checkpointing: bool = False
 
+    def __init__(self, cfg: ModelConfig, check_config: Callable[[ModelConfig], None]):
+        """Check `cfg` (the shapes every family needs, then the family's own) before any part is built."""
+        super().__init__()
+        cfg.validate()
+        check_config(cfg)
+        self.config = cfg
+
+    def init_unless_meta(self) -> None:
+        """Fresh weights once the parts are built, unless they are on the meta device (a loader fills them)."""
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -122,3 +138,27 @@ class DecoderLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+@torch.no_grad()
+def init_normal(model: Any, residual: tuple[str, ...], generator: torch.Generator | None = None) -> None:
+    """GPT-2 style init shared by the families: Normal(0, init_std) matrices and embeddings, the residual output
+    projections (names ending in `residual`) scaled by 1/sqrt(2 * n_layer), biases zero, norms one.
+
+    `model` may be a stand-in exposing only `config` and `named_modules()` (FSDP initialises one module at a
+    time), so modules are visited in order and told apart by type and name only: the generator draws the same
+    numbers either way.
+    """
+    std = model.config.init_std
+    residual_std = std / math.sqrt(2 * model.config.n_layer)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, residual_std if name.endswith(residual) else std, generator=generator)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std, generator=generator)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            module.weight.fill_(1.0)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()

@@ -48,7 +48,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _dtype(name: str, device: str) -> str | None:
-    from ..quantize import parse_dtype
+    from ..int8 import parse_dtype
 
     if name == "auto":
         return "bfloat16" if str(device).startswith("cuda") else None

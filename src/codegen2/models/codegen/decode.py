@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...int8 import embed, embedding_weight, fuse_linears, linear_weight, mm
 from ...masks import decode_step_bias
-from ...quantize import embed, embedding_weight, fuse_linears, linear_weight, mm
 from .model import CodeGenModel
 
 
@@ -29,7 +29,7 @@ def fuse_decode_weights(model: CodeGenModel) -> list[tuple]:
 
     Float weights are stored input-major ([in, out] contiguous). The model's own weights become views of them
     (same values, the layout `CodeGenModel.use_decode_layout` would pick for the widening ones), so the
-    model still runs, trains and saves as before. int8 weights (`quantize.py`) fuse w_in by rows; out_proj and
+    model still runs, trains and saves as before. int8 weights (`int8.py`) fuse w_in by rows; out_proj and
     fc_out keep their own per-row scales, so w_out is the list of both and the step runs two matmuls.
     Repeated calls return the existing fusion.
     """

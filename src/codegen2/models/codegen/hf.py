@@ -19,6 +19,7 @@ import torch
 from ...config import ModelConfig
 from ...errors import UserError
 from ..spec import HFMapping
+from .model import check_config
 
 log = logging.getLogger("codegen2")
 
@@ -135,6 +136,7 @@ def model_config_from_hf(hf_config: dict[str, Any], mp_num: int, where: str | Pa
         init_std=float(hf_config.get("initializer_range", 0.02)),
     )
     cfg.validate()
+    check_config(cfg)
     return cfg
 
 

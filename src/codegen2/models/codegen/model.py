@@ -8,15 +8,13 @@ state dict moves between codegen2 and Hugging Face `codegen` with at most a regr
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import ModelConfig
+from ...config import ConfigError, ModelConfig
 from ...masks import sdpa_is_causal
-from ..common import DecoderLM, KVCache, rotary_angles
+from ..common import DecoderLM, KVCache, init_normal, rotary_angles
 
 
 def rotary_table(rotary_dim: int, head_dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -144,32 +142,15 @@ class CodeGenModel(DecoderLM):
     """CodeGen causal / prefix-LM decoder returning logits [B, T, vocab] (the forward is `DecoderLM`'s)."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        cfg.validate()
-        self.config = cfg
+        super().__init__(cfg, check_config)
         self.transformer = CodeGenTransformer(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=True)
-        self.activation_checkpointing = False
         self.rotary = RotaryCache(cfg.rotary_dim, cfg.head_dim, cfg.n_ctx)
-        if not any(p.is_meta for p in self.parameters()):
-            self.init_weights()
+        self.init_unless_meta()
 
-    @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """GPT-2 style init; residual output projections scaled by 1/sqrt(2 * n_layer)."""
-        std = self.config.init_std
-        residual_std = std / math.sqrt(2 * self.config.n_layer)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                scale = residual_std if name.endswith(("out_proj", "fc_out")) else std
-                module.weight.normal_(0.0, scale, generator=generator)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, std, generator=generator)
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
+        """GPT-2 style init; residual output projections (out_proj, fc_out) scaled by 1/sqrt(2 * n_layer)."""
+        init_normal(self, ("out_proj", "fc_out"), generator)
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.transformer.h
@@ -185,6 +166,16 @@ class CodeGenModel(DecoderLM):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(x)
+
+
+def check_config(cfg: ModelConfig) -> None:
+    """Raise ConfigError for shapes this family cannot build."""
+    if cfg.n_head % cfg.mp_num:
+        raise ConfigError(f"model.mp_num={cfg.mp_num} does not divide model.n_head={cfg.n_head}")
+    if cfg.kv_heads != cfg.n_head:
+        raise ConfigError(f"model.n_kv_head={cfg.n_kv_head}: CodeGen has no grouped-query attention (leave it unset)")
+    if cfg.tie_word_embeddings:
+        raise ConfigError("model.tie_word_embeddings=true: CodeGen has a separate lm_head")
 
 
 def matmul_parameters(cfg: ModelConfig) -> int:

@@ -3,7 +3,7 @@
 The same function as `LlamaModel.forward` for one new token per row, in fewer and larger operations:
 
 - q_proj, k_proj and v_proj become one matmul, gate_proj and up_proj another, over weights concatenated once
-  (`quantize.fuse_linears`: input-major floats, the layout MKL's one/few-row kernels stream fastest, or int8
+  (`int8.fuse_linears`: input-major floats, the layout MKL's one/few-row kernels stream fastest, or int8
   rows); o_proj and down_proj are stored input-major too. The model's parameters are re-pointed at views of
   these buffers, so no second copy of the weights exists and the state dict keeps its values (a LLaMA block
   is sequential, so unlike CodeGen's parallel block the attention and MLP matmuls cannot share one);
@@ -18,16 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...int8 import embed, embedding_weight, fuse_linears, linear_weight, mm
 from ...masks import decode_step_bias
-from ...quantize import embed, embedding_weight, fuse_linears, linear_weight, mm
 from .model import LlamaModel, tied_head
 
 
 @torch.no_grad()
 def fuse_decode_weights(model: LlamaModel) -> list[tuple]:
-    """Per layer (norm_1 w, w_qkv, w_o, norm_2 w, w_gate_up, w_down) as `quantize.mm` weights.
+    """Per layer (norm_1 w, w_qkv, w_o, norm_2 w, w_gate_up, w_down) as `int8.mm` weights.
 
-    Float weights are input-major: q/k/v and gate/up are fused by `quantize.fuse_linears` (the model's own
+    Float weights are input-major: q/k/v and gate/up are fused by `int8.fuse_linears` (the model's own
     weights become views of the fused buffers), o_proj and down_proj are re-laid input-major in place (same
     values); int8 weights keep the kernel's row form. Repeated calls return the existing fusion.
     """

@@ -16,6 +16,7 @@ import torch
 from ...config import ConfigError, ModelConfig
 from ...errors import UserError
 from ..spec import HFMapping
+from .model import check_config
 
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
@@ -71,6 +72,7 @@ def config_from_hf(raw: dict[str, Any], file: Path, overrides: dict[str, Any]) -
     )
     try:
         cfg.validate()
+        check_config(cfg)
     except ConfigError as exc:
         raise UserError(f"{file}: {exc}") from None
     return cfg

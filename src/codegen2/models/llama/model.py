@@ -9,16 +9,14 @@ Masks come from `codegen2.masks` and keys/values go through the shared `KVCache`
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import ModelConfig
+from ...config import ConfigError, ModelConfig
+from ...int8 import embedding_weight, mm
 from ...masks import sdpa_is_causal
-from ...quantize import embedding_weight, mm
-from ..common import DecoderLM, KVCache, rotary_angles
+from ..common import DecoderLM, KVCache, init_normal, rotary_angles
 
 
 class RotaryTable:
@@ -116,18 +114,13 @@ class LlamaModel(DecoderLM):
     """LLaMA causal / prefix-LM decoder returning logits [B, T, vocab] (the forward of `models.spec.Architecture`)."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        cfg.validate()
-        self.config = cfg
+        super().__init__(cfg, check_config)
         self.model = LlamaBackbone(cfg)
         # A tied head is the embedding table itself (no lm_head module), so no state dict holds it twice.
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.activation_checkpointing = False
         self.rotary = RotaryTable(cfg.head_dim, cfg.n_ctx, cfg.rope_theta)
-        if not any(p.is_meta for p in self.parameters()):
-            self.init_weights()
+        self.init_unless_meta()
 
-    @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Normal(0, init_std) weights, residual projections (o_proj, down_proj) scaled by 1/sqrt(2 * n_layer).
 
@@ -135,16 +128,7 @@ class LlamaModel(DecoderLM):
         CodeGen here), which keeps the residual stream's variance independent of depth at the start.
         Decides by module type and name only (FSDP calls it on a stand-in, one module at a time).
         """
-        std = self.config.init_std
-        residual_std = std / math.sqrt(2 * self.config.n_layer)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, residual_std if name.endswith(("o_proj", "down_proj")) else std,
-                                      generator=generator)
-            elif isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, std, generator=generator)
-            elif isinstance(module, nn.RMSNorm):
-                module.weight.fill_(1.0)
+        init_normal(self, ("o_proj", "down_proj"), generator)
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.layers
@@ -165,12 +149,21 @@ class LlamaModel(DecoderLM):
 
 
 def tied_head(embedding: nn.Module) -> torch.Tensor | tuple:
-    """A tied output projection as a `quantize.mm` weight: the [d, vocab] view of the table, or int8 rows."""
+    """A tied output projection as a `int8.mm` weight: the [d, vocab] view of the table, or int8 rows."""
     table = embedding_weight(embedding)
     if isinstance(table, tuple):  # int8 (q, scales): the kernel also wants its bf16 ones
         q, scales = table
         return q, scales, torch.ones(q.shape[0], dtype=torch.bfloat16, device=q.device)
     return table.t()
+
+
+def check_config(cfg: ModelConfig) -> None:
+    """Raise ConfigError for shapes this family cannot build."""
+    if cfg.rotary_dim != cfg.head_dim:
+        raise ConfigError(f"model.rotary_dim={cfg.rotary_dim}: LLaMA rotates whole heads, so it must equal "
+                          f"head_dim = n_embd / n_head = {cfg.head_dim}")
+    if cfg.head_dim % 2:
+        raise ConfigError(f"model.n_embd / model.n_head = {cfg.head_dim}: LLaMA's rotary needs an even head_dim")
 
 
 def matmul_parameters(cfg: ModelConfig) -> int:
