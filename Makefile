@@ -43,6 +43,7 @@ lessons: $(VENV)/.core-installed
 
 test: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -p no:cacheprovider
 
 clean:
