@@ -25,6 +25,7 @@ import numpy as np
 
 from codegen2.data.documents import Document
 from codegen2.errors import UserError
+from codegen2.fsutil import commit_file, staging_path
 
 MANIFEST = "manifest.json"
 HELDOUT_DOCUMENTS = "heldout.jsonl"
@@ -87,18 +88,16 @@ class ShardWriter:
 
     def _open(self) -> None:
         name = f"{self.split}-{len(self.shards):05d}.bin"
-        self._tmp = self.directory / f".{name}.{os.getpid()}.tmp"
+        self._tmp = staging_path(self.directory / name, str(os.getpid()))
         self._file = open(self._tmp, "wb")
         self._written, self._hash = 0, hashlib.sha256()
 
     def _close(self) -> None:
         if self._file is None:
             return
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
         name = f"{self.split}-{len(self.shards):05d}.bin"
-        os.replace(self._tmp, self.directory / name)
+        commit_file(self._tmp, self.directory / name)  # fsynced, then renamed into place
         self.shards.append({"file": name, "tokens": self._written, "sha256": self._hash.hexdigest()})
         self._file = None
 

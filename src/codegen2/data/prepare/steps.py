@@ -54,6 +54,7 @@ from codegen2.data.prepare.shards import (
     token_dtype,
 )
 from codegen2.data.sources import data_sources
+from codegen2.fsutil import atomic_file, commit_file, staging_path
 
 MINHASH_SEED = 42
 TOKENIZE_BATCH_CHARS = 4_000_000
@@ -86,9 +87,8 @@ def key_hash(source: str, path: str, salt: str) -> int:
 
 def write_atomic(path: Path, write) -> None:
     """Write via `write(tmp_path)` then rename, so a kill never leaves a partial file under the real name."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        write(tmp)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -164,7 +164,7 @@ class ReadStep(PrepareStep):
         signatures: list[np.ndarray] = []
         progress = Progress(f"read task {rank + 1}/{world_size}")
         total_docs = total_chars = 0
-        docs_tmp = out_dir / f".{rank:05d}.docs.jsonl.{os.getpid()}.tmp"
+        docs_tmp = staging_path(out_dir / f"{rank:05d}.docs.jsonl", str(os.getpid()))
         with open(docs_tmp, "w", encoding="utf-8") as docs_file:
             for split_index, split in enumerate(SPLITS):
                 for source_index, source in enumerate(data_sources(self.config.data, split, all_kinds=True)):
@@ -217,7 +217,7 @@ class ReadStep(PrepareStep):
         write_atomic(out_dir / f"{rank:05d}.meta.npz", write_meta)
         write_json(out_dir / f"{rank:05d}.removed.json", removed)
         write_json(out_dir / f"{rank:05d}.counts.json", {s: dict(v) for s, v in counts.items()})
-        os.replace(docs_tmp, out_dir / f"{rank:05d}.docs.jsonl")
+        commit_file(docs_tmp, out_dir / f"{rank:05d}.docs.jsonl")
         self.stat_update("documents", value=total_docs)
         task_done_pause()
         if data:
@@ -408,7 +408,7 @@ class TokenizeStep(PrepareStep):
         progress = Progress(f"tokenize task {rank + 1}/{world_size}")
         for r in range(rank, self.read_tasks, world_size):
             index, lengths = [], []
-            tmp = out_dir / f".{r:05d}.bin.{os.getpid()}.tmp"
+            tmp = staging_path(out_dir / f"{r:05d}.bin", str(os.getpid()))
             docs = chars = 0
             with open(tmp, "wb") as handle:
                 batch: list[tuple[int, str]] = []
@@ -425,7 +425,7 @@ class TokenizeStep(PrepareStep):
             save_npy(out_dir / f"{r:05d}.index.npy", np.stack([np.asarray(index, dtype=np.int64),
                                                                np.asarray(lengths, dtype=np.int64)], axis=1)
                      .reshape(-1, 2))
-            os.replace(tmp, out_dir / f"{r:05d}.bin")
+            commit_file(tmp, out_dir / f"{r:05d}.bin")
         task_done_pause()
         if data:
             yield from data
