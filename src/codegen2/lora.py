@@ -1,0 +1,218 @@
+"""LoRA adapters (Hu et al. 2021): small trained matrices beside the frozen projections of a model.
+
+A wrapped projection computes `W x + b + (alpha / r) B A dropout(x)`. W and b are the base's own
+parameters, frozen (requires_grad False, so they get neither gradients nor optimizer state) and held in the
+training precision; A [r, in] and B [out, r] are float32 and are the only parameters that train. A starts
+random (Kaiming uniform, as PEFT does) and B at zero, so a fresh adapter leaves the model's function as it
+was. `merge_lora` folds `(alpha / r) B A` into W and puts a plain `nn.Linear` back: that is how adapters
+reach inference, the Hugging Face export and int8 quantization, which then see an ordinary model.
+
+Defaults (`LoraSettings()`): rank 16, alpha 32 (scale 2), dropout 0.05, targets `all-linear`. PEFT's
+defaults (r 8, alpha 8, q/v only) are the smallest; torchtune and litgpt use alpha = 2 r over attention
+and MLP, and adapting every linear layer of the blocks is what brings LoRA close to full fine-tuning
+(QLoRA, Dettmers et al. 2023); rank 16 costs well under 1% of a 1B model's parameters.
+
+Targets:
+- `all-linear`: every `nn.Linear` inside the decoder blocks (`Architecture.blocks`): not the output head,
+  not the embedding (PEFT's `all-linear` excludes the head too).
+- `attention`: the linear layers of the blocks whose path has a component naming attention (`attn`,
+  `self_attn`, `attention`): CodeGen's `qkv_proj` and `out_proj`, LLaMA's `q/k/v/o_proj`.
+- module names: each name selects the linear layers whose path is that name or ends with `.name` (PEFT's
+  rule), anywhere in the model; a name that selects nothing is refused.
+
+Names: a wrapped module keeps `weight` and `bias` where they were and adds `lora_A.weight` and
+`lora_B.weight` beside them, so the base's state-dict keys do not change and the adapter's keys are
+PEFT's, without PEFT's `base_model.model.` prefix (see `codegen2.adapters`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+from .models import architecture
+
+DEFAULT_RANK = 16
+DEFAULT_ALPHA = 32.0
+DEFAULT_DROPOUT = 0.05
+DEFAULT_TARGETS = "all-linear"
+TARGET_GROUPS = ("all-linear", "attention")
+ATTENTION_NAMES = ("attn", "self_attn", "attention")
+ADAPTER_DTYPE = torch.float32
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Rank, alpha, dropout and targets (a group name from TARGET_GROUPS, or module names)."""
+
+    rank: int = DEFAULT_RANK
+    alpha: float = DEFAULT_ALPHA
+    dropout: float = DEFAULT_DROPOUT
+    targets: str | tuple[str, ...] = DEFAULT_TARGETS
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def check(self) -> LoraSettings:
+        """Refuse values that cannot make an adapter, in one line each."""
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise UserError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise UserError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.targets, str) and self.targets not in TARGET_GROUPS:
+            raise UserError(f"LoRA targets {self.targets!r}: use {' or '.join(TARGET_GROUPS)}, or a list of module "
+                            f"names")
+        if not isinstance(self.targets, str) and (not self.targets or not all(
+                isinstance(name, str) and name for name in self.targets)):
+            raise UserError(f"LoRA targets must be {' or '.join(TARGET_GROUPS)} or a non-empty list of module names, "
+                            f"got {self.targets!r}")
+        return self
+
+
+class LoraLinear(nn.Module):
+    """A linear layer with a LoRA adapter: the base's `weight` / `bias` (frozen) plus float32 `lora_A`, `lora_B`."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        device = base.weight.device
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=ADAPTER_DTYPE)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=ADAPTER_DTYPE)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        self.train(base.training)  # a model in eval mode gets adapters without dropout
+        if device.type != "meta":
+            self.reset_adapter(generator)
+
+    @torch.no_grad()
+    def reset_adapter(self, generator: torch.Generator | None = None) -> None:
+        """A as PEFT initialises it (Kaiming uniform, a = sqrt(5)), B zero: the adapter starts as a no-op."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
+        self.lora_B.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return out + (update * self.scale).to(out.dtype)
+
+    @torch.no_grad()
+    def delta(self) -> torch.Tensor:
+        """The adapter's weight update `(alpha / r) B A` [out, in], in float32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear computing what this layer computes (in eval mode), on the base's parameters."""
+        weight = self.weight
+        weight.copy_((weight.float() + self.delta()).to(weight.dtype))
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = weight, self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The linear layers of `model` (nn.Linear or LoraLinear, not an adapter's own factors) by path, in order."""
+    factors = {id(m) for m in lora_modules(model).values() for m in (m.lora_A, m.lora_B)}
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, LoraLinear)) and id(module) not in factors}
+
+
+def _linear_names(model: nn.Module, within: Sequence[nn.Module] | None = None) -> list[str]:
+    """Paths of the linear layers of `model` (those inside `within` only, when given), in module order."""
+    inside = None if within is None else {id(m) for block in within for m in block.modules()}
+    return [name for name, module in linear_layers(model).items() if inside is None or id(module) in inside]
+
+
+def select_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
+    """Module paths of the linear layers `targets` selects (see the module docstring); never empty."""
+    if isinstance(targets, str) and targets in TARGET_GROUPS:
+        names = _linear_names(model, architecture(model.config).blocks(model))
+        if targets == "attention":
+            names = [n for n in names if any(part in ATTENTION_NAMES for part in n.split(".")[:-1])]
+        if not names:
+            raise UserError(f"LoRA targets {targets!r} match no linear layer of this "
+                            f"{model.config.arch} model")
+        return names
+    wanted = [targets] if isinstance(targets, str) else list(targets)
+    linears = _linear_names(model)
+    chosen: list[str] = []
+    for target in wanted:
+        hits = [n for n in linears if n == target or n.endswith("." + target)]
+        if not hits:
+            raise UserError(f"LoRA target {target!r} matches no linear layer of this {model.config.arch} model "
+                            f"(its linear layers end in: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in linears}))})")
+        chosen += [n for n in hits if n not in chosen]
+    return [n for n in linears if n in chosen]
+
+
+def _check_rank(model: nn.Module, names: Sequence[str], rank: int) -> None:
+    """A rank of 0, or one above a target layer's smaller side, adapts nothing: refuse it, naming the layer."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise UserError(f"LoRA rank must be a positive integer, got {rank!r}")
+    for name in names:
+        module = model.get_submodule(name)
+        limit = min(module.in_features, module.out_features)
+        if rank > limit:
+            raise UserError(f"LoRA rank {rank} is larger than layer {name} allows "
+                            f"({module.out_features}x{module.in_features}: at most {limit})")
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def attach_lora(model: nn.Module, settings: LoraSettings, *, base_dtype: torch.dtype | None = None,
+                generator: torch.Generator | None = None) -> list[str]:
+    """Freeze `model` (cast to `base_dtype` when given) and wrap the target layers in LoraLinear; in place.
+
+    Returns the wrapped module paths. Afterwards only the adapters' parameters require gradients.
+    """
+    settings.check()
+    if lora_modules(model):
+        raise UserError("this model already has LoRA adapters; merge them first (merge_lora)")
+    names = select_targets(model, settings.targets)
+    _check_rank(model, names, settings.rank)
+    if base_dtype is not None:
+        model.to(base_dtype)
+    model.requires_grad_(False)
+    for name in names:
+        base = model.get_submodule(name)
+        _replace(model, name, LoraLinear(base, settings.rank, settings.alpha, settings.dropout, generator))
+    return names
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
+    """The LoRA-wrapped layers of `model` by module path, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapters' parameters by state-dict name (`<path>.lora_A.weight`, `<path>.lora_B.weight`)."""
+    return {name: p for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name}
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put plain nn.Linear layers back, in place; returns `model`.
+
+    The merged weights keep the base's dtype and requires_grad (False after `attach_lora`).
+    """
+    for name, module in lora_modules(model).items():
+        _replace(model, name, module.merged())
+    return model
