@@ -1,0 +1,216 @@
+"""The LoRA adapter directory in Hugging Face PEFT's layout: one reader and one writer.
+
+A directory holds `adapter_config.json` (`peft_type` LORA, `r`, `lora_alpha`, `lora_dropout`,
+`target_modules`, `base_model_name_or_path`, ...) and `adapter_model.safetensors` with, per adapted layer,
+`base_model.model.<module path>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r] in float32. Module paths
+are transformers' names for the architecture, found through its HF mapping (`Architecture.hf.state_to_hf`,
+asked about one weight at a time), so `peft.PeftModel.from_pretrained(transformers_model, directory)` loads
+what `write_adapter` writes, and `load_adapter` reads what PEFT's `save_pretrained` writes.
+
+Rows: an adapter's B rows follow its layer's weight rows. For CodeGen's fused qkv that is the grouping
+(`mp_num`): transformers computes with 4 groups, so an adapter-only export of a model with another grouping
+would land on the wrong rows in PEFT; it is refused, and the merged export (which regroups the whole
+weight) is the way out. Reading keeps the rows as they are, as importing HF weights does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import UserError
+from .lora import LoraLinear, LoraSettings, attach_lora, linear_layers, lora_modules
+from .models import architecture
+
+log = logging.getLogger("codegen2")
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+FACTORS = ("lora_A", "lora_B")
+# adapter_config.json settings that change what an adapter computes and that codegen2 does not implement:
+# each must be absent or false / empty / null.
+UNSUPPORTED = ("use_dora", "use_rslora", "lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
+               "modules_to_save", "trainable_token_indices", "layer_replication", "target_parameters",
+               "alora_invocation_tokens", "use_qalora")
+
+
+def hf_module_names(model: nn.Module) -> dict[str, str]:
+    """transformers' module path of each linear layer of `model` (wrapped or not), by codegen2 module path."""
+    cfg = model.config
+    mapping = architecture(cfg).hf
+    names = {}
+    for path, module in linear_layers(model).items():
+        probe = {f"{path}.weight": torch.empty(module.weight.shape, device="meta")}
+        mapped = list(mapping.state_to_hf(probe, cfg))
+        if len(mapped) != 1 or not mapped[0].endswith(".weight"):
+            raise UserError(f"layer {path} of this {cfg.arch} model is not one tensor in the Hugging Face layout; "
+                            f"its adapter cannot be written in PEFT's layout: export the merged model instead")
+        names[path] = mapped[0].removesuffix(".weight")
+    return names
+
+
+def check_export_layout(cfg: Any) -> None:
+    """Refuse an adapter-only export when transformers lays this model's weights out differently (mp_num)."""
+    mapping = architecture(cfg).hf
+    hf_config = mapping.config_to_hf(cfg, 0, "float32")
+    for field in mapping.layout_fields:
+        ours, theirs = getattr(cfg, field), hf_config.get(field, getattr(cfg, field))
+        if ours != theirs:
+            raise UserError(f"adapter-only export refused: this {cfg.arch} model has {field}={ours}, but "
+                            f"transformers computes with {field}={theirs}, so PEFT would apply the adapter to the "
+                            f"wrong rows; export the merged model instead (codegen2 export-hf RUN OUT, without "
+                            f"--adapter-only)")
+
+
+def _settings_of(modules: dict[str, LoraLinear]) -> LoraSettings:
+    """The one rank / alpha / dropout shared by every wrapped layer (PEFT's config has one of each)."""
+    found = {(m.rank, m.alpha, m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0) for m in modules.values()}
+    if len(found) != 1:
+        raise UserError(f"the adapters of this model differ in rank, alpha or dropout ({sorted(found)}); PEFT's "
+                        f"layout holds one of each")
+    rank, alpha, dropout = found.pop()
+    return LoraSettings(rank=rank, alpha=alpha, dropout=dropout, targets=tuple(modules))
+
+
+def adapter_config(settings: LoraSettings, target_modules: list[str], base_model: str | None) -> dict[str, Any]:
+    """adapter_config.json for PEFT's LoraConfig (the keys it reads; the rest keep PEFT's defaults)."""
+    alpha = int(settings.alpha) if float(settings.alpha).is_integer() else settings.alpha
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "revision": None,
+        "r": settings.rank,
+        "lora_alpha": alpha,
+        "lora_dropout": settings.dropout,
+        "target_modules": target_modules,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def write_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None = None) -> Path:
+    """Write `model`'s adapters (not its base) as a PEFT adapter directory; `base_model` goes into the config."""
+    out_dir = Path(out_dir)
+    modules = lora_modules(model)
+    if not modules:
+        raise UserError("this model has no LoRA adapters to write")
+    settings = _settings_of(modules)
+    check_export_layout(model.config)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"{out_dir} already exists and is not empty; choose a new adapter directory or remove it")
+    hf_names = hf_module_names(model)
+    tensors = {f"{KEY_PREFIX}{hf_names[path]}.{factor}.weight":
+               getattr(module, factor).weight.detach().to("cpu", torch.float32).contiguous()
+               for path, module in modules.items() for factor in FACTORS}
+    config = adapter_config(settings, sorted(hf_names[path] for path in modules), base_model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    log.info("wrote %d LoRA adapters (rank %d) in PEFT's layout to %s", len(modules), settings.rank, out_dir)
+    return out_dir
+
+
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """adapter_config.json of a LoRA adapter directory, checked for what codegen2 computes."""
+    directory = Path(directory)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (directory / name).is_file():
+            raise UserError(f"{directory}: not a LoRA adapter directory (missing {name})")
+    file = directory / ADAPTER_CONFIG
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{file}: cannot be read as JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise UserError(f"{file}: peft_type is {config.get('peft_type') if isinstance(config, dict) else None!r}; "
+                        f"only LORA adapters are supported")
+    for key in ("r", "lora_alpha"):
+        if isinstance(config.get(key), bool) or not isinstance(config.get(key), (int, float)) or config[key] <= 0:
+            raise UserError(f"{file}: {key} must be a positive number, got {config.get(key)!r}")
+    if config.get("bias", "none") != "none":
+        raise UserError(f"{file}: bias={config['bias']!r} is not supported (only 'none')")
+    used = [key for key in UNSUPPORTED if config.get(key)]
+    if used:
+        raise UserError(f"{file}: {', '.join(f'{k}={config[k]!r}' for k in used)} is not supported by codegen2's LoRA")
+    return config
+
+
+def read_adapter_tensors(directory: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{transformers module path: {"lora_A": A, "lora_B": B}} from adapter_model.safetensors."""
+    file = Path(directory) / ADAPTER_WEIGHTS
+    try:
+        tensors = load_file(str(file))
+    except (OSError, SafetensorError) as exc:
+        raise UserError(f"{file}: cannot be read as safetensors ({exc})") from None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, _, factor = key.removeprefix(KEY_PREFIX).removesuffix(".weight").rpartition(".")
+        if not key.startswith(KEY_PREFIX) or not key.endswith(".weight") or factor not in FACTORS:
+            raise UserError(f"{file}: tensor {key!r} is not a LoRA weight (base_model.model.<module>.lora_A.weight "
+                            f"or .lora_B.weight)")
+        pairs.setdefault(module, {})[factor] = tensor
+    for module, pair in pairs.items():
+        if len(pair) != 2:
+            raise UserError(f"{file}: {module} has {next(iter(pair))} but not its other factor")
+    if not pairs:
+        raise UserError(f"{file}: holds no LoRA weights")
+    return pairs
+
+
+def _check_against_base(model: nn.Module, pairs: dict[str, dict[str, torch.Tensor]], rank: int,
+                        directory: Path) -> dict[str, str]:
+    """codegen2 module path of each adapted transformers module, with every shape checked against `model`."""
+    ours = {hf: path for path, hf in hf_module_names(model).items()}
+    paths = {}
+    for hf_name, pair in pairs.items():
+        if hf_name not in ours:
+            raise UserError(f"adapter {directory} does not match the base: it adapts {hf_name}, which this "
+                            f"{model.config.arch} model does not have")
+        layer = model.get_submodule(ours[hf_name])
+        expected = {"lora_A": (rank, layer.in_features), "lora_B": (layer.out_features, rank)}
+        for factor, shape in expected.items():
+            if tuple(pair[factor].shape) != shape:
+                raise UserError(f"adapter {directory} does not match the base: {hf_name}.{factor} has shape "
+                                f"{list(pair[factor].shape)}, this model needs {list(shape)} (rank {rank})")
+        paths[hf_name] = ours[hf_name]
+    return paths
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, directory: str | Path) -> LoraSettings:
+    """Attach the adapters of a PEFT-layout directory (codegen2's or PEFT's) to `model`, in place.
+
+    The base is frozen as `attach_lora` leaves it; `lora.merge_lora(model)` then folds the adapters in.
+    """
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    pairs = read_adapter_tensors(directory)
+    rank = int(config["r"])
+    paths = _check_against_base(model, pairs, rank, directory)
+    settings = LoraSettings(rank=rank, alpha=float(config["lora_alpha"]),
+                            dropout=float(config.get("lora_dropout") or 0.0), targets=tuple(paths.values()))
+    attach_lora(model, settings)
+    for hf_name, path in paths.items():
+        module = model.get_submodule(path)
+        for factor in FACTORS:
+            getattr(module, factor).weight.copy_(pairs[hf_name][factor])
+    log.info("loaded %d LoRA adapters (rank %d, alpha %g) from %s", len(paths), rank, settings.alpha, directory)
+    return settings
