@@ -171,13 +171,17 @@ def test_only_adapters_train_and_have_optimizer_state():
     assert any((m.lora_B.weight != 0).any() for m in lora_modules(model).values())  # B trained
 
 
-def test_a_fresh_adapter_changes_nothing():
+def test_a_fresh_adapter_changes_nothing_and_dropout_acts_in_training_only():
     model = random_model("llama")
     ids = prompt()
     with torch.no_grad():
         before = model(ids)
         attach_lora(model, LoraSettings(rank=8, targets="attention"), generator=torch.Generator().manual_seed(0))
         assert torch.equal(model(ids), before)
+        randomise_b(model)
+        assert torch.equal(model(ids), model(ids))  # eval mode (as the model was): no dropout
+        model.train()
+        assert not torch.equal(model(ids), model(ids))  # dropout 0.05 on the adapters' input
 
 
 # ------------------------------------------------------------------------------------------ merge

@@ -10,7 +10,7 @@ reach inference, the Hugging Face export and int8 quantization, which then see a
 Defaults (`LoraSettings()`): rank 16, alpha 32 (scale 2), dropout 0.05, targets `all-linear`. PEFT's
 defaults (r 8, alpha 8, q/v only) are the smallest; torchtune and litgpt use alpha = 2 r over attention
 and MLP, and adapting every linear layer of the blocks is what brings LoRA close to full fine-tuning
-(QLoRA, Dettmers et al. 2023); rank 16 costs well under 1% of a 1B model's parameters.
+(QLoRA, Dettmers et al. 2023); rank 16 adds under 1% to a 1B or 7B model's parameters.
 
 Targets:
 - `all-linear`: every `nn.Linear` inside the decoder blocks (`Architecture.blocks`): not the output head,
