@@ -18,7 +18,15 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from codegen2.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX, hf_module_names, load_adapter, write_adapter
+from codegen2.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    KEY_PREFIX,
+    adapter_config,
+    hf_module_names,
+    load_adapter,
+    write_adapter,
+)
 from codegen2.checkpoint import write_checkpoint
 from codegen2.config import Config, ModelConfig, save_config
 from codegen2.errors import UserError
@@ -33,6 +41,7 @@ from codegen2.lora import (
     select_targets,
 )
 from codegen2.models import build_model
+from codegen2.models.codegen.hf import regroup_qkv
 from codegen2.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (fixture in conftest.py)
@@ -141,6 +150,7 @@ def test_bad_settings_are_refused_in_one_line():
     one_line_error(lambda: attach_lora(model, LoraSettings(rank=33)), "rank 33", "model.layers.0.self_attn.k_proj",
                    "at most 32")
     one_line_error(lambda: attach_lora(model, LoraSettings(dropout=1.0)), "dropout")
+    one_line_error(lambda: attach_lora(model, LoraSettings(targets=())), "list of module names")
     assert not lora_modules(model) and all(p.requires_grad for p in model.parameters())  # nothing half-attached
     attach_lora(model, LoraSettings(rank=32))  # the largest rank the smallest layer (k_proj, 32 x 64) allows
     one_line_error(lambda: attach_lora(model, LoraSettings()), "already has LoRA adapters")
@@ -259,6 +269,34 @@ def test_adapter_only_export_of_another_qkv_grouping_is_refused_and_merged_expor
     write_checkpoint(run, 1, merge_lora(model).state_dict(), {"tokens_seen": 0})
     with torch.no_grad():
         assert max_diff(hf_base(export_hf(run, tmp_path / "merged"))(ids).logits, unmerged) <= 1e-4
+
+
+def test_qkv_adapter_rows_move_as_the_weight_rows_do(exported, tmp_path):
+    """Why the refusal above: B's rows are the qkv weight's rows, so another grouping would need B regrouped
+    (as the merged export regroups the weight); A is unchanged. With mp_num 4 the rows are transformers' own."""
+    model, hf_dir = exported("codegen-mp8")  # hf_dir: the base exported in transformers' 4 groups
+    attach_lora(model, LoraSettings(rank=4, targets=("qkv_proj",)))
+    randomise_b(model)
+    d, n_head = model.config.n_embd, model.config.n_head
+    rows = regroup_qkv(torch.arange(3 * d, dtype=torch.float64)[:, None].repeat(1, d), n_head, 8, 4)[:, 0].long()
+    names = hf_module_names(model)
+    modules = lora_modules(model)
+    ids = prompt()
+    for regrouped in (True, False):
+        tensors = {}
+        for path, module in modules.items():
+            b = module.lora_B.weight.detach()
+            tensors[f"{KEY_PREFIX}{names[path]}.lora_A.weight"] = module.lora_A.weight.detach().clone()
+            tensors[f"{KEY_PREFIX}{names[path]}.lora_B.weight"] = (b[rows] if regrouped else b).contiguous()
+        out = tmp_path / f"regrouped-{regrouped}"
+        out.mkdir()
+        save_file(tensors, out / ADAPTER_WEIGHTS)
+        config = adapter_config(LoraSettings(rank=4, alpha=32.0, dropout=0.05), sorted(names[p] for p in modules),
+                                str(hf_dir))
+        (out / ADAPTER_CONFIG).write_text(json.dumps(config))
+        with torch.no_grad():
+            diff = max_diff(peft.PeftModel.from_pretrained(hf_base(hf_dir), out).eval()(ids).logits, model(ids))
+        assert (diff <= 1e-4) == regrouped, diff
 
 
 def test_hf_module_names_are_transformers_own(exported):
