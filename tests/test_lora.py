@@ -123,8 +123,8 @@ def one_line_error(call, *needles: str) -> str:
 
 # ------------------------------------------------------------------------------------------ targets
 def test_defaults_are_the_documented_ones():
-    assert LoraSettings() == LoraSettings(rank=16, alpha=32.0, dropout=0.05, targets="all-linear")
-    assert LoraSettings().scale == 2.0
+    assert LoraSettings() == LoraSettings(rank=16, alpha=32.0, dropout=0.05, targets="all-linear", rslora=False)
+    assert LoraSettings().scale == 2.0 and LoraSettings(rslora=True).scale == 8.0
 
 
 def test_target_groups_and_names_select_the_right_layers():
@@ -213,16 +213,16 @@ def test_lora_forward_equals_the_merged_forward(shape):
 
 
 # ------------------------------------------------------------------------------------- PEFT layout
-@pytest.mark.parametrize("shape,targets", [("codegen", "all-linear"), ("llama", "all-linear"),
-                                           ("llama", ("q_proj", "v_proj", "down_proj"))])
-def test_our_adapter_loads_in_peft_with_equal_logits(shape, targets, exported, tmp_path):
+@pytest.mark.parametrize("shape,targets,rslora", [("codegen", "all-linear", False), ("llama", "all-linear", False),
+                                                  ("llama", ("q_proj", "v_proj", "down_proj"), True)])
+def test_our_adapter_loads_in_peft_with_equal_logits(shape, targets, rslora, exported, tmp_path):
     model, hf_dir = exported(shape)
-    attach_lora(model, LoraSettings(rank=4, alpha=12.0, targets=targets))
+    attach_lora(model, LoraSettings(rank=4, alpha=12.0, targets=targets, rslora=rslora))
     randomise_b(model)
     out = write_adapter(model, tmp_path / "adapter", base_model=str(hf_dir))
     config = json.loads((out / ADAPTER_CONFIG).read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"], config["lora_dropout"]) == ("LORA", 4, 12, 0.05)
-    assert config["base_model_name_or_path"] == str(hf_dir)
+    assert config["base_model_name_or_path"] == str(hf_dir) and config["use_rslora"] == rslora
     keys = set(load_file(out / ADAPTER_WEIGHTS))
     assert len(keys) == 2 * len(lora_modules(model)) and all(k.startswith(KEY_PREFIX) for k in keys)
 
@@ -232,15 +232,15 @@ def test_our_adapter_loads_in_peft_with_equal_logits(shape, targets, exported, t
         assert max_diff(reference(ids).logits, model(ids)) <= 1e-4
 
 
-@pytest.mark.parametrize("shape", ["codegen", "llama"])
-def test_peft_made_adapter_reads_with_peft_logits(shape, exported, tmp_path):
+@pytest.mark.parametrize("shape,rslora", [("codegen", False), ("llama", False), ("llama", True)])
+def test_peft_made_adapter_reads_with_peft_logits(shape, rslora, exported, tmp_path):
     model, hf_dir = exported(shape)
     reference = peft.get_peft_model(hf_base(hf_dir), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
-                                                                     target_modules="all-linear"))
+                                                                     target_modules="all-linear", use_rslora=rslora))
     randomise_b(reference)
     reference.eval().save_pretrained(tmp_path / "peft")
     settings = load_adapter(model, tmp_path / "peft")
-    assert (settings.rank, settings.alpha, settings.dropout) == (4, 8.0, 0.1)
+    assert (settings.rank, settings.alpha, settings.dropout, settings.rslora) == (4, 8.0, 0.1, rslora)
     assert set(lora_modules(model)) == set(select_targets(model, "all-linear"))
     model.eval()
     ids = prompt()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ KEY_PREFIX = "base_model.model."
 FACTORS = ("lora_A", "lora_B")
 # adapter_config.json settings that change what an adapter computes and that codegen2 does not implement:
 # each must be absent or false / empty / null.
-UNSUPPORTED = ("use_dora", "use_rslora", "lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
+UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
                "modules_to_save", "trainable_token_indices", "layer_replication", "target_parameters",
                "alora_invocation_tokens", "use_qalora")
 
@@ -71,13 +72,12 @@ def check_export_layout(cfg: Any) -> None:
 
 
 def _settings_of(modules: dict[str, LoraLinear]) -> LoraSettings:
-    """The one rank / alpha / dropout shared by every wrapped layer (PEFT's config has one of each)."""
-    found = {(m.rank, m.alpha, m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0) for m in modules.values()}
+    """The one rank / alpha / dropout / scaling shared by every wrapped layer (PEFT's config has one of each)."""
+    found = {replace(m.settings, targets=()) for m in modules.values()}
     if len(found) != 1:
-        raise UserError(f"the adapters of this model differ in rank, alpha or dropout ({sorted(found)}); PEFT's "
-                        f"layout holds one of each")
-    rank, alpha, dropout = found.pop()
-    return LoraSettings(rank=rank, alpha=alpha, dropout=dropout, targets=tuple(modules))
+        raise UserError("the adapters of this model differ in rank, alpha, dropout or scaling; PEFT's layout holds "
+                        "one of each")
+    return replace(found.pop(), targets=tuple(modules))
 
 
 def adapter_config(settings: LoraSettings, target_modules: list[str], base_model: str | None) -> dict[str, Any]:
@@ -94,7 +94,7 @@ def adapter_config(settings: LoraSettings, target_modules: list[str], base_model
         "target_modules": target_modules,
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_rslora": False,
+        "use_rslora": settings.rslora,
         "use_dora": False,
         "modules_to_save": None,
         "init_lora_weights": True,
@@ -206,7 +206,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> LoraSettings:
     rank = int(config["r"])
     paths = _check_against_base(model, pairs, rank, directory)
     settings = LoraSettings(rank=rank, alpha=float(config["lora_alpha"]),
-                            dropout=float(config.get("lora_dropout") or 0.0), targets=tuple(paths.values()))
+                            dropout=float(config.get("lora_dropout") or 0.0), targets=tuple(paths.values()),
+                            rslora=bool(config.get("use_rslora")))
     attach_lora(model, settings)
     for hf_name, path in paths.items():
         module = model.get_submodule(path)

@@ -49,16 +49,20 @@ ADAPTER_DTYPE = torch.float32
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """Rank, alpha, dropout and targets (a group name from TARGET_GROUPS, or module names)."""
+    """Rank, alpha, dropout and targets (a group name from TARGET_GROUPS, or module names).
+
+    `rslora` scales by alpha / sqrt(r) instead of alpha / r (rank-stabilised LoRA, PEFT's `use_rslora`).
+    """
 
     rank: int = DEFAULT_RANK
     alpha: float = DEFAULT_ALPHA
     dropout: float = DEFAULT_DROPOUT
     targets: str | tuple[str, ...] = DEFAULT_TARGETS
+    rslora: bool = False
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     def check(self) -> LoraSettings:
         """Refuse values that cannot make an adapter, in one line each."""
@@ -81,17 +85,17 @@ class LoraSettings:
 class LoraLinear(nn.Module):
     """A linear layer with a LoRA adapter: the base's `weight` / `bias` (frozen) plus float32 `lora_A`, `lora_B`."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 generator: torch.Generator | None = None):
+    def __init__(self, base: nn.Linear, settings: LoraSettings, generator: torch.Generator | None = None):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
         device = base.weight.device
+        rank = settings.rank
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=ADAPTER_DTYPE)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=ADAPTER_DTYPE)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
+        self.settings, self.scale = settings, settings.scale
         self.train(base.training)  # a model in eval mode gets adapters without dropout
         if device.type != "meta":
             self.reset_adapter(generator)
@@ -109,7 +113,7 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def delta(self) -> torch.Tensor:
-        """The adapter's weight update `(alpha / r) B A` [out, in], in float32."""
+        """The adapter's weight update `scale B A` [out, in], in float32."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
 
     @torch.no_grad()
@@ -122,7 +126,8 @@ class LoraLinear(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.settings.rank}, "
+                f"scale={self.scale:g}")
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -193,7 +198,7 @@ def attach_lora(model: nn.Module, settings: LoraSettings, *, base_dtype: torch.d
     model.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
-        _replace(model, name, LoraLinear(base, settings.rank, settings.alpha, settings.dropout, generator))
+        _replace(model, name, LoraLinear(base, settings, generator))
     return names
 
 
