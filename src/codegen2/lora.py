@@ -155,20 +155,18 @@ def select_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
         return names
     wanted = [targets] if isinstance(targets, str) else list(targets)
     linears = _linear_names(model)
-    chosen: list[str] = []
+    chosen: set[str] = set()
     for target in wanted:
         hits = [n for n in linears if n == target or n.endswith("." + target)]
         if not hits:
             raise UserError(f"LoRA target {target!r} matches no linear layer of this {model.config.arch} model "
                             f"(its linear layers end in: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in linears}))})")
-        chosen += [n for n in hits if n not in chosen]
+        chosen.update(hits)
     return [n for n in linears if n in chosen]
 
 
 def _check_rank(model: nn.Module, names: Sequence[str], rank: int) -> None:
-    """A rank of 0, or one above a target layer's smaller side, adapts nothing: refuse it, naming the layer."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise UserError(f"LoRA rank must be a positive integer, got {rank!r}")
+    """A rank above a target layer's smaller side is no longer low-rank: refuse it, naming the layer."""
     for name in names:
         module = model.get_submodule(name)
         limit = min(module.in_features, module.out_features)
@@ -209,7 +207,8 @@ def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The adapters' parameters by state-dict name (`<path>.lora_A.weight`, `<path>.lora_B.weight`)."""
-    return {name: p for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name}
+    return {f"{path}.{factor}.weight": getattr(module, factor).weight
+            for path, module in lora_modules(model).items() for factor in ("lora_A", "lora_B")}
 
 
 @torch.no_grad()
