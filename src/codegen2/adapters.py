@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import ModelConfig
 from .errors import UserError
 from .lora import LoraLinear, LoraSettings, attach_lora, linear_layers, lora_modules
 from .models import architecture
@@ -58,7 +59,7 @@ def hf_module_names(model: nn.Module) -> dict[str, str]:
     return names
 
 
-def check_export_layout(cfg: Any) -> None:
+def check_export_layout(cfg: ModelConfig) -> None:
     """Refuse an adapter-only export when transformers lays this model's weights out differently (mp_num)."""
     mapping = architecture(cfg).hf
     hf_config = mapping.config_to_hf(cfg, 0, "float32")
