@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ModelConfig
 from .errors import UserError
+from .fsutil import atomic_directory
 from .lora import LoraLinear, LoraSettings, attach_lora, linear_layers, lora_modules
 from .models import architecture
+from .safetensors_io import read_file, write_file
 
 log = logging.getLogger("codegen2")
 
@@ -122,9 +122,9 @@ def write_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None 
                getattr(module, factor).weight.detach().to("cpu", torch.float32).contiguous()
                for path, module in modules.items() for factor in FACTORS}
     config = adapter_config(settings, sorted(hf_names[path] for path in modules), base_model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    with atomic_directory(out_dir) as tmp:
+        write_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     log.info("wrote %d LoRA adapters (rank %d) in PEFT's layout to %s", len(modules), settings.rank, out_dir)
     return out_dir
 
@@ -157,10 +157,7 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
 def read_adapter_tensors(directory: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     """{transformers module path: {"lora_A": A, "lora_B": B}} from adapter_model.safetensors."""
     file = Path(directory) / ADAPTER_WEIGHTS
-    try:
-        tensors = load_file(str(file))
-    except (OSError, SafetensorError) as exc:
-        raise UserError(f"{file}: cannot be read as safetensors ({exc})") from None
+    tensors = read_file(file)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         module, _, factor = key.removeprefix(KEY_PREFIX).removesuffix(".weight").rpartition(".")
