@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 
 from codegen2.generation.sampling import SamplingParams, generate_ids
-from codegen2.inference_options import DEFAULT_DECODER
 from codegen2.int8 import quantize_model, use_int8_format
+from codegen2.options import DEFAULT_DECODER
 from common import (
     SHAPES,
     build_ours,

@@ -21,8 +21,8 @@ import torch
 
 from codegen2.generation.sampling import SamplingParams, generate_ids
 from codegen2.hf import export_hf
-from codegen2.inference_options import DECODERS
 from codegen2.loading import load_checkpoint
+from codegen2.options import DECODERS
 
 
 def main() -> int:

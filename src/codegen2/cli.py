@@ -9,13 +9,12 @@ import argparse
 import importlib
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from .config import PRESETS, ConfigError, config_from_dict, load_config, preset_dict
 from .errors import UserError
-from .inference_options import add_decoder_flag, add_dtype_flag
+from .options import add_decoder_flag, add_device_flag, add_dtype_flag
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +27,7 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mp-num", type=int, default=None, help="qkv grouping of a HF checkpoint (default: detect)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: the newest)")
-    parser.add_argument("--device", default="cpu")
+    add_device_flag(parser)
     add_dtype_flag(parser)
     add_decoder_flag(parser)
 
@@ -50,6 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import checkpoint as ckpt
     from .config import save_config
     from .data.prepare.shards import is_prepared_dir
+    from .distributed import is_main_process
     from .train import train
 
     run_dir = Path(args.out)
@@ -95,10 +95,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _data_sources(paths: list[str], configured: list) -> list:
     """`--data PATH[:FIELD]` sources first, then the configured ones not named again."""
     from .data import source_from_path
@@ -120,8 +116,9 @@ def _data_sources(paths: list[str], configured: list) -> list:
 
 def _load(args):
     from .loading import load_checkpoint
+    from .options import resolve_device
 
-    return load_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype, mp_num=args.mp_num,
+    return load_checkpoint(args.checkpoint, device=resolve_device(args.device), dtype=args.dtype, mp_num=args.mp_num,
                            step=args.step)
 
 

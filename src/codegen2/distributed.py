@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import UserError
 from .models import architecture
+from .options import resolve_device
 from .safetensors_io import require_all
 
 
@@ -36,7 +36,7 @@ class DistEnv:
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return is_main_process(self.rank)
 
     @property
     def distributed(self) -> bool:
@@ -44,12 +44,9 @@ class DistEnv:
         return self.process_group
 
 
-def pick_device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA device is available")
-    return torch.device(setting)
+def is_main_process(rank: int | None = None) -> bool:
+    """The one main-process test: rank 0 (by default torchrun's RANK) prints and writes the run's files."""
+    return (int(os.environ.get("RANK", "0")) if rank is None else rank) == 0
 
 
 def launched_by_torchrun() -> bool:
@@ -58,7 +55,7 @@ def launched_by_torchrun() -> bool:
 
 def init_distributed(device_setting: str = "auto") -> DistEnv:
     """Join the torchrun process group when launched by torchrun (NCCL on GPU, gloo on CPU); else one process."""
-    device = pick_device(device_setting)
+    device = resolve_device(device_setting, "train.device")
     if not launched_by_torchrun():
         return DistEnv(device=device)
     world = int(os.environ["WORLD_SIZE"])

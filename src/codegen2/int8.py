@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .inference_options import INFERENCE_DTYPES
 from .kernels.int8 import int8_matmul, note_kernel_choice, row_sums, use_native
+from .options import INFERENCE_DTYPES
 from .safetensors_io import release_mapped_pages
 
 QMAX = 127
@@ -52,7 +52,7 @@ INFERENCE_NOTE = "int8 is weight-only, int8-dynamic also quantizes activations; 
 
 def parse_dtype(name: str | torch.dtype | None, where: str = "--dtype",
                 accepted: tuple[str, ...] = INFERENCE_DTYPES) -> str | None:
-    """One of `accepted` (a subset of `inference_options.DTYPES`, the one list of names; None stays None: keep
+    """One of `accepted` (a subset of `options.DTYPES`, the one list of names; None stays None: keep
     the checkpoint's own dtype), or a one-line UserError naming `where` and the names it takes."""
     if name is None:
         return None

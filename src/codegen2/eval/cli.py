@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..inference_options import add_decoder_flag, add_dtype_flag
+from ..options import add_decoder_flag, add_dtype_flag
 
 _INFILL_BENCHMARKS = {"infill-single": "single-line", "infill-multi": "multi-line"}
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from ..inference_options import LIBRARY_DECODER
 from ..infill import Sentinels, infill_prompt, infill_stop_ids
+from ..options import LIBRARY_DECODER
 
 # Left-to-right HumanEval completions end where a new top-level statement would begin (Codex paper:
 # class, def, #, if, print; plus the start of a new top-level docstring).

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..generation.sampling import SamplingParams, generate_ids
-from ..inference_options import add_dtype_flag
 from ..infill import INFILL_FORMATS, Sentinels, infill_prompt, infill_stop_ids
+from ..options import add_dtype_flag
 
 
 @dataclass

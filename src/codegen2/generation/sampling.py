@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..inference_options import DECODERS, LIBRARY_DECODER
 from ..infill import Sentinels, infill_prompt, infill_stop_ids
 from ..models.common import KVCache
+from ..options import DECODERS, LIBRARY_DECODER
 from .core import first_stop, prefill, step, truncate_at_stop
 from .decoder import FastDecoder, capacity_bucket, greedy_chunk_size
 

@@ -26,10 +26,10 @@ from ..checkpoint import WEIGHTS, select_checkpoint, write_checkpoint
 from ..config import Config, load_config, save_config
 from ..errors import UserError
 from ..fsutil import atomic_directory
-from ..inference_options import IMPORT_DTYPES
 from ..int8 import compute_dtype, parse_dtype
 from ..models import architecture, empty_model
 from ..models.codegen.hf import detect_mp_num, regroup_qkv, regroup_state_dict
+from ..options import IMPORT_DTYPES
 from ..safetensors_io import read_checked, write_file
 from .codegen25_tokenizer import is_codegen25_directory, load_codegen25_tokenizer
 from .config import CONFIG_FILE, load_hf_config, model_config_from_raw, read_hf_config

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from ..inference_options import add_decoder_flag, add_dtype_flag
+from ..options import add_decoder_flag, add_device_flag, add_dtype_flag, resolve_device
 
 log = logging.getLogger("codegen2.serve")
 
@@ -33,7 +33,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=256,
                    help="sequences allowed to wait; beyond it requests get 429 at once")
-    p.add_argument("--device", default="cpu")
+    add_device_flag(p)
     add_dtype_flag(p, default="auto", extra="; auto: bfloat16 on CUDA, as stored on the CPU")
     add_decoder_flag(p)
     p.add_argument("--mp-num", type=int, default=None, help="qkv grouping of a HF checkpoint (default: detect)")
@@ -93,15 +93,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     name = args.model_name or Path(args.checkpoint).resolve().name
-    dtype = _dtype(args.dtype, args.device)
+    device = str(resolve_device(args.device))
+    dtype = _dtype(args.dtype, device)
     if args.in_process:
-        loaded = load_checkpoint(args.checkpoint, device=args.device, dtype=dtype, mp_num=args.mp_num,
+        loaded = load_checkpoint(args.checkpoint, device=device, dtype=dtype, mp_num=args.mp_num,
                                  step=args.step)
         engine = BatchEngine(loaded.model, loaded.tokenizer, max_batch_size=args.max_batch_size,
                              max_queue=args.max_queue, bidirectional_prompt=loaded.prefix_lm, decoder=args.decoder)
         source = loaded.source
     else:
-        engine = ProcessEngine(args.checkpoint, device=args.device, dtype=dtype, mp_num=args.mp_num, step=args.step,
+        engine = ProcessEngine(args.checkpoint, device=device, dtype=dtype, mp_num=args.mp_num, step=args.step,
                                threads=args.threads, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                                decoder=args.decoder)
         source = engine.source

@@ -33,8 +33,8 @@ import torch
 from ..generation.core import copy_rows, prefill, set_filled, step
 from ..generation.decoder import FastDecoder, capacity_bucket, compile_report
 from ..generation.sampling import SamplingParams, choose_tokens
-from ..inference_options import DECODERS, LIBRARY_DECODER
 from ..models.common import KVCache
+from ..options import DECODERS, LIBRARY_DECODER
 from .text import IncrementalText
 
 log = logging.getLogger("codegen2.serve")

@@ -19,7 +19,7 @@ import threading
 from typing import Any
 
 from ..errors import UserError
-from ..inference_options import LIBRARY_DECODER
+from ..options import LIBRARY_DECODER
 from .engine import Cancellable, EngineStopped, QueueFull, RowEvent, RowRequest, Sink, Ticket, check_rows
 
 log = logging.getLogger("codegen2.serve")
