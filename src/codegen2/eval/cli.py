@@ -9,13 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..options import add_decoder_flag, add_dtype_flag
-
-_INFILL_BENCHMARKS = {"infill-single": "single-line", "infill-multi": "multi-line"}
+from ..options import add_decoder_flag, add_device_flag, add_dtype_flag
+from .tasks import INFILL_BENCHMARKS
 
 
 def register(subparsers) -> argparse._SubParsersAction:
@@ -29,14 +27,14 @@ def register(subparsers) -> argparse._SubParsersAction:
     _execution_args(p)
     p.set_defaults(func=cmd_humaneval, benchmark="humaneval")
 
-    for name, kind in _INFILL_BENCHMARKS.items():
+    for name, kind in INFILL_BENCHMARKS.items():
         p = eval_sub.add_parser(name, help=f"HumanEval {kind} infilling (CodeGen2 infill format), pass@k")
         _generation_args(p, n=1, max_new_tokens=128)
         _execution_args(p)
         p.set_defaults(func=cmd_humaneval, benchmark=name)
 
     p = eval_sub.add_parser("tasks", help="write a benchmark's tasks (or its canonical solutions as samples) as JSONL")
-    p.add_argument("benchmark", choices=["humaneval", *_INFILL_BENCHMARKS])
+    p.add_argument("benchmark", choices=["humaneval", *INFILL_BENCHMARKS])
     p.add_argument("--out", required=True, help="JSONL file to write")
     p.add_argument("--canonical-samples", action="store_true",
                    help="write {task_id, completion} rows holding the canonical solutions, for `eval score`")
@@ -44,7 +42,7 @@ def register(subparsers) -> argparse._SubParsersAction:
 
     p = eval_sub.add_parser("score", help="execute an existing sample file and report pass@k")
     p.add_argument("--samples", required=True, help="JSONL (or .jsonl.gz) with task_id and completion per line")
-    p.add_argument("--benchmark", default="auto", choices=["auto", "humaneval", *_INFILL_BENCHMARKS],
+    p.add_argument("--benchmark", default="auto", choices=["auto", "humaneval", *INFILL_BENCHMARKS],
                    help="default: recognised from the task ids")
     _execution_args(p)
     p.set_defaults(func=cmd_score)
@@ -67,7 +65,7 @@ def _generation_args(p: argparse.ArgumentParser, n: int, max_new_tokens: int) ->
     p.add_argument("--step", type=int, help="checkpoint step of a run (default: the newest)")
     p.add_argument("--mp-num", type=int, dest="mp_num",
                    help="qkv groups of a Hugging Face checkpoint (default: detect)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    add_device_flag(p)
 
 
 def _execution_args(p: argparse.ArgumentParser) -> None:
@@ -121,13 +119,37 @@ def _finish(report, out_json: Path | None, extra: dict | None = None) -> None:
 
 def cmd_humaneval(args) -> int:
     """Sample (left-to-right or infill), write samples, execute, write results and pass@k."""
-    from ..request_checks import check_sampling
-    from . import generation
-    from .generation import HUMANEVAL_STOP, context_report, sample_tasks
-    from .scoring import results_path, score_samples
-    from .tasks import load_tasks, write_jsonl
+    from ..loading import load_checkpoint
+    from ..options import resolve_device
+    from .benchmark import sample_benchmark, score_benchmark
+    from .tasks import load_tasks
 
     ks = _ks(args)
+    params = _checked_params(args)
+    tasks_by_id = load_tasks(args.benchmark)
+    tasks = list(tasks_by_id.values())[: args.limit]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_checkpoint(args.checkpoint, device=resolve_device(args.device), dtype=args.dtype,
+                             mp_num=args.mp_num, step=args.step)
+    samples = sample_benchmark(loaded, tasks, args.benchmark, params, args.n, out, batch_size=args.batch_size,
+                               decoder=args.decoder, progress=not args.no_progress)
+    with _executor(args) as executor:
+        report = score_benchmark(samples, tasks_by_id, executor, args.benchmark, args.timeout, ks,
+                                 progress=not args.no_progress)
+    settings = {"checkpoint": str(args.checkpoint), "n": args.n, "temperature": args.temperature,
+                "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+                "stop": list(samples.params.stop), "limit": args.limit, "sampling_seconds": round(samples.seconds, 2),
+                "decoder": args.decoder, "dtype": args.dtype}
+    _finish(report, out / "pass_at_k.json", {"settings": settings, "context": samples.context})
+    return 0
+
+
+def _checked_params(args):
+    """The sampling parameters of the flags, each checked (by the rules `codegen2 sample` applies too)."""
+    from ..generation.sampling import SamplingParams
+    from ..request_checks import check_sampling
+
     for name, value, low in (("--n", args.n, 1), ("--batch-size", args.batch_size, 1),
                              ("--limit", 1 if args.limit is None else args.limit, 1)):
         if value < low:
@@ -136,53 +158,8 @@ def cmd_humaneval(args) -> int:
                    top_k=args.top_k, seed=args.seed)
     if args.temperature == 0 and args.n > 1:
         print("note: --temperature 0 is greedy, so all n samples of a task are identical", file=sys.stderr)
-    tasks_by_id = load_tasks(args.benchmark)
-    tasks = list(tasks_by_id.values())[: args.limit]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    import torch
-
-    from ..generation.sampling import SamplingParams
-    from ..loading import load_checkpoint
-
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    loaded = load_checkpoint(args.checkpoint, device=device, dtype=args.dtype, mp_num=args.mp_num, step=args.step)
-    infilling = args.benchmark in _INFILL_BENCHMARKS
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, stop=() if infilling else HUMANEVAL_STOP, seed=args.seed)
-    n_ctx = loaded.config.n_ctx
-    if args.max_new_tokens >= n_ctx:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model context "
-                        f"of {n_ctx} tokens; use at most {n_ctx - 1} (fewer leaves more of each prompt)")
-    context = context_report(loaded.tokenizer, tasks, infilling, args.max_new_tokens, n_ctx)
-    if context["truncated"] or context["skipped"]:
-        print(f"note: with --max-new-tokens {args.max_new_tokens} in a context of {n_ctx} tokens, "
-              f"{context['truncated']} of {len(tasks)} prompts lose their start and {context['skipped']} are skipped "
-              f"(empty completion, scored as failed); see \"context\" in pass_at_k.json", file=sys.stderr)
-    complete = (generation.infill_middle if infilling else generation.left_to_right)(loaded, params,
-                                                                                     decoder=args.decoder)
-    started = time.perf_counter()
-    rows = sample_tasks(tasks, args.n, complete, batch_size=args.batch_size, seed=args.seed,
-                        progress=not args.no_progress)
-    sampling_seconds = time.perf_counter() - started
-    from ..generation.decoder import compile_report
-
-    if compile_report():
-        print(compile_report(), file=sys.stderr)
-    samples_file = out / "samples.jsonl"
-    write_jsonl(samples_file, rows)
-
-    with _executor(args) as executor:
-        report = score_samples(rows, tasks_by_id, executor, timeout=args.timeout, ks=ks, benchmark=args.benchmark,
-                               progress=not args.no_progress)
-    write_jsonl(results_path(samples_file), report.rows)
-    settings = {"checkpoint": str(args.checkpoint), "n": args.n, "temperature": args.temperature,
-                "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-                "stop": list(params.stop), "limit": args.limit, "sampling_seconds": round(sampling_seconds, 2),
-                "decoder": args.decoder, "dtype": args.dtype}
-    _finish(report, out / "pass_at_k.json", {"settings": settings, "context": context})
-    return 0
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed)
 
 
 def cmd_tasks(args) -> int:

