@@ -581,7 +581,7 @@ def test_unfinished_inline_prepare_with_other_settings_is_refused(tmp_path):
 def test_run_from_the_old_token_cache_is_prepared_again_with_a_note(tmp_path):
     """A run started by an earlier codegen2 (RUN/data/*.npy token caches, no RUN/prepared): evaluation says what
     to do, and --resume prepares its sources into RUN/prepared with a note that the sample order changes."""
-    from codegen2.eval.heldout import run_heldout_documents
+    from codegen2.data.heldout import run_heldout_documents
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from codegen2.config import ModelConfig
 from codegen2.data import Document
+from codegen2.data.heldout import chunk_tokens
 from codegen2.eval.heldout import (
     InfillTask,
-    chunk_tokens,
     completion_loss,
     default_infill_format,
     evaluation_data_config,
@@ -213,7 +213,7 @@ def test_eval_scores_exactly_the_prepared_heldout_documents(tmp_path, small_toke
     shutil.rmtree(corpus)  # evaluation never reads the raw files
     assert cli.main(["eval", "heldout", "--checkpoint", str(run), "--n-infill", "0", "--max-tokens", "500"]) == 0
     assert [(d.path, d.text, d.kind) for d in seen[0]] == [(d.path, d.text, d.kind) for d in prepared]
-    assert json.loads(capsys.readouterr().out)["heldout_docs"] == {"code": len(prepared), "nl": 0}
+    assert json.loads((run / "eval" / "heldout.json").read_text())["heldout_docs"] == {"code": len(prepared), "nl": 0}
     # --baseline scores a freshly initialised model of the same shape, seeded: the same table on every run
     # (and the caller's random state is left as it was)
     untrained = []
@@ -222,7 +222,7 @@ def test_eval_scores_exactly_the_prepared_heldout_documents(tmp_path, small_toke
         assert cli.main(["eval", "heldout", "--checkpoint", str(run), "--n-infill", "0", "--max-tokens", "500",
                          "--baseline"]) == 0
         assert torch.equal(torch.random.get_rng_state(), state)
-        untrained.append(json.loads(capsys.readouterr().out)["untrained"]["code"]["loss"])
+        untrained.append(json.loads((run / "eval" / "heldout.json").read_text())["untrained"]["code"]["loss"])
     assert untrained[0] == untrained[1]
 
 

@@ -81,7 +81,8 @@ def test_cli_info_prints_exact_parameter_counts():
 
 
 def test_eval_every_logs_heldout_loss_without_changing_training(tiny_config, tmp_path):
-    from codegen2.eval.heldout import heldout_loss, run_heldout_documents
+    from codegen2.data.heldout import run_heldout_documents
+    from codegen2.eval.heldout import heldout_loss
     from codegen2.loading import load_checkpoint
 
     settings = {"train.eval_every": 4, "train.eval_tokens": 300, "train.log_every": 3}

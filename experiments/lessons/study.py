@@ -133,7 +133,8 @@ def evaluate_run(run_dir: Path, n_infill: int, eval_tokens: int, progress, train
     record = {"train_s": train_s, "eval_s": time.perf_counter() - started}
     eval_path = run_dir / "eval.json"
     tmp = eval_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**json.loads(result.stdout), "timing": record}, indent=1), encoding="utf-8")
+    measured = json.loads((run_dir / "eval" / "heldout.json").read_text(encoding="utf-8"))
+    tmp.write_text(json.dumps({**measured, "timing": record}, indent=1), encoding="utf-8")
     tmp.replace(eval_path)
     progress(f"{run_dir.name}: trained in {record['train_s'] / 60:.1f} min, evaluated in {record['eval_s']:.0f} s | "
              + result.stderr.strip().replace("\n", " | "))

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_toml
+from .data import BatchLoader, prepare_data
+from .data.heldout import HeldoutProbe, run_heldout_documents
 from .distributed import (
     DistEnv,
     all_reduce_sum,
@@ -430,8 +432,6 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, tokenizer=N
     A new run refuses a directory that holds another run unless `overwrite` (which replaces its files);
     `resume` continues the run there from its newest intact checkpoint.
     """
-    from .data import BatchLoader, prepare_data
-
     run_dir = Path(run_dir)
     ckpt.check_run_directory(run_dir, resume, overwrite)
     env = init_distributed(config.train.device)
@@ -439,8 +439,9 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, tokenizer=N
         check_memory_fit(config, env, config.train.parallel if env.distributed else "none")
         # Weights to start from are read before any work, so that a wrong --init-from fails at once (passed
         # inline, not held here, so that they are freed once copied into the model).
-        return _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, prepare_data, overwrite,
+        run = _set_up(config, run_dir, env, resume, overwrite, tokenizer,
                       init_state(config.train.init_from, config) if config.train.init_from else None)
+        return _run_loop(run, stop_after)
     finally:
         shutdown(env)
 
@@ -487,7 +488,7 @@ def init_tokenizer(config: Config):
     return load_hf_tokenizer(config.train.init_from, config.model.vocab_size)
 
 
-def _prepare_data_on_ranks(config: Config, run_dir: Path, tokenizer, env: DistEnv, prepare_data):
+def _prepare_data_on_ranks(config: Config, run_dir: Path, tokenizer, env: DistEnv):
     """Rank 0 prepares the run's data if it is not prepared yet (the others wait for its manifest, then the
     barrier); then every rank memory-maps the shards."""
     from .data.pipeline import run_prepared_dir
@@ -562,13 +563,55 @@ def _print_record(record: dict, max_steps: int) -> None:
           f"MFU {100 * record['mfu']:.1f}% | ETA {format_duration(record['eta_s'])}", file=sys.stderr, flush=True)
 
 
-def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, prepare_data, overwrite,
-           initial) -> TrainResult:
+@dataclass
+class TrainingRun:
+    """What the training loop works with, set up once by `_set_up`; `step`, `tokens_seen` and `data_hash` are
+    the position the loop advances (and checkpoints)."""
+
+    config: Config
+    run_dir: Path
+    env: DistEnv
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    settings: StepSettings
+    dataset: Any
+    run_id: str
+    micro_bs: int
+    grad_accum: int
+    step: int = 0
+    tokens_seen: int = 0
+    data_hash: str = ""
+    # Made once the step to start from is known (the loader and the log start there):
+    loader: BatchLoader | None = None
+    meter: Throughput | None = None
+    run_log: RunLog | None = None
+    probe: HeldoutProbe | None = None
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.micro_bs * self.grad_accum * self.env.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.samples_per_step * self.config.train.seq_len
+
+    def checkpoint_meta(self) -> dict:
+        """What a checkpoint of the current step records besides the tensors: where the data continues."""
+        next_index = self.step * self.samples_per_step
+        return {"run_id": self.run_id, "tokens_seen": self.tokens_seen, "world_size": self.env.world_size,
+                "grad_accum": self.grad_accum, "micro_batch_size": self.micro_bs, "parallel": self.settings.parallel,
+                "next_sample_index": next_index, "epochs": self.dataset.epochs_at(next_index),
+                "data_hash": self.data_hash}
+
+
+def _set_up(config: Config, run_dir: Path, env: DistEnv, resume: bool, overwrite: bool, tokenizer,
+            initial: dict[str, torch.Tensor] | None) -> TrainingRun:
+    """The run directory, the data, the model and optimizer (restored when resuming) and the loader."""
     t = config.train
     latest = _start_run_directory(config, run_dir, resume, overwrite, env)
     saved_meta = ckpt.read_meta(latest) if latest is not None else None
-    tokenizer, dataset, stats = _prepare_data_on_ranks(config, run_dir, tokenizer, env, prepare_data)
-
+    tokenizer, dataset, stats = _prepare_data_on_ranks(config, run_dir, tokenizer, env)
     if saved_meta is not None:
         micro_bs, grad_accum, layout_note = resume_batching(config, env.world_size, saved_meta)
     else:
@@ -581,112 +624,129 @@ def _train(config, run_dir, resume, tokenizer, stop_after, env, BatchLoader, pre
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, t) / t.lr)
     settings = StepSettings(device=env.device, world_size=env.world_size, parallel=parallel, autocast=autocast,
                             grad_clip=t.grad_clip, document_mask=t.document_mask, prefix_lm=config.objective.prefix_lm)
-
-    step, tokens_seen, data_hash = 0, 0, ""
-    run_id = uuid.uuid4().hex[:12]  # marks this run's checkpoints: pruning never touches another run's
-    if latest is not None:
-        meta = ckpt.restore_checkpoint(latest, model, optimizer, scheduler, env)
-        step, tokens_seen, data_hash = meta["step"], meta["tokens_seen"], meta.get("data_hash", "")
-        run_id = saved_meta.get("run_id") if "format" in saved_meta else run_id  # imported weights: a new run
-        if env.is_main:
-            position = (f"global sample index {meta['next_sample_index']}" if "next_sample_index" in meta
-                        else "imported weights: data from the start")
-            print(f"resuming from {latest} at step {step} ({position})"
-                  + (f"; {layout_note}" if layout_note else ""), file=sys.stderr)
-    elif resume and env.is_main:
-        print(f"no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
-    run_id = broadcast_object(run_id, env)
-
-    loader = BatchLoader(dataset, config.objective, tokenizer.special_ids(), micro_bs, grad_accum, t.seed,
-                         rank=env.rank, world_size=env.world_size, start_step=step)
-    samples_per_step = micro_bs * grad_accum * env.world_size
-    tokens_per_step = samples_per_step * t.seq_len
+    run = TrainingRun(config=config, run_dir=run_dir, env=env, model=model, optimizer=optimizer, scheduler=scheduler,
+                      settings=settings, dataset=dataset, micro_bs=micro_bs, grad_accum=grad_accum,
+                      run_id=uuid.uuid4().hex[:12])  # marks this run's checkpoints: pruning never touches another's
+    _restore(run, latest, saved_meta, layout_note, resume)
+    run.loader = BatchLoader(dataset, config.objective, tokenizer.special_ids(), micro_bs, grad_accum, t.seed,
+                             rank=env.rank, world_size=env.world_size, start_step=run.step)
     peak, peak_source = device_peak_flops(env.device)
-    meter = Throughput(flops_per_token(config.model, t.seq_len), peak)
-    run_log = RunLog(run_dir, env.is_main, step)
-    probe = None
+    run.meter = Throughput(flops_per_token(config.model, t.seq_len), peak)
+    run.run_log = RunLog(run_dir, env.is_main, run.step)
     if t.eval_every > 0:
-        from .eval.heldout import HeldoutProbe, run_heldout_documents
-
-        probe = HeldoutProbe(run_heldout_documents(config, run_dir), tokenizer, t.seq_len, t.eval_tokens, micro_bs)
+        run.probe = HeldoutProbe(run_heldout_documents(config, run_dir), tokenizer, t.seq_len, t.eval_tokens, micro_bs)
     if env.is_main:
         print(f"training {unwrap(model).num_parameters():,} parameters on {env.world_size}x {env.device.type} "
               f"({parallel}, {'bf16' if bf16 else 'fp32'}), {micro_bs} x {grad_accum} x {env.world_size} = "
-              f"{samples_per_step} samples = {tokens_per_step:,} tokens/step, steps {step}->{t.max_steps}; "
-              f"data: {json.dumps(data_summary(stats))}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})",
-              file=sys.stderr)
+              f"{run.samples_per_step} samples = {run.tokens_per_step:,} tokens/step, steps {run.step}->"
+              f"{t.max_steps}; data: {json.dumps(data_summary(stats))}; peak {peak / 1e9:.0f} GFLOP/s "
+              f"({peak_source})", file=sys.stderr)
+    return run
 
-    def checkpoint_meta(step_done: int) -> dict:
-        next_index = step_done * samples_per_step
-        return {"run_id": run_id, "tokens_seen": tokens_seen, "world_size": env.world_size, "grad_accum": grad_accum,
-                "micro_batch_size": micro_bs, "parallel": parallel, "next_sample_index": next_index,
-                "epochs": dataset.epochs_at(next_index), "data_hash": data_hash}
 
+def _restore(run: TrainingRun, latest: Path | None, saved_meta: dict | None, layout_note: str, resume: bool) -> None:
+    """Load the checkpoint to resume from (if any) into the run; every rank then agrees on the run id."""
+    env = run.env
+    if latest is not None:
+        meta = ckpt.restore_checkpoint(latest, run.model, run.optimizer, run.scheduler, env)
+        run.step, run.tokens_seen, run.data_hash = meta["step"], meta["tokens_seen"], meta.get("data_hash", "")
+        if "format" in saved_meta:  # imported weights (no format) start a new run
+            run.run_id = saved_meta.get("run_id")
+        if env.is_main:
+            position = (f"global sample index {meta['next_sample_index']}" if "next_sample_index" in meta
+                        else "imported weights: data from the start")
+            print(f"resuming from {latest} at step {run.step} ({position})"
+                  + (f"; {layout_note}" if layout_note else ""), file=sys.stderr)
+    elif resume and env.is_main:
+        print(f"no checkpoint in {run.run_dir}; starting from step 0", file=sys.stderr)
+    run.run_id = broadcast_object(run.run_id, env)
+
+
+def _run_loop(run: TrainingRun, stop_after: int | None) -> TrainResult:
+    """Steps until max_steps, `stop_after` or a signal; logs, evaluates and checkpoints when due."""
+    t, env = run.config.train, run.env
     history: list[dict] = []
     pending_digests: list[tuple[int, torch.Tensor]] = []  # (step, data digest) not yet in data_hash
     last_loss = float("nan")
     interrupted = ""
-    model.train()
-    iterator = iter(loader)
+    run.model.train()
+    iterator = iter(run.loader)
     started = time.perf_counter()
-    meter.start()
+    run.meter.start()
     stop = StopRequest().install()
     try:
-        while step < t.max_steps:
-            micro_batches = next(iterator)
-            local_targets = sum(int((mb.labels != -100).sum()) for mb in micro_batches)
-            # One collective for the step's target count (the loss normaliser) and its data digest.
-            step_totals = torch.tensor([local_targets, sample_digest(micro_batches)], dtype=torch.int64,
-                                       device=env.device)
-            step_totals = all_reduce_sum(step_totals, env)  # stays on the device: no host sync per step
-            pending_digests.append((step + 1, step_totals[1]))
-            grad_norm, loss_sum, count = train_step(model, optimizer, micro_batches, step_totals[0].float(), settings)
-            scheduler.step()
-            step += 1
-            tokens_seen += tokens_per_step
-            meter.update(tokens_per_step)
-
-            log_due = is_due(step, t.log_every, t.max_steps) or step == 1
-            checkpoint_due = is_due(step, t.checkpoint_every, t.max_steps)
+        while run.step < t.max_steps:
+            grad_norm, loss_sum, count = _step(run, next(iterator), pending_digests)
+            log_due = is_due(run.step, t.log_every, t.max_steps) or run.step == 1
+            checkpoint_due = is_due(run.step, t.checkpoint_every, t.max_steps)
             if log_due or checkpoint_due:
-                data_hash = fold_digests(data_hash, pending_digests)
-            evaluation = {}
-            if probe is not None and is_due(step, t.eval_every, t.max_steps):
-                eval_started = time.perf_counter()
-                evaluation = probe(model, autocast)
-                meter.exclude(time.perf_counter() - eval_started)
-                if env.is_main:
-                    print(f"eval step {step} | tokens {tokens_seen:,} | " + " | ".join(
-                        f"held-out {k[5:-5].replace('nl', 'prose')} loss {v:.4f}" for k, v in evaluation.items()),
-                        file=sys.stderr, flush=True)
-                if evaluation and not log_due:
-                    run_log.write({"step": step, "tokens": tokens_seen, **evaluation})
+                run.data_hash = fold_digests(run.data_hash, pending_digests)
+            evaluation = _probe(run, log_due)
             if log_due:
-                extra = {"elapsed_s": time.perf_counter() - started, "data_hash": data_hash, **evaluation}
-                record = _log_record(step, tokens_seen, t, loss_sum, count, grad_norm, scheduler, meter, env, extra)
+                extra = {"elapsed_s": time.perf_counter() - started, "data_hash": run.data_hash, **evaluation}
+                record = _log_record(run.step, run.tokens_seen, t, loss_sum, count, grad_norm, run.scheduler,
+                                     run.meter, env, extra)
                 last_loss = record["loss"]
                 history.append(record)
-                run_log.write(record)
+                run.run_log.write(record)
                 if env.is_main:
                     _print_record(record, t.max_steps)
             stopping = stop.requested(env)
             if checkpoint_due or stopping:
                 if stopping and not checkpoint_due:
-                    data_hash = fold_digests(data_hash, pending_digests)
-                ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler, env, parallel == "fsdp",
-                                     checkpoint_meta(step), t.keep_last)
+                    run.data_hash = fold_digests(run.data_hash, pending_digests)
+                ckpt.save_checkpoint(run.run_dir, run.step, run.model, run.optimizer, run.scheduler, env,
+                                     run.settings.parallel == "fsdp", run.checkpoint_meta(), t.keep_last)
             if stopping:
                 interrupted = stop.name
-                if env.is_main:
-                    print(f"{interrupted}: stopped after step {step} and saved its checkpoint "
-                          f"({run_dir / ckpt.CHECKPOINTS / ckpt.checkpoint_name(step)}); continue with --resume",
-                          file=sys.stderr, flush=True)
+                _say_stopped(run, interrupted)
                 break
-            if stop_after is not None and step >= stop_after:
+            if stop_after is not None and run.step >= stop_after:
                 break
     finally:
         stop.restore()
-        loader.close()
-        run_log.close()
-    return TrainResult(run_dir=run_dir, final_step=step, tokens_seen=tokens_seen, last_loss=last_loss,
+        run.loader.close()
+        run.run_log.close()
+    return TrainResult(run_dir=run.run_dir, final_step=run.step, tokens_seen=run.tokens_seen, last_loss=last_loss,
                        history=history, interrupted=interrupted)
+
+
+def _step(run: TrainingRun, micro_batches, pending_digests: list[tuple[int, torch.Tensor]]):
+    """One training step; its data digest joins `pending_digests`. Returns train_step's (grad_norm, loss_sum, count)."""
+    local_targets = sum(int((mb.labels != -100).sum()) for mb in micro_batches)
+    # One collective for the step's target count (the loss normaliser) and its data digest.
+    step_totals = torch.tensor([local_targets, sample_digest(micro_batches)], dtype=torch.int64,
+                               device=run.env.device)
+    step_totals = all_reduce_sum(step_totals, run.env)  # stays on the device: no host sync per step
+    pending_digests.append((run.step + 1, step_totals[1]))
+    result = train_step(run.model, run.optimizer, micro_batches, step_totals[0].float(), run.settings)
+    run.scheduler.step()
+    run.step += 1
+    run.tokens_seen += run.tokens_per_step
+    run.meter.update(run.tokens_per_step)
+    return result
+
+
+def _probe(run: TrainingRun, log_due: bool) -> dict:
+    """The held-out losses when an evaluation is due (their time is left out of the throughput); logged on their
+    own line unless the step's record, which carries them, is written too."""
+    t = run.config.train
+    if run.probe is None or not is_due(run.step, t.eval_every, t.max_steps):
+        return {}
+    eval_started = time.perf_counter()
+    evaluation = run.probe(run.model, run.settings.autocast)
+    run.meter.exclude(time.perf_counter() - eval_started)
+    if run.env.is_main:
+        print(f"eval step {run.step} | tokens {run.tokens_seen:,} | " + " | ".join(
+            f"held-out {k[5:-5].replace('nl', 'prose')} loss {v:.4f}" for k, v in evaluation.items()),
+            file=sys.stderr, flush=True)
+    if evaluation and not log_due:
+        run.run_log.write({"step": run.step, "tokens": run.tokens_seen, **evaluation})
+    return evaluation
+
+
+def _say_stopped(run: TrainingRun, signal_name: str) -> None:
+    if run.env.is_main:
+        print(f"{signal_name}: stopped after step {run.step} and saved its checkpoint "
+              f"({run.run_dir / ckpt.CHECKPOINTS / ckpt.checkpoint_name(run.step)}); continue with --resume",
+              file=sys.stderr, flush=True)

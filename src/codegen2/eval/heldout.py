@@ -20,7 +20,6 @@ Two prompt formats, matching the two infill objectives a model may have been tra
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
@@ -30,10 +29,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..data.heldout import chunk_tokens, rows_loss, run_heldout_documents
 from ..errors import UserError
 from ..generation.sampling import SamplingParams, generate_ids
 from ..infill import INFILL_FORMATS, Sentinels, infill_prompt, infill_stop_ids
-from ..options import add_dtype_flag
+from ..options import add_device_flag, add_dtype_flag
 
 
 @dataclass
@@ -63,60 +63,11 @@ def evaluation_data_config(data):
     return dataclasses.replace(data, embedded_code_weight=1.0, embedded_nl_weight=1.0)
 
 
-def run_heldout_documents(config, run_dir) -> list:
-    """The held-out documents of a run: exactly those its prepared data kept (RUN/prepared, or data.prepared)."""
-    from ..data.pipeline import run_prepared_dir
-    from ..data.prepare import PreparedData
-
-    root = run_prepared_dir(config, run_dir)
-    if not config.data.prepared and not root.is_dir():
-        raise UserError(f"{run_dir} has no prepared data ({root}): it was trained by an earlier codegen2 on its "
-                        f"token cache; `codegen2 train --out {run_dir} --resume` prepares it")
-    return PreparedData.open(root).heldout_documents()
-
-
 def raw_heldout_documents(data_config) -> list:
     """The held-out split of `data_config`'s sources read from their files (see evaluation_data_config)."""
     from ..data import heldout_documents
 
     return heldout_documents(evaluation_data_config(data_config))
-
-
-def chunk_tokens(docs_tokens: list[list[int]], eot: int, window: int, max_tokens: int) -> torch.Tensor:
-    """Join documents with eot and cut [N, window + 1] rows (inputs plus the shifted targets)."""
-    stream: list[int] = []
-    for tokens in docs_tokens:
-        stream.extend(tokens)
-        stream.append(eot)
-        if len(stream) > max_tokens:
-            break
-    stream = stream[: max_tokens + 1]
-    rows = (len(stream) - 1) // window
-    if rows < 1:
-        return torch.empty(0, window + 1, dtype=torch.long)
-    data = torch.tensor(stream[: rows * window + 1], dtype=torch.long)
-    return torch.stack([data[i * window: i * window + window + 1] for i in range(rows)])
-
-
-@torch.inference_mode()
-def rows_loss(model, rows: torch.Tensor, batch_size: int, split: int = 0, bidirectional: bool = False,
-              autocast=None) -> tuple[float, int]:
-    """(summed cross-entropy, scored tokens) of [N, window + 1] rows, scoring the positions from `split` on.
-
-    The one scoring loop behind the held-out loss, the completion loss and the in-training probe; with
-    `bidirectional` the first `split` positions are the model's bidirectional prefix.
-    """
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start: start + batch_size].to(device)
-        prefix_len = torch.full((len(batch),), split, device=device) if bidirectional else None
-        with autocast if autocast is not None else contextlib.nullcontext():
-            logits = model(batch[:, :-1], prefix_len=prefix_len)[:, split:]
-        targets = batch[:, split + 1:]
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum"))
-        count += targets.numel()
-    return total, count
 
 
 @torch.inference_mode()
@@ -257,79 +208,77 @@ def evaluate_heldout(loaded, documents: list, window: int, max_tokens: int = 100
     return result
 
 
-class HeldoutProbe:
-    """Held-out code and prose loss during training (`train.eval_every`): the rows are tokenized once, then
-    every probe is a few forward passes with no randomness, so it never changes what training does next."""
-
-    def __init__(self, documents: list, tokenizer, window: int, max_tokens: int, batch_size: int):
-        self.batch_size = batch_size
-        self.rows = {}
-        for kind in ("code", "nl"):
-            texts = [d.text for d in documents if d.kind == kind]
-            rows = chunk_tokens(tokenizer.encode_batch(texts), tokenizer.eot_id, window, max_tokens) if texts else None
-            if rows is not None and len(rows):
-                self.rows[kind] = rows
-
-    @torch.no_grad()
-    def __call__(self, model, autocast=None) -> dict[str, float]:
-        """{"eval_code_loss": ..., "eval_nl_loss": ...} for the kinds the held-out split has."""
-        was_training = model.training
-        model.eval()
-        out = {}
-        try:
-            for kind, rows in self.rows.items():
-                total, count = rows_loss(model, rows, self.batch_size, autocast=autocast)
-                out[f"eval_{kind}_loss"] = total / count
-        finally:
-            model.train(was_training)
-        return out
-
-
 def run_heldout(args: argparse.Namespace) -> int:
+    """`codegen2 eval heldout`: the table on stderr, every number as JSON in a file (and on stdout with --json)."""
+    from ..loading import load_checkpoint
+    from ..options import resolve_device
+
+    loaded = load_checkpoint(args.checkpoint, device=resolve_device(args.device), mp_num=getattr(args, "mp_num", None),
+                             dtype=getattr(args, "dtype", None), step=args.step)
+    documents, where, window, infill_format = _heldout_inputs(args, loaded)
+    result = evaluate_heldout(loaded, documents, window, args.max_tokens, args.n_infill, args.batch_size,
+                              infill_format)
+    if "code" not in result and "nl" not in result:
+        raise UserError(_no_heldout_reason(where))
+    if args.baseline:
+        result["untrained"] = evaluate_heldout(_untrained(loaded), documents, window, args.max_tokens, args.n_infill,
+                                               args.batch_size, infill_format)
+    print(summarize(result), file=sys.stderr)
+    out = _json_path(args)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        print(f"every number, as JSON: {out}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result, indent=None), file=sys.stdout)
+    return 0
+
+
+def _heldout_inputs(args: argparse.Namespace, loaded) -> tuple[list, object, int, str]:
+    """(documents, where they come from, window, infill format): a run is scored on its own prepared held-out
+    documents at its training length; another checkpoint on --data's, else the embedded corpus's."""
     from pathlib import Path
 
     from ..config import DataConfig, load_config
     from ..data.pipeline import run_prepared_dir
     from ..data.prepare import PreparedData
-    from ..loading import is_run_directory, load_checkpoint
+    from ..loading import is_run_directory
 
-    loaded = load_checkpoint(args.checkpoint, mp_num=getattr(args, "mp_num", None), dtype=getattr(args, "dtype", None),
-                             step=args.step)
     run = Path(args.checkpoint)
-    infill_format = args.infill_format
     if is_run_directory(run):
         config = load_config(run / "config.toml")
-        window = config.train.seq_len
-        infill_format = infill_format or default_infill_format(config.objective)
         if args.data:
             raise UserError(f"--data is for checkpoints without a run; {run} is scored on its own prepared "
                             "held-out documents")
-        documents, where = run_heldout_documents(config, run), run_prepared_dir(config, run)
-    else:
-        window = min(1024, loaded.config.n_ctx - 1)
-        if args.data:
-            documents, where = PreparedData.open(args.data).heldout_documents(), Path(args.data)
-        else:
-            documents, where = raw_heldout_documents(DataConfig()), None
-    result = evaluate_heldout(loaded, documents, window, args.max_tokens, args.n_infill, args.batch_size,
-                              infill_format or "codegen2")
-    if "code" not in result and "nl" not in result:
-        raise UserError(_no_heldout_reason(where))
-    if args.baseline:
-        # The same shapes freshly initialised: the number training has to beat. Seeded (without touching the
-        # caller's random state) so that the table is the same on every run.
-        from ..models import build_model
+        return (run_heldout_documents(config, run), run_prepared_dir(config, run), config.train.seq_len,
+                args.infill_format or default_infill_format(config.objective))
+    window, infill_format = min(1024, loaded.config.n_ctx - 1), args.infill_format or "codegen2"
+    if args.data:
+        return PreparedData.open(args.data).heldout_documents(), Path(args.data), window, infill_format
+    return raw_heldout_documents(DataConfig()), None, window, infill_format
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            untrained = build_model(loaded.config).eval()
-        baseline = type(loaded)(model=untrained, tokenizer=loaded.tokenizer, config=loaded.config,
-                                prefix_lm=loaded.prefix_lm)
-        result["untrained"] = evaluate_heldout(baseline, documents, window, args.max_tokens, args.n_infill,
-                                               args.batch_size, infill_format or "codegen2")
-    print(summarize(result), file=sys.stderr)
-    print(json.dumps(result, indent=None), file=sys.stdout)
-    return 0
+
+def _untrained(loaded):
+    """The same shapes freshly initialised: the number training has to beat. Seeded (without touching the
+    caller's random state) so that the table is the same on every run."""
+    from ..models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        untrained = build_model(loaded.config).eval()
+    untrained.to(next(loaded.model.parameters()).device)
+    return type(loaded)(model=untrained, tokenizer=loaded.tokenizer, config=loaded.config, prefix_lm=loaded.prefix_lm)
+
+
+def _json_path(args: argparse.Namespace):
+    """Where the JSON goes: --out, else RUN/eval/heldout.json for a run directory (none for other checkpoints)."""
+    from pathlib import Path
+
+    from ..loading import is_run_directory
+
+    if args.out:
+        return Path(args.out)
+    return Path(args.checkpoint) / "eval" / "heldout.json" if is_run_directory(Path(args.checkpoint)) else None
 
 
 def _no_heldout_reason(prepared) -> str:
@@ -359,8 +308,8 @@ _SUMMARY_ROWS = (
 
 
 def summarize(result: dict) -> str:
-    """A short table, the untrained model (with --baseline) beside the trained one; the JSON that follows
-    on stdout carries everything."""
+    """A short table, the untrained model (with --baseline) beside the trained one; the JSON file carries
+    everything."""
     docs = result.get("heldout_docs", {})
     lines = [f"held-out split: {docs.get('code', 0)} code and {docs.get('nl', 0)} prose documents "
              f"(never trained on)"] if docs else []
@@ -393,6 +342,7 @@ def register(eval_subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--mp-num", type=int, default=None)
     add_dtype_flag(parser)
+    add_device_flag(parser)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: the newest)")
     parser.add_argument("--baseline", action="store_true", help="also score an untrained model of the same shape")
     parser.add_argument("--data", default="", metavar="DATA_DIR",
@@ -400,4 +350,7 @@ def register(eval_subparsers) -> None:
                              "(default: the embedded corpus's held-out split)")
     parser.add_argument("--infill-format", choices=INFILL_FORMATS, default=None,
                         help="infill prompt format (default: the one the run's objective trained, else codegen2)")
+    parser.add_argument("--out", default="", metavar="FILE.json",
+                        help="write every number as JSON here (default: RUN/eval/heldout.json for a run directory)")
+    parser.add_argument("--json", action="store_true", help="also print that JSON on stdout, for scripts")
     parser.set_defaults(func=run_heldout)
