@@ -152,8 +152,6 @@ def prepare(config: Config, out: str | Path, tasks: int = 1, workers: int = 1, e
         write_json(out / PLAN, plan)
     quiet_datatrove_logs()
     stages = build_stages(config, out, tasks, patterns, fingerprint, settings)
-    timings_path = out / "logs" / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     previous = None
     executors = []
     for number, (name, pipeline, stage_tasks) in enumerate(stages, start=1):
@@ -163,19 +161,29 @@ def prepare(config: Config, out: str | Path, tasks: int = 1, workers: int = 1, e
         previous = ex
     if executor == "slurm":
         return _submit_slurm(executors, slurm or SlurmOptions(), log)
-    if executor == "ray":
+    _run_here(executors, executor, workers, out / "logs" / "timings.json", log)
+    manifest = PreparedData.open(out).manifest
+    log(summary(manifest, out))
+    return manifest
+
+
+def _run_here(executors, kind: str, workers: int, timings_path: Path, log) -> None:
+    """Run the stages one after the other from this process (local or ray), skipping the tasks already done, and
+    record each stage's time in `timings_path`."""
+    if kind == "ray":
         import ray
 
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
                      include_dashboard=False, configure_logging=False)
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     for number, name, ex in executors:
         incomplete = ex.get_incomplete_ranks()
         if not incomplete:
-            log(f"stage {number}/{len(stages)} {name}: all {ex.world_size} tasks already done")
+            log(f"stage {number}/{len(executors)} {name}: all {ex.world_size} tasks already done")
             continue
-        log(f"stage {number}/{len(stages)} {name}: {len(incomplete)} of {ex.world_size} tasks "
-            f"({executor}, {min(workers, ex.world_size)} at a time)")
+        log(f"stage {number}/{len(executors)} {name}: {len(incomplete)} of {ex.world_size} tasks "
+            f"({kind}, {min(workers, ex.world_size)} at a time)")
         started = time.perf_counter()
         ex.depends = None  # stages run one after the other here
         ex.run()
@@ -187,9 +195,6 @@ def prepare(config: Config, out: str | Path, tasks: int = 1, workers: int = 1, e
         timings[name] = {"seconds": round(time.perf_counter() - started, 3), "tasks": len(incomplete),
                          "workers": min(workers, ex.world_size)}
         write_json(timings_path, timings)
-    manifest = PreparedData.open(out).manifest
-    log(summary(manifest, out))
-    return manifest
 
 
 def _submit_slurm(executors, slurm: SlurmOptions, log) -> list[str]:
