@@ -138,81 +138,107 @@ def describe(a: ArmResult, b: ArmResult, metric: str) -> str:
 
 def lesson_sentences(by_name: dict[str, ArmResult]) -> dict[int, str]:
     """One verdict per lesson whose arms all finished, from the rules stated in the report."""
-    out: dict[int, str] = {}
+    verdicts = (_lesson_1(by_name), _lesson_2(by_name), _lesson_3(by_name), _lesson_4(by_name),
+                _architecture_check(by_name))
+    return {number: text for number, text in enumerate(verdicts, start=1) if text is not None}
+
+
+def _lesson_1(by_name: dict[str, ArmResult]) -> str | None:
+    """Lesson 1: a prefix-LM against the causal decoder, on every held-out code metric."""
     base, prefix = by_name.get("causal_decoder"), by_name.get("prefix_lm")
-    if base and prefix:
-        metrics = [m for m in ("code", "code_completion", "nl", "infill_loss") if prefix.values(m) and base.values(m)]
-        clear = {m: compare(prefix, base, m) for m in metrics if m != "nl"}  # metric -> (difference, clear?)
-        better = [m for m, (diff, is_clear) in clear.items() if is_clear and diff < 0]
-        worse = [m for m, (diff, is_clear) in clear.items() if is_clear and diff > 0]
-        if better:
-            names = " and ".join(METRICS[m][0] for m in better)
-            verdict = "does not reproduce: the prefix-LM is clearly better on " + names
-        elif len(worse) == len(clear):
-            verdict = ("reproduces, more strongly than the paper puts it: the prefix-LM is clearly worse on every "
-                       "held-out code metric")
-        else:
-            verdict = "reproduces: the prefix-LM shows no clear gain over the causal decoder"
-        out[1] = (f"**Lesson 1 {verdict}.** " + "; ".join(describe(prefix, base, m) + " vs `causal_decoder`"
-                                                        for m in metrics) + ".")
-    causal = by_name.get("causal_only")
-    if base and causal:
-        diff, clear = compare(base, causal, "code")
-        infill_diff, infill_clear = compare(base, causal, "infill_loss")
-        costs = diff > 0 and clear
-        verdict = ("reproduces: adding span corruption clearly costs left-to-right loss" if costs else
-                   "does not reproduce clearly: the left-to-right cost of span corruption is within seed noise"
-                   if diff > 0 else "does not reproduce: the 50/50 mixture is no worse left to right")
-        extra = ""
-        fim = by_name.get("fim")
-        if fim:
-            extra = "; with FIM instead, " + describe(fim, causal, "code") + " vs `causal_only`"
-        out[2] = (f"**Lesson 2 {verdict}.** " + describe(base, causal, "code") + " vs `causal_only`" + extra
-                  + f"; what it buys: {describe(base, causal, 'infill_loss')} vs `causal_only`"
-                  + f" and infill exact match {100 * base.mean('infill_em'):.1f}% vs "
-                  f"{100 * causal.mean('infill_em'):.1f}%.")
-    span = by_name.get("span_only")
-    if base and causal and span:
-        left = _recovered(span, causal, base, "code")  # span-only is the worst left to right, causal-only the best
-        infill = _recovered(causal, span, base, "infill_loss")  # and the other way round for infilling
-        enough = left >= 0.5 and infill >= 0.5
-        verdict = ("reproduces: the 50/50 mixture keeps most of both skills" if enough else
-                   "does not reproduce: the 50/50 mixture gives up more than half of one skill")
-        text = (f"**Lesson 3 {verdict}.** Of the gap between the single-objective arms, `causal_decoder` keeps "
-                f"{100 * left:.0f}% of `causal_only`'s advantage in left-to-right code loss "
-                f"({causal.mean('code'):.3f} / {base.mean('code'):.3f} / {span.mean('code'):.3f} for causal-only / "
-                f"50-50 / span-only) and {100 * infill:.0f}% of `span_only`'s advantage in infill loss "
-                f"({causal.mean('infill_loss'):.3f} / {base.mean('infill_loss'):.3f} / {span.mean('infill_loss'):.3f})")
-        fim = by_name.get("fim")
-        if fim:
-            text += (f"; 50% FIM, scored in its own PSM format: code loss {fim.mean('code'):.3f}, infill loss "
-                     f"{fim.mean('infill_loss'):.3f}, exact match {100 * fim.mean('infill_em'):.1f}% "
-                     f"(50/50 span: {100 * base.mean('infill_em'):.1f}%)")
-        out[3] = text + "."
-    code, prose = by_name.get("code_only"), by_name.get("prose_only")
-    if base and code and prose:
-        close = _recovered(prose, code, base, "code")
-        diff, clear = compare(base, code, "code")
-        prose_gain = code.mean("nl") - base.mean("nl")
-        reproduces = close >= 0.75 and prose_gain > 0
-        verdict = ("reproduces: the code + prose mixture is " + ("even better than" if close > 1 and clear else
-                                                                   "close to")
-                   + " code-only on code and far better than the mismatched prose-only model"
-                   if reproduces else "does not reproduce")
-        out[4] = (f"**Lesson 4 {verdict}.** Held-out code loss: code-only {code.mean('code'):.3f}, mixture "
-                  f"{base.mean('code'):.3f}, prose-only {prose.mean('code'):.3f}: the mixture closes "
-                  f"{100 * close:.0f}% of the gap from prose-only to code-only (mixture vs code-only "
-                  f"{diff:+.3f}, {'clear' if clear else 'within seed noise'}); on prose, the mixture scores "
-                  f"{base.mean('nl'):.3f} vs code-only {code.mean('nl'):.3f} and prose-only {prose.mean('nl'):.3f}.")
-    llama = by_name.get("llama")
-    if base and llama:
-        metrics = [m for m in ("code", "nl", "infill_loss") if llama.values(m) and base.values(m)]
-        worse = [m for m in metrics if compare(llama, base, m)[1] and compare(llama, base, m)[0] > 0]
-        verdict = ("holds: the LLaMA block learns the recipe no worse than the CodeGen block" if not worse else
-                   "does not hold: the LLaMA block is clearly worse on " + " and ".join(METRICS[m][0] for m in worse))
-        out[5] = (f"**The architecture check {verdict}.** "
-                  + "; ".join(describe(llama, base, m) + " vs `causal_decoder`" for m in metrics) + ".")
-    return out
+    if not (base and prefix):
+        return None
+    metrics = [m for m in ("code", "code_completion", "nl", "infill_loss") if prefix.values(m) and base.values(m)]
+    clear = {m: compare(prefix, base, m) for m in metrics if m != "nl"}  # metric -> (difference, clear?)
+    better = [m for m, (diff, is_clear) in clear.items() if is_clear and diff < 0]
+    worse = [m for m, (diff, is_clear) in clear.items() if is_clear and diff > 0]
+    if better:
+        names = " and ".join(METRICS[m][0] for m in better)
+        verdict = "does not reproduce: the prefix-LM is clearly better on " + names
+    elif len(worse) == len(clear):
+        verdict = ("reproduces, more strongly than the paper puts it: the prefix-LM is clearly worse on every "
+                   "held-out code metric")
+    else:
+        verdict = "reproduces: the prefix-LM shows no clear gain over the causal decoder"
+    return (f"**Lesson 1 {verdict}.** " + "; ".join(describe(prefix, base, m) + " vs `causal_decoder`"
+                                                  for m in metrics) + ".")
+
+
+def _lesson_2(by_name: dict[str, ArmResult]) -> str | None:
+    """Lesson 2: what span corruption costs left to right, and what it buys for infilling."""
+    base, causal = by_name.get("causal_decoder"), by_name.get("causal_only")
+    if not (base and causal):
+        return None
+    diff, clear = compare(base, causal, "code")
+    infill_diff, infill_clear = compare(base, causal, "infill_loss")
+    costs = diff > 0 and clear
+    verdict = ("reproduces: adding span corruption clearly costs left-to-right loss" if costs else
+               "does not reproduce clearly: the left-to-right cost of span corruption is within seed noise"
+               if diff > 0 else "does not reproduce: the 50/50 mixture is no worse left to right")
+    extra = ""
+    fim = by_name.get("fim")
+    if fim:
+        extra = "; with FIM instead, " + describe(fim, causal, "code") + " vs `causal_only`"
+    return (f"**Lesson 2 {verdict}.** " + describe(base, causal, "code") + " vs `causal_only`" + extra
+            + f"; what it buys: {describe(base, causal, 'infill_loss')} vs `causal_only`"
+            + f" and infill exact match {100 * base.mean('infill_em'):.1f}% vs "
+            f"{100 * causal.mean('infill_em'):.1f}%.")
+
+
+def _lesson_3(by_name: dict[str, ArmResult]) -> str | None:
+    """Lesson 3: how much of each single-objective arm's skill the 50/50 mixture keeps."""
+    base, causal, span = by_name.get("causal_decoder"), by_name.get("causal_only"), by_name.get("span_only")
+    if not (base and causal and span):
+        return None
+    left = _recovered(span, causal, base, "code")  # span-only is the worst left to right, causal-only the best
+    infill = _recovered(causal, span, base, "infill_loss")  # and the other way round for infilling
+    enough = left >= 0.5 and infill >= 0.5
+    verdict = ("reproduces: the 50/50 mixture keeps most of both skills" if enough else
+               "does not reproduce: the 50/50 mixture gives up more than half of one skill")
+    text = (f"**Lesson 3 {verdict}.** Of the gap between the single-objective arms, `causal_decoder` keeps "
+            f"{100 * left:.0f}% of `causal_only`'s advantage in left-to-right code loss "
+            f"({causal.mean('code'):.3f} / {base.mean('code'):.3f} / {span.mean('code'):.3f} for causal-only / "
+            f"50-50 / span-only) and {100 * infill:.0f}% of `span_only`'s advantage in infill loss "
+            f"({causal.mean('infill_loss'):.3f} / {base.mean('infill_loss'):.3f} / {span.mean('infill_loss'):.3f})")
+    fim = by_name.get("fim")
+    if fim:
+        text += (f"; 50% FIM, scored in its own PSM format: code loss {fim.mean('code'):.3f}, infill loss "
+                 f"{fim.mean('infill_loss'):.3f}, exact match {100 * fim.mean('infill_em'):.1f}% "
+                 f"(50/50 span: {100 * base.mean('infill_em'):.1f}%)")
+    return text + "."
+
+
+def _lesson_4(by_name: dict[str, ArmResult]) -> str | None:
+    """Lesson 4: the code + prose mixture against code-only and prose-only data."""
+    base, code, prose = by_name.get("causal_decoder"), by_name.get("code_only"), by_name.get("prose_only")
+    if not (base and code and prose):
+        return None
+    close = _recovered(prose, code, base, "code")
+    diff, clear = compare(base, code, "code")
+    prose_gain = code.mean("nl") - base.mean("nl")
+    reproduces = close >= 0.75 and prose_gain > 0
+    verdict = ("reproduces: the code + prose mixture is " + ("even better than" if close > 1 and clear else
+                                                               "close to")
+               + " code-only on code and far better than the mismatched prose-only model"
+               if reproduces else "does not reproduce")
+    return (f"**Lesson 4 {verdict}.** Held-out code loss: code-only {code.mean('code'):.3f}, mixture "
+            f"{base.mean('code'):.3f}, prose-only {prose.mean('code'):.3f}: the mixture closes "
+            f"{100 * close:.0f}% of the gap from prose-only to code-only (mixture vs code-only "
+            f"{diff:+.3f}, {'clear' if clear else 'within seed noise'}); on prose, the mixture scores "
+            f"{base.mean('nl'):.3f} vs code-only {code.mean('nl'):.3f} and prose-only {prose.mean('nl'):.3f}.")
+
+
+def _architecture_check(by_name: dict[str, ArmResult]) -> str | None:
+    """The architecture check: the LLaMA block against the CodeGen block on the same recipe."""
+    base, llama = by_name.get("causal_decoder"), by_name.get("llama")
+    if not (base and llama):
+        return None
+    metrics = [m for m in ("code", "nl", "infill_loss") if llama.values(m) and base.values(m)]
+    worse = [m for m in metrics if compare(llama, base, m)[1] and compare(llama, base, m)[0] > 0]
+    verdict = ("holds: the LLaMA block learns the recipe no worse than the CodeGen block" if not worse else
+               "does not hold: the LLaMA block is clearly worse on " + " and ".join(METRICS[m][0] for m in worse))
+    return (f"**The architecture check {verdict}.** "
+            + "; ".join(describe(llama, base, m) + " vs `causal_decoder`" for m in metrics) + ".")
 
 
 def _recovered(worst: ArmResult, best: ArmResult, middle: ArmResult, metric: str) -> float:
@@ -311,26 +337,62 @@ def _run_shape(config_path: Path) -> str:
             f"{t['warmup_steps']} warm-up steps, cosine decay")
 
 
+RULES = {  # lesson -> the claim and the rule that decides it
+    1: "(1) A prefix-LM brings no clear gain over a causal decoder. Rule: reproduces unless `prefix_lm` is "
+       "clearly better on left-to-right code loss, code completion loss (where it reads the first half of each "
+       "window bidirectionally, as it was trained to) or infill loss.",
+    2: "(2) Infilling is not a free lunch. Rule: reproduces if the 50/50 arm's left-to-right code loss is "
+       "clearly worse than `causal_only`'s.",
+    3: "(3) A 50/50 mix of causal LM and span corruption is enough. Rule: reproduces if `causal_decoder` keeps "
+       "at least half of `causal_only`'s advantage in code loss and half of `span_only`'s in infill loss.",
+    4: "(4) Mixing natural language with code is promising. Rule: reproduces if the mixture closes at least "
+       "75% of the code-loss gap from prose-only to code-only while beating code-only on prose.",
+    5: "(5) Not a paper lesson: the recipe does not depend on the CodeGen block. Rule: holds unless the `llama` "
+       "arm (llama-tiny's block, the same number of weights and tokens) is clearly worse than `causal_decoder` "
+       "on held-out code loss, prose loss or infill loss.",
+}
+IMAGES = {1: "lesson1_architecture.png", 2: "lesson2_3_objectives.png", 3: "infill_loss.png",  # lesson -> plot
+          4: "lesson4_data.png", 5: "architecture.png"}
+
+
 def write_report(root: Path, arms: list[tuple[str, str]], seeds: list[int], doc: Path, plots_dir: Path,
                  command: str) -> str:
+    """docs/lessons.md from the finished runs in `root`: setup, table, one verdict per lesson and the plots."""
     results = collect(root, arms, seeds)
     if not results:
         raise SystemExit(f"error: no finished runs in {root} (run the study first)")
     plots = write_plots(results, plots_dir)
-    by_name = {a.name: a for a in results}
-    sentences = lesson_sentences(by_name)
+    lines = _setup_lines(root, results, seeds, command)
+    sentences = lesson_sentences({a.name: a for a in results})
+    for number in (1, 2, 3, 4, 5):
+        lines += [RULES[number], "", sentences.get(number, "_Not all arms of this lesson have finished._"), ""]
+        image = plots_dir / IMAGES.get(number, "")
+        if number in IMAGES and any(p.name == image.name for p in plots):
+            rel = Path(os.path.relpath(image.resolve(), doc.resolve().parent))
+            what = "single-line infill loss per arm" if number == 3 else "held-out loss against training tokens"
+            lines += [f"![{RULES[number][:3]} {what}]({rel.as_posix()})", ""]
+    notes_path = Path(__file__).resolve().parent / "notes.md"
+    if notes_path.is_file():
+        lines += ["## Reading the results", "", notes_path.read_text(encoding="utf-8").strip(), ""]
+    text = "\n".join(lines)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text, encoding="utf-8")
+    return text
+
+
+def _setup_lines(root: Path, results: list[ArmResult], seeds: list[int], command: str) -> list[str]:
+    """The report up to the lessons: what was run, on what machine, and the results table."""
     study = json.loads((root / "study.json").read_text()) if (root / "study.json").is_file() else {}
     sessions = study.get("sessions", [study] if "wall_s" in study else [])  # (one-session layout of earlier versions)
     run = results[0].runs[0]
     shape = _run_shape(root / f"{results[0].name}-seed{run['seed']}" / "config.toml")
-    notes_path = Path(__file__).resolve().parent / "notes.md"
     try:
         import torch
 
         torch_version = torch.__version__
     except ImportError:  # pragma: no cover
         torch_version = "?"
-    lines = [
+    return [
         "# The CodeGen2 lessons at small scale",
         "",
         "The paper's four lessons, each tested by training small models that differ in one thing only, at equal",
@@ -365,32 +427,3 @@ def write_report(root: Path, arms: list[tuple[str, str]], seeds: list[int], doc:
         "## The lessons",
         "",
     ]
-    rules = {
-        1: "(1) A prefix-LM brings no clear gain over a causal decoder. Rule: reproduces unless `prefix_lm` is "
-           "clearly better on left-to-right code loss, code completion loss (where it reads the first half of each "
-           "window bidirectionally, as it was trained to) or infill loss.",
-        2: "(2) Infilling is not a free lunch. Rule: reproduces if the 50/50 arm's left-to-right code loss is "
-           "clearly worse than `causal_only`'s.",
-        3: "(3) A 50/50 mix of causal LM and span corruption is enough. Rule: reproduces if `causal_decoder` keeps "
-           "at least half of `causal_only`'s advantage in code loss and half of `span_only`'s in infill loss.",
-        4: "(4) Mixing natural language with code is promising. Rule: reproduces if the mixture closes at least "
-           "75% of the code-loss gap from prose-only to code-only while beating code-only on prose.",
-        5: "(5) Not a paper lesson: the recipe does not depend on the CodeGen block. Rule: holds unless the `llama` "
-           "arm (llama-tiny's block, the same number of weights and tokens) is clearly worse than `causal_decoder` "
-           "on held-out code loss, prose loss or infill loss.",
-    }
-    images = {1: "lesson1_architecture.png", 2: "lesson2_3_objectives.png", 3: "infill_loss.png",
-              4: "lesson4_data.png", 5: "architecture.png"}
-    for number in (1, 2, 3, 4, 5):
-        lines += [rules[number], "", sentences.get(number, "_Not all arms of this lesson have finished._"), ""]
-        image = plots_dir / images.get(number, "")
-        if number in images and any(p.name == image.name for p in plots):
-            rel = Path(os.path.relpath(image.resolve(), doc.resolve().parent))
-            what = "single-line infill loss per arm" if number == 3 else "held-out loss against training tokens"
-            lines += [f"![{rules[number][:3]} {what}]({rel.as_posix()})", ""]
-    if notes_path.is_file():
-        lines += ["## Reading the results", "", notes_path.read_text(encoding="utf-8").strip(), ""]
-    text = "\n".join(lines)
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text, encoding="utf-8")
-    return text
