@@ -639,8 +639,9 @@ def _set_up(config: Config, run_dir: Path, env: DistEnv, resume: bool, overwrite
         print(f"training {unwrap(model).num_parameters():,} parameters on {env.world_size}x {env.device.type} "
               f"({parallel}, {'bf16' if bf16 else 'fp32'}), {micro_bs} x {grad_accum} x {env.world_size} = "
               f"{run.samples_per_step} samples = {run.tokens_per_step:,} tokens/step, steps {run.step}->"
-              f"{t.max_steps}; data: {json.dumps(data_summary(stats))}; peak {peak / 1e9:.0f} GFLOP/s "
-              f"({peak_source})", file=sys.stderr)
+              f"{t.max_steps}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})", file=sys.stderr)
+        for name, text in data_summary(stats).items():  # one line per source: what it gave and what it lost
+            print(f"  {name}: {text}", file=sys.stderr)
     return run
 
 
