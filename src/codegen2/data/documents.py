@@ -26,8 +26,10 @@ class Document:
 
 
 def stable_fraction(key: str, salt: str = "") -> float:
-    """A number in [0, 1) that depends only on (salt, key)."""
-    digest = hashlib.sha256(f"{salt}\x00{key}".encode()).digest()
+    """A number in [0, 1) that depends only on (salt, key). A key from a file name that is not UTF-8 (its
+    undecodable bytes held as surrogate escapes, as os.walk gives them) hashes its raw bytes: no error, and
+    valid keys hash exactly as before."""
+    digest = hashlib.sha256(f"{salt}\x00{key}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
