@@ -218,7 +218,9 @@ def test_prepare_removes_planted_duplicates_leaks_and_bad_files(corpus, prepared
         for k, v in s["removed"].items():
             removed_counts[k] = removed_counts.get(k, 0) + v
     assert removed_counts["decontaminated"] == len(corpus["planted"]["leak"])
-    assert sum(removed_counts.values()) == len(removed)
+    # removed.jsonl lists every removed document and every skipped file, each under its reason
+    assert sum(removed_counts.values()) + sum(skipped.values()) == len(removed)
+    assert removed["bad/binary.py"]["reason"] == "binary" and removed["bad/latin1.py"]["reason"] == "not_utf8"
 
 
 def test_shards_hold_exactly_the_kept_documents(corpus, prepared):

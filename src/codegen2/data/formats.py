@@ -6,6 +6,12 @@ Every reader yields `Document`s whose held-out key passes `keep` and counts what
 `skip_bad_lines` those raise a one-line `UserError` naming the file, the line and the field.
 Records are only parsed when their key belongs to the split being read.
 
+No single entry of a directory stops a reader: a name that is not UTF-8, a dangling or looping symlink,
+a symlinked directory (never followed), a FIFO, socket or device (never opened for reading), an
+unreadable file or directory, a file that vanishes or changes while it is read, and one over
+`HUGE_FILE_BYTES` are each skipped under their reason. With a `Skipped` counter the skipped files are
+also listed (for `removed.jsonl`), their paths written losslessly (`path_record`).
+
 Held-out keys: a file's path relative to the source root (a single-file source: its name);
 "REL:LINE" (1-based) for JSONL records; "REL:ROW" (0-based) for Parquet rows; "SPLIT:ROW" for HF
 datasets.
@@ -25,11 +31,13 @@ directories marked with a `.codegen2-not-data` file (run directories and token c
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import json
 import os
 import re
+import stat
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -48,8 +56,37 @@ NEVER_READ_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__"})
 # tokenizer or token caches (and their changes never invalidate the source's cache).
 NOT_DATA_MARKER = ".codegen2-not-data"
 BATCH_ROWS = 1024
+# A file over this size is skipped ("huge") without being read: it would be dropped by any size filter
+# (prepare.max_file_bytes is 1 MB by default), and reading it whole could exhaust the memory of a task.
+HUGE_FILE_BYTES = 256 << 20
 
 Keep = Callable[[str], bool]
+
+
+class Skipped(Counter):
+    """What a reader passed over: a count per reason, plus (in `entries`) each skipped file with its reason
+    and lossless path, for `removed.jsonl`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.entries: list[dict[str, str]] = []
+
+
+def path_record(path: str | Path) -> dict[str, str]:
+    """A path for a JSON record, lossless and valid UTF-8: `path` is printable (bytes that are not UTF-8 as
+    \\xNN); a name that is not UTF-8 also gets `path_bytes`, its raw bytes in hex."""
+    raw = os.fsencode(path)
+    try:
+        return {"path": raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"path": raw.decode("utf-8", "backslashreplace"), "path_bytes": raw.hex()}
+
+
+def skip_file(skipped: Counter, reason: str, path: str | Path) -> None:
+    """Count a skipped file under `reason` (and list it, when `skipped` is a `Skipped`)."""
+    skipped[reason] += 1
+    if isinstance(skipped, Skipped):
+        skipped.entries.append({"reason": reason, **path_record(path)})
 
 
 def in_shard(rel: str, shard: tuple[int, int] | None) -> bool:
@@ -148,26 +185,88 @@ def mark_not_data(directory: Path) -> None:
         marker.write_text("codegen2 output: never read as training data\n", encoding="utf-8")
 
 
-def walk_files(root: Path) -> Iterator[tuple[str, Path]]:
-    """(relative POSIX path, path) of every readable file under `root`, sorted, skipping
-    version-control, `__pycache__` and marked directories."""
-    for dirpath, dirnames, filenames in os.walk(root):
+def entry_problem(rel: str, path: Path) -> str | None:
+    """Why a directory entry cannot be read as a data file (None for a regular file or a symlink to one),
+    decided without opening it: opening a FIFO for reading blocks."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "name_not_utf8"
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "dangling_symlink" if os.path.islink(path) else "vanished"
+    except OSError as exc:
+        return "symlink_loop" if exc.errno == errno.ELOOP else "unreadable"
+    if stat.S_ISREG(mode):
+        return None
+    return "fifo" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "not_a_file"
+
+
+def walk_files(root: Path, odd: list[tuple[str, Path, str]] | None = None) -> Iterator[tuple[str, Path]]:
+    """(relative POSIX path, path) of every regular file under `root`, sorted, skipping version-control,
+    `__pycache__` and marked directories. Entries that are no readable file (see `entry_problem`), symlinked
+    directories and unreadable directories are left out, and appended to `odd` as (rel, path, reason)."""
+    def unreadable_dir(exc: OSError) -> None:
+        if odd is not None and exc.filename is not None:
+            path = Path(os.fsdecode(exc.filename))
+            odd.append((_relative(path, root), path, "unreadable_dir"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable_dir):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames
-                             if d not in NEVER_READ_DIRS and not (here / d / NOT_DATA_MARKER).exists())
         rel_dir = here.relative_to(root)
+        kept = []
+        for d in sorted(dirnames):
+            if d in NEVER_READ_DIRS or (here / d / NOT_DATA_MARKER).exists():
+                continue
+            if (here / d).is_symlink():  # never followed: it may loop or leave the source
+                if odd is not None:
+                    odd.append(((rel_dir / d).as_posix(), here / d, "symlinked_dir"))
+                continue
+            kept.append(d)
+        dirnames[:] = kept
         for name in sorted(filenames):
-            if name != NOT_DATA_MARKER:
-                yield (rel_dir / name).as_posix(), here / name
+            if name == NOT_DATA_MARKER:
+                continue
+            rel, path = (rel_dir / name).as_posix(), here / name
+            problem = entry_problem(rel, path)
+            if problem is None:
+                yield rel, path
+            elif odd is not None:
+                odd.append((rel, path, problem))
 
 
-def list_files(root: Path, include: Sequence[str], exclude: Sequence[str],
-               suffixes: tuple[str, ...] = ()) -> list[tuple[str, Path]]:
-    """(relative POSIX path, path) of the selected files under `root`, sorted; a file root is itself."""
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def list_files(root: Path, include: Sequence[str], exclude: Sequence[str], suffixes: tuple[str, ...] = (),
+               odd: list[tuple[str, Path, str]] | None = None) -> list[tuple[str, Path]]:
+    """(relative POSIX path, path) of the selected files under `root`, sorted; a file root is itself. Selected
+    entries that are no readable file go to `odd` (see `walk_files`)."""
     if root.is_file():
         return [(root.name, root)]
-    return [(rel, path) for rel, path in walk_files(root)
-            if (not suffixes or rel.lower().endswith(suffixes)) and path_selected(rel, include, exclude)]
+
+    def selected(rel: str) -> bool:
+        return (not suffixes or rel.lower().endswith(suffixes)) and path_selected(rel, include, exclude)
+
+    found: list[tuple[str, Path, str]] = []
+    files = [(rel, path) for rel, path in walk_files(root, found) if selected(rel)]
+    if odd is not None:
+        odd.extend(entry for entry in found if selected(entry[0]))
+    return files
+
+
+def skip_odd(odd: list[tuple[str, Path, str]], keep: Keep, skipped: Counter,
+             shard: tuple[int, int] | None) -> None:
+    """Count the odd entries of a source once: in the split their path's key belongs to, by the task whose
+    share their path is in."""
+    for rel, path, reason in odd:
+        if in_shard(rel, shard) and keep(rel):
+            skip_file(skipped, reason, path)
 
 
 def _shard_files(files: list[tuple[str, Path]], shard: tuple[int, int] | None) -> list[tuple[str, Path]]:
@@ -192,27 +291,80 @@ def _record_shards(files: list[tuple[str, Path]], keep: Keep, shard: tuple[int, 
 
 
 # --------------------------------------------------------------------------------------------- text
-def decode_text(data: bytes, skipped: Counter) -> str | None:
-    """UTF-8 text, or None (counted) for binary or non-UTF-8 content."""
-    if b"\x00" in data:
-        skipped["binary"] += 1
-        return None
+class Unreadable(Exception):
+    """A file that was listed but cannot be read whole and unchanged; args[0] is the reason."""
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file, read once and checked unchanged; else `Unreadable` with the reason.
+    Opened without blocking and checked to be a regular file before reading, so a FIFO or device that
+    replaced the file since it was listed is never read."""
     try:
-        text = data.decode("utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise Unreadable("vanished") from None
+    except OSError as exc:
+        raise Unreadable("symlink_loop" if exc.errno == errno.ELOOP else "unreadable") from None
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise Unreadable("not_a_file")
+        if before.st_size > HUGE_FILE_BYTES:
+            raise Unreadable("huge")
+        chunks, size = [], 0
+        while size <= before.st_size:  # read one byte past the size: a file that grew is seen as changed
+            chunk = os.read(fd, before.st_size + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        after = os.fstat(fd)
+    except OSError:
+        raise Unreadable("unreadable") from None
+    finally:
+        os.close(fd)
+    if after.st_nlink == 0:
+        raise Unreadable("vanished")
+    if size != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise Unreadable("changed_while_read")
+    return b"".join(chunks)
+
+
+def text_problem(data: bytes) -> str | None:
+    """Why file content is not text to train on ("binary", "not_utf8"), or None."""
+    if b"\x00" in data:
+        return "binary"
+    try:
+        data.decode("utf-8")
     except UnicodeDecodeError:
-        skipped["not_utf8"] += 1
+        return "not_utf8"
+    return None
+
+
+def read_text_file(path: Path, skipped: Counter) -> str | None:
+    """A file's UTF-8 text, or None (counted and listed in `skipped`) when it cannot be read or is not text."""
+    try:
+        data = read_regular_file(path)
+    except Unreadable as why:
+        skip_file(skipped, why.args[0], path)
         return None
-    return text.removeprefix("\ufeff")
+    problem = text_problem(data)
+    if problem is not None:
+        skip_file(skipped, problem, path)
+        return None
+    return data.decode("utf-8").removeprefix("\ufeff")
 
 
 def dir_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter,
                 shard: tuple[int, int] | None = None) -> Iterator[Document]:
-    files = list_files(root, cfg.include, cfg.exclude)
-    if not files:
+    odd: list[tuple[str, Path, str]] = []
+    files = list_files(root, cfg.include, cfg.exclude, odd=odd)
+    if not files and not odd:
         raise UserError(f"data source {root}: no files match include={cfg.include} exclude={cfg.exclude}")
+    skip_odd(odd, keep, skipped, shard)
     for rel, path in _shard_files(files, shard):
         if keep(rel):
-            text = decode_text(path.read_bytes(), skipped)
+            text = read_text_file(path, skipped)
             if text is not None:
                 yield Document(text=text, path=str(path), kind=cfg.kind)
 
@@ -258,9 +410,11 @@ def _corrupt_errors() -> tuple[type[BaseException], ...]:
 
 def jsonl_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter,
                   shard: tuple[int, int] | None = None) -> Iterator[Document]:
-    files = list_files(root, cfg.include, cfg.exclude, JSONL_SUFFIXES)
-    if not files:
+    odd: list[tuple[str, Path, str]] = []
+    files = list_files(root, cfg.include, cfg.exclude, JSONL_SUFFIXES, odd)
+    if not files and not odd:
         raise UserError(f"data source {root}: no .jsonl files match include={cfg.include} exclude={cfg.exclude}")
+    skip_odd(odd, keep, skipped, shard)
     opened, keep_record = _record_shards(files, keep, shard)
     for rel, path in opened:
         try:
@@ -272,6 +426,9 @@ def jsonl_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter,
                                 "set skip_bad_lines = true on this source to skip such files") from None
             if in_shard(rel, shard):  # counted once, by the task that owns the file
                 skipped["corrupt_files"] += 1
+        except OSError as exc:  # gone or unreadable since listed (after the above: BadGzipFile is an OSError)
+            if in_shard(rel, shard) and keep(rel):
+                skip_file(skipped, "vanished" if isinstance(exc, FileNotFoundError) else "unreadable", path)
 
 
 def _jsonl_file(rel: str, path: Path, cfg: SourceConfig, keep: Keep, skipped: Counter) -> Iterator[Document]:
@@ -318,13 +475,19 @@ def parquet_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter,
                     shard: tuple[int, int] | None = None) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
-    files = list_files(root, cfg.include, cfg.exclude, PARQUET_SUFFIXES)
-    if not files:
+    odd: list[tuple[str, Path, str]] = []
+    files = list_files(root, cfg.include, cfg.exclude, PARQUET_SUFFIXES, odd)
+    if not files and not odd:
         raise UserError(f"data source {root}: no .parquet files match include={cfg.include} exclude={cfg.exclude}")
+    skip_odd(odd, keep, skipped, shard)
     opened, keep_record = _record_shards(files, keep, shard)
     for rel, path in opened:
         try:
             table_file = pq.ParquetFile(path)
+        except (FileNotFoundError, PermissionError) as exc:  # gone or unreadable since it was listed
+            if in_shard(rel, shard) and keep(rel):
+                skip_file(skipped, "vanished" if isinstance(exc, FileNotFoundError) else "unreadable", path)
+            continue
         except Exception as exc:  # pyarrow raises several types for corrupt files
             raise UserError(f"{path}: cannot read Parquet file ({exc})") from None
         _require_string_column(str(path), table_file.schema_arrow, cfg.field)

@@ -21,7 +21,7 @@ from typing import Any
 from codegen2.config import SOURCE_KINDS, DataConfig, SourceConfig
 from codegen2.data import embedded
 from codegen2.data.documents import Document, is_heldout, split_filter
-from codegen2.data.formats import READERS, Keep, detect_format, in_shard, walk_files
+from codegen2.data.formats import READERS, Keep, Skipped, detect_format, in_shard, skip_file, walk_files
 from codegen2.errors import UserError
 
 __all__ = ["Document", "Source", "is_heldout", "embedded_sources", "user_sources", "data_sources",
@@ -42,14 +42,14 @@ class Source:
     identity: dict[str, Any]  # settings that change the documents, for the cache fingerprint
     roots: list[Path]  # files or directories whose contents the documents come from
     max_doc_chars: int = 0
-    skipped: Counter = field(default_factory=Counter)  # of the last documents() pass
+    skipped: Skipped = field(default_factory=Skipped)  # of the last documents() pass (counts, and the files)
     truncated: int = 0
     other_split: int = 0  # documents of the other split passed over in the last pass (held out, for "train")
 
     def documents(self, shard: tuple[int, int] | None = None) -> Iterator[Document]:
         """This split's documents (with `shard=(rank, world_size)`, that task's share of the files);
         empty ones are skipped and long ones truncated, both counted."""
-        self.skipped, self.truncated, self.other_split = Counter(), 0, 0
+        self.skipped, self.truncated, self.other_split = Skipped(), 0, 0
 
         def keep(key: str) -> bool:
             kept = self.keep(key)
@@ -58,7 +58,7 @@ class Source:
 
         for doc in self.read(keep, self.skipped, shard):
             if not doc.text:
-                self.skipped["empty"] += 1
+                skip_file(self.skipped, "empty", doc.path)
                 continue
             if 0 < self.max_doc_chars < len(doc.text):
                 self.truncated += 1

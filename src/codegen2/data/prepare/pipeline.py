@@ -228,6 +228,8 @@ def summary(manifest: dict[str, Any], out: Path) -> str:
     for source in manifest["sources"]:
         for split, s in source["splits"].items():
             removed = ", ".join(f"{k} {v:,}" for k, v in s["removed"].items() if v) or "none removed"
+            skipped = ", ".join(f"{k} {v:,}" for k, v in s.get("skipped", {}).items() if v)
             lines.append(f"  {source['name']}/{split}: {s['docs_in']:,} in -> {s['docs']:,} kept, "
-                         f"{s['tokens']:,} tokens in {len(s['shards'])} shard(s); {removed}")
+                         f"{s['tokens']:,} tokens in {len(s['shards'])} shard(s); {removed}"
+                         + (f"; skipped {skipped}" if skipped else ""))
     return "\n".join(lines)

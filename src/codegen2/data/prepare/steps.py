@@ -234,6 +234,8 @@ class ReadStep(PrepareStep):
                                             + "\n")
                     for why, n in source.skipped.items():
                         task.counts[source.name][split][f"skipped_{why}"] += n
+                    task.removed.extend({"source": source.name, "split": split, **entry}
+                                        for entry in source.skipped.entries)
         meta = task.meta()
 
         def write_meta(tmp: Path) -> None:
@@ -586,6 +588,6 @@ class MergeStep(PrepareStep):
         for r in range(self.read_tasks):
             removed.extend(json.loads((self.work / "read" / f"{r:05d}.removed.json").read_text(encoding="utf-8")))
         removed.extend(json.loads((self.work / "dedup" / "removed.json").read_text(encoding="utf-8")))
-        removed.sort(key=lambda d: (d["source"], d["split"], d["path"]))
+        removed.sort(key=lambda d: (d["source"], d["split"], d["path"], d.get("path_bytes", "")))
         write_atomic(out / "removed.jsonl", lambda tmp: tmp.write_text(
             "".join(json.dumps(d, ensure_ascii=False, sort_keys=True) + "\n" for d in removed), encoding="utf-8"))
