@@ -48,7 +48,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from . import checkpoint as ckpt
     from .config import save_config
-    from .data.prepare.shards import is_prepared_dir
+    from .data.arguments import data_with_paths, resume_data
     from .distributed import is_main_process
     from .train import train
 
@@ -65,12 +65,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.config or args.preset:
             print("note: --resume uses the run's own config.toml; --config/--preset are ignored", file=sys.stderr)
         config = load_config(run_dir / "config.toml", overrides=overrides)
-        if args.data:
-            trained = ckpt.trained_step(run_dir)
-            if trained:
-                raise UserError(f"--data cannot change the data of {run_dir}: it has trained to step {trained} "
-                                f"on its own; start a new run from its weights with --init-from {run_dir}")
-            config.data.sources = _data_sources(args.data, config.data.sources)
+        new_data = resume_data(config.data, args.data, run_dir) if args.data else None
+        if new_data is not None:  # a run that has not trained yet takes other data
+            config.data = new_data
             if is_main_process():
                 save_config(config, run_dir / "config.toml")  # the run's data from now on
     else:
@@ -79,13 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if default_preset:
             print("note: no --preset or --config given: using the tiny preset (codegen2 info --preset NAME "
                   "lists the others)", file=sys.stderr)
-        prepared = [p for p in args.data if is_prepared_dir(p)]
-        if prepared:
-            if len(args.data) > 1:
-                raise UserError("--data with a prepared directory takes no other --data paths")
-            config.data.prepared, args.data = str(Path(prepared[0]).resolve()), []
-        if args.data:
-            config.data.sources = _data_sources(args.data, config.data.sources)
+        config.data = data_with_paths(config.data, args.data)
     result = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
     if result.interrupted:
         return 130 if result.interrupted == "SIGINT" else 143
@@ -93,25 +84,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"done: {result.final_step} steps, {result.tokens_seen:,} tokens, loss {result.last_loss:.4f}, "
               f"run directory {run_dir}")
     return 0
-
-
-def _data_sources(paths: list[str], configured: list) -> list:
-    """`--data PATH[:FIELD]` sources first, then the configured ones not named again."""
-    from .data import source_from_path
-
-    given = []
-    for item in paths:
-        path, field = item, ""
-        head, sep, tail = item.rpartition(":")
-        if sep and head and not Path(item).exists() and Path(head).exists() and tail.isidentifier():
-            path, field = head, tail  # file.jsonl:content names the text field
-        source = source_from_path(path)
-        if field:
-            source.field = field
-        source.validate()
-        given.append(source)
-    named = {s.path for s in given}
-    return given + [s for s in configured if s.path not in named]
 
 
 def _load(args):
