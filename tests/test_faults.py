@@ -1,0 +1,307 @@
+"""Faults from real clusters and corpora: a requeued Slurm job resumes with the arguments it was started
+with (a real change of the data is one line), and one odd entry of a corpus never stops its preparation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from codegen2 import cli
+from codegen2.checkpoint import list_checkpoints
+from codegen2.config import DataConfig, SourceConfig, load_config
+from codegen2.data.arguments import data_change, data_with_paths
+from codegen2.data.documents import stable_fraction
+from codegen2.data.formats import HUGE_FILE_BYTES
+from codegen2.data.pipeline import prepare_data
+from codegen2.data.prepare.shards import PreparedData
+from conftest import tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ requeue
+SRUN = """#!/usr/bin/env bash
+# srun stand-in: record the command line, then run the train command that torchrun would start (one process).
+printf '%s\\n' "$@" > "$ARGV_LOG"
+while [ "$1" != "codegen2.cli" ]; do shift; done
+shift
+exec "$PYTHON" -m codegen2.cli "$@"
+"""
+SCONTROL = """#!/usr/bin/env bash
+[ "$1 $2" = "show hostnames" ] && echo localhost
+"""
+
+
+def _code_corpus(root: Path, n: int) -> Path:
+    root.mkdir(parents=True)
+    for i in range(n):
+        (root / f"mod{i}.py").write_text(
+            f'def scale_{i}(values):\n    """Multiply every value by {i} and add {i * i}."""\n'
+            f"    return [v * {i} + {i * i} for v in values]\n\n\nclass Counter{i}:\n    start = {i}\n",
+            encoding="utf-8")
+    return root
+
+
+def _sbatch(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """Run scripts/slurm_train.sbatch as Slurm would start it, with srun and scontrol stood in for."""
+    bin_dir = tmp_path / "bin"
+    if not bin_dir.is_dir():
+        bin_dir.mkdir()
+        for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+            (bin_dir / name).write_text(text)
+            (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
+           "PYTHONPATH": str(REPO / "src"), "ARGV_LOG": str(tmp_path / "srun-argv.txt"),
+           "RUN_DIR": str(tmp_path / "run"), "SLURM_JOB_NAME": "codegen2", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1", "SLURM_GPUS_ON_NODE": "1"}
+    return subprocess.run(["bash", str(REPO / "scripts" / "slurm_train.sbatch"), *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_requeued_slurm_job_resumes_with_the_same_arguments(tmp_path):
+    """docs/distributed.md's `sbatch scripts/slurm_train.sbatch --preset ... --data DIR`: the requeue adds --resume
+    to the same arguments and training goes on from the last checkpoint; other data is refused in one line."""
+    corpus = _code_corpus(tmp_path / "code", 24)
+    overrides = [a for kv in tiny_overrides(corpus, **{"train.max_steps": 4, "train.checkpoint_every": 2})
+                 for a in ("--set", kv)]
+    args = ["--preset", "tiny", "--data", str(corpus), *overrides]
+    first = _sbatch(tmp_path, args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002", "step_00000004"]
+    final = (run / "checkpoints" / "step_00000004" / "model.safetensors").read_bytes()
+    for path in (run / "checkpoints" / "step_00000004").iterdir():  # preempted after the checkpoint of step 2
+        path.unlink()
+    (run / "checkpoints" / "step_00000004").rmdir()
+    requeued = _sbatch(tmp_path, args)
+    argv = (tmp_path / "srun-argv.txt").read_text().split("\n")
+    assert argv[argv.index("codegen2.cli"):][:7] == ["codegen2.cli", "train", "--out", str(run), "--parallel", "fsdp",
+                                                      "--resume"]
+    assert requeued.returncode == 0, requeued.stderr[-2000:]
+    assert "resuming from" in requeued.stderr and "step_00000002" in requeued.stderr
+    assert (run / "checkpoints" / "step_00000004" / "model.safetensors").read_bytes() == final  # the same run
+    other = _code_corpus(tmp_path / "other", 3)
+    refused = _sbatch(tmp_path, ["--preset", "tiny", "--data", str(other), *overrides])
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 2, refused.stderr  # the note and one error
+    error = refused.stderr.splitlines()[-1]
+    assert error.startswith("error: --data cannot change the data") and f"adds source {other}" in error
+    assert "trained to step 4" in error
+
+
+def test_the_same_sources_spelled_otherwise_are_the_same_data(tmp_path, monkeypatch):
+    corpus = _code_corpus(tmp_path / "code", 2)
+    monkeypatch.chdir(tmp_path)
+    saved = data_with_paths(DataConfig(), [str(corpus)])
+    for spelling in ("code", "code/", f"{corpus}/../code", "./code"):
+        assert data_change(saved, data_with_paths(saved, [spelling])) == "", spelling
+    assert data_change(saved, saved) == ""
+
+
+def test_a_real_data_change_is_named(tmp_path):
+    corpus = _code_corpus(tmp_path / "code", 2)
+    saved = DataConfig(sources=[SourceConfig(path=str(corpus), kind="nl", weight=0.5)])
+    assert data_change(saved, data_with_paths(saved, [str(corpus)])) == \
+        f"source {corpus}: kind 'nl' -> 'code'; source {corpus}: weight 0.5 -> 1.0"
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text('{"content": "x = 1"}\n')
+    with_field = data_with_paths(DataConfig(), [f"{jsonl}:content"])
+    assert data_change(with_field, data_with_paths(DataConfig(), [str(jsonl)])) == \
+        f"source {jsonl}: field 'content' -> 'text'"
+    assert data_change(DataConfig(sources=[SourceConfig(path=str(corpus))]), DataConfig()) == \
+        f"drops source {corpus}"
+    assert data_change(DataConfig(prepared=str(corpus)), DataConfig()) == f"prepared data {corpus} -> (none)"
+
+
+def test_resume_with_the_same_prepared_directory_goes_on(tmp_path, monkeypatch, capsys):
+    """`train --data PREPARED --out RUN` then the same with --resume: the run's data is that directory."""
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "plan.json").write_text("{}")
+    run = tmp_path / "run"
+    seen = []
+
+    def fake_train(config, run_dir, **kwargs):
+        from types import SimpleNamespace
+
+        from codegen2.config import save_config
+
+        run_dir.mkdir(exist_ok=True)
+        save_config(config, run_dir / "config.toml")
+        seen.append(config.data.prepared)
+        return SimpleNamespace(interrupted="", final_step=0, tokens_seen=0, last_loss=0.0)
+
+    monkeypatch.setattr("codegen2.train.train", fake_train)
+    monkeypatch.setattr("codegen2.data.arguments.trained_step", lambda run_dir: 7)
+    assert cli.main(["train", "--out", str(run), "--data", str(prepared)]) == 0
+    assert cli.main(["train", "--out", str(run), "--resume", "--data", str(prepared)]) == 0
+    assert seen == [str(prepared.resolve())] * 2
+    assert load_config(run / "config.toml").data.prepared == str(prepared.resolve())
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(run), "--resume", "--data", str(_code_corpus(tmp_path / "c", 1))]) == 2
+    assert "(adds source" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ odd entries
+NORMAL = 10
+
+
+@contextmanager
+def _deadline(seconds: int):
+    """Fail instead of hanging (a FIFO opened for reading blocks until a writer comes)."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _hostile_corpus(root: Path, outside: Path) -> dict[bytes, str]:
+    """NORMAL ordinary files (one through a symlink) and one entry of every odd kind; returns the raw relative
+    path of each odd entry and the reason it must be skipped with."""
+    _code_corpus(root, NORMAL - 1)
+    outside.mkdir()
+    (outside / "target.py").write_text("def linked(a, b):\n    return a - b  # reached through a symlink\n")
+    os.symlink(outside / "target.py", root / "linked.py")
+    (root / os.fsdecode(b"caf\xe9.py")).write_text("x = 1\n")
+    (root / os.fsdecode(b"dir\xff")).mkdir()
+    (root / os.fsdecode(b"dir\xff") / "inner.py").write_text("y = 2\n")
+    os.symlink(root / "missing.py", root / "dangling.py")
+    os.symlink("loop.py", root / "loop.py")
+    (root / "sub").mkdir()
+    os.symlink("..", root / "sub" / "up")
+    os.mkfifo(root / "pipe.py")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(root / "sock.py"))
+    server.close()  # the socket file stays
+    (root / "locked").mkdir()
+    (root / "locked" / "never.py").write_text("z = 3\n")
+    for name in ("vanishing.py", "growing.py", "unreadable.py"):
+        (root / name).write_text(f"# {name}\nvalue = '{name}'\n")
+    (root / "empty.py").write_bytes(b"")
+    with open(root / "huge.py", "wb") as handle:
+        handle.truncate(HUGE_FILE_BYTES + 1)  # sparse: no disk used
+    (root / "blob.py").write_bytes(b"\x00\x01\x02 not text")
+    (root / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
+    return {b"caf\xe9.py": "name_not_utf8", b"dir\xff/inner.py": "name_not_utf8", b"dangling.py": "dangling_symlink",
+            b"loop.py": "symlink_loop", b"sub/up": "symlinked_dir", b"pipe.py": "fifo", b"sock.py": "socket",
+            b"locked": "unreadable_dir", b"vanishing.py": "vanished", b"growing.py": "changed_while_read",
+            b"unreadable.py": "unreadable", b"empty.py": "empty", b"huge.py": "huge", b"blob.py": "binary",
+            b"latin1.py": "not_utf8"}
+
+
+def _inject_read_faults(monkeypatch, root: Path) -> None:
+    """What chmod and timing cannot stage reliably (tests run as root): a directory that cannot be listed, a file
+    that cannot be opened, one deleted between listing and reading, one that grows while it is read."""
+    real_open, real_read, real_scandir = os.open, os.read, os.scandir
+
+    def fake_open(path, flags, *args, **kwargs):
+        name = os.fsdecode(path)
+        if name == str(root / "unreadable.py"):
+            raise PermissionError(13, "Permission denied", name)
+        if name == str(root / "vanishing.py") and os.path.exists(name):
+            os.unlink(name)
+        return real_open(path, flags, *args, **kwargs)
+
+    def fake_read(fd, n):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            target = ""
+        if target == str(root / "growing.py"):
+            with open(target, "a") as handle:
+                handle.write("# appended while being read\n")
+        return real_read(fd, n)
+
+    def fake_scandir(path="."):
+        if not isinstance(path, int) and os.fsdecode(path) == str(root / "locked"):
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "read", fake_read)
+    monkeypatch.setattr(os, "scandir", fake_scandir)
+
+
+def _check_skipped(out: Path, expected: dict[bytes, str], root: Path) -> None:
+    """Each odd entry is in removed.jsonl once, with its reason and its raw path; the manifest counts them."""
+    rows = [json.loads(line) for line in (out / "removed.jsonl").read_text(encoding="utf-8").splitlines()]
+    got = {}
+    for row in rows:
+        raw = bytes.fromhex(row["path_bytes"]) if "path_bytes" in row else row["path"].encode()
+        assert row["path"] == raw.decode("utf-8", "backslashreplace")
+        got[os.path.relpath(raw, os.fsencode(root))] = row["reason"]
+    assert got == expected
+    manifest = PreparedData.open(out).manifest
+    (source,) = manifest["sources"]
+    counted: dict[str, int] = {}
+    for split in source["splits"].values():
+        assert split["removed"] == {}
+        for reason, n in split["skipped"].items():
+            counted[reason] = counted.get(reason, 0) + n
+    assert counted == {reason: list(expected.values()).count(reason) for reason in set(expected.values())}
+    assert manifest["totals"]["docs"] == NORMAL  # every ordinary file, the symlinked one included
+
+
+def test_one_odd_entry_never_stops_a_prepare(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "corpus"
+    expected = _hostile_corpus(root, tmp_path / "outside")
+    _inject_read_faults(monkeypatch, root)
+    out = tmp_path / "out"
+    with _deadline(120):
+        code = cli.main(["data", "prepare", "--data", str(root), "--out", str(out),
+                         "--set", "tokenizer.vocab_size=400", "--set", "data.heldout_fraction=0.3"])
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err, err
+    _check_skipped(out, expected, root)
+    assert "skipped" in err and "fifo 1" in err and "name_not_utf8" in err  # the summary names them
+    assert not (root / "vanishing.py").exists() and (root / "pipe.py").exists()
+
+
+def test_one_odd_entry_never_stops_a_run_preparing_its_own_data(tmp_path, monkeypatch):
+    """The in-line prepare of `train --data DIR` (RUN/prepared) skips and counts the same entries."""
+    root = tmp_path / "corpus"
+    expected = _hostile_corpus(root, tmp_path / "outside")
+    _inject_read_faults(monkeypatch, root)
+    config = load_config(None, overrides=tiny_overrides(root, **{"tokenizer.vocab_size": 400,
+                                                                 "model.vocab_size": 400}))
+    config.data.sources = [SourceConfig(path=str(root))]
+    with _deadline(120):
+        prepare_data(config, tmp_path / "run", log=lambda message: None)
+    _check_skipped(tmp_path / "run" / "prepared", expected, root)
+
+
+def test_the_heldout_split_of_a_name_that_is_not_utf8_hashes_its_bytes():
+    """Valid names keep their split; a name that is not UTF-8 hashes its raw bytes instead of failing."""
+    assert stable_fraction("pkg/mod.py", "heldout") == 0.5011707502165633  # the values before the fix
+    assert stable_fraction("caf\u00e9/\u00fc.py", "heldout") == 0.9216316180291162
+    raw = os.fsdecode(b"caf\xe9.py")
+    assert stable_fraction(raw, "heldout") != stable_fraction(os.fsdecode(b"caf\xe8.py"), "heldout")
+    assert 0 <= stable_fraction(raw, "heldout") < 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_a_file_without_read_permission_is_skipped(tmp_path):
+    from collections import Counter
+
+    from codegen2.data.formats import Skipped, read_text_file
+
+    path = tmp_path / "secret.py"
+    path.write_text("x = 1\n")
+    path.chmod(0)
+    skipped = Skipped()
+    assert read_text_file(path, skipped) is None and skipped == Counter(unreadable=1)
+    path.chmod(stat.S_IRUSR | stat.S_IWUSR)
