@@ -185,17 +185,19 @@ def mark_not_data(directory: Path) -> None:
         marker.write_text("codegen2 output: never read as training data\n", encoding="utf-8")
 
 
-def entry_problem(rel: str, path: Path) -> str | None:
+def entry_problem(rel: str, entry: os.DirEntry) -> str | None:
     """Why a directory entry cannot be read as a data file (None for a regular file or a symlink to one),
-    decided without opening it: opening a FIFO for reading blocks."""
+    decided without opening it (opening a FIFO for reading blocks) and, for a plain file, without a stat."""
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:
         return "name_not_utf8"
     try:
-        mode = os.stat(path).st_mode
+        if entry.is_file():
+            return None
+        mode = entry.stat().st_mode  # follows a symlink
     except FileNotFoundError:
-        return "dangling_symlink" if os.path.islink(path) else "vanished"
+        return "dangling_symlink" if entry.is_symlink() else "vanished"
     except OSError as exc:
         return "symlink_loop" if exc.errno == errno.ELOOP else "unreadable"
     if stat.S_ISREG(mode):
@@ -203,44 +205,51 @@ def entry_problem(rel: str, path: Path) -> str | None:
     return "fifo" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "not_a_file"
 
 
-def walk_files(root: Path, odd: list[tuple[str, Path, str]] | None = None) -> Iterator[tuple[str, Path]]:
-    """(relative POSIX path, path) of every regular file under `root`, sorted, skipping version-control,
-    `__pycache__` and marked directories. Entries that are no readable file (see `entry_problem`), symlinked
-    directories and unreadable directories are left out, and appended to `odd` as (rel, path, reason)."""
-    def unreadable_dir(exc: OSError) -> None:
-        if odd is not None and exc.filename is not None:
-            path = Path(os.fsdecode(exc.filename))
-            odd.append((_relative(path, root), path, "unreadable_dir"))
-
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable_dir):
-        here = Path(dirpath)
-        rel_dir = here.relative_to(root)
-        kept = []
-        for d in sorted(dirnames):
-            if d in NEVER_READ_DIRS or (here / d / NOT_DATA_MARKER).exists():
-                continue
-            if (here / d).is_symlink():  # never followed: it may loop or leave the source
-                if odd is not None:
-                    odd.append(((rel_dir / d).as_posix(), here / d, "symlinked_dir"))
-                continue
-            kept.append(d)
-        dirnames[:] = kept
-        for name in sorted(filenames):
-            if name == NOT_DATA_MARKER:
-                continue
-            rel, path = (rel_dir / name).as_posix(), here / name
-            problem = entry_problem(rel, path)
-            if problem is None:
-                yield rel, path
-            elif odd is not None:
-                odd.append((rel, path, problem))
-
-
-def _relative(path: Path, root: Path) -> str:
+def _is_dir(entry: os.DirEntry) -> bool:
     try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
+        return entry.is_dir()
+    except OSError:  # a symlink loop: not a directory (entry_problem says what it is)
+        return False
+
+
+def walk_files(root: Path, odd: list[tuple[str, Path, str]] | None = None) -> Iterator[tuple[str, Path]]:
+    """(relative POSIX path, path) of every regular file under `root` (files of a directory, then its
+    subdirectories, each sorted by name), skipping version-control, `__pycache__` and marked directories.
+    Entries that are no readable file (see `entry_problem`), symlinked directories (never followed) and
+    directories that cannot be listed are left out, and appended to `odd` as (rel, path, reason)."""
+    def note(rel: str, path: Path, reason: str) -> None:
+        if odd is not None:
+            odd.append((rel, path, reason))
+
+    def walk(here: Path, rel_dir: str) -> Iterator[tuple[str, Path]]:
+        try:
+            with os.scandir(here) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            if not rel_dir:
+                raise UserError(f"data source {root}: cannot list the directory ({exc.strerror})") from None
+            note(rel_dir.rstrip("/"), here, "unreadable_dir")
+            return
+        subdirs = []
+        for entry in entries:
+            rel, path = rel_dir + entry.name, here / entry.name
+            if _is_dir(entry):
+                if entry.name in NEVER_READ_DIRS or (path / NOT_DATA_MARKER).exists():
+                    continue
+                if entry.is_symlink():
+                    note(rel, path, "symlinked_dir")
+                else:
+                    subdirs.append(entry.name)
+            elif entry.name != NOT_DATA_MARKER:
+                problem = entry_problem(rel, entry)
+                if problem is None:
+                    yield rel, path
+                else:
+                    note(rel, path, problem)
+        for name in subdirs:
+            yield from walk(here / name, f"{rel_dir}{name}/")
+
+    yield from walk(Path(root), "")
 
 
 def list_files(root: Path, include: Sequence[str], exclude: Sequence[str], suffixes: tuple[str, ...] = (),
@@ -312,7 +321,7 @@ def read_regular_file(path: Path) -> bytes:
         if before.st_size > HUGE_FILE_BYTES:
             raise Unreadable("huge")
         chunks, size = [], 0
-        while size <= before.st_size:  # read one byte past the size: a file that grew is seen as changed
+        while size < before.st_size:  # asks for one byte past the size: a file that grew is seen as changed
             chunk = os.read(fd, before.st_size + 1 - size)
             if not chunk:
                 break
@@ -330,17 +339,6 @@ def read_regular_file(path: Path) -> bytes:
     return b"".join(chunks)
 
 
-def text_problem(data: bytes) -> str | None:
-    """Why file content is not text to train on ("binary", "not_utf8"), or None."""
-    if b"\x00" in data:
-        return "binary"
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return "not_utf8"
-    return None
-
-
 def read_text_file(path: Path, skipped: Counter) -> str | None:
     """A file's UTF-8 text, or None (counted and listed in `skipped`) when it cannot be read or is not text."""
     try:
@@ -348,11 +346,15 @@ def read_text_file(path: Path, skipped: Counter) -> str | None:
     except Unreadable as why:
         skip_file(skipped, why.args[0], path)
         return None
-    problem = text_problem(data)
-    if problem is not None:
-        skip_file(skipped, problem, path)
+    if b"\x00" in data:
+        skip_file(skipped, "binary", path)
         return None
-    return data.decode("utf-8").removeprefix("\ufeff")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        skip_file(skipped, "not_utf8", path)
+        return None
+    return text.removeprefix("\ufeff")
 
 
 def dir_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter,
