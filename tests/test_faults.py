@@ -97,6 +97,20 @@ def test_a_requeued_slurm_job_resumes_with_the_same_arguments(tmp_path):
     assert "trained to step 4" in error
 
 
+def test_the_prepare_script_submitted_again_continues(tmp_path):
+    """scripts/slurm_prepare.sbatch submitted again with the same arguments (after a failure or a preemption)
+    continues the prepare in OUT_DIR (DRY_RUN: the stage scripts are written, nothing is submitted)."""
+    corpus = _code_corpus(tmp_path / "code", 4)
+    config = tmp_path / "prepare.toml"
+    config.write_text(f'[data]\nheldout_fraction = 0.1\n\n[[data.sources]]\npath = "{corpus}"\n')
+    env = {**os.environ, "DRY_RUN": "1", "VENV": str(Path(sys.executable).parent.parent),
+           "PYTHONPATH": str(REPO / "src")}
+    for _ in range(2):
+        done = subprocess.run(["bash", str(REPO / "scripts" / "slurm_prepare.sbatch"), str(config),
+                               str(tmp_path / "out"), "4", "short"], env=env, capture_output=True, text=True)
+        assert done.returncode == 0 and "dry run, not submitted" in done.stderr, done.stderr[-2000:]
+
+
 def test_the_same_sources_spelled_otherwise_are_the_same_data(tmp_path, monkeypatch):
     corpus = _code_corpus(tmp_path / "code", 2)
     monkeypatch.chdir(tmp_path)
