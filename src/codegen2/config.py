@@ -46,7 +46,9 @@ class ModelConfig:
     init_std: float = 0.02
     n_kv_head: int | None = None  # key/value heads (grouped-query attention); None means n_head
     rope_theta: float = 10000.0  # rotary base
+    rope_scaling_factor: float = 1.0  # linear rope scaling: positions turn as if divided by this (DeepSeek-Coder: 4)
     tie_word_embeddings: bool = False  # output head shares the token embedding
+    sliding_window: int | None = None  # attend to at most this many positions back, own included (StarCoder2)
 
     @property
     def head_dim(self) -> int:
@@ -74,6 +76,11 @@ class ModelConfig:
             raise ConfigError(
                 f"model.rotary_dim={self.rotary_dim} must be even and at most head_dim={self.head_dim}"
             )
+        if not self.rope_theta > 0 or not self.rope_scaling_factor > 0:
+            raise ConfigError(f"model.rope_theta={self.rope_theta} and model.rope_scaling_factor="
+                              f"{self.rope_scaling_factor} must be positive")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 1 (or unset: no window)")
 
 
 @dataclass
