@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...masks import decode_step_bias
 from ...int8 import embed, embedding_weight, fuse_linears, linear_weight, mm
+from ...masks import decode_step_bias
 from ..llama.decode import fuse_biases, rotate_halves
 from ..llama.model import tied_head
 from .model import Starcoder2Model

@@ -24,7 +24,7 @@ _SUPPORTED = {"hidden_act": ("gelu_pytorch_tanh", ("gelu_pytorch_tanh",)), "use_
 
 
 def config_from_hf(raw: dict[str, Any], file: Path, overrides: dict[str, Any]) -> ModelConfig:
-    """ModelConfig of a checked Starcoder2ForCausalLM config.json (`overrides` such as CodeGen's mp_num do not apply)."""
+    """ModelConfig of a checked Starcoder2ForCausalLM config.json (`overrides` such as mp_num do not apply)."""
     check_keys(raw, file, _REQUIRED_KEYS, _SUPPORTED)
     if overrides.get("mp_num") is not None:
         raise UserError(f"{file}: mp_num applies to CodeGen checkpoints only; this is a StarCoder2 model")
