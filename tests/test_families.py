@@ -167,6 +167,56 @@ def test_export_mapping_loads_in_transformers_with_equal_logits(make, arch, shap
     assert from_pretrained(out, load_tokenizer=False).config == ours.config
 
 
+@pytest.mark.parametrize("index", [0, 2, 5], ids=[FAMILIES[i][0] for i in (0, 2, 5)])
+def test_import_hf_load_and_export_hf_round_trip_each_family(index, tmp_path):
+    """import-hf -> run directory -> `loading.load_checkpoint` (also int8) -> export-hf -> transformers, same logits.
+
+    The directory carries a CodeGen2-style tokenizer: the families' own tokenizers are the next step."""
+    from codegen2.hf import export_hf, import_hf
+    from codegen2.loading import load_checkpoint
+    from codegen2.tokenizer import train_tokenizer
+
+    source = hf_model(FAMILIES[index][1], FAMILIES[index][3])
+    source.save_pretrained(tmp_path / "source")
+    train_tokenizer(["def f(x):\n    return x + 1\n" * 50], vocab_size=VOCAB, num_masks=4).save(tmp_path / "source")
+    run = import_hf(tmp_path / "source", tmp_path / "run")
+    loaded = load_checkpoint(run)
+    assert loaded.config.arch == FAMILIES[index][2] and type(loaded.model) is type(from_pretrained(
+        tmp_path / "source", load_tokenizer=False))
+    ids = prompt()
+    with torch.no_grad():
+        reference = source(ids).logits
+        assert max_diff(loaded.model(ids), reference) <= 1e-4
+        int8 = load_checkpoint(run, dtype="int8").model(ids)
+        assert (int8 - reference).norm() < 0.1 * reference.norm()  # int8 rounding of large random weights
+    export_hf(run, tmp_path / "exported")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    assert type(exported) is type(source)
+    with torch.no_grad():
+        assert max_diff(exported(ids).logits, reference) <= 1e-4
+
+
+@pytest.mark.parametrize("index, legacy", [
+    (0, {"rope_theta": 100000, "rope_scaling": {"factor": 4.0, "type": "linear"}}),  # as DeepSeek-Coder 1.3B's
+    (3, {"rope_theta": 1000000.0, "rope_scaling": None, "use_sliding_window": False, "sliding_window": 32768,
+         "max_window_layers": 21}),  # as Qwen2.5-Coder's
+    (4, {"rope_theta": 999999.4420358813, "norm_type": "layer_norm", "mlp_type": "default"}),  # as StarCoder2-3B's
+], ids=["deepseek-coder", "qwen25-coder", "starcoder2"])
+def test_published_transformers_4_config_keys_load_with_equal_logits(index, legacy, tmp_path):
+    """The rotary keys as the published config.json files spell them (`rope_theta`, `rope_scaling` with `type`)."""
+    hf_model(FAMILIES[index][1], FAMILIES[index][3]).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("rope_parameters", "layer_types")}
+    (tmp_path / "config.json").write_text(json.dumps({**config, **legacy}))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ours = from_pretrained(tmp_path, load_tokenizer=False)
+    assert ours.config.rope_theta == legacy["rope_theta"]
+    assert ours.config.rope_scaling_factor == (4.0 if index == 0 else 1.0)
+    ids = prompt()
+    with torch.no_grad():
+        assert max_diff(ours(ids), reference(ids).logits) <= 1e-4
+
+
 @pytest.mark.parametrize("arch, extra", [("qwen2", {}), ("starcoder2", {"sliding_window": 6}),
                                          ("llama", {"rope_scaling_factor": 4.0})])
 def test_int8_and_bf16_weights_decode_as_their_own_forward(arch, extra):
