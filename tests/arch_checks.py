@@ -100,3 +100,33 @@ def check_low_precision_decoding(cfg: ModelConfig, ids: torch.Tensor, prefill: i
                 # bf16 rounds activations (and PyTorch's int8 kernel reads a bf16 copy): bf16-sized differences.
                 step = decoder.step(ids[:, t])
                 assert max_diff(step.float(), full[:, t].float()) <= 0.02 * full.abs().max().item(), (form, t)
+
+
+def check_engine_matches_solo_runs(model: torch.nn.Module, tokenizer, decoder: str) -> None:
+    """The server's continuous-batching engine: rows join at different steps, each ends as it would alone."""
+    from codegen2.generation.sampling import SamplingParams, generate_ids
+    from codegen2.serve.engine import BatchEngine, RowRequest
+
+    engine = BatchEngine(model, tokenizer, max_batch_size=4, max_queue=16, decoder=decoder)
+    specs = [RowRequest(tokenizer.encode("def g(x):\n" + "    y = x\n" * k), max_tokens=4 + 3 * k,
+                        temperature=0.0 if k % 2 else 0.8, seed=k, stop_ids=(tokenizer.eot_id,)) for k in range(6)]
+    results: dict[int, tuple[str, str]] = {}
+
+    def sink_for(i):
+        def sink(event):
+            if event.finish_reason:
+                results[i] = (event.text, event.finish_reason)
+        return sink
+
+    with torch.inference_mode():
+        for step in range(500):
+            if step < len(specs) * 2 and step % 2 == 0:
+                engine.submit([specs[step // 2]], sink_for(step // 2))
+            engine._step()
+            if len(results) == len(specs):
+                break
+    for i, spec in enumerate(specs):
+        params = SamplingParams(max_new_tokens=spec.max_tokens, temperature=spec.temperature)
+        ref = generate_ids(model, tokenizer, [spec.prompt_ids], params, stop_ids=spec.stop_ids, seeds=[spec.seed])[0]
+        assert results[i] == (ref.text, ref.finish_reason), i
+    assert sum(len(text) for text, _ in results.values()) > 20  # real text, not empty rows

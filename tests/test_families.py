@@ -17,7 +17,13 @@ from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers")
 
-from arch_checks import check_against_transformers, check_low_precision_decoding, max_diff, randomize
+from arch_checks import (
+    check_against_transformers,
+    check_engine_matches_solo_runs,
+    check_low_precision_decoding,
+    max_diff,
+    randomize,
+)
 from codegen2 import from_pretrained
 from codegen2.config import ConfigError, ModelConfig, load_config
 from codegen2.errors import UserError
@@ -243,6 +249,44 @@ def test_windowed_training_forward_keeps_packed_documents_apart_and_trains():
     loss = torch.nn.functional.cross_entropy(packed[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import sysconfig
+
+    from codegen2.tokenizer import train_tokenizer
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(root / name).read_text(encoding="utf-8") for name in ("argparse.py", "textwrap.py")]
+    return train_tokenizer(texts, vocab_size=VOCAB, num_masks=16)
+
+
+@pytest.mark.parametrize("decoder", ["model", "fast", pytest.param("compiled", marks=pytest.mark.slow)])
+def test_left_padded_batch_decodes_transformers_greedy_tokens_past_the_window(decoder, tmp_path):
+    """generate_ids over prompts of several lengths (left padding) against transformers' generate of each alone."""
+    from codegen2.generation.sampling import SamplingParams, generate_ids
+    from conftest import CharTokenizer
+
+    hf = hf_model(_starcoder2, FAMILIES[4][3])  # window 7
+    hf.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path, load_tokenizer=False)
+    prompts = [prompt(1, n)[0].tolist() for n in (3, 9, 14)]
+    with torch.inference_mode():
+        reference = [hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=12, min_new_tokens=12,
+                                 pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    out = generate_ids(ours, CharTokenizer(), prompts, SamplingParams(max_new_tokens=12), decoder=decoder)
+    assert [c.token_ids for c in out] == reference
+
+
+@pytest.mark.parametrize("decoder", ["model", "fast"])
+def test_serving_engine_batches_windowed_rows_as_their_solo_runs(tokenizer, decoder):
+    """The continuous-batching engine on StarCoder2 with a window shorter than the prompts: each row as alone."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="starcoder2", vocab_size=VOCAB, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                                    rotary_dim=16, n_inner=96, n_ctx=128, sliding_window=6)).eval()
+    check_engine_matches_solo_runs(model, tokenizer, decoder)
 
 
 @pytest.mark.slow

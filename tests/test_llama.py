@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
 
-from arch_checks import check_against_transformers, check_low_precision_decoding
+from arch_checks import check_against_transformers, check_engine_matches_solo_runs, check_low_precision_decoding
 from codegen2 import from_pretrained
 from codegen2.checkpoint import WEIGHTS, list_checkpoints, write_checkpoint
 from codegen2.config import Config, ConfigError, ModelConfig, load_config, preset_dict, save_config
@@ -264,32 +264,7 @@ def test_every_objective_trains_a_llama_model_and_it_evaluates(tiny_config, tmp_
 @pytest.mark.parametrize("decoder", ["model", "fast"])
 def test_serving_engine_batches_llama_rows_as_their_solo_runs(tokenizer, decoder):
     """The server's continuous-batching engine on a GQA llama: rows join at different steps, each ends as alone."""
-    from codegen2.generation.sampling import SamplingParams, generate_ids
-    from codegen2.serve.engine import BatchEngine, RowRequest
-
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="llama", vocab_size=VOCAB, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
                                     rotary_dim=16, n_inner=96, n_ctx=128)).eval()
-    engine = BatchEngine(model, tokenizer, max_batch_size=4, max_queue=16, decoder=decoder)
-    specs = [RowRequest(tokenizer.encode("def g(x):\n" + "    y = x\n" * k), max_tokens=4 + 3 * k,
-                        temperature=0.0 if k % 2 else 0.8, seed=k, stop_ids=(tokenizer.eot_id,)) for k in range(6)]
-    results: dict[int, tuple[str, str]] = {}
-
-    def sink_for(i):
-        def sink(event):
-            if event.finish_reason:
-                results[i] = (event.text, event.finish_reason)
-        return sink
-
-    with torch.inference_mode():
-        for step in range(500):
-            if step < len(specs) * 2 and step % 2 == 0:
-                engine.submit([specs[step // 2]], sink_for(step // 2))
-            engine._step()
-            if len(results) == len(specs):
-                break
-    for i, spec in enumerate(specs):
-        params = SamplingParams(max_new_tokens=spec.max_tokens, temperature=spec.temperature)
-        ref = generate_ids(model, tokenizer, [spec.prompt_ids], params, stop_ids=spec.stop_ids, seeds=[spec.seed])[0]
-        assert results[i] == (ref.text, ref.finish_reason), i
-    assert sum(len(text) for text, _ in results.values()) > 20  # real text, not empty rows
+    check_engine_matches_solo_runs(model, tokenizer, decoder)
