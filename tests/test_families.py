@@ -25,7 +25,7 @@ from arch_checks import (
     randomize,
 )
 from codegen2 import from_pretrained
-from codegen2.config import ConfigError, ModelConfig, load_config
+from codegen2.config import ConfigError, ModelConfig, dump_toml, load_config
 from codegen2.errors import UserError
 from codegen2.generation.decoder import FastDecoder
 from codegen2.masks import build_attention_mask, decode_step_bias, forward_attention_mask
@@ -306,7 +306,7 @@ def test_compiled_decode_step_keeps_the_window(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------- presets
-PRESETS = {
+FAMILY_PRESETS = {
     "qwen25-coder-0.5b": (_qwen2, dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                                        num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen25-coder-1.5b": (_qwen2, dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
@@ -329,10 +329,10 @@ PUBLISHED_MILLIONS = {"qwen25-coder-0.5b": 494, "qwen25-coder-1.5b": 1544, "qwen
                       "starcoder2-3b": 3030, "starcoder2-7b": 7174, "deepseek-coder-1.3b": 1346, "codellama-7b": 6739}
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", list(FAMILY_PRESETS))
 def test_family_presets_have_transformers_parameter_counts(name):
     cfg = load_config(preset=name).model
-    make, shape = PRESETS[name]
+    make, shape = FAMILY_PRESETS[name]
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(make(**shape))
         ours = build_model(cfg)
@@ -340,6 +340,14 @@ def test_family_presets_have_transformers_parameter_counts(name):
     assert round(ours.num_parameters() / 1e6) == PUBLISHED_MILLIONS[name]
     assert {n: tuple(p.shape) for n, p in ours.named_parameters()} == \
         {n: tuple(p.shape) for n, p in hf.named_parameters()}
+
+
+def test_new_model_fields_round_trip_through_toml(tmp_path):
+    for name in ("starcoder2-3b", "deepseek-coder-1.3b", "qwen25-coder-0.5b"):
+        config = load_config(preset=name)
+        (tmp_path / "config.toml").write_text(dump_toml(config))
+        assert load_config(tmp_path / "config.toml").model == config.model
+    assert config.model.sliding_window is None and "sliding_window" not in dump_toml(config)
 
 
 # ---------------------------------------------------------------------------------------- refused configs
