@@ -251,6 +251,24 @@ def test_windowed_training_forward_keeps_packed_documents_apart_and_trains():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("arch, extra", [("starcoder2", {"model.sliding_window": 24}), ("qwen2", {})])
+def test_families_train_every_objective_and_recomputing_activations_changes_nothing(tiny_config, tmp_path, arch,
+                                                                                      extra):
+    """Span corruption, FIM and causal LM, prefix-LM, document masks, and a window shorter than train.seq_len."""
+    from codegen2.train import train
+
+    shape = {"model.arch": arch, "model.rotary_dim": 16, "model.n_kv_head": 2, "model.n_inner": 96,
+             "objective.span_rate": 0.4, "objective.fim_rate": 0.3, "objective.prefix_lm": True,
+             "train.document_mask": True, "train.max_steps": 2, **extra}
+    plain = train(tiny_config(**shape), tmp_path / "plain")
+    recomputed = train(tiny_config(**shape, **{"train.activation_checkpointing": True}), tmp_path / "ac")
+    losses = [r["loss"] for r in plain.history]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert load_config(plain.run_dir / "config.toml").model == tiny_config(**shape).model
+    assert losses == [r["loss"] for r in recomputed.history]
+    assert [r["grad_norm"] for r in plain.history] == [r["grad_norm"] for r in recomputed.history]
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     import sysconfig
