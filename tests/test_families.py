@@ -408,8 +408,8 @@ def test_unsupported_family_configs_are_refused_in_one_line_naming_the_key(famil
 
 def test_window_and_rope_scaling_are_refused_where_the_architecture_lacks_them():
     with pytest.raises(ConfigError, match="model.sliding_window=8: the qwen2 architecture"):
-        ModelConfig(arch="qwen2", n_embd=64, n_head=4, rotary_dim=16, sliding_window=8).validate()
+        architecture(ModelConfig(arch="qwen2", n_embd=64, n_head=4, rotary_dim=16, sliding_window=8))
     with pytest.raises(ConfigError, match="CodeGen has neither"):
-        ModelConfig(rope_scaling_factor=4.0).validate()
+        architecture(ModelConfig(rope_scaling_factor=4.0))
     with pytest.raises(ConfigError, match="rope_scaling_factor=0.0 must be positive"):
         ModelConfig(arch="starcoder2", n_embd=64, n_head=4, rotary_dim=16, rope_scaling_factor=0.0).validate()

@@ -1,4 +1,4 @@
-"""LLaMA's fused one-token decode step (run by `codegen2.decode.FastDecoder`).
+"""LLaMA's fused one-token decode step (run by `codegen2.generation.decoder.FastDecoder`).
 
 The same function as `LlamaModel.forward` for one new token per row, in fewer and larger operations:
 

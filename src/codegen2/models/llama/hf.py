@@ -9,6 +9,7 @@ silently compute something else.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +84,11 @@ def head_dim_from_hf(raw: dict[str, Any], file: Path) -> int:
     return head_dim
 
 
-def validated(cfg: ModelConfig, file: Path) -> ModelConfig:
-    """`cfg` after ModelConfig.validate, its complaint reported against the config.json it came from."""
+def validated(cfg: ModelConfig, file: Path, check: Callable[[ModelConfig], None] = check_config) -> ModelConfig:
+    """`cfg` after ModelConfig.validate and the family's `check`, a complaint reported against its config.json."""
     try:
         cfg.validate()
-        check_config(cfg)
+        check(cfg)
     except ConfigError as exc:
         raise UserError(f"{file}: {exc}") from None
     return cfg

@@ -1,4 +1,4 @@
-"""StarCoder2's fused one-token decode step (run by `codegen2.decode.FastDecoder`).
+"""StarCoder2's fused one-token decode step (run by `codegen2.generation.decoder.FastDecoder`).
 
 LLaMA's step (`models/llama/decode.py`) with StarCoder2's parts: q/k/v fused into one matmul with one bias
 vector, biases on o_proj, c_fc and c_proj (added together with the residual in one `addmm`), LayerNorm with

@@ -17,6 +17,7 @@ from ...config import ModelConfig
 from ...errors import UserError
 from ..llama.hf import check_keys, head_dim_from_hf, rope_from_hf, rope_to_hf, validated
 from ..spec import HFMapping
+from .model import check_config
 
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 _SUPPORTED = {"hidden_act": ("gelu_pytorch_tanh", ("gelu_pytorch_tanh",)), "use_bias": (True, (True,)),
@@ -49,7 +50,7 @@ def config_from_hf(raw: dict[str, Any], file: Path, overrides: dict[str, Any]) -
         rope_scaling_factor=factor,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
         sliding_window=window,
-    ), file)
+    ), file, check_config)
 
 
 def config_to_hf(cfg: ModelConfig, eot_id: int, dtype_name: str) -> dict[str, Any]:
