@@ -15,7 +15,9 @@ from codegen2.models.codegen.model import CodeGenModel
 from codegen2.objectives import OBJECTIVE_CODES, OBJECTIVE_NAMES
 
 TINY = dict(vocab_size=64, n_layer=2, n_embd=32, n_head=4, rotary_dim=4, n_ctx=32, mp_num=2)
-ARCH_SHAPE = {"llama": dict(rotary_dim=8, n_kv_head=2)}  # LLaMA rotates whole heads; exercise GQA too
+# LLaMA and its kin rotate whole heads; exercise GQA and a window too
+ARCH_SHAPE = {"llama": dict(rotary_dim=8, n_kv_head=2), "qwen2": dict(rotary_dim=8, n_kv_head=2),
+              "starcoder2": dict(rotary_dim=8, n_kv_head=2, sliding_window=8)}
 
 
 def test_registry_builds_the_configured_architecture():

@@ -16,14 +16,13 @@ from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
 
+from arch_checks import check_against_transformers, check_engine_matches_solo_runs, check_low_precision_decoding
 from codegen2 import from_pretrained
 from codegen2.checkpoint import WEIGHTS, list_checkpoints, write_checkpoint
 from codegen2.config import Config, ConfigError, ModelConfig, load_config, preset_dict, save_config
 from codegen2.errors import UserError
-from codegen2.generation.decoder import FastDecoder
 from codegen2.hf import export_hf, register
 from codegen2.models import architecture, build_model
-from codegen2.models.common import KVCache
 from codegen2.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (fixture in conftest.py)
@@ -72,33 +71,10 @@ def tokenizer():
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_transformers_llama_loads_with_equal_logits_cache_and_fast_decode(shape, tmp_path):
-    hf = hf_llama(shape)
-    hf.save_pretrained(tmp_path)
-    ours = from_pretrained(tmp_path, load_tokenizer=False)
-    assert ours.config.arch == "llama" and ours.config.kv_heads == shape["num_key_value_heads"]
-    assert ours.num_parameters() == hf.num_parameters() == architecture(ours.config).count_parameters(ours.config)
-    ids = prompt(3, 40)
-    with torch.no_grad():
-        full = ours(ids)
-        assert max_diff(full, hf(ids).logits) <= 1e-4
-        # KV cache, chunk by chunk, equals the full forward.
-        cache = KVCache(ours.config, 3, 48)
-        pieces = [ours(ids[:, a:b], cache=cache) for a, b in [(0, 9), (9, 10), (10, 23), (23, 40)]]
-        assert max_diff(torch.cat(pieces, 1), full) <= 1e-5
-        # The fused decode step (eager) continues a prefilled cache with the same logits.
-        cache = KVCache(ours.config, 3, 48)
-        ours(ids[:, :10], cache=cache)
-        decoder = FastDecoder(ours, 3, 48)
-        decoder.start(cache, torch.full((3,), 10))
-        for t in range(10, 40):
-            assert max_diff(decoder.step(ids[:, t]), full[:, t]) <= 1e-5
-        assert torch.equal(ours(ids), full)  # fusing re-points the weights; the forward is unchanged
-    greedy = hf.generate(ids[:2, :12], max_new_tokens=10, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        mine = ids[:2, :12]
-        for _ in range(10):
-            mine = torch.cat([mine, ours(mine)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(mine, greedy)
+    """Logits, KV cache, fused decode step and greedy tokens against transformers (`transformers_parity`)."""
+    check_against_transformers(hf_llama(shape), tmp_path, prompt(3, 40))
+    cfg = from_pretrained(tmp_path, load_tokenizer=False).config
+    assert cfg.arch == "llama" and cfg.kv_heads == shape["num_key_value_heads"]
 
 
 def test_codegen25_7b_preset_has_transformers_parameter_count():
@@ -206,7 +182,7 @@ def rewrite_config(directory: Path, **changes) -> None:
 @pytest.mark.parametrize("changes, message", [
     (dict(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
     (dict(attention_bias=True), "attention_bias=True is not supported"),
-    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope scaling"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope scaling"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}), "rope scaling"),
     (dict(head_dim=8), "head_dim=8 differs"),
     (dict(intermediate_size=None), "missing or non-integer key.*intermediate_size"),
@@ -246,32 +222,9 @@ def test_compiled_decode_step_gives_transformers_greedy_tokens(tmp_path):
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_int8_and_bf16_weights_decode_as_their_own_forward(tied):
     """`quantize` swaps every Linear / Embedding: llama's forward and fused step both run the swapped weights."""
-    from codegen2.int8 import Int8Linear, is_quantized, quantize_model
-
     cfg = ModelConfig(arch="llama", vocab_size=300, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, rotary_dim=16,
                       n_inner=96, n_ctx=64, tie_word_embeddings=tied)
-    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
-    for form in ("int8", "bf16"):
-        torch.manual_seed(0)
-        model = build_model(cfg).eval()
-        with torch.no_grad():
-            reference = model(ids)
-        if form == "int8":
-            quantize_model(model)
-            assert is_quantized(model) and isinstance(model.model.layers[0].self_attn.k_proj, Int8Linear)
-        else:
-            model.to(torch.bfloat16)
-        with torch.no_grad():
-            full = model(ids)
-            assert max_diff(full.float(), reference) < 0.03 * reference.abs().max()
-            cache = KVCache(cfg, 2, 32, dtype=full.dtype)
-            model(ids[:, :8], cache=cache)
-            decoder = FastDecoder(model, 2, 32)
-            decoder.start(cache, torch.full((2,), 8))
-            for t in range(8, 24):
-                # bf16 rounds activations (and PyTorch's int8 kernel reads a bf16 copy): bf16-sized differences.
-                step = decoder.step(ids[:, t])
-                assert max_diff(step.float(), full[:, t].float()) <= 0.02 * full.abs().max().item(), (form, t)
+    check_low_precision_decoding(cfg, torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1)))
 
 
 LLAMA_TINY_TEST = {"model.arch": "llama", "model.rotary_dim": 16, "model.n_kv_head": 2, "model.n_inner": 96}
@@ -311,32 +264,7 @@ def test_every_objective_trains_a_llama_model_and_it_evaluates(tiny_config, tmp_
 @pytest.mark.parametrize("decoder", ["model", "fast"])
 def test_serving_engine_batches_llama_rows_as_their_solo_runs(tokenizer, decoder):
     """The server's continuous-batching engine on a GQA llama: rows join at different steps, each ends as alone."""
-    from codegen2.generation.sampling import SamplingParams, generate_ids
-    from codegen2.serve.engine import BatchEngine, RowRequest
-
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="llama", vocab_size=VOCAB, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
                                     rotary_dim=16, n_inner=96, n_ctx=128)).eval()
-    engine = BatchEngine(model, tokenizer, max_batch_size=4, max_queue=16, decoder=decoder)
-    specs = [RowRequest(tokenizer.encode("def g(x):\n" + "    y = x\n" * k), max_tokens=4 + 3 * k,
-                        temperature=0.0 if k % 2 else 0.8, seed=k, stop_ids=(tokenizer.eot_id,)) for k in range(6)]
-    results: dict[int, tuple[str, str]] = {}
-
-    def sink_for(i):
-        def sink(event):
-            if event.finish_reason:
-                results[i] = (event.text, event.finish_reason)
-        return sink
-
-    with torch.inference_mode():
-        for step in range(500):
-            if step < len(specs) * 2 and step % 2 == 0:
-                engine.submit([specs[step // 2]], sink_for(step // 2))
-            engine._step()
-            if len(results) == len(specs):
-                break
-    for i, spec in enumerate(specs):
-        params = SamplingParams(max_new_tokens=spec.max_tokens, temperature=spec.temperature)
-        ref = generate_ids(model, tokenizer, [spec.prompt_ids], params, stop_ids=spec.stop_ids, seeds=[spec.seed])[0]
-        assert results[i] == (ref.text, ref.finish_reason), i
-    assert sum(len(text) for text, _ in results.values()) > 20  # real text, not empty rows
+    check_engine_matches_solo_runs(model, tokenizer, decoder)

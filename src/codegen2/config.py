@@ -46,7 +46,9 @@ class ModelConfig:
     init_std: float = 0.02
     n_kv_head: int | None = None  # key/value heads (grouped-query attention); None means n_head
     rope_theta: float = 10000.0  # rotary base
+    rope_scaling_factor: float = 1.0  # linear rope scaling: positions turn as if divided by this (DeepSeek-Coder: 4)
     tie_word_embeddings: bool = False  # output head shares the token embedding
+    sliding_window: int | None = None  # attend to at most this many positions back, own included (StarCoder2)
 
     @property
     def head_dim(self) -> int:
@@ -74,6 +76,11 @@ class ModelConfig:
             raise ConfigError(
                 f"model.rotary_dim={self.rotary_dim} must be even and at most head_dim={self.head_dim}"
             )
+        if not self.rope_theta > 0 or not self.rope_scaling_factor > 0:
+            raise ConfigError(f"model.rope_theta={self.rope_theta} and model.rope_scaling_factor="
+                              f"{self.rope_scaling_factor} must be positive")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 1 (or unset: no window)")
 
 
 @dataclass
@@ -313,6 +320,29 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CodeGen2.5-7B (Salesforce's LlamaForCausalLM, DESIGN §6): MHA, untied head, 2048 positions.
     "codegen25-7b": {"model": dict(arch="llama", vocab_size=51200, n_layer=32, n_embd=4096, n_head=32,
                                    n_inner=11008, rotary_dim=128, n_ctx=2048, layer_norm_eps=1e-6)},
+    # Today's open code models (DESIGN §7), for `--init-from` their weights or a fresh run of their shape; the
+    # parameter counts equal transformers' (tests/test_families.py).
+    "qwen25-coder-0.5b": {"model": dict(arch="qwen2", vocab_size=151936, n_layer=24, n_embd=896, n_head=14,
+                                        n_kv_head=2, n_inner=4864, rotary_dim=64, n_ctx=32768, layer_norm_eps=1e-6,
+                                        rope_theta=1e6, tie_word_embeddings=True)},
+    "qwen25-coder-1.5b": {"model": dict(arch="qwen2", vocab_size=151936, n_layer=28, n_embd=1536, n_head=12,
+                                        n_kv_head=2, n_inner=8960, rotary_dim=128, n_ctx=32768, layer_norm_eps=1e-6,
+                                        rope_theta=1e6, tie_word_embeddings=True)},
+    "qwen25-coder-7b": {"model": dict(arch="qwen2", vocab_size=152064, n_layer=28, n_embd=3584, n_head=28,
+                                      n_kv_head=4, n_inner=18944, rotary_dim=128, n_ctx=32768, layer_norm_eps=1e-6,
+                                      rope_theta=1e6)},
+    "starcoder2-3b": {"model": dict(arch="starcoder2", vocab_size=49152, n_layer=30, n_embd=3072, n_head=24,
+                                    n_kv_head=2, n_inner=12288, rotary_dim=128, n_ctx=16384, layer_norm_eps=1e-5,
+                                    rope_theta=999999.4420358813, init_std=0.018042, tie_word_embeddings=True,
+                                    sliding_window=4096)},
+    "starcoder2-7b": {"model": dict(arch="starcoder2", vocab_size=49152, n_layer=32, n_embd=4608, n_head=36,
+                                    n_kv_head=4, n_inner=18432, rotary_dim=128, n_ctx=16384, layer_norm_eps=1e-5,
+                                    rope_theta=1e6, tie_word_embeddings=True, sliding_window=4096)},
+    "deepseek-coder-1.3b": {"model": dict(arch="llama", vocab_size=32256, n_layer=24, n_embd=2048, n_head=16,
+                                          n_inner=5504, rotary_dim=128, n_ctx=16384, layer_norm_eps=1e-6,
+                                          rope_theta=1e5, rope_scaling_factor=4.0)},
+    "codellama-7b": {"model": dict(arch="llama", vocab_size=32016, n_layer=32, n_embd=4096, n_head=32,
+                                   n_inner=11008, rotary_dim=128, n_ctx=16384, layer_norm_eps=1e-5, rope_theta=1e6)},
 }
 
 

@@ -21,12 +21,14 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
-from . import codegen, llama
+from . import codegen, llama, starcoder2
 from .spec import Architecture, HFMapping
 
 ARCHITECTURES: dict[str, Architecture] = {
     "codegen": codegen.ARCHITECTURE,
     "llama": llama.ARCHITECTURE,
+    "qwen2": llama.QWEN2_ARCHITECTURE,
+    "starcoder2": starcoder2.ARCHITECTURE,
 }
 
 __all__ = ["ARCHITECTURES", "Architecture", "HFMapping", "architecture", "build_model", "empty_model"]

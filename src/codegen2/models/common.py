@@ -106,7 +106,8 @@ class DecoderLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + time, device=input_ids.device)[None].expand(batch, time)
         rotary = self.rotations(position_ids, past + time)
-        mask = forward_attention_mask(doc_ids, prefix_len, time, input_ids.device, cache)
+        mask = forward_attention_mask(doc_ids, prefix_len, time, input_ids.device, cache,
+                                      window=self.config.sliding_window)
         x = self.embed(input_ids)
         for layer, block in enumerate(self.decoder_layers()):
             if self.activation_checkpointing and self.training:

@@ -1,4 +1,4 @@
-"""CodeGen's fused one-token decode step (run by `codegen2.decode.FastDecoder`).
+"""CodeGen's fused one-token decode step (run by `codegen2.generation.decoder.FastDecoder`).
 
 A decode step of a small model costs what its dispatch costs: the layer-by-layer `CodeGenModel.forward`
 runs about 160 ATen ops per token. This module computes the same function with fewer, larger pieces:

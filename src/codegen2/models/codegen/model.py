@@ -176,6 +176,9 @@ def check_config(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.n_kv_head={cfg.n_kv_head}: CodeGen has no grouped-query attention (leave it unset)")
     if cfg.tie_word_embeddings:
         raise ConfigError("model.tie_word_embeddings=true: CodeGen has a separate lm_head")
+    if cfg.sliding_window is not None or cfg.rope_scaling_factor != 1.0:
+        raise ConfigError(f"model.sliding_window={cfg.sliding_window}, model.rope_scaling_factor="
+                          f"{cfg.rope_scaling_factor}: CodeGen has neither (leave them unset)")
 
 
 def matmul_parameters(cfg: ModelConfig) -> int:

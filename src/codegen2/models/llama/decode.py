@@ -1,4 +1,4 @@
-"""LLaMA's fused one-token decode step (run by `codegen2.decode.FastDecoder`).
+"""LLaMA's fused one-token decode step (run by `codegen2.generation.decoder.FastDecoder`).
 
 The same function as `LlamaModel.forward` for one new token per row, in fewer and larger operations:
 
@@ -10,6 +10,8 @@ The same function as `LlamaModel.forward` for one new token per row, in fewer an
 - keys and values live in one preallocated tensor per layer, written at a position *tensor*, and attention
   runs over the whole capacity with an additive mask (`masks.decode_step_bias`), so `torch.compile` makes
   one graph for every step. Grouped-query attention reads each key/value head once for its group of queries.
+
+Qwen2's q/k/v biases join the fused matmul as one bias vector (None for LLaMA).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .model import LlamaModel, tied_head
 
 @torch.no_grad()
 def fuse_decode_weights(model: LlamaModel) -> list[tuple]:
-    """Per layer (norm_1 w, w_qkv, w_o, norm_2 w, w_gate_up, w_down) as `int8.mm` weights.
+    """Per layer (norm_1 w, w_qkv, b_qkv, w_o, norm_2 w, w_gate_up, w_down) as `int8.mm` weights.
 
     Float weights are input-major: q/k/v and gate/up are fused by `int8.fuse_linears` (the model's own
     weights become views of the fused buffers), o_proj and down_proj are re-laid input-major in place (same
@@ -39,9 +41,17 @@ def fuse_decode_weights(model: LlamaModel) -> list[tuple]:
         for linear in (attn.o_proj, mlp.down_proj):
             if isinstance(linear, nn.Linear) and linear.weight.stride(0) != 1:
                 linear.weight.data = linear.weight.data.t().contiguous().t()
-        layers.append((block.input_layernorm.weight, w_qkv, linear_weight(attn.o_proj),
+        layers.append((block.input_layernorm.weight, w_qkv, fuse_biases([attn.q_proj, attn.k_proj, attn.v_proj]),
+                       linear_weight(attn.o_proj),
                        block.post_attention_layernorm.weight, w_gate_up, linear_weight(mlp.down_proj)))
     return layers
+
+
+def fuse_biases(modules: list[nn.Module]) -> torch.Tensor | None:
+    """The biases of Linear modules fused by `int8.fuse_linears`, side by side (a small copy), or None."""
+    if modules[0].bias is None:
+        return None
+    return torch.cat([m.bias.detach() for m in modules])
 
 
 def decode_weights(model: LlamaModel) -> tuple:
@@ -70,11 +80,11 @@ def decode_step(weights: tuple, tokens: torch.Tensor, pos: torch.Tensor, col: to
     cos, sin = rotary[pos][:, None].unbind(-1)  # [B, 1, head_dim / 2]: broadcast over heads
     index = col.reshape(1)
     x = embed(tokens, embed_w, norm_w.dtype)
-    for (norm_1, w_qkv, w_o, norm_2, w_gate_up, w_down), k_cache, v_cache in zip(layers, keys, values):
-        qkv = mm(F.rms_norm(x, (d,), norm_1, eps), w_qkv)
+    for (norm_1, w_qkv, b_qkv, w_o, norm_2, w_gate_up, w_down), k_cache, v_cache in zip(layers, keys, values):
+        qkv = mm(F.rms_norm(x, (d,), norm_1, eps), w_qkv, b_qkv)
         query, key, value = qkv.split((n_head * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=1)
-        query = _rotate(query.reshape(batch, n_head, head_dim), cos, sin)
-        key = _rotate(key.reshape(batch, kv_heads, head_dim), cos, sin)
+        query = rotate_halves(query.reshape(batch, n_head, head_dim), cos, sin)
+        key = rotate_halves(key.reshape(batch, kv_heads, head_dim), cos, sin)
         k_cache.index_copy_(2, index, key.unsqueeze(2))
         v_cache.index_copy_(2, index, value.reshape(batch, kv_heads, 1, head_dim))
         # Queries grouped by the key/value head they read: [B, kv_heads, group, head_dim].
@@ -86,7 +96,7 @@ def decode_step(weights: tuple, tokens: torch.Tensor, pos: torch.Tensor, col: to
     return mm(F.rms_norm(x, (d,), norm_w, eps), head_w)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The half-split rotation of `models.llama.model.apply_rotary`, in x's dtype (fp32 tables broadcast)."""
     first, second = x.chunk(2, dim=-1)
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).to(x.dtype)

@@ -1,4 +1,6 @@
-"""The LLaMA decoder (CodeGen2.5 is one): pre-norm blocks with RMSNorm, SwiGLU MLP, rotary, grouped-query attention.
+"""The LLaMA decoder (CodeGen2.5, DeepSeek-Coder, CodeLlama) and Qwen2 (Qwen2.5-Coder), its twin with q/k/v biases.
+
+Pre-norm blocks with RMSNorm, SwiGLU MLP, rotary (optionally with linear position scaling), grouped-query attention.
 
 Parameter names are those of Hugging Face `LlamaForCausalLM` (`model.embed_tokens`, `model.layers.N.self_attn.
 q_proj`, ..., `lm_head`), so a state dict moves between codegen2 and transformers unchanged. Each block is
@@ -22,11 +24,13 @@ from ..common import DecoderLM, KVCache, init_normal, rotary_angles
 class RotaryTable:
     """cos / sin of every position up to the context length, per device, computed once in fp32.
 
-    Kept outside the module's parameters and buffers, so state dicts stay exactly the HF ones.
+    Kept outside the module's parameters and buffers, so state dicts stay exactly the HF ones. Linear rope
+    scaling (`scaling` > 1: DeepSeek-Coder, long-context CodeLlama variants) turns every pair `scaling` times
+    slower, as if positions were divided by it.
     """
 
-    def __init__(self, head_dim: int, n_ctx: int, theta: float):
-        self.head_dim, self.n_ctx, self.theta = head_dim, n_ctx, theta
+    def __init__(self, head_dim: int, n_ctx: int, theta: float, scaling: float = 1.0):
+        self.head_dim, self.n_ctx, self.theta, self.scaling = head_dim, n_ctx, theta, scaling
         self.tables: dict[torch.device, torch.Tensor] = {}
 
     def table(self, device: torch.device, min_positions: int = 0) -> torch.Tensor:
@@ -35,6 +39,8 @@ class RotaryTable:
         if table is None or table.shape[0] < min_positions:
             angles = rotary_angles(self.head_dim, torch.arange(max(self.n_ctx, min_positions), device=device),
                                    self.theta)
+            if self.scaling != 1.0:
+                angles = angles / self.scaling
             table = torch.stack((angles.cos(), angles.sin()), dim=-1)
             self.tables[device] = table
         return table
@@ -52,13 +58,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Rotary grouped-query attention; biases on q/k/v (Qwen2) and on o (StarCoder2 too) where the family has them."""
+
+    def __init__(self, cfg: ModelConfig, qkv_bias: bool = False, o_bias: bool = False):
         super().__init__()
         self.n_head, self.kv_heads, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=o_bias)
 
     def forward(self, x, rotary, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         batch, time, _ = x.shape
@@ -90,10 +98,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, qkv_bias: bool = False):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn = LlamaAttention(cfg, qkv_bias=qkv_bias)
         self.post_attention_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
@@ -103,23 +111,34 @@ class LlamaBlock(nn.Module):
 
 
 class LlamaBackbone(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, qkv_bias: bool = False):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(LlamaBlock(cfg, qkv_bias) for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
 
 
 class LlamaModel(DecoderLM):
     """LLaMA causal / prefix-LM decoder returning logits [B, T, vocab] (the forward of `models.spec.Architecture`)."""
 
+    qkv_bias = False  # biases on q_proj, k_proj and v_proj (not o_proj): Qwen2's one difference
+
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, check_config)
-        self.model = LlamaBackbone(cfg)
+        super().__init__(cfg, self.check_config)
+        self.model = self.backbone(cfg)
         # A tied head is the embedding table itself (no lm_head module), so no state dict holds it twice.
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.rotary = RotaryTable(cfg.head_dim, cfg.n_ctx, cfg.rope_theta)
+        self.rotary = RotaryTable(cfg.head_dim, cfg.n_ctx, cfg.rope_theta, cfg.rope_scaling_factor)
         self.init_unless_meta()
+
+    @staticmethod
+    def check_config(cfg: ModelConfig) -> None:
+        """The family's own config rule (`check_config` below); a family with other rules overrides it."""
+        check_config(cfg)
+
+    def backbone(self, cfg: ModelConfig) -> nn.Module:
+        """The embedding, blocks and final norm (`model.*` in the HF names); a family with other blocks overrides it."""
+        return LlamaBackbone(cfg, self.qkv_bias)
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Normal(0, init_std) weights, residual projections (o_proj, down_proj) scaled by 1/sqrt(2 * n_layer).
@@ -148,6 +167,13 @@ class LlamaModel(DecoderLM):
         return self.lm_head(x)
 
 
+class Qwen2Model(LlamaModel):
+    """Qwen2 (Qwen2.5-Coder): the LLaMA block with biases on q/k/v; transformers hard-codes them (no config key)."""
+
+    qkv_bias = True
+
+
+
 def tied_head(embedding: nn.Module) -> torch.Tensor | tuple:
     """A tied output projection as a `int8.mm` weight: the [d, vocab] view of the table, or int8 rows."""
     table = embedding_weight(embedding)
@@ -164,6 +190,9 @@ def check_config(cfg: ModelConfig) -> None:
                           f"head_dim = n_embd / n_head = {cfg.head_dim}")
     if cfg.head_dim % 2:
         raise ConfigError(f"model.n_embd / model.n_head = {cfg.head_dim}: LLaMA's rotary needs an even head_dim")
+    if cfg.sliding_window is not None:
+        raise ConfigError(f"model.sliding_window={cfg.sliding_window}: the {cfg.arch} architecture attends to "
+                          f"every earlier position (unset it)")
 
 
 def matmul_parameters(cfg: ModelConfig) -> int:
@@ -178,3 +207,8 @@ def count_parameters(cfg: ModelConfig) -> int:
     per_layer = 2 * d * d + 2 * d * cfg.kv_heads * cfg.head_dim + 3 * d * cfg.inner_dim + 2 * d
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * d
     return cfg.vocab_size * d + cfg.n_layer * per_layer + d + head
+
+
+def qwen2_count_parameters(cfg: ModelConfig) -> int:
+    """Exact parameter count of a Qwen2 model: LLaMA's plus the q, k and v biases of every layer."""
+    return count_parameters(cfg) + cfg.n_layer * (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim

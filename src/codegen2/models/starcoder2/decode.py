@@ -1,0 +1,86 @@
+"""StarCoder2's fused one-token decode step (run by `codegen2.generation.decoder.FastDecoder`).
+
+LLaMA's step (`models/llama/decode.py`) with StarCoder2's parts: q/k/v fused into one matmul with one bias
+vector, biases on o_proj, c_fc and c_proj (added together with the residual in one `addmm`), LayerNorm with
+bias, GELU (tanh). The sliding window is part of the additive mask (`masks.decode_step_bias`), so the cache
+keeps every column and the step attends only to the last `sliding_window` of them, as the full forward does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...int8 import embed, embedding_weight, fuse_linears, linear_weight, mm
+from ...masks import decode_step_bias
+from ..llama.decode import fuse_biases, rotate_halves
+from ..llama.model import tied_head
+from .model import Starcoder2Model
+
+
+def _norm(norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    return norm.weight, norm.bias
+
+
+@torch.no_grad()
+def fuse_decode_weights(model: Starcoder2Model) -> list[tuple]:
+    """Per layer (norm_1, w_qkv, b_qkv, w_o, b_o, norm_2, w_fc, b_fc, w_proj, b_proj); norms as (weight, bias).
+
+    q/k/v are fused by `int8.fuse_linears` (the model's weights become views of the fused buffer); the
+    other float weights are re-laid input-major in place (same values), int8 ones keep the kernel's rows.
+    """
+    layers = []
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        w_qkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        for linear in (attn.o_proj, mlp.c_fc, mlp.c_proj):
+            if isinstance(linear, nn.Linear) and linear.weight.stride(0) != 1:
+                linear.weight.data = linear.weight.data.t().contiguous().t()
+        layers.append((_norm(block.input_layernorm), w_qkv, fuse_biases([attn.q_proj, attn.k_proj, attn.v_proj]),
+                       linear_weight(attn.o_proj), attn.o_proj.bias, _norm(block.post_attention_layernorm),
+                       linear_weight(mlp.c_fc), mlp.c_fc.bias, linear_weight(mlp.c_proj), mlp.c_proj.bias))
+    return layers
+
+
+def decode_weights(model: Starcoder2Model) -> tuple:
+    """What `decode_step` reads: (fused layers, head, rotary table, static shape), views of the model's weights."""
+    if isinstance(model.lm_head, nn.Linear) and model.lm_head.weight.stride(0) != 1:
+        model.use_decode_layout()  # before fusing: it would copy the fused views apart again
+    cfg = model.config
+    norm = _norm(model.model.norm)
+    head_w = tied_head(model.model.embed_tokens) if model.lm_head is None else linear_weight(model.lm_head)
+    head = (embedding_weight(model.model.embed_tokens), norm, head_w)
+    shape = (cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.layer_norm_eps, cfg.sliding_window)
+    return fuse_decode_weights(model), head, model.rotary.table(norm[0].device), shape
+
+
+def decode_step(weights: tuple, tokens: torch.Tensor, pos: torch.Tensor, col: torch.Tensor,
+                keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    """StarCoder2's one-token step (arguments as in `models.spec.Architecture.decode_step`); `weights` is
+    `decode_weights(model)`: fused layers, the head (embedding, final norm, output weight), rotary table, shape."""
+    layers, head, rotary, shape = weights
+    n_head, kv_heads, head_dim, eps, window = shape
+    embed_w, (norm_w, norm_b), head_w = head
+    batch, d = tokens.shape[0], norm_w.shape[0]
+    group = n_head // kv_heads
+    bias = decode_step_bias(valid, col, keys[0].dtype, window)
+    scale = head_dim ** -0.5
+    cos, sin = rotary[pos][:, None].unbind(-1)  # [B, 1, head_dim / 2]: broadcast over heads
+    index = col.reshape(1)
+    x = embed(tokens, embed_w, norm_w.dtype)
+    for layer, k_cache, v_cache in zip(layers, keys, values):
+        norm_1, w_qkv, b_qkv, w_o, b_o, norm_2, w_fc, b_fc, w_proj, b_proj = layer
+        qkv = mm(F.layer_norm(x, (d,), *norm_1, eps), w_qkv, b_qkv)
+        query, key, value = qkv.split((n_head * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=1)
+        query = rotate_halves(query.reshape(batch, n_head, head_dim), cos, sin)
+        key = rotate_halves(key.reshape(batch, kv_heads, head_dim), cos, sin)
+        k_cache.index_copy_(2, index, key.unsqueeze(2))
+        v_cache.index_copy_(2, index, value.reshape(batch, kv_heads, 1, head_dim))
+        # Queries grouped by the key/value head they read: [B, kv_heads, group, head_dim].
+        scores = torch.matmul(query.reshape(batch, kv_heads, group, head_dim) * scale, k_cache.transpose(-1, -2))
+        attended = torch.matmul((scores + bias).softmax(dim=-1), v_cache)
+        x = mm(attended.reshape(batch, n_head * head_dim), w_o, x + b_o)
+        hidden = F.gelu(mm(F.layer_norm(x, (d,), *norm_2, eps), w_fc, b_fc), approximate="tanh")
+        x = mm(hidden, w_proj, x + b_proj)
+    return mm(F.layer_norm(x, (d,), norm_w, norm_b, eps), head_w)

@@ -1,0 +1,93 @@
+"""StarCoder2 <-> Hugging Face `starcoder2` (`Starcoder2ForCausalLM`): config.json keys; tensors need no change.
+
+codegen2's parameter names are transformers' own, so weights move as they are. Variants this implementation
+does not compute (no biases, another activation, MLP or norm type, rope scaling other than linear, a head_dim
+other than hidden_size / num_attention_heads) are refused with the key that says so. transformers' config
+defaults to tied embeddings, so a config.json without `tie_word_embeddings` is tied here too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...config import ModelConfig
+from ...errors import UserError
+from ..llama.hf import check_keys, head_dim_from_hf, rope_from_hf, rope_to_hf, validated
+from ..spec import HFMapping
+from .model import check_config
+
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+_SUPPORTED = {"hidden_act": ("gelu_pytorch_tanh", ("gelu_pytorch_tanh",)), "use_bias": (True, (True,)),
+              "mlp_type": ("default", ("default",)), "norm_type": ("layer_norm", ("layer_norm",))}
+
+
+def config_from_hf(raw: dict[str, Any], file: Path, overrides: dict[str, Any]) -> ModelConfig:
+    """ModelConfig of a checked Starcoder2ForCausalLM config.json (`overrides` such as mp_num do not apply)."""
+    check_keys(raw, file, _REQUIRED_KEYS, _SUPPORTED)
+    if overrides.get("mp_num") is not None:
+        raise UserError(f"{file}: mp_num applies to CodeGen checkpoints only; this is a StarCoder2 model")
+    window = raw.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
+        raise UserError(f"{file}: sliding_window={window!r} must be an integer or null")
+    head_dim = head_dim_from_hf(raw, file)
+    theta, factor = rope_from_hf(raw, file)
+    return validated(ModelConfig(
+        arch="starcoder2",
+        vocab_size=raw["vocab_size"],
+        n_layer=raw["num_hidden_layers"],
+        n_embd=raw["hidden_size"],
+        n_head=raw["num_attention_heads"],
+        n_kv_head=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+        rotary_dim=head_dim,
+        n_ctx=int(raw.get("max_position_embeddings") or 4096),
+        n_inner=raw["intermediate_size"],
+        layer_norm_eps=float(raw.get("norm_epsilon", 1e-5)),
+        init_std=float(raw.get("initializer_range", 0.02)),
+        rope_theta=theta,
+        rope_scaling_factor=factor,
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+        sliding_window=window,
+    ), file, check_config)
+
+
+def config_to_hf(cfg: ModelConfig, eot_id: int, dtype_name: str) -> dict[str, Any]:
+    """config.json for transformers' Starcoder2ForCausalLM (no remote code); dropouts 0 (codegen2 applies none)."""
+    return {
+        "architectures": ["Starcoder2ForCausalLM"],
+        "model_type": "starcoder2",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.inner_dim,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.kv_heads,
+        "hidden_act": "gelu_pytorch_tanh",
+        "max_position_embeddings": cfg.n_ctx,
+        "norm_epsilon": cfg.layer_norm_eps,
+        "initializer_range": cfg.init_std,
+        **rope_to_hf(cfg),
+        "sliding_window": cfg.sliding_window,
+        "use_bias": True,
+        "mlp_type": "default",
+        "norm_type": "layer_norm",
+        "attention_dropout": 0.0,
+        "residual_dropout": 0.0,
+        "embedding_dropout": 0.0,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "use_cache": True,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "dtype": dtype_name,
+    }
+
+
+def _same(state: dict[str, torch.Tensor], *_: ModelConfig) -> dict[str, torch.Tensor]:
+    """codegen2's names and layout are transformers' own: nothing to change."""
+    return state
+
+
+HF_MAPPING = HFMapping(model_type="starcoder2", config_from_hf=config_from_hf, config_to_hf=config_to_hf,
+                       state_to_hf=_same, state_from_hf=_same, convert_state=_same)
