@@ -8,7 +8,7 @@ on the command line, `max_tokens` in the API); the CLI prints it as one line, th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from .errors import UserError
@@ -90,4 +90,22 @@ def check_context(prompt_tokens: int, max_new_tokens: int, n_ctx: int, where: st
     if prompt_tokens + max_new_tokens > n_ctx:
         raise RequestError(f"{name}={max_new_tokens} plus {where} ({prompt_tokens} tokens) exceeds the model "
                            f"context of {n_ctx} tokens; ask for at most {n_ctx - prompt_tokens}", "max_tokens",
+                           code="context_length_exceeded")
+
+
+def check_text_size(texts: Mapping[str, str], max_token_bytes: int, n_ctx: int, where: str) -> None:
+    """Refuse text whose size alone proves it too long for the context, before anyone tokenizes it.
+
+    With a tokenizer that keeps every byte of its input and whose tokens each stand for at most
+    `max_token_bytes` bytes, N bytes need at least ceil(N / max_token_bytes) tokens. When that lower
+    bound already fills the context, no tokenization can fit; anything that might fit passes. `texts`
+    maps each field's name to its text (prompt, suffix, any editor field that joins the same context).
+    """
+    sizes = {name: len(text.encode("utf-8", "surrogatepass")) for name, text in texts.items()}
+    total = sum(sizes.values())
+    at_least = -(-total // max_token_bytes)
+    if at_least >= n_ctx:
+        param = max(sizes, key=sizes.__getitem__)
+        raise RequestError(f"{where} is {total} bytes, so at least {at_least} tokens (no token covers more than "
+                           f"{max_token_bytes} bytes): too long for the model context of {n_ctx} tokens", param,
                            code="context_length_exceeded")

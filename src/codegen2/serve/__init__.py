@@ -20,6 +20,9 @@ from ..options import add_decoder_flag, add_device_flag, add_dtype_flag, resolve
 log = logging.getLogger("codegen2.serve")
 
 API_KEY_ENV = "CODEGEN2_API_KEY"
+# After SIGTERM: requests get `lifecycle.DRAIN_GRACE_SECONDS` to finish, then are cancelled; whatever is still open
+# (a client that never sent its whole body) is cut at this bound, and the engine gets `app.ENGINE_STOP_SECONDS`.
+SHUTDOWN_BACKSTOP_SECONDS = 5.0
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -113,6 +116,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"(batch {args.max_batch_size}, queue {args.max_queue}, decoder {args.decoder}{compiled}, "
           f"auth {'on' if api_key else 'off'})", file=sys.stderr, flush=True)
     verbose = bool(getattr(args, "verbose", False))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if verbose else "warning",
-                access_log=verbose)
+    _serve(app, uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if verbose else "warning",
+                               access_log=verbose, timeout_graceful_shutdown=int(SHUTDOWN_BACKSTOP_SECONDS)))
     return 0
+
+
+def _serve(app, config) -> None:
+    """Run uvicorn; its exit signal (SIGTERM, Ctrl-C) also starts the app's drain, so in-flight work ends in time.
+
+    uvicorn alone closes the listening socket and then waits for every connection, forever by default:
+    a stream with a long max_tokens, or a client that never finishes its body, kept it alive past 30 s.
+    """
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.drain.begin()
+            super().handle_exit(sig, frame)
+
+    Server(config).run()

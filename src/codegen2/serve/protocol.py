@@ -18,7 +18,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..infill import Sentinels, infill_prompt, infill_stop_ids
-from ..request_checks import RequestError, check_context, check_infill, check_prompt, check_sampling, check_stops
+from ..request_checks import (
+    RequestError,
+    check_context,
+    check_infill,
+    check_prompt,
+    check_sampling,
+    check_stops,
+    check_text_size,
+)
 from .engine import RowRequest
 
 MAX_ROWS_PER_REQUEST = 128  # len(prompt list) * n
@@ -140,6 +148,40 @@ def check_model_name(requested: str | None, served: str) -> None:
     if requested is not None and requested != served:
         raise ApiError(404, f"the model '{requested}' does not exist; this server serves '{served}'", "model",
                        code="model_not_found")
+
+
+def token_byte_bound(tokenizer) -> int | None:
+    """The most bytes of text one token can stand for, where the tokenizer provably keeps every byte.
+
+    A byte-level BPE without a normalizer maps each input byte to one character of a token string, so a
+    token covers at most as many bytes as its string has characters (added tokens: their literal text).
+    Any other tokenizer (one that may drop or shrink text) gets None: no refusal by size alone.
+    """
+    from tokenizers import pre_tokenizers
+
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None or backend.normalizer is not None or not isinstance(backend.pre_tokenizer,
+                                                                             pre_tokenizers.ByteLevel):
+        return None
+    return max(len(token.encode("utf-8")) for token in backend.get_vocab(with_added_tokens=True))
+
+
+def check_prompt_size(req: CompletionRequest, max_token_bytes: int | None, n_ctx: int) -> None:
+    """Refuse, before tokenizing, a request whose text alone proves some row too long (see `check_text_size`)."""
+    if max_token_bytes is None:
+        return
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt if isinstance(req.prompt, list) else []
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            continue  # token ids: counted exactly by the planning checks
+        name = "prompt" if isinstance(req.prompt, str) else f"prompt[{i}]"
+        texts = {name: prompt}
+        if req.suffix is not None:
+            texts["suffix"] = req.suffix
+        try:
+            check_text_size(texts, max_token_bytes, n_ctx, " with the ".join(texts))
+        except RequestError as exc:
+            raise ApiError(400, str(exc), exc.param.split("[")[0], code=exc.code) from None
 
 
 def plan_request(req: CompletionRequest, tokenizer, n_ctx: int, vocab_size: int) -> Plan:
