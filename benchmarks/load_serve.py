@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/load_serve.py [--checkpoint RUN] [--requests 1000] [--concurrency 64]
         [--dtype int8] [--decoder model|fast|compiled]
+    .venv/bin/python benchmarks/load_serve.py --soak [--half-open 500] [--hang-ups 1000]
 
 Starts the server as a separate process on loopback (on a small random-weight model unless
 --checkpoint is given), sends a fixed mix of requests (completions and `suffix` infills, greedy and
@@ -9,6 +10,11 @@ seeded sampling, a quarter streamed) and reports p50/p99 latency, throughput, th
 the first 100 and after the last 100 requests, the speed-up of batched over one-at-a-time serving,
 and how many seeded/greedy requests gave identical text both ways. Exits 1 on any failure other
 than a deliberate 429/503 refusal.
+
+--soak (issue 24) instead measures the server under misbehaving clients: p95 latency of normal requests
+alone, then again while `--half-open` connections are held open (headers or body never finished, idle)
+and `--hang-ups` clients hang up mid-body, mid-stream or while waiting; the server's RSS growth over the
+hang-ups; and the time from SIGTERM to exit with all of that still open. Loopback only, bounded in count.
 """
 
 from __future__ import annotations
@@ -209,6 +215,86 @@ def wait_for_server(port: int, proc: subprocess.Popen, timeout: float = 300) -> 
     raise SystemExit("server did not start in time")
 
 
+def raw_request(body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return (b"POST /v1/completions HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(data) + data)
+
+
+def open_half_open(port: int, count: int) -> list[socket.socket]:
+    """Connections that never finish: headers cut short, a body cut short, or nothing sent at all."""
+    held = []
+    for i in range(count):
+        s = socket.create_connection(("127.0.0.1", port))
+        if i % 3 == 0:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: b\r\n")
+        elif i % 3 == 1:
+            s.sendall(raw_request({"model": "bench", "prompt": "def f():", "max_tokens": 64})[:-8])
+        held.append(s)
+    return held
+
+
+def hang_up_clients(port: int, count: int, max_tokens: int) -> int:
+    """`count` clients that each send a request and close mid-body, mid-stream or while waiting."""
+    done = 0
+    for i in range(count):
+        body = {"model": "bench", "prompt": "def f():", "max_tokens": max_tokens, "temperature": 0.8, "seed": i}
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                if i % 3 == 0:
+                    s.sendall(raw_request(body)[:-8])
+                elif i % 3 == 1:
+                    s.sendall(raw_request({**body, "stream": True}))
+                    s.recv(64)
+                else:
+                    s.sendall(raw_request(body))
+                    time.sleep(0.005)
+            done += 1
+        except OSError:
+            pass
+    return done
+
+
+def p95_ms(run: dict) -> float | None:
+    latencies = sorted(r[2] for r in run["results"] if r[0] == 200)
+    return round(1000 * latencies[int(0.95 * (len(latencies) - 1))], 1) if latencies else None
+
+
+def run_soak(port: int, proc: subprocess.Popen, args: argparse.Namespace) -> dict:
+    """Baseline p95, then p95 with half-open connections held and clients hanging up; RSS; SIGTERM to exit."""
+    requests = make_requests(args.requests, args.max_tokens)
+    run_load(port, make_requests(2 * args.concurrency, args.max_tokens, seed=1), args.concurrency, proc.pid)
+    baseline = run_load(port, requests, args.concurrency, proc.pid)
+    rss_before = rss_mib(proc.pid)
+    held = open_half_open(port, args.half_open)
+    hung: dict[str, int] = {}
+    hanger = threading.Thread(target=lambda: hung.update(n=hang_up_clients(port, args.hang_ups, 4 * args.max_tokens)))
+    hanger.start()
+    loaded = run_load(port, requests, args.concurrency, proc.pid)
+    hanger.join()
+    time.sleep(1.0)
+    rss_after = rss_mib(proc.pid)
+    health = get_json(port, "/health")
+    began = time.monotonic()
+    proc.terminate()
+    try:
+        proc.wait(30)
+        exit_s: float | None = round(time.monotonic() - began, 2)
+    except subprocess.TimeoutExpired:
+        exit_s = None
+    for s in held:
+        s.close()
+    base, soak = p95_ms(baseline), p95_ms(loaded)
+    return {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+            "baseline": summarize("baseline", baseline), "soak": summarize("soak", loaded),
+            "p95_ms": {"baseline": base, "soak": soak, "ratio": round(soak / base, 2) if base and soak else None},
+            "half_open_held": len(held), "hang_ups_sent": hung.get("n", 0),
+            "clients_hung_up_at_server": health.get("clients_hung_up"),
+            "rss_mib": {"before": round(rss_before, 1), "after": round(rss_after, 1),
+                        "growth": round(rss_after - rss_before, 1)},
+            "sigterm_to_exit_s": exit_s}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="model to serve (default: a small random-weight model)")
@@ -222,6 +308,9 @@ def main() -> int:
     parser.add_argument("--dtype", default="auto", help="server --dtype: float32, bfloat16, int8 (auto: as stored)")
     parser.add_argument("--decoder", default=None, help="server --decoder: model, fast, compiled (default: its own)")
     parser.add_argument("--json", help="also write the summary here")
+    parser.add_argument("--soak", action="store_true", help="hang-ups and half-open connections (see above)")
+    parser.add_argument("--half-open", type=int, default=500, help="--soak: connections held half-open")
+    parser.add_argument("--hang-ups", type=int, default=1000, help="--soak: clients that hang up mid-request")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -237,6 +326,12 @@ def main() -> int:
                                 + (["--decoder", args.decoder] if args.decoder else []), env=env)
         try:
             wait_for_server(port, proc)
+            if args.soak:
+                summary = run_soak(port, proc, args)
+                print(json.dumps(summary, indent=2))
+                ok = (summary["soak"]["failed"] == 0 and summary["sigterm_to_exit_s"] is not None
+                      and summary["sigterm_to_exit_s"] < 10)
+                return 0 if ok else 1
             requests = make_requests(args.requests, args.max_tokens)
             run_load(port, make_requests(2 * args.concurrency, args.max_tokens, seed=1), args.concurrency,
                      proc.pid)  # warm-up

@@ -6,6 +6,10 @@ own process it holds the GIL and every socket call of the HTTP event loop waits 
 process the model loop and the HTTP loop run in parallel. Messages are small pickles over a pipe:
 rows go down, events come up, read by one thread that hands them to each request's sink.
 
+Messages down the pipe go through one sender thread, never from under the lock the reader needs: a
+send blocked on a full pipe while holding it stopped the reader, so the child, blocked sending events
+up, stopped reading, and the server hung for good (after a few hundred cancelled requests).
+
 Back-pressure is decided here, synchronously: at most `max_batch_size + max_queue` sequences may be
 in flight (running or waiting); beyond that `submit` raises `QueueFull` at once.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import queue
 import threading
 from typing import Any
 
@@ -148,13 +153,16 @@ class ProcessEngine(Cancellable):
         self.source: str = payload["source"]
         self.compile_seconds: float = payload["compile_seconds"]  # the decode step's, at start-up (0: none)
 
-        self._lock = threading.Lock()  # guards the fields below and sending on the pipe
+        self._lock = threading.Lock()  # guards the fields below
         self._sinks: dict[int, list[Any]] = {}  # ticket id -> [sink, rows not finished]
         self._in_flight = 0
         self._ids = itertools.count()
         self._stats_reply: dict | None = None
         self._stats_ready = threading.Condition(self._lock)
         self._stopped = False
+        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()  # messages for the child, in order
+        self._sender = threading.Thread(target=self._send_loop, name="codegen2-engine-sender", daemon=True)
+        self._sender.start()
         self._reader = threading.Thread(target=self._read, name="codegen2-engine-reader", daemon=True)
         self._reader.start()
 
@@ -192,7 +200,7 @@ class ProcessEngine(Cancellable):
             ticket = Ticket(self, len(rows), next(self._ids))
             self._sinks[ticket.id] = [sink, len(rows)]
             self._in_flight += len(rows)
-            self._conn.send(("submit", ticket.id, rows))
+            self._outbox.put(("submit", ticket.id, rows))
         return ticket
 
     def _forget(self, ticket: Ticket) -> None:
@@ -200,14 +208,14 @@ class ProcessEngine(Cancellable):
         if entry is None or self._stopped:
             return
         self._in_flight -= entry[1]
-        self._conn.send(("cancel", ticket.id))
+        self._outbox.put(("cancel", ticket.id))
 
     def snapshot(self, timeout: float = 10.0) -> dict:
         with self._lock:
             if self._stopped:
                 return {"active": 0, "waiting": 0, "in_flight": 0, "stopped": True}
             self._stats_reply = None
-            self._conn.send(("stats",))
+            self._outbox.put(("stats",))
             if not self._stats_ready.wait_for(lambda: self._stats_reply is not None or self._stopped, timeout):
                 raise TimeoutError("the model process did not answer")
             reply = dict(self._stats_reply or {})
@@ -220,10 +228,8 @@ class ProcessEngine(Cancellable):
             if self._stopped:
                 return
             self._stopped = True
-            try:
-                self._conn.send(("stop",))
-            except OSError:
-                pass
+            self._outbox.put(("stop",))
+            self._outbox.put(None)
             self._stats_ready.notify_all()
         self._proc.join(timeout)
         if self._proc.is_alive():
@@ -232,7 +238,18 @@ class ProcessEngine(Cancellable):
         self._reader.join(5)
         self._fail_all("the server is shutting down")
 
-    # ---------------------------------------------------------------------------- reader thread
+    # ----------------------------------------------------------------------- sender, reader threads
+    def _send_loop(self) -> None:
+        """Send queued messages to the child until told to end (None) or the pipe breaks."""
+        while True:
+            message = self._outbox.get()
+            if message is None:
+                return
+            try:
+                self._conn.send(message)
+            except OSError:  # the child is gone; the reader reports it
+                return
+
     def _read(self) -> None:
         while True:
             try:
