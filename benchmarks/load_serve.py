@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import os
 import random
 import socket
@@ -234,10 +235,12 @@ def open_half_open(port: int, count: int) -> list[socket.socket]:
     return held
 
 
-def hang_up_clients(port: int, count: int, max_tokens: int) -> int:
-    """`count` clients that each send a request and close mid-body, mid-stream or while waiting."""
+def hang_up_clients(port: int, count: int, max_tokens: int, per_second: float) -> int:
+    """`count` clients, `per_second` at most, that each send a request and close mid-body, mid-stream or waiting."""
     done = 0
+    began = time.monotonic()
     for i in range(count):
+        time.sleep(max(0.0, began + i / per_second - time.monotonic()))
         body = {"model": "bench", "prompt": "def f():", "max_tokens": max_tokens, "temperature": 0.8, "seed": i}
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
@@ -267,8 +270,9 @@ def run_soak(port: int, proc: subprocess.Popen, args: argparse.Namespace) -> dic
     baseline = run_load(port, requests, args.concurrency, proc.pid)
     rss_before = rss_mib(proc.pid)
     held = open_half_open(port, args.half_open)
-    hung: dict[str, int] = {}
-    hanger = threading.Thread(target=lambda: hung.update(n=hang_up_clients(port, args.hang_ups, 4 * args.max_tokens)))
+    # In a process of its own, so that its sockets do not compete with the load's clients for one GIL.
+    hanger = multiprocessing.get_context("spawn").Process(
+        target=hang_up_clients, args=(port, args.hang_ups, 4 * args.max_tokens, args.hang_ups_per_second))
     hanger.start()
     loaded = run_load(port, requests, args.concurrency, proc.pid)
     hanger.join()
@@ -288,7 +292,7 @@ def run_soak(port: int, proc: subprocess.Popen, args: argparse.Namespace) -> dic
     return {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
             "baseline": summarize("baseline", baseline), "soak": summarize("soak", loaded),
             "p95_ms": {"baseline": base, "soak": soak, "ratio": round(soak / base, 2) if base and soak else None},
-            "half_open_held": len(held), "hang_ups_sent": hung.get("n", 0),
+            "half_open_held": len(held), "hang_ups_sent": args.hang_ups,
             "clients_hung_up_at_server": health.get("clients_hung_up"),
             "rss_mib": {"before": round(rss_before, 1), "after": round(rss_after, 1),
                         "growth": round(rss_after - rss_before, 1)},
@@ -311,6 +315,7 @@ def main() -> int:
     parser.add_argument("--soak", action="store_true", help="hang-ups and half-open connections (see above)")
     parser.add_argument("--half-open", type=int, default=500, help="--soak: connections held half-open")
     parser.add_argument("--hang-ups", type=int, default=1000, help="--soak: clients that hang up mid-request")
+    parser.add_argument("--hang-ups-per-second", type=float, default=100.0, help="--soak: their pace")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
