@@ -136,6 +136,8 @@ class SourceConfig:
     exclude: list[str] = dataclasses.field(default_factory=list)
     skip_bad_lines: bool = False  # malformed JSONL lines: error (default) or skip and count
     name: str = ""
+    git: bool = True  # a directory in a git work tree: read only the files git tracks (false: every file)
+    secrets: bool = True  # prepare's secrets stage on this source (data.secrets = false turns it off everywhere)
 
     def validate(self) -> None:
         if self.kind not in SOURCE_KINDS:
@@ -160,6 +162,7 @@ class DataConfig:
     max_doc_chars: int = 1_000_000  # longer documents are truncated (and counted) where raw files are read
     prepared: str = ""  # a directory written by `codegen2 data prepare`: train on its token shards (else the run
     #                     prepares its sources into RUN/prepared)
+    secrets: bool = True  # prepare's secrets stage (keys, passwords, e-mail and IP addresses), for every source
 
     def validate(self) -> None:
         if not 0.0 <= self.heldout_fraction < 1.0:

@@ -37,10 +37,13 @@ import io
 import json
 import os
 import re
+import shutil
 import stat
+import subprocess
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -278,6 +281,71 @@ def skip_odd(odd: list[tuple[str, Path, str]], keep: Keep, skipped: Counter,
             skip_file(skipped, reason, path)
 
 
+# -------------------------------------------------------------------------------------------- git
+@dataclass(frozen=True)
+class GitTree:
+    """What a source in a git work tree reads: the tracked files under its root, and where they come from."""
+
+    files: tuple[str, ...]  # paths relative to the source root (POSIX), sorted, as `git ls-files` lists them
+    commit: str | None  # HEAD; None before the first commit
+    dirty: bool  # tracked files under the root differ from HEAD (the work tree's text is what is read)
+
+    def manifest(self) -> dict:
+        return {"commit": self.commit, "dirty": self.dirty, "tracked_files": len(self.files)}
+
+
+def _in_git_work_tree(root: Path) -> bool:
+    """A `.git` repository (a directory with HEAD) or gitdir file (worktrees, submodules) in `root` or above."""
+    return any((parent / ".git" / "HEAD").is_file() or (parent / ".git").is_file() for parent in (root, *root.parents))
+
+
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, check=False)
+
+
+def git_tree(root: Path) -> GitTree | None:
+    """The tracked files of a directory inside a git work tree, or None when it is in none or git tracks
+    nothing under it (a data directory the repository ignores is read as a plain directory). Untracked and
+    ignored files are never listed, so `.git/`, virtual environments and build output stay out."""
+    if not root.is_dir() or not _in_git_work_tree(root.resolve()):
+        return None
+    if shutil.which("git") is None:
+        raise UserError(f"data source {root} is in a git work tree but git is not installed; install git, or set "
+                        "git = false on the source to read the directory as plain files")
+    listed = _git(root, "ls-files", "-z", "--cached", "--", ".")
+    if listed.returncode != 0:
+        why = (listed.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[0]
+        raise UserError(f"data source {root}: git cannot list the tracked files ({why}); repair the work tree, or set "
+                        "git = false on the source to read the directory as plain files")
+    files = tuple(sorted({name for name in listed.stdout.decode("utf-8", "surrogateescape").split("\0") if name}))
+    if not files:
+        return None
+    head = _git(root, "rev-parse", "--verify", "--quiet", "HEAD")
+    status = _git(root, "status", "--porcelain", "-z", "--untracked-files=no", "--", ".")
+    commit = head.stdout.decode().strip() if head.returncode == 0 else None
+    return GitTree(files=files, commit=commit, dirty=bool(status.stdout.strip()) or commit is None)
+
+
+def tracked_files(root: Path, tree: GitTree, include: Sequence[str], exclude: Sequence[str],
+                  odd: list[tuple[str, Path, str]]) -> list[tuple[str, Path]]:
+    """(relative path, path) of the selected tracked files that are there to read. A symlink that leads out of
+    the source root is not followed, nor one to a directory (both go to `odd`, see `walk_files`); a deleted
+    file or a submodule is passed over."""
+    real_root = root.resolve()
+    out = []
+    for rel in tree.files:
+        path = root / rel
+        if not path_selected(rel, include, exclude):
+            continue
+        if path.is_symlink() and not path.resolve().is_relative_to(real_root):
+            odd.append((rel, path, "symlink_outside"))
+        elif path.is_symlink() and path.is_dir():
+            odd.append((rel, path, "symlinked_dir"))
+        elif path.is_file():
+            out.append((rel, path))
+    return out
+
+
 def _shard_files(files: list[tuple[str, Path]], shard: tuple[int, int] | None) -> list[tuple[str, Path]]:
     return [(rel, path) for rel, path in files if in_shard(rel, shard)]
 
@@ -358,11 +426,14 @@ def read_text_file(path: Path, skipped: Counter) -> str | None:
 
 
 def dir_records(root: Path, cfg: SourceConfig, keep: Keep, skipped: Counter,
-                shard: tuple[int, int] | None = None) -> Iterator[Document]:
+                shard: tuple[int, int] | None = None, tree: GitTree | None = None) -> Iterator[Document]:
+    """The text files of a directory: with `tree`, the files git tracks in it (see `git_tree`)."""
     odd: list[tuple[str, Path, str]] = []
-    files = list_files(root, cfg.include, cfg.exclude, odd=odd)
+    files = tracked_files(root, tree, cfg.include, cfg.exclude, odd) if tree else \
+        list_files(root, cfg.include, cfg.exclude, odd=odd)
     if not files and not odd:
-        raise UserError(f"data source {root}: no files match include={cfg.include} exclude={cfg.exclude}")
+        raise UserError(f"data source {root}: no {'tracked ' if tree else ''}files match include={cfg.include} "
+                        f"exclude={cfg.exclude}")
     skip_odd(odd, keep, skipped, shard)
     for rel, path in _shard_files(files, shard):
         if keep(rel):

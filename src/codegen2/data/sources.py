@@ -21,7 +21,7 @@ from typing import Any
 from codegen2.config import SOURCE_KINDS, DataConfig, SourceConfig
 from codegen2.data import embedded
 from codegen2.data.documents import Document, is_heldout, split_filter
-from codegen2.data.formats import READERS, Keep, Skipped, detect_format, in_shard, skip_file, walk_files
+from codegen2.data.formats import READERS, Keep, Skipped, detect_format, git_tree, in_shard, skip_file, walk_files
 from codegen2.errors import UserError
 
 __all__ = ["Document", "Source", "is_heldout", "embedded_sources", "user_sources", "data_sources",
@@ -45,6 +45,8 @@ class Source:
     skipped: Skipped = field(default_factory=Skipped)  # of the last documents() pass (counts, and the files)
     truncated: int = 0
     other_split: int = 0  # documents of the other split passed over in the last pass (held out, for "train")
+    secrets: bool = True  # whether prepare's secrets stage runs on it
+    git: dict[str, Any] | None = None  # a git work tree's commit, dirty flag and tracked-file count (manifest)
 
     def documents(self, shard: tuple[int, int] | None = None) -> Iterator[Document]:
         """This split's documents (with `shard=(rank, world_size)`, that task's share of the files);
@@ -107,7 +109,8 @@ def embedded_sources(cfg: DataConfig, split: str, all_kinds: bool = False) -> li
             name="stdlib-code", kind="code", weight=weights["code"], split=split,
             description=f"Python standard library ({root})",
             read=lambda keep, skipped, shard: embedded.code_documents(_shard(files, shard), keep, skipped),
-            keep=keep, identity={**identity, "kind": "code"}, roots=roots, max_doc_chars=cfg.max_doc_chars))
+            keep=keep, identity={**identity, "kind": "code"}, roots=roots, max_doc_chars=cfg.max_doc_chars,
+            secrets=cfg.secrets))
     if weights["nl"] > 0 or all_kinds:
         from pydoc_data import topics
 
@@ -117,7 +120,7 @@ def embedded_sources(cfg: DataConfig, split: str, all_kinds: bool = False) -> li
             read=lambda keep, skipped, shard: embedded.nl_documents(_shard(files, shard), keep, skipped,
                                                                      topics=shard is None or shard[0] == 0),
             keep=keep, identity={**identity, "kind": "nl"}, roots=[Path(topics.__file__), *roots],
-            max_doc_chars=cfg.max_doc_chars))
+            max_doc_chars=cfg.max_doc_chars, secrets=cfg.secrets))
     return sources
 
 
@@ -153,17 +156,20 @@ def user_sources(cfg: DataConfig, split: str) -> list[Source]:
         root = Path(scfg.path).expanduser()
         if not root.exists():
             raise UserError(f"data source {scfg.path!r}: no such file or directory")
-        fmt = detect_format(root, scfg.format, scfg.include, scfg.exclude)
+        tree = git_tree(root) if scfg.git and scfg.format in ("auto", "dir") else None
+        fmt = "dir" if tree else detect_format(root, scfg.format, scfg.include, scfg.exclude)
         reader = READERS[fmt]
         identity = {"path": str(root.resolve()), "format": fmt, "kind": scfg.kind, "field": scfg.field,
                     "include": scfg.include, "exclude": scfg.exclude, "skip_bad_lines": scfg.skip_bad_lines,
-                    "heldout_fraction": cfg.heldout_fraction}
+                    "heldout_fraction": cfg.heldout_fraction, "git": tree.commit if tree else None}
         sources.append(Source(
             name=_source_name(scfg, taken), kind=scfg.kind, weight=scfg.weight, split=split,
             description=scfg.path,
-            read=(lambda keep, skipped, shard, reader=reader, root=root, scfg=scfg:
-                  reader(root, scfg, keep, skipped, shard)),
-            keep=keep, identity=identity, roots=[root], max_doc_chars=cfg.max_doc_chars))
+            read=(lambda keep, skipped, shard, reader=reader, root=root, scfg=scfg, tree=tree:
+                  reader(root, scfg, keep, skipped, shard, tree) if tree else reader(root, scfg, keep, skipped, shard)),
+            keep=keep, identity=identity, roots=[root / rel for rel in tree.files] if tree else [root],
+            max_doc_chars=cfg.max_doc_chars, secrets=cfg.secrets and scfg.secrets,
+            git=tree.manifest() if tree else None))
     return sources
 
 

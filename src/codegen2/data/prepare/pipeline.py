@@ -226,10 +226,22 @@ def _submit_slurm(executors, slurm: SlurmOptions, log) -> list[str]:
 def summary(manifest: dict[str, Any], out: Path) -> str:
     lines = [f"prepared {out}: {manifest['totals']['docs']:,} documents, {manifest['totals']['tokens']:,} tokens"]
     for source in manifest["sources"]:
+        if source.get("git"):
+            lines.append(f"  {source['name']}: {git_summary(source['git'])}")
         for split, s in source["splits"].items():
             removed = ", ".join(f"{k} {v:,}" for k, v in s["removed"].items() if v) or "none removed"
             skipped = ", ".join(f"{k} {v:,}" for k, v in s.get("skipped", {}).items() if v)
+            redacted = ", ".join(f"{k} {v:,}" for k, v in s.get("redacted", {}).items() if v)
             lines.append(f"  {source['name']}/{split}: {s['docs_in']:,} in -> {s['docs']:,} kept, "
                          f"{s['tokens']:,} tokens in {len(s['shards'])} shard(s); {removed}"
-                         + (f"; skipped {skipped}" if skipped else ""))
+                         + (f"; skipped {skipped}" if skipped else "")
+                         + (f"; secrets redacted: {redacted}" if redacted else ""))
     return "\n".join(lines)
+
+
+def git_summary(git: dict[str, Any]) -> str:
+    """How a source in a git work tree was read, for the summary."""
+    commit = (git["commit"] or "")[:12] or "no commit yet"
+    edits = ", with uncommitted edits" if git["dirty"] else ""
+    return (f"git work tree at {commit}{edits}: the {git['tracked_files']:,} tracked file(s) "
+            "(untracked and ignored files not read)")
