@@ -14,6 +14,9 @@ What it measures, in one command of a few minutes:
    codegen2 before the one data path did: read, `encode_batch`, write; no filters, no dedup) of the
    same sources with the same tokenizer in the same run, one core.
    Tokenizers' own thread pool is off (TOKENIZERS_PARALLELISM=false) so that one worker is one core.
+3. The secrets stage's cost (target <= 25% of prepare time): the 1-worker prepare again with
+   `data.secrets = false`, and, as a control less sensitive to the machine's load, the scanner alone over every
+   document in this process (CPU seconds, against the 1-worker prepare's stages). What it redacted, by kind.
 
     python benchmarks/bench_prepare.py [--target-mb 150] [--tasks 4] [--out /tmp/bench-prepare] [--json FILE]
 """
@@ -41,6 +44,7 @@ from codegen2.data.prepare.decontaminate import BENCHMARKS, Decontaminator, benc
 from codegen2.data.prepare.filters import CodeFilter
 from codegen2.data.prepare.minhash import code_tokens, jaccard
 from codegen2.data.prepare.pipeline import prepare
+from codegen2.data.prepare.secrets import SecretScanner
 from codegen2.data.sources import data_sources
 from codegen2.tokenizer import train_tokenizer
 
@@ -223,6 +227,41 @@ def tokenize_only(config, tokenizer, path: Path, batch_chars: int = 4_000_000) -
     return total
 
 
+def secrets_cost(config, out: Path, tasks: int, with_secrets: dict) -> dict:
+    """The 1-worker prepare without the secrets stage, and the scanner alone over every document (one core)."""
+    config.data.secrets = False
+    try:
+        without = run_prepare(config, out, tasks, 1)
+    finally:
+        config.data.secrets = True
+    scanner, cpu, docs = SecretScanner(), 0.0, 0
+    for split in ("train", "heldout"):
+        for source in data_sources(config.data, split):
+            for doc in source.documents():
+                started = time.process_time()
+                scanner.redact(doc.text)
+                cpu += time.process_time() - started
+                docs += 1
+    redacted: dict[str, int] = {}
+    for source in with_secrets["manifest"]["sources"]:
+        for split in source["splits"].values():
+            for kind, n in split.get("redacted", {}).items():
+                redacted[kind] = redacted.get(kind, 0) + n
+    removed = sum(s["removed"].get("secrets", 0) for src in with_secrets["manifest"]["sources"]
+                  for s in src["splits"].values())
+    return {"with_wall": with_secrets["wall"], "without_wall": without["wall"],
+            "with_stages": sum(with_secrets["stages"].values()), "without_stages": sum(without["stages"].values()),
+            "scanner_cpu_seconds": cpu, "documents": docs, "redacted": redacted, "files_removed": removed}
+
+
+def print_secrets(cost: dict) -> None:
+    extra, share = cost["with_stages"] - cost["without_stages"], cost["scanner_cpu_seconds"] / cost["with_stages"]
+    print(f"secrets stage, 1 worker: prepare {cost['with_stages']:.1f} s with, {cost['without_stages']:.1f} s without "
+          f"({extra / cost['with_stages']:+.1%} of the prepare); the scanner alone over {cost['documents']:,} "
+          f"documents: {cost['scanner_cpu_seconds']:.1f} CPU s ({share:.1%} of the prepare); "
+          f"redacted {json.dumps(cost['redacted'], sort_keys=True)}, files removed {cost['files_removed']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target-mb", type=float, default=150.0)
@@ -263,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"1 worker: {one['wall']:.1f} s", flush=True)
     two = run_prepare(config, args.out / "prepared-2w", args.tasks, 2)
     print(f"2 workers: {two['wall']:.1f} s", flush=True)
+    secrets = secrets_cost(config, args.out / "prepared-1w-no-secrets", args.tasks, one)
+    print(f"1 worker, no secrets stage: {secrets['without_wall']:.1f} s", flush=True)
     capacity_after = parallel_capacity()
     identical = all((args.out / "prepared-1w" / p.relative_to(args.out / "prepared-2w")).read_bytes() == p.read_bytes()
                     for p in sorted((args.out / "prepared-2w" / "shards").rglob("*.bin")))
@@ -281,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
               "tokens_out": tokens_out, "tokenizer_seconds": tokenizer_seconds, "one_worker": one["stages"],
               "two_workers": two["stages"], "one_worker_wall": one["wall"], "two_workers_wall": two["wall"],
               "identical_shards_1w_2w": identical, "cache_seconds": cache_seconds, "cache_tokens": cache_tokens,
-              "quality": q, "uptime": uptime, "parallel_capacity": [capacity_before, capacity_after]}
+              "quality": q, "secrets": secrets, "uptime": uptime,
+              "parallel_capacity": [capacity_before, capacity_after]}
 
     print(f"\n{uptime}")
     print(f"raw text {raw_mb:.1f} M characters (~MB), {tokens_out:,} tokens kept; tasks {args.tasks}; "
@@ -306,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"removed near-duplicates checked by exact 5-gram Jaccard: {q['near_checked']}, below 0.6: "
           f"{q['near_false_positives']} (lowest {q['near_checked_min_jaccard']})")
     print(f"removed by reason: {json.dumps(q['removed_by_reason'])}")
+    print_secrets(secrets)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
