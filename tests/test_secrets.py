@@ -153,6 +153,11 @@ def test_scanner_replaces_a_key_block_inside_code():
     assert not result.removed and result.text == "KEY = '''\n<KEY>\n'''\n" + _module("code", 1) * 3
 
 
+def test_offsets_hold_when_lower_case_changes_the_length():
+    text = "NAME = 'İstanbul'\nTOKEN = '" + SECRETS["github"] + "'\n" + _module("code", 2)
+    assert SecretScanner().redact(text).text == "NAME = 'İstanbul'\nTOKEN = '<KEY>'\n" + _module("code", 2)
+
+
 def test_switch_off_per_source_and_globally(tmp_path):
     (tmp_path / "a.py").write_text("x = 1\n")
     assert user_sources(DataConfig(sources=[SourceConfig(path=str(tmp_path))]), "train")[0].secrets

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import string
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -47,6 +48,7 @@ TRIGGER_WORDS = ("a3t", "abia", "acca", "akia", "asia", "key", "pw", "pass", "to
                  "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "glpat-", "gldt-", "glft-", "glsoat-", "glrt-",
                  "gr1348941", "glcbt-", "glimt-", "glptt-", "glagent-", "gloas-", "eyj", "-us", "_authtoken",
                  "t3blbkfj", "pypi-", "sg.", "xox", "sq0csp-", "k_live_")
+ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 TRIGGER_REGEXES = tuple(re.compile(p) for p in (r"AP[\dA-F][a-zA-Z0-9]{8}", r"AKC[a-zA-Z0-9]{10}",  # Artifactory
                                                  r"\.[\w-]{6}\.[\w-]{27}",  # Discord
                                                  r":[\w-]{35}",  # Telegram
@@ -75,6 +77,8 @@ class SecretScanner:
 
     def __init__(self) -> None:
         import ahocorasick
+
+        _import_detect_secrets_quietly()
         from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
 
         plugins = [cls for cls in get_mapping_from_secret_type_to_class().values()
@@ -110,7 +114,10 @@ class SecretScanner:
 
     def _candidate_lines(self, text: str) -> list[int]:
         """Start offsets of the lines on which a plugin's regex matches (two cheap passes pick the lines to try)."""
-        hits = [end for end, _ in self.triggers.iter(text.lower())]
+        lower = text.lower()
+        if len(lower) != len(text):  # a few characters lower-case to two ('İ'): keep the offsets
+            lower = text.translate(ASCII_LOWER)
+        hits = [end for end, _ in self.triggers.iter(lower)]
         hits += [m.start() for regex in TRIGGER_REGEXES for m in regex.finditer(text)]
         starts = sorted({text.rfind("\n", 0, hit) + 1 for hit in hits})
         found = []
@@ -144,7 +151,22 @@ class SecretScanner:
         return spans
 
 
+def _import_detect_secrets_quietly() -> None:
+    """detect-secrets' logger prints a skipped finding's value at debug level: it stays silent here whatever the
+    root logger's level. Its import also routes every Python warning of the process through logging; undone."""
+    import logging
+    import warnings
+
+    showwarning = warnings.showwarning
+    from detect_secrets.core.log import log
+
+    if warnings.showwarning is not showwarning:
+        logging.captureWarnings(False)
+    log.disabled = True
+
+
 def _email_spans(text: str) -> list[tuple[int, int, str]]:
+    """E-mail addresses at personal domains."""
     spans = []
     for m in EMAIL_DOMAIN.finditer(text):
         local = EMAIL_LOCAL.search(text, max(0, m.start() - 64), m.start())
@@ -154,6 +176,7 @@ def _email_spans(text: str) -> list[tuple[int, int, str]]:
 
 
 def _ip_spans(text: str) -> list[tuple[int, int, str]]:
+    """Public IPv4 addresses that are not version or section numbers."""
     spans = []
     for m in IPV4_TAIL.finditer(text):
         head = IPV4_HEAD.search(text, max(0, m.start() - 3), m.start())
