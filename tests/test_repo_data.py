@@ -86,7 +86,9 @@ def test_prepare_records_the_commit_and_says_so(repo, tmp_path):
                                              "tracked_files": 5}
     assert f"git work tree at {git(repo, 'rev-parse', 'HEAD')[:12]}, with uncommitted edits" in logs[-1]
     assert manifest["sources"][0]["splits"]["train"]["docs_in"] == 4
-    assert "symlink_outside" in json.dumps(manifest["sources"][0]["splits"]["train"]["skipped"])
+    assert manifest["sources"][0]["splits"]["train"]["skipped"]["symlink_outside"] == 1
+    removed = [json.loads(line) for line in (tmp_path / "out" / "removed.jsonl").read_text().splitlines()]
+    assert [Path(r["path"]).name for r in removed if r["reason"] == "symlink_outside"] == ["link_out.py"]
 
 
 def test_git_missing_or_broken_is_one_line(repo, monkeypatch):

@@ -12,6 +12,9 @@ unreadable file or directory, a file that vanishes or changes while it is read, 
 `HUGE_FILE_BYTES` are each skipped under their reason. With a `Skipped` counter the skipped files are
 also listed (for `removed.jsonl`), their paths written losslessly (`path_record`).
 
+A directory inside a git work tree is read through git (`git_tree`): only the files git tracks, as they are in
+the work tree; a tracked symlink that leads out of the source root is skipped (`symlink_outside`).
+
 Held-out keys: a file's path relative to the source root (a single-file source: its name);
 "REL:LINE" (1-based) for JSONL records; "REL:ROW" (0-based) for Parquet rows; "SPLIT:ROW" for HF
 datasets.
