@@ -55,9 +55,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def measure_cpu_matmul_peak(size: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """Best observed FLOP/s of a square matmul on this CPU with the current thread count."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
+    """Best observed FLOP/s of a square matmul on this CPU with the current thread count.
+
+    Its operands come from a private generator: the global RNG (LoRA dropout draws from it) is restored by
+    a resume just before this runs, and must continue where the interrupted run left it."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, dtype=dtype, generator=generator)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
