@@ -25,9 +25,8 @@ LORA = {"train.lora.rank": 4, "train.lora.alpha": 8.0, "train.lr": 1e-2}
 @pytest.fixture(scope="module")
 def base_run(small_corpus, tmp_path_factory):
     """A tiny CodeGen run (qkv in 4 groups, as transformers computes) trained for a few steps: the base."""
-    from conftest import tiny_overrides
-
     from codegen2.config import SourceConfig, load_config
+    from conftest import tiny_overrides
 
     def make(**extra):
         config = load_config(None, overrides=tiny_overrides(small_corpus, **{"model.mp_num": 4, **extra}))
@@ -186,3 +185,44 @@ def test_lora_without_base_and_bad_adapter_directories_are_one_line(base_run, lo
     assert missing.returncode == 2 and "missing adapter_config.json" in missing.stderr
     refused = run_cli("export-hf", str(base), str(tmp_path / "y"), "--adapter-only")
     assert refused.returncode == 2 and "not LoRA adapters" in refused.stderr
+
+
+def test_ddp_activation_checkpointing_and_compile_follow_the_single_process_run(base_run, tmp_path):
+    """Without dropout (each rank draws its own mask) two DDP ranks, activation checkpointing and
+    torch.compile all end at the single-process adapters."""
+    from codegen2.config import save_config
+
+    base, make = base_run
+    extra = {"train.global_batch_tokens": 512, "train.lora.dropout": 0.0, "train.max_steps": 3}
+    single = train(lora_config(make, base, **extra), tmp_path / "single")
+    config = lora_config(make, base, **extra)
+    save_config(config, tmp_path / "lora.toml")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "codegen2.cli", "train", "--config", str(tmp_path / "lora.toml"), "--out",
+                           str(tmp_path / "ddp"), "--parallel", "ddp"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpointed = train(lora_config(make, base, **extra, **{"train.activation_checkpointing": True,
+                                                             "train.compile": True}), tmp_path / "ckpt")
+    want = read_file(latest_checkpoint(tmp_path / "single") / WEIGHTS)
+    for other in ("ddp", "ckpt"):
+        got = read_file(latest_checkpoint(tmp_path / other) / WEIGHTS)
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], atol=2e-5, rtol=1e-4, msg=f"{other} {name}")
+    assert [r["loss"] for r in checkpointed.history] == pytest.approx([r["loss"] for r in single.history], rel=1e-5)
+
+
+def test_info_prints_full_and_lora_memory_and_the_fit_check_uses_it():
+    from codegen2.config import load_config
+    from codegen2.train import memory_plan
+
+    done = run_cli("info", "--preset", "codegen25-7b", "--lora", "16", "--seq-len", "2048")
+    assert done.returncode == 0, done.stderr
+    assert "LoRA rank 16" in done.stdout and "trained parameters 39,976,960" in done.stdout
+    config = load_config(preset="1b", overrides=["train.init_from=\"x\"", "train.lora.rank=16",
+                                                 "train.micro_batch_size=1"])
+    lora = memory_plan(config)
+    config.train.lora.rank = 0
+    full = memory_plan(config)
+    assert lora.trained == 8_388_608 and lora.gradients == 4 * lora.trained and lora.optimizer == 8 * lora.trained
+    assert lora.weights + lora.gradients + lora.optimizer < 0.3 * (full.weights + full.gradients + full.optimizer)

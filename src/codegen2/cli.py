@@ -44,7 +44,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"preset {args.preset}: arch={m.arch} n_layer={m.n_layer} n_embd={m.n_embd} n_head={m.n_head} "
           f"head_dim={m.head_dim} rotary_dim={m.rotary_dim} vocab_size={m.vocab_size} n_ctx={m.n_ctx} {layout}")
     print(f"parameters: {architecture(m).count_parameters(m):,}")
+    if args.lora is not None:
+        _print_memory_plans(config, args.lora, args.gpus, args.seq_len)
     return 0
+
+
+def _print_memory_plans(config, rank: int, gpus: int, seq_len: int | None) -> None:
+    """What full and LoRA fine-tuning of this shape need per GPU (micro-batch 1, bf16 base for LoRA): the
+    numbers the training memory-fit check uses (metrics.plan_training_memory)."""
+    from .lora import LoraSettings
+    from .metrics import plan_training_memory
+
+    m = config.model
+    seq = seq_len or min(2048, m.n_ctx)
+    if gpus < 1 or seq < 1 or rank < 1:
+        raise UserError(f"--gpus, --seq-len and --lora must be positive (got {gpus}, {seq}, {rank})")
+    settings = LoraSettings(rank=rank).check()
+    plans = {f"full ({'FSDP over ' + str(gpus) + ' GPUs' if gpus > 1 else '1 GPU'}, fp32 weights + AdamW)":
+             plan_training_memory(m, seq, 1, world_size=gpus, parallel="fsdp"),
+             f"LoRA rank {rank} (bf16 base, fp32 adapters + AdamW)":
+             plan_training_memory(m, seq, 1, lora=settings, base_bytes=2)}
+    gib = 2**30
+    print(f"fine-tuning memory per GPU at sequence {seq}, micro-batch 1 (GiB; a floor: add allocator slack):")
+    for name, plan in plans.items():
+        fixed = plan.weights + plan.gradients + plan.optimizer
+        print(f"  {name}: trained parameters {plan.trained:,}")
+        print(f"    weights {plan.weights / gib:.2f}, gradients {plan.gradients / gib:.2f}, optimizer "
+              f"{plan.optimizer / gib:.2f}; activations {plan.activations_plain / gib:.2f} "
+              f"({plan.activations_checkpointed / gib:.2f} with checkpointing)")
+        print(f"    total {(fixed + plan.activations_plain) / gib:.2f} "
+              f"({(fixed + plan.activations_checkpointed) / gib:.2f} with activation checkpointing)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -222,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="shapes and exact parameter count of a preset")
     p.add_argument("--preset", required=True, choices=list(PRESETS))
+    p.add_argument("--lora", type=int, metavar="RANK", help="also print the memory of full and LoRA fine-tuning")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs the full fine-tuning is sharded over (with --lora)")
+    p.add_argument("--seq-len", type=int, dest="seq_len", help="sequence length (with --lora; default 2048 or n_ctx)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train", help="train or continue training a model")

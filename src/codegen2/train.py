@@ -53,7 +53,7 @@ from .distributed import (
 from .errors import UserError
 from .fsutil import atomic_write_text
 from .lora import LoraSettings, attach_lora
-from .metrics import Throughput, device_peak_flops, flops_per_token, format_duration
+from .metrics import MemoryPlan, Throughput, device_peak_flops, flops_per_token, format_duration, plan_training_memory
 from .models import architecture, build_model
 from .objectives import OBJECTIVE_NAMES
 
@@ -329,24 +329,19 @@ def _scalar(value: torch.Tensor) -> float:
     return float(value)
 
 
-def training_memory_bytes(config: Config, world_size: int = 1, parallel: str = "none") -> tuple[int, int, int]:
-    """(parameters, bytes per rank, of which activations): a floor on what training holds in memory.
-
-    fp32 weights, gradients and AdamW's two moments take 16 bytes per parameter (split over the ranks by
-    FSDP). Activations of one micro-batch follow Korthikanti et al. (2022), 34 * d + 5 * heads * seq_len
-    values per token and layer, here in fp32; with activation checkpointing only each layer's input is
-    kept, plus one layer being recomputed."""
+def memory_plan(config: Config, world_size: int = 1, parallel: str = "none") -> MemoryPlan:
+    """The training memory of this config per rank (`metrics.plan_training_memory`; `codegen2 info` prints it)."""
     m, t = config.model, config.train
-    n = architecture(m).count_parameters(m)
-    shards = world_size if parallel == "fsdp" else 1
-    tokens = t.micro_batch_size * t.seq_len
-    per_layer = 4 * tokens * (34 * m.n_embd + 5 * m.n_head * t.seq_len)
-    logits = 2 * 4 * tokens * m.vocab_size  # logits and their gradient (fp32)
-    if t.activation_checkpointing:
-        activations = 4 * tokens * m.n_embd * m.n_layer + per_layer + logits
-    else:
-        activations = per_layer * m.n_layer + logits
-    return n, 16 * n // shards + activations, activations
+    settings = lora_settings(config) if t.lora.rank > 0 and t.init_from else None
+    base_bytes = 2 if t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available()) else 4
+    return plan_training_memory(m, t.seq_len, t.micro_batch_size, checkpointing=t.activation_checkpointing,
+                                world_size=world_size, parallel=parallel, lora=settings, base_bytes=base_bytes)
+
+
+def training_memory_bytes(config: Config, world_size: int = 1, parallel: str = "none") -> tuple[int, int, int]:
+    """(parameters, bytes per rank, of which activations): a floor on what training holds in memory."""
+    plan = memory_plan(config, world_size, parallel)
+    return plan.parameters, plan.total, plan.activations
 
 
 def available_memory_bytes(device: torch.device) -> int | None:
@@ -365,7 +360,8 @@ def available_memory_bytes(device: torch.device) -> int | None:
 
 def check_memory_fit(config: Config, env: DistEnv, parallel: str) -> None:
     """Refuse, before any work, a model whose weights, gradients and optimizer state cannot fit the device."""
-    n, per_rank, activations = training_memory_bytes(config, env.world_size, parallel)
+    plan = memory_plan(config, env.world_size, parallel)
+    n, per_rank, activations = plan.parameters, plan.total, plan.activations
     available = available_memory_bytes(env.device)
     if available is None:
         return
