@@ -121,7 +121,7 @@ def test_merged_export_loads_in_transformers_with_the_unmerged_logits(lora_run, 
 
 
 def test_adapter_only_export_loads_in_peft_and_as_adapter(base_run, lora_run, tmp_path):
-    base, _ = lora_run[0].parent / "base", None
+    base, _ = base_run
     run, _ = lora_run
     hf_base = tmp_path / "base-hf"
     assert run_cli("export-hf", str(base), str(hf_base)).returncode == 0
@@ -137,6 +137,8 @@ def test_adapter_only_export_loads_in_peft_and_as_adapter(base_run, lora_run, tm
         assert max_diff(reference(ids()).logits, want) <= 1e-4
         assert max_diff(over_hf.model(ids()), want) <= 1e-4
         assert max_diff(over_run.model(ids()), want) <= 1e-5
+    with pytest.raises(UserError, match="not the one its adapters were trained on"):
+        load_checkpoint(hf_base, adapter=run)  # same weights, but not the files the run's fingerprint names
 
 
 def test_sample_with_adapter_equals_sample_of_the_run(base_run, lora_run):
