@@ -85,6 +85,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.out)
     ckpt.check_run_directory(run_dir, args.resume, args.overwrite)  # before any work: refuse another run's files
+    if args.lora is not None and args.lora < 1:
+        raise UserError(f"--lora {args.lora}: the rank must be at least 1 (leave --lora out for full fine-tuning)")
     overrides = list(args.set)
     for flag, key in (("max_steps", "train.max_steps"), ("seed", "train.seed"),
                       ("checkpoint_every", "train.checkpoint_every"), ("parallel", "train.parallel"),
