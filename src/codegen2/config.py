@@ -371,7 +371,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # The fine-tuning recipe of `codegen2 train --init-from DIR` without --preset or --config (the shapes come from
 # DIR): 200 steps of 8 x 512 tokens. LoRA's learning rate is the usual 2e-4 (QLoRA, PEFT's examples); full
-# fine-tuning takes a tenth of it. No weight decay: the steps are few and start from trained weights.
+# fine-tuning takes a tenth of it. No weight decay: the steps are few and start from trained weights. A tenth of
+# the files is held out: a repository has tens of files, not thousands, and its held-out loss is the measure.
 FINETUNE_TRAIN = dict(seq_len=512, micro_batch_size=4, grad_accum=2, lr=2e-4, warmup_steps=20, max_steps=200,
                       weight_decay=0.0, checkpoint_every=50, log_every=10, keep_last=2)
 FINETUNE_FULL_LR = 2e-5
@@ -383,7 +384,7 @@ def finetune_values(model: ModelConfig, lora: bool) -> dict[str, Any]:
     if not lora:
         train["lr"] = FINETUNE_FULL_LR
     return {"model": dataclasses.asdict(model), "train": train,
-            "tokenizer": {"vocab_size": model.vocab_size}}
+            "tokenizer": {"vocab_size": model.vocab_size}, "data": {"heldout_fraction": 0.1}}
 
 
 _SECTION_CLASSES: dict[str, type] = {"model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig,
