@@ -6,7 +6,6 @@ checked against a naive per-head index construction written here independently.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -20,9 +19,10 @@ transformers = pytest.importorskip("transformers")
 
 from codegen2 import from_pretrained
 from codegen2.checkpoint import WEIGHTS, list_checkpoints, write_checkpoint
+from codegen2.cli import build_parser
 from codegen2.config import Config, ModelConfig, load_config, save_config
 from codegen2.errors import UserError
-from codegen2.hf import detect_mp_num, export_hf, import_hf, is_hf_directory, load_hf_config, register
+from codegen2.hf import detect_mp_num, export_hf, import_hf, is_hf_directory, load_hf_config
 from codegen2.models.codegen.hf import regroup_qkv, regroup_state_dict
 from codegen2.models.codegen.model import CodeGenModel
 from codegen2.safetensors_io import release_mapped_pages
@@ -277,9 +277,7 @@ def _make_run(tmp_path: Path, tokenizer, mp_num: int, step: int = 5) -> tuple[Pa
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)  # export-hf lives in codegen2.cli (it merges LoRA runs), import-hf in hf
     return args.func(args)
 
 

@@ -6,7 +6,6 @@ head, a non-default rotary base); the cache and the fused decode step are checke
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -19,9 +18,10 @@ transformers = pytest.importorskip("transformers")
 from arch_checks import check_against_transformers, check_engine_matches_solo_runs, check_low_precision_decoding
 from codegen2 import from_pretrained
 from codegen2.checkpoint import WEIGHTS, list_checkpoints, write_checkpoint
+from codegen2.cli import build_parser
 from codegen2.config import Config, ConfigError, ModelConfig, load_config, preset_dict, save_config
 from codegen2.errors import UserError
-from codegen2.hf import export_hf, register
+from codegen2.hf import export_hf
 from codegen2.models import architecture, build_model
 from codegen2.tokenizer import train_tokenizer
 
@@ -127,9 +127,7 @@ def make_run(tmp_path: Path, tokenizer, **shape) -> tuple[Path, torch.nn.Module]
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)  # export-hf lives in codegen2.cli (it merges LoRA runs), import-hf in hf
     return args.func(args)
 
 

@@ -7,7 +7,8 @@ Layout of a run directory:
     RUN_DIR/log.jsonl                         one JSON object per logged step
     RUN_DIR/checkpoints/step_00000600/
         model.safetensors                     full weights (the model's own names; CodeGen qkv in config.model.mp_num
-                                              layout); for FSDP runs consolidated from `sharded/`
+                                              layout); for FSDP runs consolidated from `sharded/`; for a LoRA
+                                              run only the adapters (meta.json's `lora` names the base)
         sharded/                              FSDP runs only: model + optimizer shards written by every rank
                                               with torch.distributed.checkpoint (reshardable to any rank count)
         trainer_state.pt                      scheduler, RNG states, data-hash chain, and the full optimizer
@@ -329,7 +330,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, env: 
         save_sharded(staging / SHARDED, model, optimizer)
         save_pause()
     else:
-        model_state, optim_state = full_state(model, optimizer)
+        model_state, optim_state = full_state(model, optimizer, frozen="lora" not in meta)  # LoRA: adapters only
     rngs = gather_objects(rng_state(), env)
     barrier(env)
     if env.is_main:
@@ -372,7 +373,7 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv) ->
     else:
         state = safetensors_io.read_file(path / WEIGHTS)
         optim_state = trainer.get("optimizer") if trainer else None
-        load_full_state(model, optimizer, state, optim_state, where=str(path / WEIGHTS))
+        load_full_state(model, optimizer, state, optim_state, where=str(path / WEIGHTS), frozen="lora" not in meta)
     if trainer:
         scheduler.load_state_dict(trainer["scheduler"])
         rngs = trainer["rng"]

@@ -27,6 +27,8 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mp-num", type=int, default=None, help="qkv grouping of a HF checkpoint (default: detect)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: the newest)")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="LoRA adapters merged in at load (a LoRA run or a PEFT directory)")
     add_device_flag(parser)
     add_dtype_flag(parser)
     add_decoder_flag(parser)
@@ -42,7 +44,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"preset {args.preset}: arch={m.arch} n_layer={m.n_layer} n_embd={m.n_embd} n_head={m.n_head} "
           f"head_dim={m.head_dim} rotary_dim={m.rotary_dim} vocab_size={m.vocab_size} n_ctx={m.n_ctx} {layout}")
     print(f"parameters: {architecture(m).count_parameters(m):,}")
+    if args.lora is not None:
+        _print_memory_plans(config, args.lora, args.gpus, args.seq_len)
     return 0
+
+
+def _print_memory_plans(config, rank: int, gpus: int, seq_len: int | None) -> None:
+    """What full and LoRA fine-tuning of this shape need per GPU (micro-batch 1, bf16 base for LoRA): the
+    numbers the training memory-fit check uses (metrics.plan_training_memory)."""
+    from .lora import LoraSettings
+    from .metrics import plan_training_memory
+
+    m = config.model
+    seq = seq_len or min(2048, m.n_ctx)
+    if gpus < 1 or seq < 1 or rank < 1:
+        raise UserError(f"--gpus, --seq-len and --lora must be positive (got {gpus}, {seq}, {rank})")
+    settings = LoraSettings(rank=rank).check()
+    plans = {f"full ({'FSDP over ' + str(gpus) + ' GPUs' if gpus > 1 else '1 GPU'}, fp32 weights + AdamW)":
+             plan_training_memory(m, seq, 1, world_size=gpus, parallel="fsdp"),
+             f"LoRA rank {rank} (bf16 base, fp32 adapters + AdamW)":
+             plan_training_memory(m, seq, 1, lora=settings, base_bytes=2)}
+    gib = 2**30
+    print(f"fine-tuning memory per GPU at sequence {seq}, micro-batch 1 (GiB; a floor: add allocator slack):")
+    for name, plan in plans.items():
+        fixed = plan.weights + plan.gradients + plan.optimizer
+        print(f"  {name}: trained parameters {plan.trained:,}")
+        print(f"    weights {plan.weights / gib:.2f}, gradients {plan.gradients / gib:.2f}, optimizer "
+              f"{plan.optimizer / gib:.2f}; activations {plan.activations_plain / gib:.2f} "
+              f"({plan.activations_checkpointed / gib:.2f} with checkpointing)")
+        print(f"    total {(fixed + plan.activations_plain) / gib:.2f} "
+              f"({(fixed + plan.activations_checkpointed) / gib:.2f} with activation checkpointing)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -54,10 +85,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.out)
     ckpt.check_run_directory(run_dir, args.resume, args.overwrite)  # before any work: refuse another run's files
+    if args.lora is not None and args.lora < 1:
+        raise UserError(f"--lora {args.lora}: the rank must be at least 1 (leave --lora out for full fine-tuning)")
     overrides = list(args.set)
     for flag, key in (("max_steps", "train.max_steps"), ("seed", "train.seed"),
                       ("checkpoint_every", "train.checkpoint_every"), ("parallel", "train.parallel"),
-                      ("init_from", "train.init_from")):
+                      ("init_from", "train.init_from"), ("lora", "train.lora.rank")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
@@ -70,12 +103,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             config.data = new_data
             if is_main_process():
                 save_config(config, run_dir / "config.toml")  # the run's data from now on
+    elif args.init_from and not args.preset and not args.config:
+        config = _finetune_config(args.init_from, bool(args.lora), overrides)
     else:
         default_preset = not args.preset and not args.config
         config = load_config(args.config, preset="tiny" if default_preset else args.preset, overrides=overrides)
         if default_preset:
             print("note: no --preset or --config given: using the tiny preset (codegen2 info --preset NAME "
                   "lists the others)", file=sys.stderr)
+    if not args.resume:
         config.data = data_with_paths(config.data, args.data)
     result = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
     if result.interrupted:
@@ -86,12 +122,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_config(init_from: str, lora: bool, overrides: list[str]):
+    """`--init-from DIR` alone: DIR's shapes with the documented fine-tuning recipe (config.FINETUNE_TRAIN)."""
+    from .config import finetune_values
+    from .loading import model_config_of
+
+    values = finetune_values(model_config_of(init_from), lora)
+    config = load_config(None, overrides=overrides, defaults=values)
+    print(f"note: no --preset or --config given: the model's shapes come from {init_from}, the recipe is the "
+          f"fine-tuning default ({config.train.max_steps} steps, lr {config.train.lr:g}; see docs/finetuning.md)",
+          file=sys.stderr)
+    return config
+
+
 def _load(args):
     from .loading import load_checkpoint
     from .options import resolve_device
 
     return load_checkpoint(args.checkpoint, device=resolve_device(args.device), dtype=args.dtype, mp_num=args.mp_num,
-                           step=args.step)
+                           step=args.step, adapter=args.adapter)
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from .loading import export_run
+
+    out = export_run(args.run_dir, args.out_dir, step=args.step, adapter_only=args.adapter_only)
+    if args.adapter_only:
+        print(f"wrote the LoRA adapters to {out} (PEFT's layout: peft.PeftModel.from_pretrained(base, \"{out}\"))")
+    else:
+        print(f"exported to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -193,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="shapes and exact parameter count of a preset")
     p.add_argument("--preset", required=True, choices=list(PRESETS))
+    p.add_argument("--lora", type=int, metavar="RANK", help="also print the memory of full and LoRA fine-tuning")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs the full fine-tuning is sharded over (with --lora)")
+    p.add_argument("--seq-len", type=int, dest="seq_len", help="sequence length (with --lora; default 2048 or n_ctx)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train", help="train or continue training a model")
@@ -205,7 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int, dest="checkpoint_every")
     p.add_argument("--parallel", choices=["none", "ddp", "fsdp"])
-    p.add_argument("--init-from", dest="init_from", help="start from these weights (run or HF directory)")
+    p.add_argument("--init-from", dest="init_from",
+                   help="start from these weights (run or HF directory); alone, its shapes and the fine-tuning recipe")
+    p.add_argument("--lora", type=int, metavar="RANK",
+                   help="train LoRA adapters of this rank over the frozen --init-from weights ([train.lora] sets "
+                        "alpha, dropout, targets)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest intact checkpoint (the run must exist)")
     p.add_argument("--overwrite", action="store_true",
@@ -225,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suffix", required=True)
     p.add_argument("--show-full", action="store_true", help="print prefix + middle + suffix")
     p.set_defaults(func=cmd_infill)
+
+    p = sub.add_parser("export-hf", help="write a run's weights as a transformers directory (LoRA runs: merged)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="codegen2 run directory")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="new directory for config.json, model.safetensors, tokenizer")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--adapter-only", action="store_true", dest="adapter_only",
+                   help="LoRA runs: write only the adapters, in PEFT's layout (adapter_config.json, "
+                        "adapter_model.safetensors)")
+    p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("quantize", help="write an int8 (weight-only) copy of a checkpoint for inference")
     p.add_argument("--checkpoint", required=True, help="codegen2 run directory or Hugging Face directory")

@@ -215,6 +215,27 @@ class TokenizerConfig:
 
 
 @dataclass
+class LoraTrainConfig:
+    """`[train.lora]`: LoRA adapters instead of full fine-tuning when `rank` > 0 (`codegen2 train --lora RANK`).
+
+    The TOML side only; train turns it into `lora.LoraSettings`, which checks it against the model. The
+    defaults are LoraSettings' (alpha = 2 * rank as torchtune and litgpt, every linear layer of the blocks).
+    """
+
+    rank: int = 0  # 0 = full fine-tuning
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])  # all-linear, attention, or module names
+
+    def validate(self) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"train.lora.rank={self.rank} must be >= 0 (0 = no LoRA)")
+        if self.rank and (not self.alpha > 0 or not 0.0 <= self.dropout < 1.0 or not self.targets):
+            raise ConfigError(f"train.lora: alpha must be positive ({self.alpha}), dropout in [0, 1) "
+                              f"({self.dropout}) and targets not empty ({self.targets})")
+
+
+@dataclass
 class TrainConfig:
     seq_len: int = 2048
     micro_batch_size: int = 8
@@ -243,8 +264,10 @@ class TrainConfig:
     compile: bool = False
     num_threads: int = 0  # 0 = torch default
     init_from: str = ""  # start from these weights (run dir or HF directory)
+    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
 
     def validate(self) -> None:
+        self.lora.validate()
         at_least = {"seq_len": 1, "micro_batch_size": 1, "grad_accum": 1, "global_batch_tokens": 0,
                     "warmup_steps": 0, "max_steps": 0, "checkpoint_every": 1, "keep_last": 0, "log_every": 1,
                     "eval_every": 0, "eval_tokens": 1, "num_threads": 0}
@@ -347,6 +370,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     "codellama-7b": {"model": dict(arch="llama", vocab_size=32016, n_layer=32, n_embd=4096, n_head=32,
                                    n_inner=11008, rotary_dim=128, n_ctx=16384, layer_norm_eps=1e-5, rope_theta=1e6)},
 }
+
+
+# The fine-tuning recipe of `codegen2 train --init-from DIR` without --preset or --config (the shapes come from
+# DIR): 200 steps of 8 x 512 tokens. LoRA's learning rate is the usual 2e-4 (QLoRA, PEFT's examples); full
+# fine-tuning takes a tenth of it. No weight decay: the steps are few and start from trained weights. A tenth of
+# the files is held out: a repository has tens of files, not thousands, and its held-out loss is the measure.
+FINETUNE_TRAIN = dict(seq_len=512, micro_batch_size=4, grad_accum=2, lr=2e-4, warmup_steps=20, max_steps=200,
+                      weight_decay=0.0, checkpoint_every=50, log_every=10, keep_last=2)
+FINETUNE_FULL_LR = 2e-5
+
+
+def finetune_values(model: ModelConfig, lora: bool) -> dict[str, Any]:
+    """Config values for fine-tuning `model` (shapes of an --init-from directory) with the recipe above."""
+    train = dict(FINETUNE_TRAIN, seq_len=min(FINETUNE_TRAIN["seq_len"], model.n_ctx))
+    if not lora:
+        train["lr"] = FINETUNE_FULL_LR
+    return {"model": dataclasses.asdict(model), "train": train,
+            "tokenizer": {"vocab_size": model.vocab_size}, "data": {"heldout_fraction": 0.1}}
 
 
 _SECTION_CLASSES: dict[str, type] = {"model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig,
@@ -476,6 +517,10 @@ def _build_dataclass(cls: type, values: dict[str, Any], where: str, origin: str 
                 raise ConfigError(f"'{where}sources' must be a list of tables ([[data.sources]])")
             value = [_build_dataclass(SourceConfig, dict(v), f"{where}sources[{i}].", origin)
                      for i, v in enumerate(value)]
+        elif cls is TrainConfig and key == "lora":
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{where}lora' must be a table ([train.lora])")
+            value = _build_dataclass(LoraTrainConfig, dict(value), f"{where}lora.", origin)
         else:
             value = check_value(value, hints[key], f"{where}{key}", origin)
         kwargs[key] = value
@@ -520,6 +565,9 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
         dotted, raw = item.split("=", 1)
         parts = dotted.strip().split(".")
+        if parts[:2] == ["train", "lora"] and len(parts) == 3:
+            out = _merge(out, {"train": {"lora": {parts[2]: _lora_text(parts[2], raw)}}})
+            continue
         if len(parts) != 2:
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
         section, key = parts
@@ -538,6 +586,16 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return out
 
 
+def _lora_text(key: str, raw: str) -> Any:
+    """A `--set train.lora.KEY=VALUE` value as its field's type (targets: a list, or one name)."""
+    hints = _field_hints(LoraTrainConfig)
+    if key not in hints:
+        raise ConfigError(f"unknown config key 'train.lora.{key}'; valid keys: {', '.join(sorted(hints))}")
+    if key == "targets" and not raw.strip().startswith("["):
+        return [name.strip() for name in raw.split(",") if name.strip()]
+    return parse_text(raw, hints[key], f"train.lora.{key}")
+
+
 def preset_dict(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
@@ -548,8 +606,9 @@ def load_config(
     path: str | Path | None = None,
     preset: str | None = None,
     overrides: list[str] | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> Config:
-    """Preset, then TOML file, then `--set` overrides, each layer over the previous one."""
+    """Preset (or `defaults`), then TOML file, then `--set` overrides, each layer over the previous one."""
     values: dict[str, Any] = {}
     file_values: dict[str, Any] = {}
     if path is not None:
@@ -564,6 +623,8 @@ def load_config(
     preset = preset or file_values.get("preset") or ""
     if preset:
         values = preset_dict(preset)
+    elif defaults:
+        values = _merge({}, defaults)
     values = _merge(values, file_values)
     values = apply_overrides(values, overrides or [])
     return config_from_dict(values).validate()
@@ -591,11 +652,16 @@ def dump_toml(config: Config) -> str:
         table = data[section]
         lines.append(f"[{section}]")
         sources = table.pop("sources", None) if section == "data" else None
+        subtables = {"lora": table.pop("lora")} if section == "train" else {}
         for key, value in table.items():
             if value is None:
                 continue
             lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
+        for name, sub in subtables.items():
+            lines.append(f"[{section}.{name}]")
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in sub.items())
+            lines.append("")
         for source in sources or []:
             lines.append("[[data.sources]]")
             for key, value in source.items():

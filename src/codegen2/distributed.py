@@ -198,14 +198,16 @@ def build_sharded(make_meta_model: Callable[[], nn.Module], env: DistEnv, bf16: 
 
 
 # ------------------------------------------------------------------------------------ state exchange
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+               frozen: bool = True) -> tuple[dict, dict | None]:
     """Full model and optimizer state dicts on CPU, keyed by parameter name; complete on rank 0 only.
 
-    A collective for FSDP (it all-gathers the shards), so every rank must call it.
+    A collective for FSDP (it all-gathers the shards), so every rank must call it. `frozen=False` leaves out
+    the parameters that do not train (a LoRA run's base), which are never copied.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not frozen)
     if optimizer is None:
         return get_model_state_dict(model, options=options), None
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
@@ -213,7 +215,7 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tup
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict,
-                    optim_state: dict | None, where: str = "") -> None:
+                    optim_state: dict | None, where: str = "", frozen: bool = True) -> None:
     """Load full state dicts into a (possibly sharded) model and its optimizer on every rank.
 
     torch's full-state-dict loader reports unexpected tensors but silently keeps the initial values of
@@ -225,8 +227,9 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, m
         set_state_dict,
     )
 
-    require_all(get_model_state_dict(model), model_state, where)
-    options = StateDictOptions(full_state_dict=True, strict=True)
+    require_all(get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=not frozen)), model_state,
+                where)
+    options = StateDictOptions(full_state_dict=True, strict=frozen)
     if optimizer is None or optim_state is None:
         set_model_state_dict(model, model_state, options=options)
     else:

@@ -1,26 +1,34 @@
 """The one public loader: `load_checkpoint` reads a codegen2 run directory, a Hugging Face directory or an
 int8 directory written by `codegen2 quantize`, in any weight format (`codegen2.from_pretrained` is its front).
 `quantize_checkpoint` (`codegen2 quantize`) loads a checkpoint as int8 and writes the int8 directory.
+
+LoRA: a LoRA run's checkpoints hold only adapters, and its meta.json (`lora`) names the base and its
+fingerprint; `--adapter DIR` (a LoRA run or a PEFT adapter directory) puts adapters over any base. Either
+way the base is loaded, the adapters are merged into its weights, and only then is the model cast or
+quantized to int8, so inference has one code path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import WEIGHTS, checkpoint_step, list_checkpoints, select_checkpoint
+from .adapters import load_adapter, write_adapter
+from .checkpoint import WEIGHTS, checkpoint_step, list_checkpoints, read_meta, select_checkpoint
 from .config import Config, ModelConfig, load_config
 from .errors import UserError
-from .hf import describe_layout, load_hf_tokenizer
+from .hf import describe_layout, export_hf, load_hf_tokenizer, write_hf_directory
 from .hf.config import CONFIG_FILE, model_config_from_raw, read_hf_config
 from .hf.weights import expected_tensors, load_into, read_checked_tensors
 from .int8 import check_int8_kernel, compute_dtype, is_int8_format, parse_dtype, quantize_streamed
+from .lora import LoraSettings, adapter_parameters, attach_lora, merge_lora
 from .models import architecture, empty_model
 from .quantize import MANIFEST, load_quantized_into, read_manifest, write_int8_directory
-from .safetensors_io import read_checked
+from .safetensors_io import read_checked, read_file
 from .tokenizer import CodeGenTokenizer
 
 log = logging.getLogger("codegen2")
@@ -43,6 +51,19 @@ def load_run_config(run_dir: str | Path) -> Config:
     return load_config(Path(run_dir) / "config.toml")
 
 
+def model_config_of(path: str | Path) -> ModelConfig:
+    """The model shapes of a run directory or a Hugging Face directory, without loading its weights."""
+    path = Path(path)
+    if is_run_directory(path):
+        checkpoint = select_checkpoint(path)
+        lora = read_meta(checkpoint).get("lora")
+        return model_config_of(lora["base"]["path"]) if lora else load_run_config(path).model
+    if (path / CONFIG_FILE).is_file():
+        return model_config_from_raw(read_hf_config(path), path, None)
+    raise UserError(f"{path}: no config.toml (a codegen2 run directory) and no {CONFIG_FILE} (a Hugging Face "
+                    f"directory); --init-from needs one")
+
+
 def load_checkpoint(
     path: str | Path,
     device: str | torch.device = "cpu",
@@ -52,6 +73,7 @@ def load_checkpoint(
     inference: bool = True,
     load_tokenizer: bool = True,
     decode_layout: bool = True,
+    adapter: str | Path | None = None,
 ) -> LoadedModel:
     """Load weights + tokenizer from a run directory (latest or given step), a Hugging Face directory or an
     int8 directory.
@@ -65,6 +87,7 @@ def load_checkpoint(
     the CPU gets the decode weight layout (the model's `use_decode_layout`): same values and state dict,
     faster one-token matmuls. Callers that go on to train the loaded modules themselves pass
     `inference=False`; copying the state dict into another model (as `train.init_from` does) is unaffected.
+    `adapter`: a LoRA run or PEFT adapter directory merged into these weights before any cast or int8.
     """
     path = Path(path)
     if not path.exists():
@@ -74,7 +97,9 @@ def load_checkpoint(
     if not inference and (is_int8_format(dtype) or read_manifest(path) is not None):
         raise UserError(f"{path}: int8 weights are for inference only and cannot be trained; start from the "
                         f"float32 or bfloat16 checkpoint they were quantized from")
-    if is_run_directory(path):
+    if adapter is not None:
+        loaded = _load_with_adapter(path, Path(adapter), device, dtype, mp_num, step, load_tokenizer)
+    elif is_run_directory(path):
         loaded = _load_run(path, device, dtype, step)
     elif (path / CONFIG_FILE).is_file():
         loaded = _load_hf(path, device, dtype, mp_num, load_tokenizer)
@@ -90,6 +115,10 @@ def _load_run(run_dir: Path, device, dtype, step: int | None) -> LoadedModel:
     """A run directory's checkpoint; a damaged weights file names the other steps to load instead."""
     config = load_run_config(run_dir)
     ckpt = select_checkpoint(run_dir, step)
+    if "lora" in read_meta(ckpt):
+        loaded = load_lora_run(run_dir, ckpt, device)
+        merge_lora(loaded.model)
+        return _cast_or_quantize(loaded, device, dtype)
     tokenizer = CodeGenTokenizer.load(run_dir)
     model = empty_model(config.model)
     if is_int8_format(dtype):  # a missing int8 kernel is this machine's problem, not the checkpoint's (no hint below)
@@ -159,3 +188,138 @@ def write_quantized_checkpoint(source: str | Path, out_dir: str | Path, mp_num: 
             hf_config[field] = getattr(cfg, field)
     extra = {"source": str(Path(source).resolve()), "prefix_lm": bool(loaded.prefix_lm)}
     return write_int8_directory(loaded.model, out_dir, hf_config, loaded.tokenizer, extra=extra)
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+FINGERPRINT_SPAN = 1 << 20  # bytes hashed at each end of a file
+BASE_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".toml")  # what a base directory loads from
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's size, first and last MiB: changes when the file does, and costs 2 MiB for any size."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(FINGERPRINT_SPAN))
+        if size > FINGERPRINT_SPAN:
+            handle.seek(max(FINGERPRINT_SPAN, size - FINGERPRINT_SPAN))
+            digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def base_fingerprint(path: str | Path, step: int | None = None) -> dict:
+    """What identifies a LoRA run's base: its resolved path, the run step it was taken at (run directories), and
+    the name, size and cheap digest of each file its weights, config and tokenizer are read from."""
+    path = Path(path).resolve()
+    if is_run_directory(path):
+        checkpoint = select_checkpoint(path, step)
+        step = checkpoint_step(checkpoint)
+        files = [path / "config.toml", path / "tokenizer.json", checkpoint / WEIGHTS]
+    else:
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix in BASE_SUFFIXES
+                       and not f.name.startswith("adapter_"))
+    return {"path": str(path), "step": step,
+            "files": {str(f.relative_to(path)): [f.stat().st_size, _file_digest(f)] for f in files if f.is_file()}}
+
+
+def check_base(saved: dict, what: str, path: str | Path | None = None) -> None:
+    """Refuse, in one line, a base (`path`, default the saved one) whose files differ from the fingerprint."""
+    where = Path(path if path is not None else saved["path"])
+    if not where.exists():
+        raise UserError(f"{what}: its base {where} no longer exists; put it back or train the adapters again")
+    try:
+        current = base_fingerprint(where, saved.get("step"))["files"]
+    except UserError as exc:
+        raise UserError(f"{what}: its base {where} does not match ({exc})") from None
+    changed = sorted(set(current) ^ set(saved["files"]) | {n for n in current if current[n] != saved["files"].get(n)})
+    if changed:
+        raise UserError(f"{what}: the base {where} is not the one its adapters were trained on ({', '.join(changed)} "
+                        f"changed); use that base, or train the adapters again on this one")
+
+
+def lora_settings_of(lora: dict) -> LoraSettings:
+    """The LoraSettings a LoRA checkpoint's meta records."""
+    targets = lora["targets"]
+    return LoraSettings(rank=int(lora["rank"]), alpha=float(lora["alpha"]), dropout=float(lora["dropout"]),
+                        targets=targets if isinstance(targets, str) else tuple(targets))
+
+
+def attach_run_adapters(model: torch.nn.Module, checkpoint: Path, lora: dict) -> None:
+    """Attach the adapters of a LoRA run's checkpoint to `model` (its base), checked tensor by tensor."""
+    attach_lora(model, lora_settings_of(lora))
+    params = adapter_parameters(model)
+    tensors = read_file(checkpoint / WEIGHTS)
+    if set(tensors) != set(params):
+        odd = sorted(set(tensors) ^ set(params))[:3]
+        raise UserError(f"{checkpoint / WEIGHTS}: its adapters do not fit the base ({', '.join(odd)})")
+    with torch.no_grad():
+        for name, param in params.items():
+            if tuple(tensors[name].shape) != tuple(param.shape):
+                raise UserError(f"{checkpoint / WEIGHTS}: {name} has shape {list(tensors[name].shape)}, the base "
+                                f"needs {list(param.shape)}")
+            param.copy_(tensors[name])
+
+
+def load_lora_run(run_dir: Path, checkpoint: Path, device) -> LoadedModel:
+    """A LoRA run's checkpoint over its base, unmerged (the adapters in float32, the base as stored)."""
+    lora = read_meta(checkpoint)["lora"]
+    check_base(lora["base"], f"LoRA run {run_dir}")
+    base = load_checkpoint(lora["base"]["path"], device=device, step=lora["base"].get("step"), inference=False)
+    attach_run_adapters(base.model, checkpoint, lora)
+    base.model.eval()
+    base.prefix_lm = load_run_config(run_dir).objective.prefix_lm
+    base.source = str(checkpoint)
+    return base
+
+
+def _load_with_adapter(path: Path, adapter: Path, device, dtype, mp_num, step, load_tokenizer) -> LoadedModel:
+    """`--adapter DIR` over the base `path`: a LoRA run (whose base fingerprint must match) or PEFT's layout."""
+    loaded = load_checkpoint(path, device=device, mp_num=mp_num, step=step, inference=False,
+                             load_tokenizer=load_tokenizer)
+    if not adapter.exists():
+        raise UserError(f"--adapter {adapter}: not found")
+    if is_run_directory(adapter):
+        checkpoint = select_checkpoint(adapter)
+        lora = read_meta(checkpoint).get("lora")
+        if lora is None:
+            raise UserError(f"--adapter {adapter}: a run without LoRA adapters; load it with --checkpoint instead")
+        check_base(lora["base"], f"--adapter {adapter}", path)
+        attach_run_adapters(loaded.model, checkpoint, lora)
+    else:
+        load_adapter(loaded.model, adapter)
+    merge_lora(loaded.model)
+    loaded.source = f"{loaded.source} + {adapter}"
+    return _cast_or_quantize(loaded, device, dtype)
+
+
+def _cast_or_quantize(loaded: LoadedModel, device, dtype) -> LoadedModel:
+    """The merged model in the dtype asked for: cast, or quantized to int8 from its merged weights."""
+    model = loaded.model.eval()
+    if is_int8_format(dtype):
+        target = empty_model(loaded.config)
+        expected = expected_tensors(target)
+        state = model.state_dict()
+        loaded.model = quantize_streamed(target, ((name, state[name]) for name in expected), device, fmt=dtype)
+    elif dtype is not None:
+        model.to(compute_dtype(dtype))
+    return loaded
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None, adapter_only: bool = False) -> Path:
+    """`codegen2 export-hf`: a run as a transformers directory; a LoRA run merged into its base, or with
+    `adapter_only` its adapters alone in PEFT's layout (for PeftModel.from_pretrained over the base)."""
+    run_dir = Path(run_dir)
+    if not is_run_directory(run_dir):
+        raise UserError(f"{run_dir}: not a codegen2 run directory (no config.toml)")
+    checkpoint = select_checkpoint(run_dir, step)
+    if "lora" not in read_meta(checkpoint):
+        if adapter_only:
+            raise UserError(f"--adapter-only: {checkpoint} holds full weights, not LoRA adapters; drop --adapter-only")
+        return export_hf(run_dir, out_dir, step)
+    loaded = load_lora_run(run_dir, checkpoint, "cpu")
+    if adapter_only:
+        return write_adapter(loaded.model, out_dir, base_model=read_meta(checkpoint)["lora"]["base"]["path"])
+    merge_lora(loaded.model)
+    state = loaded.model.state_dict()
+    state = {name: state[name] for name in expected_tensors(empty_model(loaded.config))}
+    return write_hf_directory(state, loaded.config, loaded.tokenizer, out_dir, f"{checkpoint} merged into its base")

@@ -1,4 +1,4 @@
-"""Throughput accounting: FLOPs per token, the device's peak, and model FLOP utilisation (MFU).
+"""Throughput accounting (FLOPs per token, the device's peak, MFU) and training memory planning.
 
 FLOPs per trained token (forward + backward, PaLM appendix B):
 
@@ -22,11 +22,13 @@ counted as useful work, so it lowers MFU, as it should.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from .config import ModelConfig
-from .models import architecture
+from .lora import LoraSettings, select_targets
+from .models import architecture, build_model
 
 # Dense (no sparsity) bf16 tensor-core peaks with fp32 accumulation, FLOP/s, from vendor data sheets.
 # Matched by substring of torch.cuda.get_device_name in this order, so specific names come first.
@@ -55,9 +57,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def measure_cpu_matmul_peak(size: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """Best observed FLOP/s of a square matmul on this CPU with the current thread count."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
+    """Best observed FLOP/s of a square matmul on this CPU with the current thread count.
+
+    Its operands come from a private generator: the global RNG (LoRA dropout draws from it) is restored by
+    a resume just before this runs, and must continue where the interrupted run left it."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, dtype=dtype, generator=generator)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -130,3 +136,64 @@ def format_duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+# ------------------------------------------------------------------------------------------ memory planning
+@dataclass
+class MemoryPlan:
+    """Bytes per rank that training holds, by kind: a floor (allocator slack, buffers and kernels' scratch
+    come on top). `activations` is for the checkpointing chosen; both variants are kept for `codegen2 info`."""
+
+    parameters: int
+    trained: int  # parameters with gradients and optimizer state
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    activations_plain: int  # without activation checkpointing
+    activations_checkpointed: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def lora_layers(cfg: ModelConfig, settings: LoraSettings) -> list[tuple[int, int]]:
+    """(in_features, out_features) of each layer `settings` adapts, from a meta-device model (no memory)."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return [(model.get_submodule(name).in_features, model.get_submodule(name).out_features)
+            for name in select_targets(model, settings.targets)]
+
+
+def _activations(cfg: ModelConfig, tokens: int, seq_len: int, adapter_inputs: int) -> tuple[int, int]:
+    """(plain, checkpointed) activation bytes of one micro-batch, in fp32: Korthikanti et al. (2022),
+    34 * d + 5 * heads * seq_len values per token and layer, plus what the adapters keep (their inputs and
+    rank-sized middles: `adapter_inputs` values per token over all layers); checkpointing keeps each layer's
+    input and recomputes one layer at a time."""
+    per_layer = 4 * tokens * (34 * cfg.n_embd + 5 * cfg.n_head * seq_len + adapter_inputs // max(1, cfg.n_layer))
+    logits = 2 * 4 * tokens * cfg.vocab_size  # logits and their gradient (fp32)
+    return per_layer * cfg.n_layer + logits, 4 * tokens * cfg.n_embd * cfg.n_layer + per_layer + logits
+
+
+def plan_training_memory(cfg: ModelConfig, seq_len: int, micro_batch_size: int, *, checkpointing: bool = False,
+                         world_size: int = 1, parallel: str = "none", lora: LoraSettings | None = None,
+                         base_bytes: int = 4) -> MemoryPlan:
+    """What training `cfg` needs per rank. Full training: fp32 weights, gradients and AdamW's two moments,
+    16 bytes per parameter, split over the ranks by FSDP. LoRA: the frozen base at `base_bytes` per
+    parameter (2 in bf16) and 16 bytes per adapter parameter; gradients and moments for the adapters only."""
+    n = architecture(cfg).count_parameters(cfg)
+    shards = world_size if parallel == "fsdp" else 1
+    tokens = micro_batch_size * seq_len
+    if lora is None:
+        trained, weights, adapter_inputs = n, 4 * n // shards, 0
+    else:
+        layers = lora_layers(cfg, lora)
+        trained = sum(lora.rank * (fan_in + fan_out) for fan_in, fan_out in layers)
+        weights = base_bytes * n // shards + 4 * trained
+        adapter_inputs = sum(fan_in + lora.rank for fan_in, _ in layers)
+    trained_here = trained // shards if lora is None else trained
+    plain, checkpointed = _activations(cfg, tokens, seq_len, adapter_inputs)
+    return MemoryPlan(parameters=n, trained=trained, weights=weights, gradients=4 * trained_here,
+                      optimizer=8 * trained_here, activations=checkpointed if checkpointing else plain,
+                      activations_plain=plain, activations_checkpointed=checkpointed)

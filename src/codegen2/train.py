@@ -52,7 +52,8 @@ from .distributed import (
 )
 from .errors import UserError
 from .fsutil import atomic_write_text
-from .metrics import Throughput, device_peak_flops, flops_per_token, format_duration
+from .lora import LoraSettings, attach_lora
+from .metrics import MemoryPlan, Throughput, device_peak_flops, flops_per_token, format_duration, plan_training_memory
 from .models import architecture, build_model
 from .objectives import OBJECTIVE_NAMES
 
@@ -219,12 +220,14 @@ def compile_blocks(model: torch.nn.Module) -> None:
 
 
 def build_training_model(config: Config, env: DistEnv, parallel: str = "none", bf16: bool = False,
-                         initial: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+                         initial: dict[str, torch.Tensor] | None = None, base_bf16: bool = False) -> torch.nn.Module:
     """Build on the meta device, then materialise on the target device, seeded so that every rank and
     every layout starts from the same weights, and wrap for `parallel`.
 
     FSDP shards while still on the meta device, so each rank only ever allocates its own shards (what
-    makes the big presets fit); the other layouts materialise the whole model.
+    makes the big presets fit); the other layouts materialise the whole model. A LoRA run (`train.lora.rank`)
+    freezes the loaded weights (in bf16 when `base_bf16`) and attaches float32 adapters, drawn from the same
+    seeded generator, before the model is compiled or wrapped.
     """
     t = config.train
     arch = architecture(config.model)
@@ -241,17 +244,67 @@ def build_training_model(config: Config, env: DistEnv, parallel: str = "none", b
             model = build_model(config.model)
         model.to_empty(device=env.device)
         arch.init_weights(model, generator)
-        if t.compile:
-            compile_blocks(model)
     if t.init_from:
         try:
             load_full_state(model, None, initial if initial is not None else init_state(t.init_from, config), None)
         except UserError as exc:
             raise UserError(f"train.init_from={t.init_from}: {exc}") from None
+    settings = lora_settings(config)
+    if settings is not None:  # before compile and DDP: both must see the adapters
+        attach_adapters(model, settings, base_bf16, generator)
+    if t.compile and not (parallel == "fsdp" and env.distributed):
+        compile_blocks(model)
     model.activation_checkpointing = t.activation_checkpointing
     if parallel == "ddp" and env.distributed:
         model = wrap_model(model, "ddp", env, bf16=False)
     return model
+
+
+# ------------------------------------------------------------------------------------------- LoRA
+def lora_settings(config: Config) -> LoraSettings | None:
+    """`[train.lora]` as LoraSettings, or None for full training; the checks that need no model, in one line."""
+    lora = config.train.lora
+    if lora.rank <= 0:
+        return None
+    if not config.train.init_from:
+        raise ConfigError("train.lora (--lora) adapts existing weights: give the base with --init-from RUN_OR_HF_DIR")
+    if config.train.parallel == "fsdp":
+        raise ConfigError("train.lora with --parallel fsdp is not supported yet: the adapters are small, so use "
+                          "--parallel ddp (each rank holds the frozen base)")
+    targets = lora.targets[0] if len(lora.targets) == 1 and lora.targets[0] in ("all-linear", "attention") \
+        else tuple(lora.targets)
+    return LoraSettings(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=targets).check()
+
+
+def attach_adapters(model: torch.nn.Module, settings: LoraSettings, base_bf16: bool,
+                    generator: torch.Generator) -> None:
+    """Freeze the base (bf16 when training in bf16) and attach float32 adapters; names the count in the log."""
+    try:
+        names = attach_lora(model, settings, base_dtype=torch.bfloat16 if base_bf16 else None, generator=generator)
+    except UserError as exc:
+        raise UserError(f"train.lora: {exc}") from None
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA rank %d on %d layers: %s trainable parameters", settings.rank, len(names), f"{trained:,}")
+
+
+def lora_meta(config: Config, settings: LoraSettings | None) -> dict | None:
+    """What every checkpoint of a LoRA run records: the settings and the base's fingerprint."""
+    if settings is None:
+        return None
+    from .loading import base_fingerprint
+
+    targets = settings.targets if isinstance(settings.targets, str) else list(settings.targets)
+    return {"rank": settings.rank, "alpha": settings.alpha, "dropout": settings.dropout, "targets": targets,
+            "base": base_fingerprint(config.train.init_from)}
+
+
+def check_resumed_base(config: Config, saved_meta: dict | None, run_dir: Path) -> None:
+    """--resume of a LoRA run refuses a base that changed since its checkpoint (one line)."""
+    if saved_meta is None or "lora" not in saved_meta:
+        return
+    from .loading import check_base
+
+    check_base(saved_meta["lora"]["base"], f"--resume {run_dir}", config.train.init_from)
 
 
 def init_state(path: str, config: Config) -> dict[str, torch.Tensor]:
@@ -276,24 +329,19 @@ def _scalar(value: torch.Tensor) -> float:
     return float(value)
 
 
-def training_memory_bytes(config: Config, world_size: int = 1, parallel: str = "none") -> tuple[int, int, int]:
-    """(parameters, bytes per rank, of which activations): a floor on what training holds in memory.
-
-    fp32 weights, gradients and AdamW's two moments take 16 bytes per parameter (split over the ranks by
-    FSDP). Activations of one micro-batch follow Korthikanti et al. (2022), 34 * d + 5 * heads * seq_len
-    values per token and layer, here in fp32; with activation checkpointing only each layer's input is
-    kept, plus one layer being recomputed."""
+def memory_plan(config: Config, world_size: int = 1, parallel: str = "none") -> MemoryPlan:
+    """The training memory of this config per rank (`metrics.plan_training_memory`; `codegen2 info` prints it)."""
     m, t = config.model, config.train
-    n = architecture(m).count_parameters(m)
-    shards = world_size if parallel == "fsdp" else 1
-    tokens = t.micro_batch_size * t.seq_len
-    per_layer = 4 * tokens * (34 * m.n_embd + 5 * m.n_head * t.seq_len)
-    logits = 2 * 4 * tokens * m.vocab_size  # logits and their gradient (fp32)
-    if t.activation_checkpointing:
-        activations = 4 * tokens * m.n_embd * m.n_layer + per_layer + logits
-    else:
-        activations = per_layer * m.n_layer + logits
-    return n, 16 * n // shards + activations, activations
+    settings = lora_settings(config) if t.lora.rank > 0 and t.init_from else None
+    base_bytes = 2 if t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available()) else 4
+    return plan_training_memory(m, t.seq_len, t.micro_batch_size, checkpointing=t.activation_checkpointing,
+                                world_size=world_size, parallel=parallel, lora=settings, base_bytes=base_bytes)
+
+
+def training_memory_bytes(config: Config, world_size: int = 1, parallel: str = "none") -> tuple[int, int, int]:
+    """(parameters, bytes per rank, of which activations): a floor on what training holds in memory."""
+    plan = memory_plan(config, world_size, parallel)
+    return plan.parameters, plan.total, plan.activations
 
 
 def available_memory_bytes(device: torch.device) -> int | None:
@@ -312,7 +360,8 @@ def available_memory_bytes(device: torch.device) -> int | None:
 
 def check_memory_fit(config: Config, env: DistEnv, parallel: str) -> None:
     """Refuse, before any work, a model whose weights, gradients and optimizer state cannot fit the device."""
-    n, per_rank, activations = training_memory_bytes(config, env.world_size, parallel)
+    plan = memory_plan(config, env.world_size, parallel)
+    n, per_rank, activations = plan.parameters, plan.total, plan.activations
     available = available_memory_bytes(env.device)
     if available is None:
         return
@@ -587,6 +636,7 @@ class TrainingRun:
     meter: Throughput | None = None
     run_log: RunLog | None = None
     probe: HeldoutProbe | None = None
+    lora: dict | None = None  # a LoRA run's settings and base fingerprint (checkpointed)
 
     @property
     def samples_per_step(self) -> int:
@@ -602,7 +652,7 @@ class TrainingRun:
         return {"run_id": self.run_id, "tokens_seen": self.tokens_seen, "world_size": self.env.world_size,
                 "grad_accum": self.grad_accum, "micro_batch_size": self.micro_bs, "parallel": self.settings.parallel,
                 "next_sample_index": next_index, "epochs": self.dataset.epochs_at(next_index),
-                "data_hash": self.data_hash}
+                "data_hash": self.data_hash, **({"lora": self.lora} if self.lora else {})}
 
 
 def _set_up(config: Config, run_dir: Path, env: DistEnv, resume: bool, overwrite: bool, tokenizer,
@@ -611,6 +661,7 @@ def _set_up(config: Config, run_dir: Path, env: DistEnv, resume: bool, overwrite
     t = config.train
     latest = _start_run_directory(config, run_dir, resume, overwrite, env)
     saved_meta = ckpt.read_meta(latest) if latest is not None else None
+    check_resumed_base(config, saved_meta, run_dir)
     tokenizer, dataset, stats = _prepare_data_on_ranks(config, run_dir, tokenizer, env)
     if saved_meta is not None:
         micro_bs, grad_accum, layout_note = resume_batching(config, env.world_size, saved_meta)
@@ -618,7 +669,8 @@ def _set_up(config: Config, run_dir: Path, env: DistEnv, resume: bool, overwrite
         (micro_bs, grad_accum), layout_note = derive_batching(config, env.world_size), ""
     parallel = t.parallel if env.distributed else "none"
     autocast, bf16 = _autocast(env.device, t.precision)
-    model = build_training_model(config, env, parallel, bf16=bf16 and parallel == "fsdp", initial=initial)
+    model = build_training_model(config, env, parallel, bf16=bf16 and parallel == "fsdp", initial=initial,
+                                 base_bf16=bf16)
     del initial
     optimizer = build_optimizer(model, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, t) / t.lr)
@@ -626,7 +678,8 @@ def _set_up(config: Config, run_dir: Path, env: DistEnv, resume: bool, overwrite
                             grad_clip=t.grad_clip, document_mask=t.document_mask, prefix_lm=config.objective.prefix_lm)
     run = TrainingRun(config=config, run_dir=run_dir, env=env, model=model, optimizer=optimizer, scheduler=scheduler,
                       settings=settings, dataset=dataset, micro_bs=micro_bs, grad_accum=grad_accum,
-                      run_id=uuid.uuid4().hex[:12])  # marks this run's checkpoints: pruning never touches another's
+                      run_id=uuid.uuid4().hex[:12],  # marks this run's checkpoints: pruning never touches another's
+                      lora=lora_meta(config, lora_settings(config)))
     _restore(run, latest, saved_meta, layout_note, resume)
     run.loader = BatchLoader(dataset, config.objective, tokenizer.special_ids(), micro_bs, grad_accum, t.seed,
                              rank=env.rank, world_size=env.world_size, start_step=run.step)
@@ -636,13 +689,18 @@ def _set_up(config: Config, run_dir: Path, env: DistEnv, resume: bool, overwrite
     if t.eval_every > 0:
         run.probe = HeldoutProbe(run_heldout_documents(config, run_dir), tokenizer, t.seq_len, t.eval_tokens, micro_bs)
     if env.is_main:
-        print(f"training {unwrap(model).num_parameters():,} parameters on {env.world_size}x {env.device.type} "
+        adapted = f" (LoRA rank {config.train.lora.rank}: {_trainable(model):,} trained)" if run.lora else ""
+        print(f"training {unwrap(model).num_parameters():,} parameters{adapted} on {env.world_size}x {env.device.type} "
               f"({parallel}, {'bf16' if bf16 else 'fp32'}), {micro_bs} x {grad_accum} x {env.world_size} = "
               f"{run.samples_per_step} samples = {run.tokens_per_step:,} tokens/step, steps {run.step}->"
               f"{t.max_steps}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})", file=sys.stderr)
         for name, text in data_summary(stats).items():  # one line per source: what it gave and what it lost
             print(f"  {name}: {text}", file=sys.stderr)
     return run
+
+
+def _trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _restore(run: TrainingRun, latest: Path | None, saved_meta: dict | None, layout_note: str, resume: bool) -> None:

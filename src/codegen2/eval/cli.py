@@ -51,6 +51,8 @@ def register(subparsers) -> argparse._SubParsersAction:
 
 def _generation_args(p: argparse.ArgumentParser, n: int, max_new_tokens: int) -> None:
     p.add_argument("--checkpoint", required=True, help="codegen2 run directory or Hugging Face CodeGen directory")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="LoRA adapters merged in at load (a LoRA run or a PEFT directory)")
     p.add_argument("--out", required=True, help="output directory (samples, per-sample results, pass@k)")
     p.add_argument("--n", type=int, default=n, help="samples per task (default %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -131,7 +133,7 @@ def cmd_humaneval(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_checkpoint(args.checkpoint, device=resolve_device(args.device), dtype=args.dtype,
-                             mp_num=args.mp_num, step=args.step)
+                             mp_num=args.mp_num, step=args.step, adapter=args.adapter)
     samples = sample_benchmark(loaded, tasks, args.benchmark, params, args.n, out, batch_size=args.batch_size,
                                decoder=args.decoder, progress=not args.no_progress)
     with _executor(args) as executor:

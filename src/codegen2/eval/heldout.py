@@ -214,7 +214,7 @@ def run_heldout(args: argparse.Namespace) -> int:
     from ..options import resolve_device
 
     loaded = load_checkpoint(args.checkpoint, device=resolve_device(args.device), mp_num=getattr(args, "mp_num", None),
-                             dtype=getattr(args, "dtype", None), step=args.step)
+                             dtype=getattr(args, "dtype", None), step=args.step, adapter=args.adapter)
     documents, where, window, infill_format = _heldout_inputs(args, loaded)
     result = evaluate_heldout(loaded, documents, window, args.max_tokens, args.n_infill, args.batch_size,
                               infill_format)
@@ -344,6 +344,8 @@ def register(eval_subparsers) -> None:
     add_dtype_flag(parser)
     add_device_flag(parser)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: the newest)")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="LoRA adapters merged in at load (a LoRA run or a PEFT directory)")
     parser.add_argument("--baseline", action="store_true", help="also score an untrained model of the same shape")
     parser.add_argument("--data", default="", metavar="DATA_DIR",
                         help="for a checkpoint without a run: score on this prepared directory's held-out documents "

@@ -97,8 +97,15 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None)
     ckpt = select_checkpoint(run_dir, step)
     tokenizer = CodeGenTokenizer.load(run_dir)
     _require_empty(out_dir, "output directory")
-    mapping = architecture(cfg).hf
     state = dict(read_checked(ckpt / WEIGHTS, expected_tensors(empty_model(cfg)), source="config.toml"))
+    return write_hf_directory(state, cfg, tokenizer, out_dir, str(ckpt))
+
+
+def write_hf_directory(state: dict[str, torch.Tensor], cfg, tokenizer, out_dir: str | Path, source: str) -> Path:
+    """Write a model state (codegen2's names) as a transformers directory: weights, config, tokenizer."""
+    out_dir = Path(out_dir)
+    _require_empty(out_dir, "output directory")
+    mapping = architecture(cfg).hf
     tensors = {name: tensor.contiguous() for name, tensor in mapping.state_to_hf(state, cfg).items()}
     dtype_name = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     hf_config = mapping.config_to_hf(cfg, tokenizer.eot_id, dtype_name)
@@ -108,7 +115,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None)
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         tokenizer.save(tmp)
-    log.info("exported %s (%s) to %s", ckpt, mapping.model_type, out_dir)
+    log.info("exported %s (%s) to %s", source, mapping.model_type, out_dir)
     return out_dir
 
 
@@ -143,12 +150,6 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, mp_num: int | None = None
 
 
 # --------------------------------------------------------------------------------------------- CLI
-def _cmd_export(args: argparse.Namespace) -> int:
-    out = export_hf(args.run_dir, args.out_dir, step=args.step)
-    print(f"exported to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
-    return 0
-
-
 def _cmd_import(args: argparse.Namespace) -> int:
     dtype = None if args.dtype == "auto" else compute_dtype(parse_dtype(args.dtype, "--dtype", IMPORT_DTYPES))
     run = import_hf(args.hf_dir, args.run_dir, mp_num=args.mp_num, dtype=dtype)
@@ -162,13 +163,7 @@ def describe_layout(cfg) -> str:
 
 
 def register(subparsers) -> None:
-    """Add `export-hf RUN_DIR OUT_DIR` and `import-hf HF_DIR RUN_DIR` to the codegen2 CLI."""
-    p = subparsers.add_parser("export-hf", help="write a run's weights as a transformers CodeGen / LLaMA directory")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="codegen2 run directory")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="new directory for config.json, model.safetensors, tokenizer")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.set_defaults(func=_cmd_export)
-
+    """Add `import-hf HF_DIR RUN_DIR` to the codegen2 CLI (`export-hf` is codegen2.cli's: it merges LoRA runs)."""
     p = subparsers.add_parser("import-hf", help="make a run directory from a Hugging Face CodeGen / LLaMA directory")
     p.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json, weights and tokenizer files")
     p.add_argument("run_dir", metavar="RUN_DIR", help="new run directory")

@@ -41,6 +41,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_decoder_flag(p)
     p.add_argument("--mp-num", type=int, default=None, help="qkv grouping of a HF checkpoint (default: detect)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: the newest)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="LoRA adapters merged in at load (a LoRA run or a PEFT directory)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch default; 1 is fastest for small models on busy machines)")
     p.add_argument("--in-process", action="store_true",
@@ -100,14 +102,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dtype = _dtype(args.dtype, device)
     if args.in_process:
         loaded = load_checkpoint(args.checkpoint, device=device, dtype=dtype, mp_num=args.mp_num,
-                                 step=args.step)
+                                 step=args.step, adapter=args.adapter)
         engine = BatchEngine(loaded.model, loaded.tokenizer, max_batch_size=args.max_batch_size,
                              max_queue=args.max_queue, bidirectional_prompt=loaded.prefix_lm, decoder=args.decoder)
         source = loaded.source
     else:
         engine = ProcessEngine(args.checkpoint, device=device, dtype=dtype, mp_num=args.mp_num, step=args.step,
-                               threads=args.threads, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                               decoder=args.decoder)
+                               adapter=args.adapter, threads=args.threads, max_batch_size=args.max_batch_size,
+                               max_queue=args.max_queue, decoder=args.decoder)
         source = engine.source
     app = create_app(engine, name, api_key=api_key)
     compiled = (f", decode step compiled at start-up in {engine.compile_seconds:.1f} s"

@@ -124,6 +124,7 @@ class ProcessEngine(Cancellable):
         dtype=None,
         mp_num: int | None = None,
         step: int | None = None,
+        adapter: str | None = None,
         threads: int = 0,
         max_batch_size: int = 32,
         max_queue: int = 256,
@@ -138,7 +139,7 @@ class ProcessEngine(Cancellable):
         # The child's own queue is only a safety net: the bound is enforced here.
         engine_kwargs = {"max_batch_size": max_batch_size, "max_queue": 4 * (max_batch_size + max_queue),
                          "decoder": decoder}
-        load_kwargs = {"device": device, "dtype": dtype, "mp_num": mp_num, "step": step}
+        load_kwargs = {"device": device, "dtype": dtype, "mp_num": mp_num, "step": step, "adapter": adapter}
         self._proc = context.Process(target=_child_main, name="codegen2-engine", daemon=True,
                                      args=(child_conn, str(checkpoint), load_kwargs, engine_kwargs, threads))
         self._proc.start()
