@@ -87,6 +87,8 @@ class CharTokenizer:
     """Test stand-in: one id per byte, specials above 255 (independent of the project's tokenizer)."""
 
     eot_id, sep_id, eom_id = 256, 257, 258
+    bos_id, add_bos, has_sentinels = None, False, True
+    token_ids = {"<|endoftext|>": 256, "<sep>": 257, "<eom>": 258, "<mask_1>": 260, "<mask_2>": 261}
 
     def mask_id(self, k: int) -> int:
         return 259 + k

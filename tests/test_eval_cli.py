@@ -14,6 +14,7 @@ from codegen2.eval import generation  # noqa: E402
 from codegen2.eval.scoring import results_path  # noqa: E402
 from codegen2.eval.tasks import load_tasks, read_jsonl, write_jsonl  # noqa: E402
 from codegen2.generation.core import truncate_at_stop  # noqa: E402
+from codegen2.infill import FORMATS  # noqa: E402
 from conftest import CharTokenizer  # noqa: E402
 
 
@@ -99,7 +100,8 @@ def test_humaneval_command_samples_scores_and_reports(tmp_path, capsys, monkeypa
 def test_infill_command_with_canonical_middles(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("codegen2.loading.load_checkpoint", lambda *a, **k: tiny_loaded())
     monkeypatch.setattr(generation, "infill_middle",
-                        lambda loaded, params, decoder: lambda tasks, seeds: [t["canonical_solution"] for t in tasks])
+                        lambda loaded, params, fmt, decoder: lambda tasks, seeds: [t["canonical_solution"]
+                                                                                   for t in tasks])
     code, stdout, _ = run_cli(["eval", "infill-multi", "--checkpoint", "x", "--out", str(tmp_path), "--limit", "4",
                                "--workers", "2", "--no-progress", "--device", "cpu"], capsys)
     assert code == 0 and json.loads(stdout.strip().splitlines()[-1]) == {"pass@1": 1.0}
@@ -138,11 +140,11 @@ def test_samplers_drive_the_real_model():
     got = generation.left_to_right(loaded, params)([problem, problem], [5, 6])
     direct = generate(loaded.model, loaded.tokenizer, [problem["prompt"]] * 2, params, seeds=[5, 6])
     assert got == [truncate_at_stop(t, ("\n",)) for t in direct]
-    middles = generation.infill_middle(loaded, params)([task], [3])
+    middles = generation.infill_middle(loaded, params, FORMATS["codegen2"])([task], [3])
     assert middles == infill(loaded.model, loaded.tokenizer, [task["prompt"]], [task["suffix"]], params, seeds=[3])
     # The fused fast decoder samples the same tokens from the same seeds.
     assert generation.left_to_right(loaded, params, decoder="fast")([problem, problem], [5, 6]) == got
-    assert generation.infill_middle(loaded, params, decoder="fast")([task], [3]) == middles
+    assert generation.infill_middle(loaded, params, FORMATS["codegen2"], decoder="fast")([task], [3]) == middles
 
 
 @pytest.mark.parametrize("benchmark, n_ctx", [("humaneval", 420), ("infill-multi", 200)])

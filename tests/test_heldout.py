@@ -18,7 +18,7 @@ from codegen2.eval.heldout import (
     infill_loss,
     single_line_tasks,
 )
-from codegen2.infill import Sentinels, infill_prompt
+from codegen2.infill import Specials, infill_prompt
 from codegen2.models.codegen.model import CodeGenModel
 
 
@@ -72,7 +72,7 @@ def test_infill_prompts_follow_the_trained_layouts():
     tok = CharTokenizer()
     prefix, suffix = tok.encode("def f(x):\n    "), tok.encode("\n    return y\n")
     # CodeGen2 (docs/design.md §2): prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>
-    assert infill_prompt(Sentinels.of(tok), prefix, suffix, "codegen2") == (
+    assert infill_prompt(Specials.of(tok), prefix, suffix, "codegen2") == (
         prefix + [tok.mask_id(1)] + suffix + [tok.eot_id, tok.sep_id, tok.mask_id(1)])
     # FIM PSM: the training transform's output up to and including <sep>, for a cut at the same places.
     special = SpecialIds(eot=tok.eot_id, sep=tok.sep_id, eom=tok.eom_id, masks=tuple(tok.mask_id(k) for k in (1, 2)))
@@ -85,7 +85,7 @@ def test_infill_prompts_follow_the_trained_layouts():
 
     transformed = fim_transform(doc, Cuts(), special, spm=False).tolist()
     sep = transformed.index(tok.sep_id)
-    assert infill_prompt(Sentinels.of(tok), prefix, suffix, "fim") == transformed[: sep + 1]
+    assert infill_prompt(Specials.of(tok), prefix, suffix, "fim") == transformed[: sep + 1]
     assert transformed[sep + 1:] == middle + [tok.eom_id]
 
 
@@ -101,7 +101,7 @@ def test_infill_loss_equals_one_task_at_a_time():
                                   bidirectional_prompt=bidirectional, fmt=fmt)
             total, count = 0.0, 0
             for task in tasks:  # no padding, no batching: the whole sequence scored directly
-                prompt = infill_prompt(Sentinels.of(tok), tok.encode(task.prefix)[-36:],
+                prompt = infill_prompt(Specials.of(tok), tok.encode(task.prefix)[-36:],
                                        tok.encode(task.suffix)[:24], fmt)
                 target = tok.encode(task.line) + [tok.eom_id]
                 ids = torch.tensor([prompt + target])

@@ -4,7 +4,7 @@ import torch
 
 from codegen2.config import ModelConfig
 from codegen2.generation.sampling import SamplingParams, filter_logits, generate_ids
-from codegen2.infill import Sentinels, infill_prompt
+from codegen2.infill import Specials, infill_prompt
 from codegen2.models.codegen.model import CodeGenModel
 from conftest import CharTokenizer, naive_greedy
 
@@ -50,7 +50,7 @@ def test_stop_ids_and_infill_prompt_layout():
     first = naive_greedy(m, [1, 2, 3], 1)[0]
     out = generate_ids(m, tok, [[1, 2, 3]], SamplingParams(max_new_tokens=5), stop_ids=[first])[0]
     assert out.token_ids == [] and out.finish_reason == "stop"
-    assert infill_prompt(Sentinels.of(tok), tok.encode("ab"), tok.encode("c")) == [97, 98, 260, 99, 256, 257, 260]
+    assert infill_prompt(Specials.of(tok), tok.encode("ab"), tok.encode("c")) == [97, 98, 260, 99, 256, 257, 260]
 
 
 def test_prompt_longer_than_context_is_refused():

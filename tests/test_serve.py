@@ -25,7 +25,7 @@ import torch
 from codegen2 import cli
 from codegen2.generation.decoder import FastDecoder
 from codegen2.generation.sampling import SamplingParams, generate_ids
-from codegen2.infill import Sentinels, infill_prompt
+from codegen2.infill import Specials, infill_prompt
 from codegen2.int8 import int8_format
 from codegen2.loading import load_checkpoint
 from codegen2.serve.app import create_app
@@ -139,7 +139,7 @@ def test_infill_with_suffix_equals_the_cli(client, run_dir, loaded, capsys):
     printed = capsys.readouterr().out
     assert printed == out.choices[0].text + "\n"
     tok = loaded.tokenizer
-    assert out.usage.prompt_tokens == len(infill_prompt(Sentinels.of(tok), tok.encode(prefix), tok.encode(suffix)))
+    assert out.usage.prompt_tokens == len(infill_prompt(Specials.of(tok), tok.encode(prefix), tok.encode(suffix)))
 
 
 def test_streamed_text_adds_up_to_the_plain_completion(client):

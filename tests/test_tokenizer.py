@@ -182,13 +182,21 @@ def test_special_ids_are_looked_up_by_name_not_position(tok):
 
 @pytest.mark.parametrize("missing", [EOT, "<sep>", "<eom>", "<mask_1>"])
 def test_missing_special_token_is_a_user_error(tok, missing):
+    """The end-of-text token is required; CodeGen2's sentinels only where span corruption or sentinel FIM runs
+    (other families' tokenizers have none)."""
     backend = Tokenizer.from_str(tok.backend.to_str())
     fresh = Tokenizer(backend.model)
     fresh.pre_tokenizer = backend.pre_tokenizer
     keep = [t for t in (EOT, "<sep>", "<eom>", "<mask_1>") if t != missing]
     fresh.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in keep])
-    with pytest.raises(UserError, match=f"lacks the special token.*{missing}"):
-        CodeGenTokenizer(fresh)
+    if missing == EOT:
+        with pytest.raises(UserError, match=f"lacks its end-of-text token {missing}"):
+            CodeGenTokenizer(fresh)
+        return
+    loaded = CodeGenTokenizer(fresh)
+    assert not loaded.has_sentinels
+    with pytest.raises(UserError, match="lacks CodeGen2's sentinels"):
+        loaded.special_ids()
 
 
 def test_load_errors_name_the_path(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import PRESETS, ConfigError, config_from_dict, load_config, preset_dict
 from .errors import UserError
+from .infill import add_infill_format_arg
 from .options import add_decoder_flag, add_device_flag, add_dtype_flag
 
 
@@ -226,18 +227,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_infill(args: argparse.Namespace) -> int:
     from .generation.sampling import infill
-    from .infill import Sentinels, infill_prompt
+    from .infill import Specials, build_infill, resolve_format
     from .request_checks import check_context, check_infill
 
     params = _params(args)
     check_infill(args.prefix, args.suffix)
     loaded = _load(args)
     tok = loaded.tokenizer
-    ids = infill_prompt(Sentinels.of(tok), tok.encode(args.prefix), tok.encode(args.suffix))
+    fmt = resolve_format(args.infill_format, loaded.config.arch, Specials.of(tok))
+    ids = build_infill(tok, args.prefix, args.suffix, fmt)
     check_context(len(ids), params.max_new_tokens, loaded.config.n_ctx,
-                  "the prefix and suffix with the infill sentinels")
+                  f"the prefix and suffix in the {fmt.name} infill format")
     middle = infill(loaded.model, loaded.tokenizer, [args.prefix], [args.suffix], params,
-                    bidirectional_prompt=loaded.prefix_lm, decoder=args.decoder)[0]
+                    bidirectional_prompt=loaded.prefix_lm, decoder=args.decoder, fmt=fmt)[0]
     _report_compile()
     if args.show_full:
         print(args.prefix + middle + args.suffix)
@@ -286,10 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-file", help="JSONL file with a 'prompt' field per line")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("infill", help="fill in the middle between a prefix and a suffix (CodeGen2 format)")
+    p = sub.add_parser("infill", help="fill in the middle between a prefix and a suffix (the model's format)")
     _sampling_args(p)
     p.add_argument("--prefix", required=True)
     p.add_argument("--suffix", required=True)
+    add_infill_format_arg(p)
     p.add_argument("--show-full", action="store_true", help="print prefix + middle + suffix")
     p.set_defaults(func=cmd_infill)
 

@@ -7,6 +7,10 @@ the published id layout: BPE ids first, then `<|endoftext|>`, the whitespace run
 `<dummy_k>` tokens, `<sep>`, `<eom>` and the masks with `<mask_N> = vocab_size - N`, so its total
 vocabulary equals the model's embedding size exactly. Special ids are always looked up by their
 token string, so the released CodeGen2 tokenizer (eot 50256, sep 50299, eom 50300) loads as well.
+
+Other families' tokenizers (Qwen2.5-Coder, StarCoder2, DeepSeek-Coder, CodeLlama) load from their tokenizer.json
+and tokenizer_config.json as they are: end-of-text and BOS come from the config, and the CodeGen2 sentinels are
+not required (see `CodeGenTokenizer`).
 """
 
 from __future__ import annotations
@@ -56,68 +60,104 @@ def _added(content: str) -> AddedToken:
 
 
 class CodeGenTokenizer:
-    """A `tokenizers.Tokenizer` with CodeGen2's special tokens resolved by name."""
+    """A `tokenizers.Tokenizer` with its special tokens resolved by name.
 
-    def __init__(self, backend: Tokenizer):
+    Every family has an end-of-text token (`eot_id`: the document separator and the padding id) and may have a
+    BOS (`bos_id`, put before each document when `add_bos`). Both come from tokenizer_config.json
+    (`eos_token`, `bos_token`, `add_bos_token`) where the directory has one, else `<|endoftext|>` and no BOS.
+    CodeGen2's sentinels (`<sep>`, `<eom>`, `<mask_k>`) are optional: `has_sentinels` says whether span
+    corruption and the codegen2 infill formats can run; other families infill in their own format (`infill`).
+    """
+
+    def __init__(self, backend: Tokenizer, hf_config: dict[str, Any] | None = None):
         self.backend = backend
+        self.hf_config = hf_config  # the family's tokenizer_config.json, written back unchanged by `save`
         vocab = backend.get_vocab(with_added_tokens=True)
-        missing = [t for t in REQUIRED_TOKENS if t not in vocab]
-        if missing:
-            raise UserError(f"tokenizer lacks the special token(s) {', '.join(missing)} that CodeGen2 needs")
-        for token in REQUIRED_TOKENS:
+        self.token_ids: dict[str, int] = vocab
+        eos, bos, add_bos = _ends_of(hf_config or {})
+        if eos not in vocab:
+            raise UserError(f"tokenizer lacks its end-of-text token {eos} (tokenizer_config.json eos_token, "
+                            f"else {EOT})")
+        for token in (eos, *(t for t in (SEP, EOM, mask_token(1), bos) if t in vocab)):
             ids = backend.encode(token, add_special_tokens=False).ids
             if ids != [vocab[token]]:
                 raise UserError(f"tokenizer does not encode {token} as one token (got ids {ids}); "
                                 f"add it as a special token")
         # Embedding rows must cover the largest id even if ids have gaps.
         self.vocab_size: int = max(vocab.values()) + 1
-        self.eot_id: int = vocab[EOT]
-        self.sep_id: int = vocab[SEP]
-        self.eom_id: int = vocab[EOM]
+        self.eot_id: int = vocab[eos]
+        self.bos_id: int | None = vocab.get(bos) if bos else None
+        self.add_bos: bool = add_bos and self.bos_id is not None
+        self.has_sentinels = all(t in vocab for t in (SEP, EOM, mask_token(1)))
+        self.sep_id: int | None = vocab.get(SEP)
+        self.eom_id: int | None = vocab.get(EOM)
         num_masks = 0
         while mask_token(num_masks + 1) in vocab:
             num_masks += 1
         self.num_masks: int = num_masks
         self._mask_ids = tuple(vocab[mask_token(k)] for k in range(1, num_masks + 1))
         self._literal_backend: Tokenizer | None = None
+        self._no_space_backend: Tokenizer | None = None
 
     # ---------------------------------------------------------------------------------- loading
     @classmethod
     def load(cls, path: str | Path) -> CodeGenTokenizer:
-        """Load a tokenizer.json (file or directory holding one), or a vocab.json + merges.txt directory."""
+        """Load a tokenizer.json (file or directory holding one, with its tokenizer_config.json if any), or a
+        vocab.json + merges.txt directory."""
         path = Path(path)
         if not path.exists():
             raise UserError(f"tokenizer not found: {path}")
         if path.is_dir():
-            if (path / "tokenizer.json").is_file():
-                path = path / "tokenizer.json"
-            elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-                return cls(_load_vocab_merges(path))
-            else:
+            if not (path / "tokenizer.json").is_file():
+                if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+                    return cls(_load_vocab_merges(path))
                 raise UserError(f"{path}: no tokenizer.json, nor vocab.json + merges.txt, in this directory")
+            path = path / "tokenizer.json"
         try:
             backend = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on bad files
             raise UserError(f"{path}: not a valid tokenizer.json ({exc})") from None
-        return cls(backend)
+        config_file = path.parent / "tokenizer_config.json"
+        hf_config = _read_json(config_file) if config_file.is_file() else None
+        if hf_config is not None and hf_config.get("tokenizer_class") == "CodeGenTokenizer":
+            hf_config = None  # codegen2's own (what `save` writes without a family config)
+        return cls(backend, hf_config)
 
     def save(self, directory: str | Path) -> None:
-        """Write tokenizer.json plus the two small files transformers' AutoTokenizer needs."""
+        """Write tokenizer.json plus the small files transformers' AutoTokenizer needs: the family's own
+        tokenizer_config.json where the tokenizer came with one, else a CodeGen one."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         # Atomic: a kill during the first save must not leave a truncated tokenizer for resume to read.
         atomic_write_text(directory / "tokenizer.json", self.backend.to_str())
-        config = {
-            "tokenizer_class": "CodeGenTokenizer",
-            "bos_token": EOT,
-            "eos_token": EOT,
-            "unk_token": EOT,
-            "add_prefix_space": False,
-            "clean_up_tokenization_spaces": False,
-        }
-        special_map = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+        if self.hf_config is not None:
+            config = self.hf_config
+            special_map = {key: config[key] for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+                           if config.get(key) is not None}
+        else:
+            config = {
+                "tokenizer_class": "CodeGenTokenizer",
+                "bos_token": EOT,
+                "eos_token": EOT,
+                "unk_token": EOT,
+                "add_prefix_space": False,
+                "clean_up_tokenization_spaces": False,
+            }
+            special_map = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
         atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
         atomic_write_text(directory / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
+
+    def encode_document(self, text: str) -> list[int]:
+        """One training document: [BOS where the family adds one] text <end-of-text> (sentinels as plain text)."""
+        head = [self.bos_id] if self.add_bos else []
+        return head + self.encode(text, literal_specials=True) + [self.eot_id]
+
+    def encode_suffix(self, text: str) -> list[int]:
+        """`text` without the word-start space a SentencePiece-style tokenizer puts before it (CodeLlama's infill
+        suffix); the same as `encode` for byte-level tokenizers, which add none."""
+        if self._no_space_backend is None:
+            self._no_space_backend = _without_prefix_space(self.backend)
+        return self._no_space_backend.encode(text, add_special_tokens=False).ids
 
     # --------------------------------------------------------------------------------- encoding
     def encode(self, text: str, literal_specials: bool = False) -> list[int]:
@@ -156,13 +196,55 @@ class CodeGenTokenizer:
         return mask_token(k)
 
     def special_ids(self) -> SpecialIds:
+        """The ids span corruption and CodeGen2's sentinel FIM write (the tokenizer must have the sentinels)."""
         from codegen2.objectives import SpecialIds
 
+        if not self.has_sentinels:
+            raise UserError(f"the tokenizer lacks CodeGen2's sentinels ({SEP}, {EOM}, <mask_1>) that span "
+                            f"corruption and sentinel FIM write")
         return SpecialIds(eot=self.eot_id, sep=self.sep_id, eom=self.eom_id, masks=self._mask_ids)
 
     def fingerprint(self) -> str:
         """A hash of the full tokenizer definition; token caches are keyed by it."""
         return hashlib.sha256(self.backend.to_str().encode("utf-8")).hexdigest()
+
+
+def _token_text(value: Any) -> str | None:
+    """A tokenizer_config.json token entry: a string, or an AddedToken dict with `content`."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _ends_of(hf_config: dict[str, Any]) -> tuple[str, str | None, bool]:
+    """(end-of-text token, BOS token, whether documents start with BOS) from a tokenizer_config.json."""
+    eos = _token_text(hf_config.get("eos_token")) or EOT
+    bos = _token_text(hf_config.get("bos_token"))
+    return eos, bos, bool(hf_config.get("add_bos_token", False)) and bos is not None
+
+
+def _without_prefix_space(backend: Tokenizer) -> Tokenizer:
+    """A copy of `backend` that puts no "▁" before the text: Prepend("▁") normalizers dropped, Metaspace
+    pre-tokenizers set to prepend never (the two ways tokenizer.json files of LLaMA-style models say it)."""
+    spec = json.loads(backend.to_str())
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            if node.get("type") == "Sequence":
+                for key in ("normalizers", "pretokenizers"):
+                    if key in node:
+                        node[key] = [strip(n) for n in node[key] if not _prepends_space(n)]
+            if node.get("type") == "Metaspace":
+                node["prepend_scheme"] = "never"
+                if "add_prefix_space" in node:
+                    node["add_prefix_space"] = False
+        return node
+
+    for key in ("normalizer", "pre_tokenizer"):
+        spec[key] = None if _prepends_space(spec.get(key)) else strip(spec.get(key))
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def _prepends_space(node: Any) -> bool:
+    return isinstance(node, dict) and node.get("type") == "Prepend" and node.get("prepend") == "\u2581"
 
 
 def _load_vocab_merges(directory: Path) -> Tokenizer:

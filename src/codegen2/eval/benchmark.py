@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..generation.sampling import SamplingParams
+from ..infill import Specials, resolve_format
 from ..options import LIBRARY_DECODER
 from . import generation
 from .scoring import ScoreReport, results_path, score_samples
@@ -32,12 +33,16 @@ class BenchmarkSamples:
 
 
 def sample_benchmark(loaded, tasks: list[dict], benchmark: str, params: SamplingParams, n: int, out: Path, *,
-                     batch_size: int = 8, decoder: str = LIBRARY_DECODER, progress: bool = True) -> BenchmarkSamples:
+                     batch_size: int = 8, decoder: str = LIBRARY_DECODER, progress: bool = True,
+                     infill_format: str | None = None) -> BenchmarkSamples:
     """Draw `n` samples of every task with `params` (the benchmark sets the stop strings) and write them to
-    OUT/samples.jsonl; sample j of task i is seeded with params.seed + i * n + j."""
+    OUT/samples.jsonl; sample j of task i is seeded with params.seed + i * n + j. Infilling benchmarks use
+    `infill_format` (None: the model's detected format)."""
     from ..generation.decoder import compile_report
 
-    infilling = benchmark in INFILL_BENCHMARKS
+    infilling = None
+    if benchmark in INFILL_BENCHMARKS:
+        infilling = resolve_format(infill_format, loaded.config.arch, Specials.of(loaded.tokenizer))
     params = dataclasses.replace(params, stop=() if infilling else generation.HUMANEVAL_STOP)
     n_ctx = loaded.config.n_ctx
     if params.max_new_tokens >= n_ctx:
@@ -48,9 +53,12 @@ def sample_benchmark(loaded, tasks: list[dict], benchmark: str, params: Sampling
         print(f"note: with --max-new-tokens {params.max_new_tokens} in a context of {n_ctx} tokens, "
               f"{context['truncated']} of {len(tasks)} prompts lose their start and {context['skipped']} are skipped "
               f"(empty completion, scored as failed); see \"context\" in pass_at_k.json", file=sys.stderr)
-    sampler = generation.infill_middle if infilling else generation.left_to_right
+    if infilling:
+        complete = generation.infill_middle(loaded, params, infilling, decoder=decoder)
+    else:
+        complete = generation.left_to_right(loaded, params, decoder=decoder)
     started = time.perf_counter()
-    rows = generation.sample_tasks(tasks, n, sampler(loaded, params, decoder=decoder), batch_size=batch_size,
+    rows = generation.sample_tasks(tasks, n, complete, batch_size=batch_size,
                                    seed=params.seed, progress=progress)
     seconds = time.perf_counter() - started
     if compile_report():

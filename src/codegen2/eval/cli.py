@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..infill import add_infill_format_arg
 from ..options import add_decoder_flag, add_device_flag, add_dtype_flag
 from .tasks import INFILL_BENCHMARKS
 
@@ -28,8 +29,9 @@ def register(subparsers) -> argparse._SubParsersAction:
     p.set_defaults(func=cmd_humaneval, benchmark="humaneval")
 
     for name, kind in INFILL_BENCHMARKS.items():
-        p = eval_sub.add_parser(name, help=f"HumanEval {kind} infilling (CodeGen2 infill format), pass@k")
+        p = eval_sub.add_parser(name, help=f"HumanEval {kind} infilling (the model's infill format), pass@k")
         _generation_args(p, n=1, max_new_tokens=128)
+        add_infill_format_arg(p)
         _execution_args(p)
         p.set_defaults(func=cmd_humaneval, benchmark=name)
 
@@ -135,7 +137,8 @@ def cmd_humaneval(args) -> int:
     loaded = load_checkpoint(args.checkpoint, device=resolve_device(args.device), dtype=args.dtype,
                              mp_num=args.mp_num, step=args.step, adapter=args.adapter)
     samples = sample_benchmark(loaded, tasks, args.benchmark, params, args.n, out, batch_size=args.batch_size,
-                               decoder=args.decoder, progress=not args.no_progress)
+                               decoder=args.decoder, progress=not args.no_progress,
+                               infill_format=getattr(args, "infill_format", None))
     with _executor(args) as executor:
         report = score_benchmark(samples, tasks_by_id, executor, args.benchmark, args.timeout, ks,
                                  progress=not args.no_progress)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from ..infill import Sentinels, infill_prompt, infill_stop_ids
+from ..infill import InfillFormat, Specials, infill_prompt, infill_stop_ids
 from ..options import LIBRARY_DECODER
 
 # Left-to-right HumanEval completions end where a new top-level statement would begin (Codex paper:
@@ -56,17 +56,23 @@ def fit_prompt(ids: list[int], max_new_tokens: int, n_ctx: int, cuttable: int | 
     return ids[overflow:] if overflow <= limit else None
 
 
-def task_prompt(tokenizer, task: dict, infilling: bool, max_new_tokens: int, n_ctx: int) -> list[int] | None:
-    """The token ids sampled from for `task`, fitted to the context: a left-to-right prompt loses its start;
-    an infill prompt (DESIGN §2) loses the start of its prefix only, never the suffix or the sentinels."""
-    if not infilling:
+def task_prompt(tokenizer, task: dict, infilling: InfillFormat | None, max_new_tokens: int,
+                n_ctx: int) -> list[int] | None:
+    """The token ids sampled from for `task`, fitted to the context: a left-to-right prompt (`infilling` None)
+    loses its start; an infill prompt in format `infilling` loses the start of its prefix only, never the suffix
+    or the markers (the prefix opens the prompt in the codegen2 layout; elsewhere the cut may also drop a BOS or
+    the first marker: the truncation keeps the layout's tail)."""
+    if infilling is None:
         return fit_prompt(tokenizer.encode(task["prompt"]), max_new_tokens, n_ctx)
     prefix_ids = tokenizer.encode(task["prompt"])
-    ids = infill_prompt(Sentinels.of(tokenizer), prefix_ids, tokenizer.encode(task["suffix"]))
+    suffix = task["suffix"]
+    suffix_ids = tokenizer.encode(suffix) if infilling.suffix_space else tokenizer.encode_suffix(suffix)
+    ids = infill_prompt(Specials.of(tokenizer), prefix_ids, suffix_ids, infilling)
     return fit_prompt(ids, max_new_tokens, n_ctx, cuttable=len(prefix_ids))
 
 
-def context_report(tokenizer, tasks: Sequence[dict], infilling: bool, max_new_tokens: int, n_ctx: int) -> dict:
+def context_report(tokenizer, tasks: Sequence[dict], infilling: InfillFormat | None, max_new_tokens: int,
+                   n_ctx: int) -> dict:
     """Which tasks' prompts do not fit the context as they are: counted up front, before any sampling."""
     truncated, skipped = [], []
     for task in tasks:
@@ -80,13 +86,13 @@ def context_report(tokenizer, tasks: Sequence[dict], infilling: bool, max_new_to
             "truncated_tasks": truncated, "skipped_tasks": skipped}
 
 
-def _completer(loaded, params, infilling: bool, decoder: str) -> CompleteFn:
+def _completer(loaded, params, infilling: InfillFormat | None, decoder: str) -> CompleteFn:
     """Sample each task's fitted prompt with `generation.sampling.generate_ids`; a skipped task completes as ""."""
     from ..generation.core import truncate_at_stop
     from ..generation.sampling import generate_ids
 
     tokenizer = loaded.tokenizer
-    stop_ids = infill_stop_ids(Sentinels.of(tokenizer)) if infilling else (tokenizer.eot_id,)
+    stop_ids = infill_stop_ids(Specials.of(tokenizer), infilling) if infilling else (tokenizer.eot_id,)
 
     def complete(tasks: Sequence[dict], seeds: Sequence[int]) -> list[str]:
         prompts = [task_prompt(tokenizer, t, infilling, params.max_new_tokens, loaded.config.n_ctx) for t in tasks]
@@ -106,10 +112,10 @@ def left_to_right(loaded, params, decoder: str = LIBRARY_DECODER) -> CompleteFn:
     """Complete each task's prompt left to right, cut at the HumanEval stops; prompts too long for the
     context are left-truncated (`task_prompt`). `decoder` is passed through ("compiled" pays its one
     compile per batch shape back over a whole benchmark)."""
-    return _completer(loaded, params, infilling=False, decoder=decoder)
+    return _completer(loaded, params, infilling=None, decoder=decoder)
 
 
-def infill_middle(loaded, params, decoder: str = LIBRARY_DECODER) -> CompleteFn:
-    """Fill each task's hole between prompt and suffix (CodeGen2 format: prefix <mask_1> suffix <|endoftext|>
-    <sep> <mask_1>, middle ends at <eom>); the prefix loses its start if the prompt is too long."""
-    return _completer(loaded, params, infilling=True, decoder=decoder)
+def infill_middle(loaded, params, fmt: InfillFormat, decoder: str = LIBRARY_DECODER) -> CompleteFn:
+    """Fill each task's hole between prompt and suffix in infill format `fmt` (the registry's layout, a middle
+    ends at its stop tokens); the prefix loses its start if the prompt is too long."""
+    return _completer(loaded, params, infilling=fmt, decoder=decoder)

@@ -12,9 +12,9 @@ generated middle equals the masked line (leading/trailing whitespace ignored). I
 cross-entropy of the masked line and its end-of-middle token given that prompt: it moves long before
 exact matches appear, so it separates small models that all score 0% exact match.
 
-Two prompt formats, matching the two infill objectives a model may have been trained with:
-  codegen2: prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>   -> middle <eom>   (docs/design.md §2)
-  fim:      <mask_1> prefix <mask_2> suffix <sep>                   -> middle <eom>   (FIM, PSM order)
+Prompts come from the registry of infill formats (`codegen2.infill`): a run is scored in the format its
+objective trained (codegen2's sentinels for span corruption, `fim` for CodeGen2's sentinel FIM, the model's own
+format when its tokenizer has no sentinels); another checkpoint in its detected format, or `--infill-format`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,15 @@ import torch.nn.functional as F
 from ..data.heldout import chunk_tokens, rows_loss, run_heldout_documents
 from ..errors import UserError
 from ..generation.sampling import SamplingParams, generate_ids
-from ..infill import INFILL_FORMATS, Sentinels, infill_prompt, infill_stop_ids
+from ..infill import (
+    Specials,
+    add_infill_format_arg,
+    detect_format,
+    end_id,
+    infill_prompt,
+    infill_stop_ids,
+    resolve_format,
+)
 from ..options import add_device_flag, add_dtype_flag
 
 
@@ -46,9 +54,12 @@ class InfillTask:
 
 
 
-def default_infill_format(objective) -> str:
+def default_infill_format(objective, loaded=None) -> str | None:
     """The prompt format a model trained with `objective` (an ObjectiveConfig) has seen: FIM only if FIM
-    outweighs span corruption in its mixture."""
+    outweighs span corruption in its mixture; a tokenizer without CodeGen2's sentinels trains FIM in the
+    model's own format, so that one (None: detected)."""
+    if loaded is not None and not loaded.tokenizer.has_sentinels:
+        return None
     return "fim" if objective.fim_rate > objective.span_rate else "codegen2"
 
 
@@ -123,12 +134,14 @@ def single_line_tasks(docs, n_tasks: int, min_line_chars: int = 4) -> list[Infil
 def _task_prompts(tokenizer, tasks: list[InfillTask], context_tokens: int, fmt: str) -> list[list[int]]:
     prefix_budget = int(context_tokens * 0.6)
     suffix_budget = context_tokens - prefix_budget
-    sentinels = Sentinels.of(tokenizer)
+    specials = Specials.of(tokenizer)
+    form = resolve_format(fmt, "", specials)
+    encode_suffix = tokenizer.encode if form.suffix_space else tokenizer.encode_suffix
     prompts = []
     for task in tasks:
         prefix_ids = tokenizer.encode(task.prefix)[-prefix_budget:] if task.prefix else []
-        suffix_ids = tokenizer.encode(task.suffix)[:suffix_budget] if task.suffix else []
-        prompts.append(infill_prompt(sentinels, prefix_ids, suffix_ids, fmt))
+        suffix_ids = encode_suffix(task.suffix)[:suffix_budget] if task.suffix else []
+        prompts.append(infill_prompt(specials, prefix_ids, suffix_ids, form))
     return prompts
 
 
@@ -138,7 +151,7 @@ def infill_exact_match(model, tokenizer, tasks: list[InfillTask], context_tokens
     """Greedy infill of each masked line in format `fmt`; exact match of the first generated line."""
     prompts = _task_prompts(tokenizer, tasks, context_tokens, fmt)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=("\n",))
-    stop_ids = infill_stop_ids(Sentinels.of(tokenizer))
+    stop_ids = infill_stop_ids(Specials.of(tokenizer), fmt)
     hits, examples = 0, []
     for start in range(0, len(prompts), batch_size):
         done = generate_ids(model, tokenizer, prompts[start: start + batch_size], params,
@@ -155,14 +168,16 @@ def infill_exact_match(model, tokenizer, tasks: list[InfillTask], context_tokens
 @torch.inference_mode()
 def infill_loss(model, tokenizer, tasks: list[InfillTask], context_tokens: int, batch_size: int = 8,
                 bidirectional_prompt: bool = False, fmt: str = "codegen2") -> dict:
-    """Mean cross-entropy per token of each masked line followed by <eom>, given its infill prompt.
+    """Mean cross-entropy per token of each masked line followed by its format's end token (<eom> for CodeGen2's
+    formats), given its infill prompt.
 
     Rows are right-padded, so padding never precedes a scored token; with `bidirectional_prompt` (a
     prefix-LM) each row's prompt is read bidirectionally, as at sampling time.
     """
     device = next(model.parameters()).device
     prompts = _task_prompts(tokenizer, tasks, context_tokens, fmt)
-    targets = [tokenizer.encode(task.line) + [tokenizer.eom_id] for task in tasks]
+    end = end_id(Specials.of(tokenizer), fmt)
+    targets = [tokenizer.encode(task.line) + [end] for task in tasks]
     total, count = 0.0, 0
     for start in range(0, len(prompts), batch_size):
         rows = [p + t for p, t in zip(prompts[start: start + batch_size], targets[start: start + batch_size])]
@@ -185,9 +200,12 @@ def infill_loss(model, tokenizer, tasks: list[InfillTask], context_tokens: int, 
 
 
 def evaluate_heldout(loaded, documents: list, window: int, max_tokens: int = 100_000, n_infill: int = 100,
-                     batch_size: int = 8, infill_format: str = "codegen2") -> dict:
-    """Code loss, prose loss, and single-line infill exact match and loss, on the held-out `documents`."""
+                     batch_size: int = 8, infill_format: str | None = "codegen2") -> dict:
+    """Code loss, prose loss, and single-line infill exact match and loss, on the held-out `documents`
+    (infill in `infill_format`; None: the model's detected format, no infill metrics if it has none)."""
     model, tokenizer = loaded.model, loaded.tokenizer
+    if infill_format is None:
+        infill_format = detect_format(loaded.config.arch, Specials.of(tokenizer))
     window = min(window, loaded.config.n_ctx - 1)
     code = [d for d in documents if d.kind == "code"]
     prose = [d for d in documents if d.kind == "nl"]
@@ -198,7 +216,7 @@ def evaluate_heldout(loaded, documents: list, window: int, max_tokens: int = 100
                                                     batch_size, bidirectional=loaded.prefix_lm)
     if prose:
         result["nl"] = heldout_loss(model, tokenizer, [d.text for d in prose], window, max_tokens, batch_size)
-    if code and n_infill > 0:
+    if code and n_infill > 0 and infill_format is not None:
         context = min(window, loaded.config.n_ctx - 64) - 4
         tasks = single_line_tasks(code, n_infill)
         result["infill"] = infill_exact_match(model, tokenizer, tasks, context, batch_size=batch_size,
@@ -234,7 +252,7 @@ def run_heldout(args: argparse.Namespace) -> int:
     return 0
 
 
-def _heldout_inputs(args: argparse.Namespace, loaded) -> tuple[list, object, int, str]:
+def _heldout_inputs(args: argparse.Namespace, loaded) -> tuple[list, object, int, str | None]:
     """(documents, where they come from, window, infill format): a run is scored on its own prepared held-out
     documents at its training length; another checkpoint on --data's, else the embedded corpus's."""
     from pathlib import Path
@@ -251,8 +269,8 @@ def _heldout_inputs(args: argparse.Namespace, loaded) -> tuple[list, object, int
             raise UserError(f"--data is for checkpoints without a run; {run} is scored on its own prepared "
                             "held-out documents")
         return (run_heldout_documents(config, run), run_prepared_dir(config, run), config.train.seq_len,
-                args.infill_format or default_infill_format(config.objective))
-    window, infill_format = min(1024, loaded.config.n_ctx - 1), args.infill_format or "codegen2"
+                args.infill_format or default_infill_format(config.objective, loaded))
+    window, infill_format = min(1024, loaded.config.n_ctx - 1), args.infill_format
     if args.data:
         return PreparedData.open(args.data).heldout_documents(), Path(args.data), window, infill_format
     return raw_heldout_documents(DataConfig()), None, window, infill_format
@@ -350,8 +368,7 @@ def register(eval_subparsers) -> None:
     parser.add_argument("--data", default="", metavar="DATA_DIR",
                         help="for a checkpoint without a run: score on this prepared directory's held-out documents "
                              "(default: the embedded corpus's held-out split)")
-    parser.add_argument("--infill-format", choices=INFILL_FORMATS, default=None,
-                        help="infill prompt format (default: the one the run's objective trained, else codegen2)")
+    add_infill_format_arg(parser)
     parser.add_argument("--out", default="", metavar="FILE.json",
                         help="write every number as JSON here (default: RUN/eval/heldout.json for a run directory)")
     parser.add_argument("--json", action="store_true", help="also print that JSON on stdout, for scripts")

@@ -17,7 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..infill import Sentinels, infill_prompt, infill_stop_ids
+from ..errors import UserError
+from ..infill import Specials, infill_prompt, infill_stop_ids, resolve_format
 from ..request_checks import (
     RequestError,
     check_context,
@@ -184,15 +185,19 @@ def check_prompt_size(req: CompletionRequest, max_token_bytes: int | None, n_ctx
             raise ApiError(400, str(exc), exc.param.split("[")[0], code=exc.code) from None
 
 
-def plan_request(req: CompletionRequest, tokenizer, n_ctx: int, vocab_size: int) -> Plan:
-    """Tokenize and check a request against the model; build one engine row per (prompt, choice)."""
+def plan_request(req: CompletionRequest, tokenizer, n_ctx: int, vocab_size: int,
+                 infill_format: str | None = "codegen2") -> Plan:
+    """Tokenize and check a request against the model; build one engine row per (prompt, choice).
+
+    `infill_format` lays out `suffix` requests (the model's detected `infill.detect_format`; None: it has none)."""
     try:
-        return _plan_request(req, tokenizer, n_ctx, vocab_size)
+        return _plan_request(req, tokenizer, n_ctx, vocab_size, infill_format)
     except RequestError as exc:
         raise ApiError(400, str(exc), exc.param, code=exc.code) from None
 
 
-def _plan_request(req: CompletionRequest, tokenizer, n_ctx: int, vocab_size: int) -> Plan:
+def _plan_request(req: CompletionRequest, tokenizer, n_ctx: int, vocab_size: int,
+                  infill_format: str | None) -> Plan:
     _check_unsupported(req)
     check_sampling(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                    style="api")
@@ -210,10 +215,16 @@ def _plan_request(req: CompletionRequest, tokenizer, n_ctx: int, vocab_size: int
     if infill:
         for text in texts:
             check_infill(text, req.suffix)
-        suffix_ids = tokenizer.encode(req.suffix)
-        sentinels = Sentinels.of(tokenizer)
-        ids_list = [infill_prompt(sentinels, ids, suffix_ids) for ids in ids_list]
-        stop_ids: tuple[int, ...] = infill_stop_ids(sentinels)
+        if infill_format is None:
+            raise ApiError(400, "this model has no infill format, so it cannot take a suffix", "suffix")
+        specials = Specials.of(tokenizer)
+        try:
+            fmt = resolve_format(infill_format, "", specials)
+        except UserError as exc:
+            raise ApiError(400, str(exc), "suffix") from None
+        suffix_ids = tokenizer.encode(req.suffix) if fmt.suffix_space else tokenizer.encode_suffix(req.suffix)
+        ids_list = [infill_prompt(specials, ids, suffix_ids, fmt) for ids in ids_list]
+        stop_ids: tuple[int, ...] = infill_stop_ids(specials, fmt)
     else:
         for i, ids in enumerate(ids_list):
             check_prompt(ids, "prompt" if len(ids_list) == 1 else f"prompt[{i}]")
