@@ -31,7 +31,7 @@ span (CodeGen2 file-level span corruption)
     spans (so two mask sentinels are never adjacent); trailing spans are dropped if they cannot fit.
     Pieces with fewer than ``max(min_doc_tokens, 2)`` content tokens stay unchanged.
 
-fim (Bavarian et al. 2022, with CodeGen2's sentinels as markers)
+fim (Bavarian et al. 2022, with CodeGen2's sentinels as markers, or in the model's own infill format)
     Per piece, two cut points ``~ U[0, n]`` split the content into prefix / middle / suffix::
 
         PSM: <mask_1> prefix <mask_2> suffix <sep> middle <eom> [<|endoftext|>]
@@ -39,6 +39,13 @@ fim (Bavarian et al. 2022, with CodeGen2's sentinels as markers)
 
     ``<|endoftext|>`` is kept only if the piece had one. Each piece is SPM with probability
     ``fim_spm_rate``. Pieces with fewer than ``max(min_doc_tokens, 1)`` content tokens stay unchanged.
+    With ``SpecialIds.fim`` (a tokenizer without CodeGen2's sentinels: `native_special_ids`), the layout is the
+    model's format from `codegen2.infill`, its middle closed by the format's end token (the end-of-text for
+    Qwen2.5-Coder / StarCoder2 / DeepSeek-Coder, ``▁<EOT>`` for CodeLlama) so the model learns to stop::
+
+        PSM: P prefix S suffix M middle end [<end-of-text>]     SPM: P S suffix M prefix middle end [...]
+
+    A piece that starts with the family's BOS keeps it in front.
 
 Fitting the sequence length (both span and fim)
 -----------------------------------------------
@@ -54,8 +61,8 @@ Prefix-LM (``cfg.prefix_lm``)
 -----------------------------
 The first ``prefix_len`` input positions attend bidirectionally and get label -100:
 span: up to and including the first piece's ``<sep>`` (its corrupted context); fim: up to and
-including the first piece's ``<sep>``, the token that starts the middle; causal, and span/fim when
-the first piece was left unchanged: a split drawn uniformly in ``[1, min(len(first piece),
+including the first piece's ``<sep>`` (the format's middle marker M), the token that starts the middle;
+causal, and span/fim when the first piece was left unchanged: a split drawn uniformly in ``[1, min(len(first piece),
 seq_len - 1)]``. Without prefix-LM, ``prefix_len`` is 0.
 
 The decoders assume that document tokens never contain the sentinel ids themselves.
@@ -69,6 +76,7 @@ import numpy as np
 
 from codegen2.config import ObjectiveConfig
 from codegen2.errors import UserError
+from codegen2.infill import FORMATS, InfillFormat, Specials, end_id
 
 IGNORE_INDEX = -100
 OBJECTIVE_CODES = {"causal": 0, "span": 1, "fim": 2}
@@ -83,17 +91,34 @@ class SpecialIds:
     """Ids of the special tokens the objectives write (docs/design.md §3)."""
 
     eot: int  # <|endoftext|>, also the padding id
-    sep: int  # <sep>
-    eom: int  # <eom>
+    sep: int | None  # <sep> (None: a tokenizer without CodeGen2's sentinels)
+    eom: int | None  # <eom>
     masks: tuple[int, ...]  # masks[k-1] is the id of <mask_k>
+    fim: tuple[int, int, int] | None = None  # the model's own FIM markers (prefix, suffix, middle), if not sentinels
+    fim_end: int | None = None  # the token closing a middle in that format
+    bos: int | None = None  # the family's BOS, kept first in a FIM piece
 
     def __post_init__(self) -> None:
-        ids = (self.eot, self.sep, self.eom, *self.masks)
+        ids = tuple(i for i in (self.eot, self.sep, self.eom, *self.masks, *(self.fim or ())) if i is not None)
         if any(int(i) < 0 for i in ids):
             raise UserError(f"special token ids must be non-negative, got {ids[:3]} and masks {self.masks[:4]}...")
         if len(set(ids)) != len(ids):
             raise UserError("special token ids (eot, sep, eom, masks) must be distinct")
         object.__setattr__(self, "masks", tuple(int(m) for m in self.masks))
+
+    @property
+    def middle_marker(self) -> int | None:
+        """The token after which a FIM middle starts (prefix-LM's bidirectional prefix ends there)."""
+        return self.fim[2] if self.fim is not None else self.sep
+
+
+def native_special_ids(specials: Specials, fmt: InfillFormat | str) -> SpecialIds:
+    """Special ids for FIM training in the model's own infill format (a tokenizer without CodeGen2's sentinels)."""
+    fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
+    if fmt.layout not in ("psm", "spm"):
+        raise UserError(f"infill format {fmt.name!r} is CodeGen2's: build its ids with the tokenizer's special_ids()")
+    return SpecialIds(eot=specials.eot, sep=None, eom=None, masks=(), fim=fmt.marker_ids(specials),
+                      fim_end=end_id(specials, fmt), bos=specials.bos)
 
 
 def codegen2_special_ids(num_masks: int = 899) -> SpecialIds:
@@ -287,12 +312,21 @@ def decode_span_corruption(tokens: np.ndarray, special: SpecialIds) -> np.ndarra
 
 def fim_transform(doc: np.ndarray, rng: np.random.Generator, special: SpecialIds, spm: bool) -> np.ndarray:
     """PSM or SPM form of one piece, cut at two uniform points (see the module docstring)."""
-    if len(special.masks) < 2:
+    if special.fim is None and len(special.masks) < 2:
         raise UserError("FIM needs at least 2 mask sentinels (<mask_1>, <mask_2>) in the tokenizer")
     doc = np.asarray(doc, dtype=np.int64)
     content, has_eot = _content(doc, special.eot)
+    lead = []
+    if special.fim is not None and special.bos is not None and len(content) and int(content[0]) == special.bos:
+        lead, content = [content[:1]], content[1:]
     i, j = sorted(rng.integers(0, len(content) + 1, size=2).tolist())
     prefix, middle, suffix = content[:i], content[i:j], content[j:]
+    if special.fim is not None:
+        p, s, m = (np.array([t]) for t in special.fim)
+        head = [p, s, suffix, m, prefix] if spm else [p, prefix, s, suffix, m]
+        end = [np.array([special.fim_end])] + ([np.array([special.eot])] if has_eot and
+                                               special.fim_end != special.eot else [])
+        return np.concatenate(lead + head + [middle] + end).astype(np.int64)
     m1, m2 = np.array([special.masks[0]]), np.array([special.masks[1]])
     head = [m2, suffix, m1, prefix] if spm else [m1, prefix, m2, suffix]
     end = [np.array([special.eot])] if has_eot else []
@@ -303,6 +337,8 @@ def fim_transform(doc: np.ndarray, rng: np.random.Generator, special: SpecialIds
 def decode_fim(tokens: np.ndarray, special: SpecialIds) -> np.ndarray:
     """Invert :func:`fim_transform` (PSM or SPM); a piece not starting with a sentinel is returned as is."""
     tokens = np.asarray(tokens, dtype=np.int64)
+    if special.fim is not None:
+        return _decode_native_fim(tokens, special)
     m1, m2 = special.masks[0], special.masks[1]
     if len(tokens) == 0 or int(tokens[0]) not in (m1, m2):
         return tokens.copy()
@@ -323,6 +359,24 @@ def decode_fim(tokens: np.ndarray, special: SpecialIds) -> np.ndarray:
     if len(rest) > 1 or (len(rest) == 1 and int(rest[0]) != special.eot):
         raise UserError(f"malformed FIM piece: unexpected tokens after <eom> at position {eom + 1}")
     return np.concatenate([prefix, tokens[sep + 1:eom], suffix, rest])
+
+
+def _decode_native_fim(tokens: np.ndarray, special: SpecialIds) -> np.ndarray:
+    """Invert the model-format PSM of :func:`fim_transform` (SPM reads as PSM with an empty prefix: the two cannot
+    be told apart there, so tests of the inverse use PSM)."""
+    lead = tokens[:1] if special.bos is not None and len(tokens) and int(tokens[0]) == special.bos else tokens[:0]
+    body = tokens[len(lead):]
+    p, s, m = special.fim
+    if len(body) == 0 or int(body[0]) != p:
+        return tokens.copy()
+    marks = [int(np.flatnonzero(body == t)[0]) if (body == t).any() else -1 for t in (s, m)]
+    ends = np.flatnonzero(body == special.fim_end)
+    if min(marks) < 0 or not len(ends) or ends[-1] < marks[1]:
+        raise UserError("malformed FIM piece: a marker or the end of the middle is missing")
+    end = int(ends[ends > marks[1]][0])
+    prefix, suffix, middle = body[1:marks[0]], body[marks[0] + 1:marks[1]], body[marks[1] + 1:end]
+    rest = body[end + 1:] if special.fim_end != special.eot else body[end:]
+    return np.concatenate([lead, prefix, middle, suffix, rest])
 
 
 def _fim_piece(doc: np.ndarray, rng: np.random.Generator, cfg: ObjectiveConfig, special: SpecialIds,
@@ -361,7 +415,7 @@ def check_setup(seq_len: int, cfg: ObjectiveConfig, special: SpecialIds) -> None
     """Fail early, with the setting to change, when the objective cannot work at this seq_len."""
     if cfg.span_rate > 0 and not special.masks:
         raise UserError("objective.span_rate > 0 but the tokenizer has no <mask_k> sentinels")
-    if cfg.fim_rate > 0 and len(special.masks) < 2:
+    if cfg.fim_rate > 0 and special.fim is None and len(special.masks) < 2:
         raise UserError("objective.fim_rate > 0 needs at least 2 <mask_k> sentinels in the tokenizer")
     need = min_seq_len(cfg)
     if seq_len < need:
@@ -440,7 +494,8 @@ def make_example(chunk: np.ndarray, sample_index: int, seed: int, cfg: Objective
     prefix_len = 0
     if cfg.prefix_lm:
         first = pieces[0]
-        seps = np.flatnonzero(first == special.sep) if objective != "causal" else np.zeros(0)
+        marker = special.middle_marker if objective == "fim" else special.sep
+        seps = np.flatnonzero(first == marker) if objective != "causal" and marker is not None else np.zeros(0)
         if len(seps):
             prefix_len = min(int(seps[0]) + 1, seq_len)
         else:

@@ -205,8 +205,12 @@ class CodeGenTokenizer:
         return SpecialIds(eot=self.eot_id, sep=self.sep_id, eom=self.eom_id, masks=self._mask_ids)
 
     def fingerprint(self) -> str:
-        """A hash of the full tokenizer definition; token caches are keyed by it."""
-        return hashlib.sha256(self.backend.to_str().encode("utf-8")).hexdigest()
+        """A hash of the full tokenizer definition (with a family's tokenizer_config.json, which decides BOS and
+        end-of-text); token caches are keyed by it."""
+        text = self.backend.to_str()
+        if self.hf_config is not None:
+            text += json.dumps(self.hf_config, sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _token_text(value: Any) -> str | None:

@@ -38,6 +38,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_toml
 from .data import BatchLoader, prepare_data
 from .data.heldout import HeldoutProbe, run_heldout_documents
+from .data.loader import objective_setup
 from .distributed import (
     DistEnv,
     all_reduce_sum,
@@ -681,7 +682,10 @@ def _set_up(config: Config, run_dir: Path, env: DistEnv, resume: bool, overwrite
                       run_id=uuid.uuid4().hex[:12],  # marks this run's checkpoints: pruning never touches another's
                       lora=lora_meta(config, lora_settings(config)))
     _restore(run, latest, saved_meta, layout_note, resume)
-    run.loader = BatchLoader(dataset, config.objective, tokenizer.special_ids(), micro_bs, grad_accum, t.seed,
+    objective, special, note = objective_setup(config.objective, tokenizer, config.model.arch)
+    if note and env.is_main:
+        print(note)
+    run.loader = BatchLoader(dataset, objective, special, micro_bs, grad_accum, t.seed,
                              rank=env.rank, world_size=env.world_size, start_step=run.step)
     peak, peak_source = device_peak_flops(env.device)
     run.meter = Throughput(flops_per_token(config.model, t.seq_len), peak)

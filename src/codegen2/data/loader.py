@@ -13,6 +13,7 @@ A background thread builds the next batches into a bounded queue while the model
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from collections.abc import Iterator
@@ -25,7 +26,8 @@ import torch
 from codegen2.config import ObjectiveConfig
 from codegen2.data.mixture import PackedMixture
 from codegen2.errors import UserError
-from codegen2.objectives import OBJECTIVE_CODES, SpecialIds, check_setup, make_example
+from codegen2.infill import Specials, resolve_format
+from codegen2.objectives import OBJECTIVE_CODES, SpecialIds, check_setup, make_example, native_special_ids
 
 
 @dataclass
@@ -43,6 +45,28 @@ class Batch:
 
 
 _DONE = object()
+
+
+def objective_setup(objective_cfg: ObjectiveConfig, tokenizer, arch: str) -> tuple[ObjectiveConfig, SpecialIds, str]:
+    """The objective a run trains with this tokenizer, the ids it writes, and a note for the log ("" if none).
+
+    A tokenizer with CodeGen2's sentinels trains the configured mixture as it is. Without them (Qwen2.5-Coder,
+    StarCoder2, DeepSeek-Coder, CodeLlama), infilling is learnt as FIM in the model's own format: the share the
+    config gives span corruption goes to that FIM (`span_rate` 0), and the note says so. A model with no infill
+    format trains its configured FIM / span share left to right only if both are zero; otherwise it is refused.
+    """
+    if tokenizer.has_sentinels:
+        return objective_cfg, tokenizer.special_ids(), ""
+    infill_share = objective_cfg.span_rate + objective_cfg.fim_rate
+    if infill_share == 0:
+        return objective_cfg, SpecialIds(eot=tokenizer.eot_id, sep=None, eom=None, masks=()), ""
+    fmt = resolve_format(None, arch, Specials.of(tokenizer))
+    special = native_special_ids(Specials.of(tokenizer), fmt)
+    note = ""
+    if objective_cfg.span_rate > 0:
+        note = (f"objective: the tokenizer has no CodeGen2 sentinels, so span corruption (span_rate "
+                f"{objective_cfg.span_rate}) becomes FIM in the model's {fmt.name} format: fim_rate {infill_share}")
+    return dataclasses.replace(objective_cfg, span_rate=0.0, fim_rate=infill_share), special, note
 
 
 class BatchLoader:

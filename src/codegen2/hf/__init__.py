@@ -109,7 +109,8 @@ def write_hf_directory(state: dict[str, torch.Tensor], cfg, tokenizer, out_dir: 
     tensors = {name: tensor.contiguous() for name, tensor in mapping.state_to_hf(state, cfg).items()}
     dtype_name = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     hf_config = mapping.config_to_hf(cfg, tokenizer.eot_id, dtype_name)
-    generation = {"_from_model_config": True, "bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
+    bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
+    generation = {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": tokenizer.eot_id}
     with atomic_directory(out_dir) as tmp:
         write_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")

@@ -484,10 +484,12 @@ class TokenizeStep(PrepareStep):
     @staticmethod
     def _encode(tokenizer, batch: list[tuple[int, str]], handle, dtype: np.dtype, index: list[int],
                 lengths: list[int]) -> None:
-        """Append the tokens of `batch` (each document + <|endoftext|>) to `handle`, recording index and length."""
+        """Append the tokens of `batch` (each document + the end-of-text, after BOS where the family adds one,
+        as `CodeGenTokenizer.encode_document`) to `handle`, recording index and length."""
         ids_batch = tokenizer.encode_batch([text for _, text in batch], literal_specials=True)
+        bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", False) else []
         for (i, _), ids in zip(batch, ids_batch):
-            ids.append(tokenizer.eot_id)
+            ids = bos + ids + [tokenizer.eot_id]
             np.asarray(ids, dtype=dtype).tofile(handle)
             index.append(i)
             lengths.append(len(ids))
