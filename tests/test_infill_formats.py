@@ -231,7 +231,7 @@ def test_qwen_family_imports_infills_in_its_format_and_exports_its_own_tokenizer
     loaded = load_checkpoint(run)
     fmt = detect_format(loaded.config.arch, Specials.of(loaded.tokenizer))
     assert fmt == "qwen"
-    middle = infill(loaded.model, loaded.tokenizer, [PRE], [SUF], SamplingParams(max_new_tokens=5), fmt=fmt)[0]
+    middle = infill(loaded.model, loaded.tokenizer, [PRE], [SUF], SamplingParams(max_new_tokens=5))[0]  # detected
     assert isinstance(middle, str)
     out = export_hf(run, tmp_path / "exported")
     assert json.loads((out / "tokenizer_config.json").read_text()) == FAMILIES["qwen"][1]
@@ -242,3 +242,34 @@ def test_qwen_family_imports_infills_in_its_format_and_exports_its_own_tokenizer
     card = f"<|fim_prefix|>{PRE}<|fim_suffix|>{SUF}<|fim_middle|>"
     assert hf_tok(card)["input_ids"] == build_infill(loaded.tokenizer, PRE, SUF, "qwen")
     assert type(transformers.AutoModelForCausalLM.from_pretrained(out)).__name__ == "Qwen2ForCausalLM"
+
+
+def test_infill_command_uses_the_detected_format_and_refuses_a_model_without_one(toks, tmp_path, capsys):
+    """`codegen2 infill` on a Qwen2 directory with its own tokenizer fills in the qwen format (the prompt's token
+    count in the context check names it); a tokenizer with no FIM tokens is refused in one line."""
+    transformers = pytest.importorskip("transformers")
+
+    from codegen2 import cli
+
+    source = tmp_path / "qwen"
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)).save_pretrained(source)
+    family_tokenizer(source, "qwen")
+    args = ["infill", "--checkpoint", str(source), "--prefix", PRE, "--suffix", SUF, "--max-new-tokens", "4",
+            "--device", "cpu"]
+    assert cli.main(args) == 0
+    assert cli.main(args + ["--infill-format", "codegen2"]) == 2
+    assert "infill format 'codegen2' needs the tokens <mask_1>" in capsys.readouterr().err
+    # The same model with a tokenizer that has no FIM tokens at all.
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    spec = json.loads((source / "tokenizer.json").read_text())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] == "<|endoftext|>"]
+    spec["model"]["vocab"] = {k: v for k, v in spec["model"]["vocab"].items() if "fim" not in k and "|>" not in k
+                              or k == "<|endoftext|>"}
+    (source / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    (source / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no infill format" in err and "\n" not in err

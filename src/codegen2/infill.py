@@ -116,8 +116,11 @@ def detect_format(arch: str, specials: Specials) -> str | None:
     return next((name for name in order if FORMATS[name].available(specials)), None)
 
 
-def resolve_format(name: str | None, arch: str, specials: Specials) -> InfillFormat:
+def resolve_format(name: InfillFormat | str | None, arch: str, specials: Specials) -> InfillFormat:
     """The format `name` (None: detected), checked against the tokenizer; one line when there is none."""
+    if isinstance(name, InfillFormat):
+        name.marker_ids(specials)
+        return name
     if name is None:
         name = detect_format(arch, specials)
         if name is None:

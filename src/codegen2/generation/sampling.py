@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..infill import InfillFormat, Specials, build_infill, infill_stop_ids
+from ..infill import InfillFormat, Specials, build_infill, infill_stop_ids, resolve_format
 from ..models.common import KVCache
 from ..options import DECODERS, LIBRARY_DECODER
 from .core import first_stop, prefill, step, truncate_at_stop
@@ -233,14 +233,17 @@ def generate(model, tokenizer, prompts: list[str], params: SamplingParams, seeds
 
 def infill(model, tokenizer, prefixes: list[str], suffixes: list[str], params: SamplingParams,
            seeds: Sequence[int] | None = None, bidirectional_prompt: bool = False,
-           decoder: str = LIBRARY_DECODER, fmt: InfillFormat | str = "codegen2",
+           decoder: str = LIBRARY_DECODER, fmt: InfillFormat | str | None = None,
            extra_files: Sequence[tuple[str, str]] = ()) -> list[str]:
-    """Middles for (prefix, suffix) pairs in infill format `fmt` (the registry's `codegen2.infill`); a middle ends
-    at the format's stop tokens. `extra_files` (path, text) go first where the format has a repository layout."""
+    """Middles for (prefix, suffix) pairs in infill format `fmt` (the registry's `codegen2.infill`; None: the
+    model's detected format); a middle ends at the format's stop tokens. `extra_files` (path, text) go first where
+    the format has a repository layout."""
     if len(prefixes) != len(suffixes):
         raise ValueError("infill needs as many suffixes as prefixes")
+    specials = Specials.of(tokenizer)
+    fmt = resolve_format(fmt, model.config.arch, specials)
     ids = [build_infill(tokenizer, p, s, fmt, extra_files) for p, s in zip(prefixes, suffixes)]
-    stop_ids = infill_stop_ids(Specials.of(tokenizer), fmt)
+    stop_ids = infill_stop_ids(specials, fmt)
     done = generate_ids(model, tokenizer, ids, params, stop_ids=stop_ids, seeds=seeds,
                         bidirectional_prompt=bidirectional_prompt, decoder=decoder)
     return [c.text for c in done]
