@@ -273,3 +273,31 @@ def test_infill_command_uses_the_detected_format_and_refuses_a_model_without_one
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "has no infill format" in err and "\n" not in err
+
+
+def test_training_continues_a_qwen2_directory_with_fim_in_its_format(toks, tiny_config, tmp_path, capsys):
+    """`train.init_from` a Qwen2 directory with its own tokenizer (no CodeGen2 sentinels): the run's infill share
+    trains as FIM in the qwen format, documents end with its end-of-text, and the loss is finite."""
+    import dataclasses
+
+    transformers = pytest.importorskip("transformers")
+    import numpy as np
+
+    from codegen2 import from_pretrained
+    from codegen2.train import train
+
+    source = tmp_path / "qwen"
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)).save_pretrained(source)
+    tok = family_tokenizer(source, "qwen")
+    model_cfg = from_pretrained(source, load_tokenizer=False).config
+    fields = {f"model.{f.name}": getattr(model_cfg, f.name) for f in dataclasses.fields(model_cfg)
+              if getattr(model_cfg, f.name) is not None}
+    config = tiny_config(**fields, **{"tokenizer.vocab_size": 400, "train.init_from": str(source),
+                                      "train.max_steps": 2, "train.seq_len": 64, "objective.span_rate": 0.5})
+    result = train(config, tmp_path / "run")
+    assert "becomes FIM in the model's qwen format: fim_rate 0.5" in capsys.readouterr().out
+    assert all(np.isfinite(r["loss"]) for r in result.history)
+    assert any("loss_fim" in r for r in result.history)
+    assert tok.eot_id == tok.token_ids["<|endoftext|>"]
