@@ -135,13 +135,17 @@ def test_ids_match_published_legacy_layout(codegen2_style_tokenizer, tmp_path, t
 
 
 def test_tokenizer_without_codegen2_special_tokens_is_rejected(codegen2_style_tokenizer, tmp_path):
+    """Other families' tokenizers have no sentinels, so loading one is fine; what needs them (span corruption,
+    CodeGen2's infill formats) refuses it, naming what is missing."""
     tokenizer, _ = codegen2_style_tokenizer
     directory = _save_legacy(tokenizer, tmp_path, "CodeGenTokenizer")
     added = json.loads((directory / "added_tokens.json").read_text())
     added = {token: i for token, i in added.items() if not token.startswith("<mask_")}  # ids stay contiguous
     (directory / "added_tokens.json").write_text(json.dumps(added))
-    with pytest.raises(UserError, match=r"lacks the special token.*<mask_1>"):
-        load_hf_tokenizer(directory, vocab_size=VOCAB_SIZE)
+    loaded = load_hf_tokenizer(directory, vocab_size=VOCAB_SIZE)
+    assert not loaded.has_sentinels
+    with pytest.raises(UserError, match=r"lacks CodeGen2's sentinels.*<mask_1>"):
+        loaded.special_ids()
 
 
 def test_missing_tokenizer_files_are_named(tmp_path):
