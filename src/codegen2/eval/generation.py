@@ -59,16 +59,21 @@ def fit_prompt(ids: list[int], max_new_tokens: int, n_ctx: int, cuttable: int | 
 def task_prompt(tokenizer, task: dict, infilling: InfillFormat | None, max_new_tokens: int,
                 n_ctx: int) -> list[int] | None:
     """The token ids sampled from for `task`, fitted to the context: a left-to-right prompt (`infilling` None)
-    loses its start; an infill prompt in format `infilling` loses the start of its prefix only, never the suffix
-    or the markers (the prefix opens the prompt in the codegen2 layout; elsewhere the cut may also drop a BOS or
-    the first marker: the truncation keeps the layout's tail)."""
+    loses its start; an infill prompt in format `infilling` loses the start of its prefix only, never the suffix,
+    BOS or the format's markers (None: even the whole prefix would not make it fit)."""
     if infilling is None:
         return fit_prompt(tokenizer.encode(task["prompt"]), max_new_tokens, n_ctx)
+    specials = Specials.of(tokenizer)
     prefix_ids = tokenizer.encode(task["prompt"])
     suffix = task["suffix"]
     suffix_ids = tokenizer.encode(suffix) if infilling.suffix_space else tokenizer.encode_suffix(suffix)
-    ids = infill_prompt(Specials.of(tokenizer), prefix_ids, suffix_ids, infilling)
-    return fit_prompt(ids, max_new_tokens, n_ctx, cuttable=len(prefix_ids))
+    ids = infill_prompt(specials, prefix_ids, suffix_ids, infilling)
+    overflow = len(ids) + max_new_tokens - n_ctx
+    if overflow <= 0:
+        return ids
+    if overflow > len(prefix_ids):
+        return None
+    return infill_prompt(specials, prefix_ids[overflow:], suffix_ids, infilling)
 
 
 def context_report(tokenizer, tasks: Sequence[dict], infilling: InfillFormat | None, max_new_tokens: int,
