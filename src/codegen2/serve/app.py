@@ -23,6 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..infill import Specials, detect_format
+from .editors import answer_infill
 from .engine import BatchEngine, EngineStopped, QueueFull, RowEvent, Ticket
 from .lifecycle import Drain, HangUps
 from .process import ProcessEngine
@@ -80,6 +82,9 @@ def create_app(engine: BatchEngine | ProcessEngine, model_name: str, api_key: st
     created = int(time.time())
     app.state.hang_ups, app.state.drain = hang_ups, drain
     tokenizer = engine.tokenizer
+    # The family is not known here; detection by the tokenizer alone tries CodeGen2's sentinels first, as every
+    # family whose tokenizer holds them does.
+    infill_format = detect_format("", Specials.of(tokenizer))
     max_token_bytes = token_byte_bound(tokenizer)
     n_ctx = engine.n_ctx
     vocab_size = engine.vocab_size
@@ -130,9 +135,9 @@ def create_app(engine: BatchEngine | ProcessEngine, model_name: str, api_key: st
         check_prompt_size(req, max_token_bytes, n_ctx)
         prompt_chars = len(req.prompt) if isinstance(req.prompt, str) else len(json.dumps(body.get("prompt")))
         if prompt_chars + len(req.suffix or "") > TOKENIZE_IN_THREAD_CHARS:
-            plan = await run_in_threadpool(plan_request, req, tokenizer, n_ctx, vocab_size)
+            plan = await run_in_threadpool(plan_request, req, tokenizer, n_ctx, vocab_size, infill_format)
         else:
-            plan = plan_request(req, tokenizer, n_ctx, vocab_size)
+            plan = plan_request(req, tokenizer, n_ctx, vocab_size, infill_format)
 
         if len(plan.rows) > engine.max_rows_per_submit:
             raise ApiError(400, f"this request asks for {len(plan.rows)} sequences; this server accepts at most "
@@ -177,6 +182,12 @@ def create_app(engine: BatchEngine | ProcessEngine, model_name: str, api_key: st
             choices.append(choice(event.index, text, event.finish_reason))
         completion_tokens = sum(e.completion_tokens for e in results)
         return JSONResponse(completion_body(cid, model_name, choices, usage(plan.prompt_tokens, completion_tokens)))
+
+    @app.post("/infill")
+    async def infill(request: Request) -> Response:  # llama.cpp's shape, for llama.vscode and llama.vim
+        _refuse_if_stopping(drain)
+        body = await _before_drain_ends(_read_json(request, max_body_bytes), drain)
+        return await answer_infill(request, body, engine, model_name, infill_format, hang_ups, drain)
 
     return app
 

@@ -83,10 +83,10 @@ def parse_request(body: Any) -> CompletionRequest:
     try:
         return CompletionRequest.model_validate(body)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise validation_error(exc) from None
 
 
-def _validation_error(exc: ValidationError) -> ApiError:
+def validation_error(exc: ValidationError) -> ApiError:
     error = exc.errors()[0]
     param = ".".join(str(p) for p in error["loc"]) or None
     if error["type"] == "extra_forbidden":
