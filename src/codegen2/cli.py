@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .config import PRESETS, ConfigError, config_from_dict, load_config, preset_dict
-from .errors import UserError
+from .errors import EXIT_FIX_INPUT, RetryLater, StorageError, UserError
 from .infill import add_infill_format_arg
 from .options import add_decoder_flag, add_device_flag, add_dtype_flag
 
@@ -350,9 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (UserError, ConfigError) as exc:
+    except (UserError, ConfigError, RetryLater, StorageError) as exc:  # one line, and the code a requeue reads
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", EXIT_FIX_INPUT)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 
 from codegen2.data.documents import Document
 from codegen2.errors import UserError
-from codegen2.fsutil import commit_file, staging_path
+from codegen2.fsutil import commit_file, staging_path, staging_token
 
 MANIFEST = "manifest.json"
 HELDOUT_DOCUMENTS = "heldout.jsonl"
@@ -88,7 +87,7 @@ class ShardWriter:
 
     def _open(self) -> None:
         name = f"{self.split}-{len(self.shards):05d}.bin"
-        self._tmp = staging_path(self.directory / name, str(os.getpid()))
+        self._tmp = staging_path(self.directory / name, staging_token())
         self._file = open(self._tmp, "wb")
         self._written, self._hash = 0, hashlib.sha256()
 

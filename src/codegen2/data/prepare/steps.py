@@ -55,7 +55,7 @@ from codegen2.data.prepare.shards import (
     token_dtype,
 )
 from codegen2.data.sources import data_sources
-from codegen2.fsutil import atomic_file, commit_file, staging_path
+from codegen2.fsutil import atomic_file, commit_file, staging_path, staging_token
 
 MINHASH_SEED = 42
 TOKENIZE_BATCH_CHARS = 4_000_000
@@ -248,7 +248,7 @@ class ReadStep(PrepareStep):
         task = ReadTask(self.config.prepare, self.patterns)
         progress = Progress(f"read task {rank + 1}/{world_size}")
         total_docs = total_chars = 0
-        docs_tmp = staging_path(out_dir / f"{rank:05d}.docs.jsonl", str(os.getpid()))
+        docs_tmp = staging_path(out_dir / f"{rank:05d}.docs.jsonl", staging_token())
         with open(docs_tmp, "w", encoding="utf-8") as docs_file:
             for split_index, split in enumerate(SPLITS):
                 for source_index, source in enumerate(data_sources(self.config.data, split, all_kinds=True)):
@@ -458,7 +458,7 @@ class TokenizeStep(PrepareStep):
         progress = Progress(f"tokenize task {rank + 1}/{world_size}")
         for r in range(rank, self.read_tasks, world_size):
             index, lengths = [], []
-            tmp = staging_path(out_dir / f"{r:05d}.bin", str(os.getpid()))
+            tmp = staging_path(out_dir / f"{r:05d}.bin", staging_token())
             docs = chars = 0
             with open(tmp, "wb") as handle:
                 batch: list[tuple[int, str]] = []
