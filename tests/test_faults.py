@@ -25,6 +25,8 @@ from codegen2.data.documents import stable_fraction
 from codegen2.data.formats import HUGE_FILE_BYTES
 from codegen2.data.pipeline import prepare_data
 from codegen2.data.prepare.shards import PreparedData
+from codegen2.errors import EXIT_FIX_INPUT, EXIT_RETRY_LATER
+from codegen2.fsutil import DirectoryLock
 from conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +41,10 @@ shift
 exec "$PYTHON" -m codegen2.cli "$@"
 """
 SCONTROL = """#!/usr/bin/env bash
+# scontrol stand-in: record the call; `show hostnames` names this machine.
+echo "$@" >> "$SCONTROL_LOG"
 [ "$1 $2" = "show hostnames" ] && echo localhost
+exit 0
 """
 
 
@@ -53,20 +58,32 @@ def _code_corpus(root: Path, n: int) -> Path:
     return root
 
 
-def _sbatch(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess:
-    """Run scripts/slurm_train.sbatch as Slurm would start it, with srun and scontrol stood in for."""
+def _slurm_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a batch script as Slurm starts it, with srun and scontrol stood in for (scontrol's
+    calls go to tmp_path/scontrol.log)."""
     bin_dir = tmp_path / "bin"
     if not bin_dir.is_dir():
         bin_dir.mkdir()
         for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
             (bin_dir / name).write_text(text)
             (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
-           "PYTHONPATH": str(REPO / "src"), "ARGV_LOG": str(tmp_path / "srun-argv.txt"),
-           "RUN_DIR": str(tmp_path / "run"), "SLURM_JOB_NAME": "codegen2", "SLURM_JOB_ID": "4242",
-           "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1", "SLURM_GPUS_ON_NODE": "1"}
-    return subprocess.run(["bash", str(REPO / "scripts" / "slurm_train.sbatch"), *args], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
+            "PYTHONPATH": str(REPO / "src"), "ARGV_LOG": str(tmp_path / "srun-argv.txt"),
+            "SCONTROL_LOG": str(tmp_path / "scontrol.log"), "RUN_DIR": str(tmp_path / "run"),
+            "SLURM_JOB_NAME": "codegen2", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost",
+            "SLURM_JOB_NUM_NODES": "1", "SLURM_GPUS_ON_NODE": "1"}
+
+
+def _requeues(tmp_path: Path) -> list[str]:
+    log = tmp_path / "scontrol.log"
+    return [line for line in log.read_text().splitlines() if line.startswith("requeue")] if log.is_file() else []
+
+
+def _sbatch(tmp_path: Path, args: list[str], **env) -> subprocess.CompletedProcess:
+    """Run scripts/slurm_train.sbatch as Slurm would start it, with srun and scontrol stood in for."""
+    return subprocess.run(["bash", str(REPO / "scripts" / "slurm_train.sbatch"), *args],
+                          env={**_slurm_env(tmp_path), **env}, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_a_requeued_slurm_job_resumes_with_the_same_arguments(tmp_path):
@@ -98,6 +115,35 @@ def test_a_requeued_slurm_job_resumes_with_the_same_arguments(tmp_path):
     error = refused.stderr.splitlines()[-1]
     assert error.startswith("error: --data cannot change the data") and f"adds source {other}" in error
     assert "trained to step 4" in error
+    assert _requeues(tmp_path) == []  # "fix the input" (exit 2) is not requeued
+
+
+def test_the_train_script_requeues_only_when_told_to_retry_later(tmp_path):
+    """A run held by another live trainer (or a full disk) exits 75, "retry later": the script requeues the
+    job, up to MAX_RETRIES times; a refused input (exit 2) is never requeued (see the test above)."""
+    run = tmp_path / "run"
+    with DirectoryLock(run, "training run"):  # another trainer holds the run
+        (run / "config.toml").write_text("")
+        busy = _sbatch(tmp_path, ["--preset", "tiny"])
+        assert busy.returncode == EXIT_RETRY_LATER, busy.stderr[-2000:]
+        assert busy.stderr.splitlines()[-1].startswith(f"error: {run} is in use by another training run (PID ")
+        assert _requeues(tmp_path) == ["requeue 4242"]
+        assert _sbatch(tmp_path, ["--preset", "tiny"], SLURM_RESTART_COUNT="10").returncode == EXIT_RETRY_LATER
+        assert _requeues(tmp_path) == ["requeue 4242"]  # MAX_RETRIES (10) reached: the job ends
+
+
+def test_the_prepare_script_requeues_only_when_told_to_retry_later(tmp_path):
+    corpus = _code_corpus(tmp_path / "code", 4)
+    config = tmp_path / "prepare.toml"
+    config.write_text(f'[data]\nheldout_fraction = 0.1\n\n[[data.sources]]\npath = "{corpus}"\n')
+    env = {**_slurm_env(tmp_path), "DRY_RUN": "1", "VENV": str(Path(sys.executable).parent.parent)}
+    script = ["bash", str(REPO / "scripts" / "slurm_prepare.sbatch"), str(config), str(tmp_path / "out"), "4", "short"]
+    with DirectoryLock(tmp_path / "out", "data preparation"):
+        busy = subprocess.run(script, env=env, capture_output=True, text=True)
+    assert busy.returncode == EXIT_RETRY_LATER and _requeues(tmp_path) == ["requeue 4242"], busy.stderr[-2000:]
+    config.write_text("[data\n")  # fix the input: never requeued
+    bad = subprocess.run(script, env=env, capture_output=True, text=True)
+    assert bad.returncode == EXIT_FIX_INPUT and _requeues(tmp_path) == ["requeue 4242"], bad.stderr[-2000:]
 
 
 def test_the_prepare_script_submitted_again_continues(tmp_path):

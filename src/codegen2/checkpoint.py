@@ -15,12 +15,13 @@ Layout of a run directory:
                                               state when there is no `sharded/` (absent for imported weights)
         meta.json                             step, tokens seen, data position, world size, batch layout
 
-A checkpoint is first written to a staging directory `step_XXXXXXXX.tmp-<token>` (every rank of an FSDP run
-writes its shard there), then committed with `fsutil.commit_directory`: every file fsynced, the directory
-renamed into place, the parent fsynced. A staging name is never a checkpoint; leftovers are cleaned up at the
-next start. Pruning renames a checkpoint to a staging name before deleting it, so a half-deleted one is never
-read. The sharded (DCP) format is written and read here too (`save_sharded`, `load_sharded`,
-`consolidate_sharded`).
+A checkpoint is first written to a staging directory `step_XXXXXXXX.tmp-<PID>@<HOST>` (every rank of an FSDP
+run writes its shard there), then committed with `fsutil.commit_directory`: every file fsynced, the directory
+renamed into place, the parent fsynced. A staging name is never a checkpoint; what a dead process of this host
+left is cleaned up at the next start. A checkpoint that does not fit on the disk is refused before it is
+written, in one line naming the directory, the bytes needed and the bytes free. Pruning renames a checkpoint
+to a staging name before deleting it, so a half-deleted one is never read. The sharded (DCP) format is written and read
+here too (`save_sharded`, `load_sharded`, `consolidate_sharded`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -42,7 +44,7 @@ from torch import nn
 
 from . import fsutil, safetensors_io
 from .distributed import DistEnv, barrier, broadcast_object, full_state, gather_objects, load_full_state
-from .errors import UserError
+from .errors import RetryLater, UserError
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "model.safetensors"
@@ -313,15 +315,57 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def estimate_checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> int:
+    """About how many bytes the checkpoint of this model and optimizer takes: the weights, the optimizer's
+    tensors (AdamW: two per parameter, in float32, before its first step too), and for a sharded run the shards
+    besides the consolidated weights; plus 1 MiB for the small files."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    optim = sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+                if isinstance(t, torch.Tensor))
+    optim = max(optim, 2 * 4 * sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return weights + optim + (weights + optim if sharded else 0) + (1 << 20)
+
+
+def _space_problem(directory: Path, needed: int, env: DistEnv) -> None:
+    """Rank 0 checks that a checkpoint fits before anything is written; every rank stops with its line if not."""
+    problem = None
+    if env.is_main:
+        try:
+            fsutil.check_space(directory, needed, "a checkpoint")
+        except RetryLater as exc:
+            problem = str(exc)
+    problem = broadcast_object(problem, env)
+    if problem:
+        raise RetryLater(problem)
+
+
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, env: DistEnv, sharded: bool,
                     meta: dict, keep_last: int) -> None:
     """Write the checkpoint of `step` atomically (a collective: every rank calls it).
 
     Sharded (FSDP): every rank writes its DCP shards into the staging directory, then rank 0 consolidates
-    the model into one safetensors file. Otherwise rank 0 writes the gathered full state.
+    the model into one safetensors file. Otherwise rank 0 writes the gathered full state. A checkpoint that
+    cannot fit is refused before writing, and a write that fails anyway removes its staging directory; either
+    way the earlier checkpoints stay as they are and the error is one line (RetryLater, StorageError).
     """
     final = run_dir / CHECKPOINTS / checkpoint_name(step)
-    staging = fsutil.staging_path(final, str(broadcast_object(os.getpid(), env)))
+    _space_problem(final.parent, estimate_checkpoint_bytes(model, optimizer, sharded), env)
+    staging = fsutil.staging_path(final, str(broadcast_object(fsutil.staging_token(), env)))
+    try:
+        with fsutil.storage_errors(final.parent, f"the checkpoint of step {step}"):
+            _write_checkpoint_collective(staging, final, step, model, optimizer, scheduler, env, sharded, meta)
+    except BaseException:
+        if env.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if env.is_main:
+        prune_checkpoints(run_dir, keep_last, run_id=meta.get("run_id"), before_step=step)
+    barrier(env)
+
+
+def _write_checkpoint_collective(staging: Path, final: Path, step: int, model, optimizer, scheduler, env: DistEnv,
+                                 sharded: bool, meta: dict) -> None:
+    """Every rank's part of `save_checkpoint`: the shards or the gathered state, then rank 0 writes and commits."""
     if env.is_main:
         staging.mkdir(parents=True)
     barrier(env)
@@ -342,8 +386,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, env: 
         write_files(staging, step, model_state, {**meta, "format": "sharded" if sharded else "full"},
                     trainer_state)
         fsutil.commit_directory(staging, final)
-        prune_checkpoints(run_dir, keep_last, run_id=meta.get("run_id"), before_step=step)
-    barrier(env)
 
 
 def resumable_checkpoints(run_dir: str | Path) -> Iterator[Path]:

@@ -51,8 +51,8 @@ from .distributed import (
     unwrap,
     wrap_model,
 )
-from .errors import UserError
-from .fsutil import atomic_write_text
+from .errors import RetryLater, UserError
+from .fsutil import DirectoryLock, atomic_write_text
 from .lora import LoraSettings, attach_lora
 from .metrics import MemoryPlan, Throughput, device_peak_flops, flops_per_token, format_duration, plan_training_memory
 from .models import architecture, build_model
@@ -480,12 +480,15 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, tokenizer=N
     """Train according to `config` in `run_dir`; `stop_after` ends early (tests of crash/resume).
 
     A new run refuses a directory that holds another run unless `overwrite` (which replaces its files);
-    `resume` continues the run there from its newest intact checkpoint.
+    `resume` continues the run there from its newest intact checkpoint. One process writes a run: rank 0 holds
+    RUN/.lock until it returns or dies, and a second trainer is refused (RetryLater) naming the holder.
     """
     run_dir = Path(run_dir)
     ckpt.check_run_directory(run_dir, resume, overwrite)
     env = init_distributed(config.train.device)
+    lock = None
     try:
+        lock = _lock_run(run_dir, env)
         check_memory_fit(config, env, config.train.parallel if env.distributed else "none")
         # Weights to start from are read before any work, so that a wrong --init-from fails at once (passed
         # inline, not held here, so that they are freed once copied into the model).
@@ -493,7 +496,24 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, tokenizer=N
                       init_state(config.train.init_from, config) if config.train.init_from else None)
         return _run_loop(run, stop_after)
     finally:
+        if lock is not None:
+            lock.release()
         shutdown(env)
+
+
+def _lock_run(run_dir: Path, env: DistEnv) -> DirectoryLock | None:
+    """Rank 0 takes the run's lock (held for the run's life, dropped by the OS if the process dies); when another
+    process holds it, every rank stops with the same line naming that process."""
+    lock = problem = None
+    if env.is_main:
+        try:
+            lock = DirectoryLock(run_dir, "training run").acquire()
+        except RetryLater as exc:
+            problem = str(exc)
+    problem = broadcast_object(problem, env)
+    if problem:
+        raise RetryLater(problem)
+    return lock
 
 
 def _start_run_directory(config: Config, run_dir: Path, resume: bool, overwrite: bool, env: DistEnv) -> Path | None:

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from codegen2.config import Config
-from codegen2.data.formats import mark_not_data, walk_files
+from codegen2.data.formats import mark_not_data
 from codegen2.data.mixture import PackedMixture
-from codegen2.data.sources import data_sources
 from codegen2.errors import UserError
 from codegen2.tokenizer import CodeGenTokenizer
 
@@ -43,14 +42,9 @@ def inline_tasks(config: Config) -> int:
     """Tasks (= workers) of an in-line preparation: one per TASK_BYTES of raw data, at most one per usable core,
     so small data runs in this process (no worker start-up) and the embedded corpus uses every core. The
     prepared output is the same for any number."""
-    total = 0
-    for source in data_sources(config.data, "train", all_kinds=True):
-        for root in source.roots:
-            if root.is_file():
-                total += root.stat().st_size
-            elif root.is_dir():
-                total += sum(path.stat().st_size for _, path in walk_files(root))
-    return max(1, min(usable_cores(), total // TASK_BYTES))
+    from codegen2.data.prepare.pipeline import source_bytes
+
+    return max(1, min(usable_cores(), source_bytes(config) // TASK_BYTES))
 
 
 def _inline_config(config: Config, run_dir: Path, tokenizer: CodeGenTokenizer | None) -> Config:

@@ -12,6 +12,7 @@ completion files (`logs/STAGE/completions/`) tell which tasks are finished.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from codegen2.config import Config
-from codegen2.data.formats import mark_not_data
+from codegen2.data.formats import mark_not_data, walk_files
 from codegen2.data.prepare.decontaminate import benchmark_patterns
 from codegen2.data.prepare.shards import MANIFEST, PreparedData
 from codegen2.data.prepare.steps import (
@@ -37,6 +38,7 @@ from codegen2.data.prepare.steps import (
 )
 from codegen2.data.sources import data_sources
 from codegen2.errors import UserError
+from codegen2.fsutil import LOCK_FILE, DirectoryLock, check_space, storage_errors
 
 EXECUTORS = ("local", "slurm", "ray")
 PLAN = "plan.json"
@@ -83,7 +85,7 @@ def _check_out_dir(out: Path, plan: dict[str, Any], resume: bool) -> bool:
                 raise UserError(f"--out {out} was started with other {what} ({key} {old.get(key)} != {plan[key]}); "
                                 "resume with the same ones, or choose another --out")
         return (out / MANIFEST).is_file()
-    if out.exists() and any(p.name != ".codegen2-not-data" for p in out.iterdir()):
+    if out.exists() and any(p.name not in (".codegen2-not-data", LOCK_FILE) for p in out.iterdir()):
         raise UserError(f"--out {out} exists and is not a prepare directory; choose a new or empty directory")
     return False
 
@@ -146,6 +148,18 @@ def prepare(config: Config, out: str | Path, tasks: int = 1, workers: int = 1, e
     if _check_out_dir(out, plan, resume):
         log(f"{out}: already prepared (manifest.json present); nothing to do")
         return PreparedData.open(out).manifest
+    with DirectoryLock(out, "data preparation"):  # one writer: a second prepare of `out` is refused while this runs
+        return _prepare_locked(config, out, tasks, workers, executor, resume, slurm, plan, log)
+
+
+def _prepare_locked(config: Config, out: Path, tasks: int, workers: int, executor: str, resume: bool,
+                    slurm: SlurmOptions | None, plan: dict[str, Any], log) -> dict[str, Any] | list[str]:
+    """`prepare` once it holds `out`'s lock: checked again (another process may have finished it meanwhile),
+    then the stages built and run or submitted."""
+    if _check_out_dir(out, plan, resume):
+        log(f"{out}: already prepared (manifest.json present); nothing to do")
+        return PreparedData.open(out).manifest
+    fingerprint, settings = plan["fingerprint"], plan["settings"]
     patterns = benchmark_patterns(config.prepare.decontaminate, config.prepare.decontaminate_min_chars)
     mark_not_data(out)
     if not (out / PLAN).is_file():
@@ -161,15 +175,17 @@ def prepare(config: Config, out: str | Path, tasks: int = 1, workers: int = 1, e
         previous = ex
     if executor == "slurm":
         return _submit_slurm(executors, slurm or SlurmOptions(), log)
-    _run_here(executors, executor, workers, out / "logs" / "timings.json", log)
+    _run_here(executors, executor, workers, out, source_bytes(config), log)
     manifest = PreparedData.open(out).manifest
     log(summary(manifest, out))
     return manifest
 
 
-def _run_here(executors, kind: str, workers: int, timings_path: Path, log) -> None:
+def _run_here(executors, kind: str, workers: int, out: Path, raw_bytes: int, log) -> None:
     """Run the stages one after the other from this process (local or ray), skipping the tasks already done, and
-    record each stage's time in `timings_path`."""
+    record each stage's time in logs/timings.json. A stage whose output cannot fit in `out` is refused before it
+    starts, and one that fills the disk anyway ends in one line (RetryLater); `--resume` continues there."""
+    timings_path = out / "logs" / "timings.json"
     if kind == "ray":
         import ray
 
@@ -184,9 +200,11 @@ def _run_here(executors, kind: str, workers: int, timings_path: Path, log) -> No
             continue
         log(f"stage {number}/{len(executors)} {name}: {len(incomplete)} of {ex.world_size} tasks "
             f"({kind}, {min(workers, ex.world_size)} at a time)")
+        check_space(out, stage_bytes(name, raw_bytes, len(incomplete), ex.world_size), f"prepare stage {name}")
         started = time.perf_counter()
         ex.depends = None  # stages run one after the other here
-        ex.run()
+        with storage_errors(out, f"prepare stage {name}"):
+            ex.run()
         quiet_datatrove_logs()
         left = ex.get_incomplete_ranks()
         if left:
@@ -195,6 +213,30 @@ def _run_here(executors, kind: str, workers: int, timings_path: Path, log) -> No
         timings[name] = {"seconds": round(time.perf_counter() - started, 3), "tasks": len(incomplete),
                          "workers": min(workers, ex.world_size)}
         write_json(timings_path, timings)
+
+
+# Bytes a stage writes per byte of raw source data, at most: read copies the kept text (as JSON lines), tokenize
+# writes its tokens (up to 4 bytes each, about one per 3 characters of code), merge the final shards and the
+# held-out documents; bands, cluster and tokenizer write small tables.
+STAGE_BYTES_PER_RAW_BYTE = {"read": 1.3, "bands": 0.2, "cluster": 0.05, "tokenizer": 0.01, "tokenize": 1.4,
+                            "merge": 1.5}
+
+
+def stage_bytes(stage: str, raw_bytes: int, tasks_left: int, tasks: int) -> int:
+    """About how many bytes `stage` still writes: its share of raw data for the tasks not yet done."""
+    share = raw_bytes * tasks_left / max(1, tasks)
+    return int(STAGE_BYTES_PER_RAW_BYTE.get(stage, 1.0) * share) + (1 << 20)
+
+
+def source_bytes(config: Config) -> int:
+    """Bytes of raw data the sources of `config` hold (the files a preparation reads)."""
+    total = 0
+    for source in data_sources(config.data, "train", all_kinds=True):
+        for root in source.roots:
+            for path in [root] if root.is_file() else [p for _, p in walk_files(root)] if root.is_dir() else []:
+                with contextlib.suppress(OSError):  # a file gone since the walk is skipped by the read too
+                    total += path.stat().st_size
+    return total
 
 
 def _submit_slurm(executors, slurm: SlurmOptions, log) -> list[str]:
