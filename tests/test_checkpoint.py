@@ -68,13 +68,15 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
 def test_a_swap_cut_short_is_undone_and_a_finished_one_cleaned(tmp_path):
     ckpt.write_checkpoint(tmp_path, 4, small_state(4), {"tokens_seen": 4})
     root = tmp_path / ckpt.CHECKPOINTS
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])  # the writer: a process of this host that is dead
+    gone.wait()
     # Killed between "move the old copy aside" and "move the new one in": the old copy comes back.
-    os.rename(root / "step_00000004", root / "step_00000004.tmp-old-99")
+    os.rename(root / "step_00000004", root / f"step_00000004.tmp-old-{gone.pid}@{fsutil.host_name()}")
     assert ckpt.list_checkpoints(tmp_path) == []
     ckpt.remove_stale_temporaries(tmp_path)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000004"]
     # Killed after the swap but before the old copy was deleted: the old copy goes.
-    (root / "step_00000004.tmp-old-98").mkdir()
+    (root / f"step_00000004.tmp-old-{gone.pid}").mkdir()  # a name from before staging names carried the host
     ckpt.remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in root.iterdir()) == ["step_00000004"]
     # Re-saving an existing step replaces it whole.
