@@ -488,8 +488,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, tokenizer=N
     env = init_distributed(config.train.device)
     lock = None
     try:
+        check_memory_fit(config, env, config.train.parallel if env.distributed else "none")  # before any file
         lock = _lock_run(run_dir, env)
-        check_memory_fit(config, env, config.train.parallel if env.distributed else "none")
         # Weights to start from are read before any work, so that a wrong --init-from fails at once (passed
         # inline, not held here, so that they are freed once copied into the model).
         run = _set_up(config, run_dir, env, resume, overwrite, tokenizer,
