@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from codegen2 import cli
 from codegen2.checkpoint import list_checkpoints
-from codegen2.config import DataConfig, SourceConfig, load_config
+from codegen2.config import DataConfig, SourceConfig, load_config, save_config
 from codegen2.data.arguments import data_change, data_with_paths
 from codegen2.data.documents import stable_fraction
 from codegen2.data.formats import HUGE_FILE_BYTES
@@ -123,7 +123,7 @@ def test_the_train_script_requeues_only_when_told_to_retry_later(tmp_path):
     job, up to MAX_RETRIES times; a refused input (exit 2) is never requeued (see the test above)."""
     run = tmp_path / "run"
     with DirectoryLock(run, "training run"):  # another trainer holds the run
-        (run / "config.toml").write_text("")
+        save_config(load_config(None, preset="tiny"), run / "config.toml")
         busy = _sbatch(tmp_path, ["--preset", "tiny"])
         assert busy.returncode == EXIT_RETRY_LATER, busy.stderr[-2000:]
         assert busy.stderr.splitlines()[-1].startswith(f"error: {run} is in use by another training run (PID ")

@@ -26,6 +26,7 @@ from codegen2.data.prepare.secrets import SecretScanner
 from codegen2.data.prepare.shards import PreparedData, ShardedStream
 from codegen2.data.prepare.steps import PAUSE_ENV
 from codegen2.errors import UserError
+from codegen2.fsutil import LOCK_FILE
 from codegen2.tokenizer import CodeGenTokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -264,7 +265,7 @@ def test_output_is_identical_for_any_task_count(corpus, prepared, tmp_path):
     prepare(small_config(corpus["root"]), out4, tasks=4, workers=2, log=lambda m: None)
     for path in sorted(prepared.rglob("*")):
         rel = path.relative_to(prepared)
-        if path.is_file() and rel.parts[0] != "logs" and rel.name != "plan.json":
+        if path.is_file() and rel.parts[0] != "logs" and rel.name not in ("plan.json", LOCK_FILE):  # .lock: its holder
             assert (out4 / rel).read_bytes() == path.read_bytes(), rel
     assert sorted(p.relative_to(out4) for p in (out4 / "shards").rglob("*")) == \
         sorted(p.relative_to(prepared) for p in (prepared / "shards").rglob("*"))
@@ -299,7 +300,7 @@ def test_prepare_killed_at_random_moments_then_resumed_gives_the_same_output(cor
     prepare(small_config(corpus["root"]), out, tasks=3, workers=2, resume=True, log=lambda m: None)
     for path in sorted(prepared.rglob("*")):
         rel = path.relative_to(prepared)
-        if path.is_file() and rel.parts[0] != "logs" and rel.name != "plan.json":
+        if path.is_file() and rel.parts[0] != "logs" and rel.name not in ("plan.json", LOCK_FILE):  # .lock: its holder
             assert (out / rel).read_bytes() == path.read_bytes(), rel
     assert not list(out.rglob("*.tmp")) or all("logs" in p.parts for p in out.rglob("*.tmp"))
 
