@@ -315,11 +315,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def estimate_checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> int:
+def estimate_checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool,
+                              frozen: bool = True) -> int:
     """About how many bytes the checkpoint of this model and optimizer takes: the weights, the optimizer's
     tensors (AdamW: two per parameter, in float32, before its first step too), and for a sharded run the shards
-    besides the consolidated weights; plus 1 MiB for the small files."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    besides the consolidated weights; plus 1 MiB for the small files. `frozen=False` (LoRA): the trained tensors
+    only."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if frozen or p.requires_grad)
     optim = sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
                 if isinstance(t, torch.Tensor))
     optim = max(optim, 2 * 4 * sum(p.numel() for p in model.parameters() if p.requires_grad))
@@ -349,7 +351,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, env: 
     way the earlier checkpoints stay as they are and the error is one line (RetryLater, StorageError).
     """
     final = run_dir / CHECKPOINTS / checkpoint_name(step)
-    _space_problem(final.parent, estimate_checkpoint_bytes(model, optimizer, sharded), env)
+    _space_problem(final.parent, estimate_checkpoint_bytes(model, optimizer, sharded, frozen="lora" not in meta), env)
     staging = fsutil.staging_path(final, str(broadcast_object(fsutil.staging_token(), env)))
     try:
         with fsutil.storage_errors(final.parent, f"the checkpoint of step {step}"):
