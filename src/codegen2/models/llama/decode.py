@@ -73,24 +73,15 @@ def decode_step(weights: tuple, tokens: torch.Tensor, pos: torch.Tensor, col: to
     layers, head, rotary, shape = weights
     n_head, kv_heads, head_dim, inner, eps = shape
     embed_w, norm_w, head_w = head
-    batch, d = tokens.shape[0], norm_w.shape[0]
-    group = n_head // kv_heads
+    d = norm_w.shape[0]
     bias = decode_step_bias(valid, col, keys[0].dtype)
-    scale = head_dim ** -0.5
     cos, sin = rotary[pos][:, None].unbind(-1)  # [B, 1, head_dim / 2]: broadcast over heads
     index = col.reshape(1)
     x = embed(tokens, embed_w, norm_w.dtype)
     for (norm_1, w_qkv, b_qkv, w_o, norm_2, w_gate_up, w_down), k_cache, v_cache in zip(layers, keys, values):
         qkv = mm(F.rms_norm(x, (d,), norm_1, eps), w_qkv, b_qkv)
-        query, key, value = qkv.split((n_head * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=1)
-        query = rotate_halves(query.reshape(batch, n_head, head_dim), cos, sin)
-        key = rotate_halves(key.reshape(batch, kv_heads, head_dim), cos, sin)
-        k_cache.index_copy_(2, index, key.unsqueeze(2))
-        v_cache.index_copy_(2, index, value.reshape(batch, kv_heads, 1, head_dim))
-        # Queries grouped by the key/value head they read: [B, kv_heads, group, head_dim].
-        scores = torch.matmul(query.reshape(batch, kv_heads, group, head_dim) * scale, k_cache.transpose(-1, -2))
-        attended = torch.matmul((scores + bias).softmax(dim=-1), v_cache)
-        x = mm(attended.reshape(batch, n_head * head_dim), w_o, x)
+        attended = attend_cached(qkv, cos, sin, k_cache, v_cache, index, bias, (n_head, kv_heads, head_dim))
+        x = mm(attended, w_o, x)
         gate, up = mm(F.rms_norm(x, (d,), norm_2, eps), w_gate_up).split((inner, inner), dim=1)
         x = mm(F.silu(gate) * up, w_down, x)
     return mm(F.rms_norm(x, (d,), norm_w, eps), head_w)
@@ -100,3 +91,22 @@ def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     """The half-split rotation of `models.llama.model.apply_rotary`, in x's dtype (fp32 tables broadcast)."""
     first, second = x.chunk(2, dim=-1)
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).to(x.dtype)
+
+
+def attend_cached(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, index: torch.Tensor, bias: torch.Tensor,
+                  heads: tuple[int, int, int]) -> torch.Tensor:
+    """One new token's grouped-query attention over the cache, shared by the rotary families' steps: rotary on
+    q and k, the new key and value written at column `index` first; `heads` = (n_head, kv_heads, head_dim).
+    Returns [B, n_head * head_dim]."""
+    n_head, kv_heads, head_dim = heads
+    batch = qkv.shape[0]
+    query, key, value = qkv.split((n_head * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=1)
+    query = rotate_halves(query.reshape(batch, n_head, head_dim), cos, sin)
+    key = rotate_halves(key.reshape(batch, kv_heads, head_dim), cos, sin)
+    k_cache.index_copy_(2, index, key.unsqueeze(2))
+    v_cache.index_copy_(2, index, value.reshape(batch, kv_heads, 1, head_dim))
+    # Queries grouped by the key/value head they read: [B, kv_heads, group, head_dim].
+    grouped = query.reshape(batch, kv_heads, n_head // kv_heads, head_dim) * head_dim ** -0.5
+    scores = torch.matmul(grouped, k_cache.transpose(-1, -2))
+    return torch.matmul((scores + bias).softmax(dim=-1), v_cache).reshape(batch, n_head * head_dim)

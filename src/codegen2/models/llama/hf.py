@@ -146,18 +146,20 @@ def config_to_hf(cfg: ModelConfig, eot_id: int, dtype_name: str) -> dict[str, An
     else:
         family = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
                   "mlp_bias": False}
+    return {**family, **shared_config_to_hf(cfg, eot_id, dtype_name), "head_dim": cfg.head_dim,
+            "hidden_act": "silu", "rms_norm_eps": cfg.layer_norm_eps}
+
+
+def shared_config_to_hf(cfg: ModelConfig, eot_id: int, dtype_name: str) -> dict[str, Any]:
+    """The config.json keys that LLaMA, Qwen2 and StarCoder2 spell alike: sizes, rotary, ids, dtype."""
     return {
-        **family,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.n_embd,
         "intermediate_size": cfg.inner_dim,
         "num_hidden_layers": cfg.n_layer,
         "num_attention_heads": cfg.n_head,
         "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
         "max_position_embeddings": cfg.n_ctx,
-        "rms_norm_eps": cfg.layer_norm_eps,
         "initializer_range": cfg.init_std,
         **rope_to_hf(cfg),
         "attention_dropout": 0.0,
@@ -169,12 +171,12 @@ def config_to_hf(cfg: ModelConfig, eot_id: int, dtype_name: str) -> dict[str, An
     }
 
 
-def _same(state: dict[str, torch.Tensor], *_: ModelConfig) -> dict[str, torch.Tensor]:
+def same_state(state: dict[str, torch.Tensor], *_: ModelConfig) -> dict[str, torch.Tensor]:
     """codegen2's names and layout are transformers' own: nothing to change."""
     return state
 
 
 HF_MAPPING = HFMapping(model_type="llama", config_from_hf=config_from_hf, config_to_hf=config_to_hf,
-                       state_to_hf=_same, state_from_hf=_same, convert_state=_same)
+                       state_to_hf=same_state, state_from_hf=same_state, convert_state=same_state)
 QWEN2_HF_MAPPING = HFMapping(model_type="qwen2", config_from_hf=qwen2_config_from_hf, config_to_hf=config_to_hf,
-                             state_to_hf=_same, state_from_hf=_same, convert_state=_same)
+                             state_to_hf=same_state, state_from_hf=same_state, convert_state=same_state)

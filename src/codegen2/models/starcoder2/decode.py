@@ -14,7 +14,7 @@ from torch import nn
 
 from ...int8 import embed, embedding_weight, fuse_linears, linear_weight, mm
 from ...masks import decode_step_bias
-from ..llama.decode import fuse_biases, rotate_halves
+from ..llama.decode import attend_cached, fuse_biases
 from ..llama.model import tied_head
 from .model import Starcoder2Model
 
@@ -62,25 +62,16 @@ def decode_step(weights: tuple, tokens: torch.Tensor, pos: torch.Tensor, col: to
     layers, head, rotary, shape = weights
     n_head, kv_heads, head_dim, eps, window = shape
     embed_w, (norm_w, norm_b), head_w = head
-    batch, d = tokens.shape[0], norm_w.shape[0]
-    group = n_head // kv_heads
+    d = norm_w.shape[0]
     bias = decode_step_bias(valid, col, keys[0].dtype, window)
-    scale = head_dim ** -0.5
     cos, sin = rotary[pos][:, None].unbind(-1)  # [B, 1, head_dim / 2]: broadcast over heads
     index = col.reshape(1)
     x = embed(tokens, embed_w, norm_w.dtype)
     for layer, k_cache, v_cache in zip(layers, keys, values):
         norm_1, w_qkv, b_qkv, w_o, b_o, norm_2, w_fc, b_fc, w_proj, b_proj = layer
         qkv = mm(F.layer_norm(x, (d,), *norm_1, eps), w_qkv, b_qkv)
-        query, key, value = qkv.split((n_head * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=1)
-        query = rotate_halves(query.reshape(batch, n_head, head_dim), cos, sin)
-        key = rotate_halves(key.reshape(batch, kv_heads, head_dim), cos, sin)
-        k_cache.index_copy_(2, index, key.unsqueeze(2))
-        v_cache.index_copy_(2, index, value.reshape(batch, kv_heads, 1, head_dim))
-        # Queries grouped by the key/value head they read: [B, kv_heads, group, head_dim].
-        scores = torch.matmul(query.reshape(batch, kv_heads, group, head_dim) * scale, k_cache.transpose(-1, -2))
-        attended = torch.matmul((scores + bias).softmax(dim=-1), v_cache)
-        x = mm(attended.reshape(batch, n_head * head_dim), w_o, x + b_o)
+        attended = attend_cached(qkv, cos, sin, k_cache, v_cache, index, bias, (n_head, kv_heads, head_dim))
+        x = mm(attended, w_o, x + b_o)
         hidden = F.gelu(mm(F.layer_norm(x, (d,), *norm_2, eps), w_fc, b_fc), approximate="tanh")
         x = mm(hidden, w_proj, x + b_proj)
     return mm(F.layer_norm(x, (d,), norm_w, norm_b, eps), head_w)

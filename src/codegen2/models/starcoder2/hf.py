@@ -11,11 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ...config import ModelConfig
 from ...errors import UserError
-from ..llama.hf import check_keys, head_dim_from_hf, rope_from_hf, rope_to_hf, validated
+from ..llama.hf import check_keys, head_dim_from_hf, rope_from_hf, same_state, shared_config_to_hf, validated
 from ..spec import HFMapping
 from .model import check_config
 
@@ -55,39 +53,11 @@ def config_from_hf(raw: dict[str, Any], file: Path, overrides: dict[str, Any]) -
 
 def config_to_hf(cfg: ModelConfig, eot_id: int, dtype_name: str) -> dict[str, Any]:
     """config.json for transformers' Starcoder2ForCausalLM (no remote code); dropouts 0 (codegen2 applies none)."""
-    return {
-        "architectures": ["Starcoder2ForCausalLM"],
-        "model_type": "starcoder2",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.n_embd,
-        "intermediate_size": cfg.inner_dim,
-        "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head,
-        "num_key_value_heads": cfg.kv_heads,
-        "hidden_act": "gelu_pytorch_tanh",
-        "max_position_embeddings": cfg.n_ctx,
-        "norm_epsilon": cfg.layer_norm_eps,
-        "initializer_range": cfg.init_std,
-        **rope_to_hf(cfg),
-        "sliding_window": cfg.sliding_window,
-        "use_bias": True,
-        "mlp_type": "default",
-        "norm_type": "layer_norm",
-        "attention_dropout": 0.0,
-        "residual_dropout": 0.0,
-        "embedding_dropout": 0.0,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "use_cache": True,
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
-        "dtype": dtype_name,
-    }
-
-
-def _same(state: dict[str, torch.Tensor], *_: ModelConfig) -> dict[str, torch.Tensor]:
-    """codegen2's names and layout are transformers' own: nothing to change."""
-    return state
+    return {"architectures": ["Starcoder2ForCausalLM"], "model_type": "starcoder2",
+            **shared_config_to_hf(cfg, eot_id, dtype_name), "hidden_act": "gelu_pytorch_tanh",
+            "norm_epsilon": cfg.layer_norm_eps, "sliding_window": cfg.sliding_window, "use_bias": True,
+            "mlp_type": "default", "norm_type": "layer_norm", "residual_dropout": 0.0, "embedding_dropout": 0.0}
 
 
 HF_MAPPING = HFMapping(model_type="starcoder2", config_from_hf=config_from_hf, config_to_hf=config_to_hf,
-                       state_to_hf=_same, state_from_hf=_same, convert_state=_same)
+                       state_to_hf=same_state, state_from_hf=same_state, convert_state=same_state)
