@@ -10,7 +10,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import pytest
 from codegen2.cli import main as cli_main
 from codegen2.data import prepare_data
 from codegen2.data.prepare import PreparedData
-from codegen2.data.prepare.steps import PAUSE_ENV
+from codegen2.data.prepare.steps import PAUSE_ENV, PAUSE_MARK
 from codegen2.errors import UserError
 from codegen2.tokenizer import train_tokenizer
 from conftest import load_stress
@@ -97,10 +96,12 @@ def test_ctrl_c_during_the_inline_prepare_then_resume_gives_the_same_data(tmp_pa
     env = {**os.environ, PAUSE_ENV: "3"}  # each finished task waits, so the interrupt lands inside the prepare
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     lines = []
+    in_stage_3 = False
     for line in process.stderr:
         lines.append(line)
-        if line.startswith("stage 3/6"):
-            time.sleep(1.0)  # inside the task (a signal during a fork's at-fork hooks is dropped by Python)
+        in_stage_3 = in_stage_3 or line.startswith("stage 3/6")
+        if in_stage_3 and line.startswith(PAUSE_MARK):
+            # inside the task's pause, past its fork (a signal during a fork's at-fork hooks is dropped by Python)
             process.send_signal(signal.SIGINT)
             break
     lines.extend(process.stderr)

@@ -71,6 +71,7 @@ def quiet_datatrove_logs() -> None:
 
 
 PAUSE_ENV = "CODEGEN2_PREPARE_PAUSE_S"
+PAUSE_MARK = "test hook: task pausing"
 
 
 def task_done_pause() -> None:
@@ -78,6 +79,7 @@ def task_done_pause() -> None:
     kill/resume test land in every stage and in that window (set PAUSE_ENV to seconds)."""
     seconds = float(os.environ.get(PAUSE_ENV, "0") or 0)
     if seconds > 0:
+        print(f"{PAUSE_MARK} {seconds:g} s", file=sys.stderr, flush=True)  # the task is past its fork: safe to signal
         time.sleep(seconds)
 
 
