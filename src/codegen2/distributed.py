@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import UserError
 from .models import architecture
 from .options import resolve_device
 from .safetensors_io import require_all
@@ -49,6 +50,33 @@ def is_main_process(rank: int | None = None) -> bool:
     return (int(os.environ.get("RANK", "0")) if rank is None else rank) == 0
 
 
+COLLECTIVE_TIMEOUT_ENV = "CODEGEN2_COLLECTIVE_TIMEOUT_S"
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
+
+
+def collective_timeout_s() -> float:
+    """How long a collective waits for the other ranks before failing (CODEGEN2_COLLECTIVE_TIMEOUT_S, default 30
+    minutes): a hung or dead rank then ends every rank's run instead of blocking it forever."""
+    raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "") or str(DEFAULT_COLLECTIVE_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise UserError(f"{COLLECTIVE_TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return seconds
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """True for the error a collective raises when a peer hangs (timeout) or dies (connection closed)."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        marker in text for marker in ("Timed out", "timed out", "Connection closed by peer", "Connection reset",
+                                      "NCCL communicator was aborted", "ProcessGroupGloo"))
+
+
 def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
@@ -67,7 +95,7 @@ def init_distributed(device_setting: str = "auto") -> DistEnv:
     owns = False
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=collective_timeout_s()),
                                 device_id=device if device.type == "cuda" else None)
         owns = True
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, process_group=True,

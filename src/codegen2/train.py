@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -40,12 +41,15 @@ from .data import BatchLoader, prepare_data
 from .data.heldout import HeldoutProbe, run_heldout_documents
 from .data.loader import objective_setup
 from .distributed import (
+    COLLECTIVE_TIMEOUT_ENV,
     DistEnv,
     all_reduce_sum,
     barrier,
     broadcast_object,
     build_sharded,
+    collective_timeout_s,
     init_distributed,
+    is_collective_failure,
     load_full_state,
     shutdown,
     unwrap,
@@ -759,7 +763,7 @@ def _run_loop(run: TrainingRun, stop_after: int | None) -> TrainResult:
     stop = StopRequest().install()
     try:
         while run.step < t.max_steps:
-            grad_norm, loss_sum, count = _step(run, next(iterator), pending_digests)
+            grad_norm, loss_sum, count = _guarded_step(run, next(iterator), pending_digests)
             log_due = is_due(run.step, t.log_every, t.max_steps) or run.step == 1
             checkpoint_due = is_due(run.step, t.checkpoint_every, t.max_steps)
             if log_due or checkpoint_due:
@@ -792,6 +796,33 @@ def _run_loop(run: TrainingRun, stop_after: int | None) -> TrainResult:
         run.run_log.close()
     return TrainResult(run_dir=run.run_dir, final_step=run.step, tokens_seen=run.tokens_seen, last_loss=last_loss,
                        history=history, interrupted=interrupted)
+
+
+HANG_ENV = "CODEGEN2_HANG_AT"  # test hook: "RANK:STEP:SECONDS" makes that rank sleep before that step's collective
+
+
+def _hang_for_test(env: DistEnv, step: int) -> None:
+    """Test hook: one rank stalls inside a step (see HANG_ENV) so that the others' collective times out."""
+    spec = os.environ.get(HANG_ENV, "")
+    if spec:
+        rank, at, seconds = spec.split(":")
+        if int(rank) == env.rank and int(at) == step:
+            time.sleep(float(seconds))
+
+
+def _guarded_step(run: TrainingRun, micro_batches, pending_digests: list[tuple[int, torch.Tensor]]):
+    """`_step`, with a collective that failed because another rank hung or died turned into one line naming this
+    rank and the step (RetryLater: the run resumes from its last checkpoint once every rank is back)."""
+    try:
+        _hang_for_test(run.env, run.step + 1)
+        return _step(run, micro_batches, pending_digests)
+    except Exception as exc:
+        if not (run.env.distributed and is_collective_failure(exc)):
+            raise
+        first = re.sub(r"^\[[^\]]*\]\s*", "", (str(exc).strip() or type(exc).__name__).splitlines()[0]).split(". ")[0]
+        raise RetryLater(f"rank {run.env.rank} of {run.env.world_size}: a collective failed at step {run.step + 1} "
+                         f"(another rank hung or died; timeout {collective_timeout_s():g} s, "
+                         f"{COLLECTIVE_TIMEOUT_ENV}): {first[:200]}; run again with --resume") from None
 
 
 def _step(run: TrainingRun, micro_batches, pending_digests: list[tuple[int, torch.Tensor]]):
