@@ -1,0 +1,257 @@
+"""Inject the faults of issue 24 at random moments over many rounds, and count what survived.
+
+    python benchmarks/fault_drills.py --rounds 20 --out /tmp/drills [--faults kill-train,full-disk] [--seed 0]
+
+Faults (each round on a fresh directory, tiny model of benchmarks/kill_resume_stress.py, one process):
+
+    kill-train    SIGKILL a training launch at a random moment, then `--resume` to the end
+    kill-prepare  SIGKILL `codegen2 data prepare` at a random moment (stages slowed down), then run it again
+    full-disk     train under a random RLIMIT_FSIZE (the child's file size limit: no mount needed), then
+                  `--resume` without the limit
+    two-starts    a second `train --resume` while the first one runs: it must be refused (exit 75)
+    hostile       `data prepare` of a corpus holding every odd on-disk entry of tests/test_faults.py
+    server        `codegen2 serve` under load with half-open connections and clients hanging up, then SIGTERM
+
+Work lost: a committed checkpoint that is gone or unreadable after the fault (steps since the last checkpoint
+are not counted: a kill loses them by design), a prepared directory whose manifest differs from an
+uninterrupted one, a request the server accepted (it started answering) that ended neither in 200 nor 503.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
+
+import kill_resume_stress as stress  # noqa: E402
+import load_serve  # noqa: E402
+from codegen2.checkpoint import latest_checkpoint, list_checkpoints  # noqa: E402
+from codegen2.data.prepare.steps import PAUSE_ENV  # noqa: E402
+
+FAULTS = ["kill-train", "kill-prepare", "full-disk", "two-starts", "hostile", "server"]
+MAX_STEPS = 8
+
+
+@dataclass
+class Tally:
+    rounds: int = 0
+    survived: int = 0
+    lost: int = 0
+    one_line: int = 0
+    tracebacks: int = 0
+    hit: int = 0  # rounds where the fault landed (a kill before the end, a limit the run reached, a refusal)
+
+    def outputs(self, *texts: str) -> None:
+        """Count each failed launch's output: one `error:` line, or a traceback."""
+        for text in texts:
+            if "Traceback" in text:
+                self.tracebacks += 1
+            elif "error:" in text:
+                self.one_line += 1
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "codegen2.cli", *args]
+
+
+def run(command: list[str], timeout: float = 300, **kwargs) -> tuple[int, str]:
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+                          env=stress.launch_env(), **kwargs)
+    return done.returncode, done.stdout
+
+
+def committed(run_dir: Path) -> list[int]:
+    return [int(p.name.split("_")[-1]) for p in list_checkpoints(run_dir)] if run_dir.is_dir() else []
+
+
+def finish(tally: Tally, config_path: Path, run_dir: Path, before: list[int]) -> None:
+    """Resume to the end; the round survived when it finishes and no committed checkpoint was lost."""
+    after = committed(run_dir)
+    tally.lost += int(bool(before) and (not after or max(after) < max(before)))
+    code, out = run(stress.train_command(config_path, run_dir, 1, "none"))
+    tally.outputs(out if code else "")
+    latest = latest_checkpoint(run_dir)
+    tally.survived += int(code == 0 and latest is not None and latest.name.endswith(str(MAX_STEPS)))
+
+
+def kill_train(rng: random.Random, work: Path, config_path: Path, tally: Tally) -> None:
+    run_dir = work / "run"
+    launch = stress.Launch.start(stress.train_command(config_path, run_dir, 1, "none"), stress.launch_env(0.05))
+    time.sleep(rng.uniform(1.0, 12.0))
+    before = committed(run_dir)
+    tally.hit += int(launch.proc.poll() is None)
+    launch.kill_all()
+    launch.wait()
+    finish(tally, config_path, run_dir, before)
+
+
+def kill_prepare(rng: random.Random, work: Path, source_config: Path, reference: dict, tally: Tally) -> None:
+    out = work / "prepared"
+    command = cli("data", "prepare", "--config", str(source_config), "--out", str(out))
+    launch = stress.Launch.start(command, {**stress.launch_env(), PAUSE_ENV: "0.3"})
+    time.sleep(rng.uniform(0.5, 10.0))
+    tally.hit += int(launch.proc.poll() is None)
+    launch.kill_all()
+    launch.wait()
+    code, text = run(command + (["--resume"] if out.exists() else []))
+    tally.outputs(text if code else "")
+    manifest = out / "manifest.json"
+    same = manifest.is_file() and manifest_totals(manifest) == reference
+    tally.survived += int(code == 0 and same)
+    tally.lost += int(code == 0 and not same)
+
+
+def manifest_totals(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))["totals"]
+
+
+def full_disk(rng: random.Random, work: Path, config_path: Path, tally: Tally) -> None:
+    run_dir = work / "run"
+    limit = rng.randint(20_000, 3_000_000)
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    code, out = run(stress.train_command(config_path, run_dir, 1, "none"), preexec_fn=cap)
+    tally.outputs(out if code else "")
+    tally.hit += int(code == 75)
+    finish(tally, config_path, run_dir, committed(run_dir))
+
+
+def two_starts(rng: random.Random, work: Path, config_path: Path, tally: Tally) -> None:
+    run_dir = work / "run"
+    first = stress.Launch.start(stress.train_command(config_path, run_dir, 1, "none"), stress.launch_env(0.05))
+    while not (run_dir / "config.toml").is_file() and first.proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(rng.uniform(0.0, 3.0))
+    code, out = run(stress.train_command(config_path, run_dir, 1, "none"))
+    tally.outputs(out if code else "")
+    first_code = first.wait()
+    refused = code == 75 and "in use" in out
+    tally.hit += int(refused)
+    # A second start after the first one ended is no overlap: it resumes a finished run (exit 0).
+    tally.survived += int(first_code == 0 and (refused or (code == 0 and first.proc.returncode == 0)))
+
+
+def hostile(rng: random.Random, work: Path, tally: Tally) -> None:
+    from test_faults import _hostile_corpus
+
+    root = work / "corpus"
+    expected = _hostile_corpus(root, work / "outside")
+    for i in range(rng.randint(0, 5)):
+        (root / f"extra_{i}.py").write_text(f"def extra_{i}():\n    return {i}\n")
+    out = work / "out"
+    code, text = run(cli("data", "prepare", "--data", str(root), "--out", str(out), "--set",
+                         "tokenizer.vocab_size=400", "--set", f"data.heldout_fraction={rng.choice([0.0, 0.3])}"))
+    tally.outputs(text if code else "")
+    tally.hit += 1
+    rows = (out / "removed.jsonl").read_text().splitlines() if (out / "removed.jsonl").is_file() else []
+    on_disk = [r for r in expected.values() if r not in ("vanished", "changed_while_read", "unreadable",
+                                                         "unreadable_dir")]
+    tally.survived += int(code == 0 and "Traceback" not in text and len(rows) >= len(on_disk))
+
+
+def server(rng: random.Random, work: Path, checkpoint: Path, tally: Tally) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(cli("serve", "--checkpoint", str(checkpoint), "--port", str(port), "--model-name",
+                                "bench", "--threads", "1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        load_serve.wait_for_server(port, proc)
+        held = load_serve.open_half_open(port, rng.randint(20, 100))
+        hanger = threading.Thread(target=load_serve.hang_up_clients, args=(port, rng.randint(20, 100), 64, 50.0))
+        hanger.start()
+        result: dict = {}
+        loader = threading.Thread(target=lambda: result.update(load_serve.run_load(
+            port, load_serve.make_requests(60, 16, seed=rng.randint(0, 999)), 8, proc.pid)))
+        loader.start()
+        time.sleep(rng.uniform(0.5, 4.0))
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+        exit_s = time.monotonic() - began
+        loader.join()
+        hanger.join()
+        for s in held:
+            s.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = proc.stdout.read()
+    tally.outputs(text)
+    tally.hit += int(bool(result))
+    statuses = [r[0] for r in result.get("results", []) if r is not None]
+    # Accepted and lost: a request answered with something other than 200 / 503 (a refusal) / 0 (not accepted).
+    tally.lost += sum(1 for s in statuses if s not in (0, 200, 503))
+    tally.survived += int(exit_s < 10 and code in (0, 143, -15) and "Traceback" not in text)
+
+
+def drill(fault: str, rounds: int, rng: random.Random, base: Path, shared: dict) -> Tally:
+    tally = Tally()
+    for i in range(rounds):
+        with tempfile.TemporaryDirectory(dir=base) as tmp:
+            work = Path(tmp)
+            tally.rounds += 1
+            if fault == "kill-train":
+                kill_train(rng, work, shared["config"], tally)
+            elif fault == "kill-prepare":
+                kill_prepare(rng, work, shared["source_config"], shared["reference"], tally)
+            elif fault == "full-disk":
+                full_disk(rng, work, shared["config"], tally)
+            elif fault == "two-starts":
+                two_starts(rng, work, shared["config"], tally)
+            elif fault == "hostile":
+                hostile(rng, work, tally)
+            else:
+                server(rng, work, shared["checkpoint"], tally)
+        print(f"{fault} round {i + 1}/{rounds}: {tally}", file=sys.stderr, flush=True)
+    return tally
+
+
+def set_up(base: Path) -> dict:
+    """The shared tiny config (prepared once), a config with sources for prepare, its reference, a server model."""
+    config = stress.tiny_config(base, **{"train.max_steps": MAX_STEPS, "train.checkpoint_every": 4})
+    source_config = stress.write_config(config, base / "sources.toml")
+    stress.share_prepared(config, base)
+    reference = manifest_totals(base / "prepared" / "manifest.json")
+    (base / "model").mkdir(exist_ok=True)
+    return {"config": stress.write_config(config, base / "config.toml"), "source_config": source_config,
+            "reference": reference, "checkpoint": load_serve.build_small_run(base / "model")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20, help="rounds per fault")
+    parser.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated, of {', '.join(FAULTS)}")
+    parser.add_argument("--out", default=None, help="work directory (default: a temporary one)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    base = Path(args.out or tempfile.mkdtemp(prefix="fault-drills-"))
+    base.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+    shared = set_up(base)
+    rows = {fault: drill(fault, args.rounds, rng, base, shared) for fault in args.faults.split(",")}
+    print("| fault | rounds | fault landed | survived | work lost | one-line errors | tracebacks |\n"
+          "|---|---|---|---|---|---|---|")
+    for fault, t in rows.items():
+        print(f"| {fault} | {t.rounds} | {t.hit} | {t.survived} | {t.lost} | {t.one_line} | {t.tracebacks} |")
+    return 0 if all(t.survived == t.rounds and not t.lost and not t.tracebacks for t in rows.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
