@@ -23,6 +23,7 @@ import argparse
 import json
 import random
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -87,10 +88,11 @@ def finish(tally: Tally, config_path: Path, run_dir: Path, before: list[int]) ->
     tally.survived += int(code == 0 and latest is not None and latest.name.endswith(str(MAX_STEPS)))
 
 
-def kill_train(rng: random.Random, work: Path, config_path: Path, tally: Tally) -> None:
+def kill_train(rng: random.Random, work: Path, config_path: Path, seconds: float, tally: Tally) -> None:
+    """`seconds`: how long an uninterrupted launch takes; the kill lands anywhere in it."""
     run_dir = work / "run"
     launch = stress.Launch.start(stress.train_command(config_path, run_dir, 1, "none"), stress.launch_env(0.05))
-    time.sleep(rng.uniform(1.0, 12.0))
+    time.sleep(rng.uniform(0.3, 0.95) * seconds)
     before = committed(run_dir)
     tally.hit += int(launch.proc.poll() is None)
     launch.kill_all()
@@ -98,11 +100,12 @@ def kill_train(rng: random.Random, work: Path, config_path: Path, tally: Tally) 
     finish(tally, config_path, run_dir, before)
 
 
-def kill_prepare(rng: random.Random, work: Path, source_config: Path, reference: dict, tally: Tally) -> None:
+def kill_prepare(rng: random.Random, work: Path, source_config: Path, reference: dict, seconds: float,
+                 tally: Tally) -> None:
     out = work / "prepared"
     command = cli("data", "prepare", "--config", str(source_config), "--out", str(out))
     launch = stress.Launch.start(command, {**stress.launch_env(), PAUSE_ENV: "0.3"})
-    time.sleep(rng.uniform(0.5, 10.0))
+    time.sleep(rng.uniform(0.3, 0.95) * seconds)
     tally.hit += int(launch.proc.poll() is None)
     launch.kill_all()
     launch.wait()
@@ -208,9 +211,9 @@ def drill(fault: str, rounds: int, rng: random.Random, base: Path, shared: dict)
             work = Path(tmp)
             tally.rounds += 1
             if fault == "kill-train":
-                kill_train(rng, work, shared["config"], tally)
+                kill_train(rng, work, shared["config"], shared["train_s"], tally)
             elif fault == "kill-prepare":
-                kill_prepare(rng, work, shared["source_config"], shared["reference"], tally)
+                kill_prepare(rng, work, shared["source_config"], shared["reference"], shared["prepare_s"], tally)
             elif fault == "full-disk":
                 full_disk(rng, work, shared["config"], tally)
             elif fault == "two-starts":
@@ -229,9 +232,24 @@ def set_up(base: Path) -> dict:
     source_config = stress.write_config(config, base / "sources.toml")
     stress.share_prepared(config, base)
     reference = manifest_totals(base / "prepared" / "manifest.json")
-    (base / "model").mkdir(exist_ok=True)
-    return {"config": stress.write_config(config, base / "config.toml"), "source_config": source_config,
-            "reference": reference, "checkpoint": load_serve.build_small_run(base / "model")}
+    for stale in ("timing-run", "timing-prepared", "model"):
+        shutil.rmtree(base / stale, ignore_errors=True)
+    (base / "model").mkdir()
+    config_path = stress.write_config(config, base / "config.toml")
+    return {"config": config_path, "source_config": source_config, "reference": reference,
+            "checkpoint": load_serve.build_small_run(base / "model"),
+            "train_s": timed(stress.train_command(config_path, base / "timing-run", 1, "none"),
+                             stress.launch_env(0.05)),
+            "prepare_s": timed(cli("data", "prepare", "--config", str(source_config), "--out",
+                                   str(base / "timing-prepared")), {**stress.launch_env(), PAUSE_ENV: "0.3"})}
+
+
+def timed(command: list[str], env: dict[str, str]) -> float:
+    """Seconds an uninterrupted launch takes (the window the kills are drawn in)."""
+    launch = stress.Launch.start(command, env)
+    if launch.wait() != 0:
+        raise RuntimeError("".join(launch.transcript[-20:]))
+    return time.monotonic() - launch.started
 
 
 def main(argv: list[str] | None = None) -> int:
