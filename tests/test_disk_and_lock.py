@@ -117,18 +117,21 @@ def test_a_checkpoint_write_that_fails_is_one_line_and_leaves_no_staging(tmp_pat
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000002", "step_00000004"]
 
 
-def test_torch_save_hitting_a_file_size_limit_is_retry_later(tmp_path):
-    """The real torch.save under RLIMIT_FSIZE (what a full disk looks like to it: a RuntimeError from its zip
-    writer, or an OSError) becomes RetryLater naming the directory, and the staging directory goes."""
+@pytest.mark.parametrize("write", ["torch.save({'w': torch.zeros(1 << 20)}, tmp / 'trainer_state.pt')",
+                                   "safetensors_io.write_file({'w': torch.zeros(1 << 20)}, tmp / 'w.safetensors', {})"])
+def test_a_real_writer_hitting_a_file_size_limit_is_retry_later(tmp_path, write):
+    """The real torch.save and safetensors writer under RLIMIT_FSIZE (what a full disk looks like to them: a
+    RuntimeError from torch's zip writer, safetensors' own error, or an OSError) become RetryLater naming the
+    directory, and the staging directory goes."""
     script = (
         "import resource, signal, sys, torch\n"
-        "from codegen2 import fsutil\n"
+        "from codegen2 import fsutil, safetensors_io\n"
         "from codegen2.errors import RetryLater\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
         "try:\n"
         "    with fsutil.atomic_directory(sys.argv[1]) as tmp:\n"
-        "        torch.save({'w': torch.zeros(1 << 20)}, tmp / 'trainer_state.pt')\n"
+        f"        {write}\n"
         "except RetryLater as exc:\n"
         "    print(exc)\n"
         "    sys.exit(75)\n")

@@ -16,13 +16,14 @@ import ctypes
 import json
 import mmap
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import UserError
@@ -202,5 +203,11 @@ def write_file(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: 
     """safetensors' save_file, with the file mode every other file gets (it creates files 0600).
 
     Not atomic by itself: callers write into a staging directory (`fsutil.atomic_directory`)."""
-    save_file(dict(tensors), str(path), metadata=metadata)
+    try:
+        save_file(dict(tensors), str(path), metadata=metadata)
+    except SafetensorError as exc:  # its I/O failures carry only a message: give callers the OSError it names
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
     os.chmod(path, 0o666 & ~umask())
