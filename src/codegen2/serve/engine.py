@@ -20,6 +20,7 @@ request served alone reproduces `codegen2 sample` / `codegen2 infill` with the s
 
 from __future__ import annotations
 
+import abc
 import collections
 import dataclasses
 import logging
@@ -104,7 +105,7 @@ class Ticket:
         self._engine.cancel(self)
 
 
-class Cancellable:
+class Cancellable(abc.ABC):
     """What both engines share: a submission is cancelled once, under the engine's lock."""
 
     _lock: threading.Condition | threading.Lock
@@ -116,9 +117,9 @@ class Cancellable:
             ticket.cancelled = True
             self._forget(ticket)
 
+    @abc.abstractmethod
     def _forget(self, ticket: Ticket) -> None:
         """Drop the cancelled submission's rows (called once, with the lock held)."""
-        raise NotImplementedError
 
 
 @dataclass
