@@ -94,7 +94,10 @@ def test_ctrl_c_during_the_inline_prepare_then_resume_gives_the_same_data(tmp_pa
     run = tmp_path / "run"
     command = [sys.executable, "-m", "codegen2.cli", "train", "--config", str(path), "--out", str(run)]
     env = {**os.environ, PAUSE_ENV: "3"}  # each finished task waits, so the interrupt lands inside the prepare
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT at its default in the child, as from a shell: an earlier test or library may leave it ignored in
+    # this process, and an ignored SIGINT is inherited (Python then never raises KeyboardInterrupt).
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     in_stage_3 = False
     for line in process.stderr:
