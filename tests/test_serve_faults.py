@@ -246,7 +246,9 @@ def test_half_open_connections_then_sigterm_with_work_in_flight_exits_within_10_
         with pytest.raises(httpx.TransportError):  # no new work once stopping
             httpx.post(url + "/v1/completions", json={"prompt": "y"}, timeout=5)
         rest = "\n".join(lines)
-        assert '"server_overloaded"' in rest and "shutting down" in rest  # the stream ends with a 503 error event
+        # the stream is finished within the grace period (a fast machine) or ends with a 503 error event
+        finished = '"finish_reason": "length"' in rest and rest.rstrip().endswith("data: [DONE]")
+        assert finished or ('"server_overloaded"' in rest and "shutting down" in rest), rest[-500:]
         waiting.settimeout(15)
         assert waiting.recv(64).startswith(b"HTTP/1.1 503")
         proc.wait(15)
