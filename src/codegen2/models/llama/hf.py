@@ -106,22 +106,19 @@ def config_from_hf(raw: dict[str, Any], file: Path, overrides: dict[str, Any], a
         raise UserError(f"{file}: mp_num applies to CodeGen checkpoints only; this is a {arch} model")
     head_dim = head_dim_from_hf(raw, file)
     theta, factor = rope_from_hf(raw, file)
-    return validated(ModelConfig(
-        arch=arch,
-        vocab_size=raw["vocab_size"],
-        n_layer=raw["num_hidden_layers"],
-        n_embd=raw["hidden_size"],
-        n_head=raw["num_attention_heads"],
-        n_kv_head=raw.get("num_key_value_heads") or raw["num_attention_heads"],
-        rotary_dim=head_dim,
-        n_ctx=int(raw.get("max_position_embeddings") or 2048),
-        n_inner=raw["intermediate_size"],
-        layer_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        init_std=float(raw.get("initializer_range", 0.02)),
-        rope_theta=theta,
-        rope_scaling_factor=factor,
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-    ), file)
+    return validated(ModelConfig(**shared_config_from_hf(raw, head_dim, theta, factor), arch=arch,
+                                 n_ctx=int(raw.get("max_position_embeddings") or 2048),
+                                 layer_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False))), file)
+
+
+def shared_config_from_hf(raw: dict[str, Any], head_dim: int, theta: float, factor: float) -> dict[str, Any]:
+    """The ModelConfig fields that LLaMA, Qwen2 and StarCoder2 read from the same config.json keys."""
+    return {"vocab_size": raw["vocab_size"], "n_layer": raw["num_hidden_layers"], "n_embd": raw["hidden_size"],
+            "n_head": raw["num_attention_heads"],
+            "n_kv_head": raw.get("num_key_value_heads") or raw["num_attention_heads"], "rotary_dim": head_dim,
+            "n_inner": raw["intermediate_size"], "init_std": float(raw.get("initializer_range", 0.02)),
+            "rope_theta": theta, "rope_scaling_factor": factor}
 
 
 def qwen2_config_from_hf(raw: dict[str, Any], file: Path, overrides: dict[str, Any]) -> ModelConfig:

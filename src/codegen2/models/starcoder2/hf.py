@@ -13,7 +13,15 @@ from typing import Any
 
 from ...config import ModelConfig
 from ...errors import UserError
-from ..llama.hf import check_keys, head_dim_from_hf, rope_from_hf, same_state, shared_config_to_hf, validated
+from ..llama.hf import (
+    check_keys,
+    head_dim_from_hf,
+    rope_from_hf,
+    same_state,
+    shared_config_from_hf,
+    shared_config_to_hf,
+    validated,
+)
 from ..spec import HFMapping
 from .model import check_config
 
@@ -32,23 +40,11 @@ def config_from_hf(raw: dict[str, Any], file: Path, overrides: dict[str, Any]) -
         raise UserError(f"{file}: sliding_window={window!r} must be an integer or null")
     head_dim = head_dim_from_hf(raw, file)
     theta, factor = rope_from_hf(raw, file)
-    return validated(ModelConfig(
-        arch="starcoder2",
-        vocab_size=raw["vocab_size"],
-        n_layer=raw["num_hidden_layers"],
-        n_embd=raw["hidden_size"],
-        n_head=raw["num_attention_heads"],
-        n_kv_head=raw.get("num_key_value_heads") or raw["num_attention_heads"],
-        rotary_dim=head_dim,
-        n_ctx=int(raw.get("max_position_embeddings") or 4096),
-        n_inner=raw["intermediate_size"],
-        layer_norm_eps=float(raw.get("norm_epsilon", 1e-5)),
-        init_std=float(raw.get("initializer_range", 0.02)),
-        rope_theta=theta,
-        rope_scaling_factor=factor,
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-        sliding_window=window,
-    ), file, check_config)
+    return validated(ModelConfig(**shared_config_from_hf(raw, head_dim, theta, factor), arch="starcoder2",
+                                 n_ctx=int(raw.get("max_position_embeddings") or 4096),
+                                 layer_norm_eps=float(raw.get("norm_epsilon", 1e-5)),
+                                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+                                 sliding_window=window), file, check_config)
 
 
 def config_to_hf(cfg: ModelConfig, eot_id: int, dtype_name: str) -> dict[str, Any]:
