@@ -8,7 +8,11 @@ For each shape and batch size: 64-token prompts (random ids, seeded), then exact
 - `ctranslate2 float32` / `ctranslate2 int8`: CTranslate2 (if installed) on the same weights converted by its
   own converter, compute type float32 and int8 (its int8: int8 weights and int8 activations; the peer of
   both codegen2 int8 formats);
-- `transformers`: `CodeGenForCausalLM.generate` on the HF twin (float32; left out at 1b, `--no-transformers`).
+- `transformers`: `generate` of the family's own class on the same tensors (`CodeGenForCausalLM`,
+  `Qwen2ForCausalLM`, `Starcoder2ForCausalLM`; float32; left out at 1b, `--no-transformers`).
+CTranslate2 converts CodeGen and Qwen2, not StarCoder2 (its converter has no loader for it: the run says so).
+Shapes: `tiny`, CodeGen `93m`, `125m` and `1b`, and the presets `qwen25-coder-0.5b`, `qwen25-coder-1.5b` and
+`starcoder2-3b` (random weights of their exact shapes).
 The greedy tokens of every engine are compared with a reference (codegen2 float32, else codegen2 int8); on
 random weights the logits are nearly tied, so bf16/int8 agreement here says little (docs/inference.md
 measures it on a trained model). Runs alternate between engines; the table gives the median new tokens/s,
@@ -27,6 +31,7 @@ Also timed: one typical infill request (CodeGen2 format: 96-token prefix, <mask_
     python benchmarks/bench_generate.py --threads 1                    # tiny, 125m, 1b; batch 1 and 8
     python benchmarks/bench_generate.py --shapes tiny --batches 1 --repeats 7 --threads 1
     python benchmarks/bench_generate.py --int8-targets --threads 1     # only what the int8 targets need
+    python benchmarks/bench_generate.py --shapes qwen25-coder-0.5b --dtypes float32 --threads 1
 """
 
 from __future__ import annotations
@@ -61,9 +66,11 @@ from common import (
 
 PROMPT_TOKENS = 64
 NEW_TOKENS = 128
-TARGET_VS_TRANSFORMERS = 3.0
+TARGET_VS_TRANSFORMERS = 3.0  # CodeGen shapes; issue 22's family shapes: FAMILY_VS_TRANSFORMERS by batch
+FAMILY_VS_TRANSFORMERS = {1: 1.3, 8: 1.5}
 TARGET_VS_CT2 = 1.0
 TARGET_BANDWIDTH = 0.70  # 1b batch-1 int8 decoding, fraction of the bandwidth bound
+CT2_MODEL_TYPES = ("codegen", "llama", "qwen2")  # model types CTranslate2's converter loads (not starcoder2)
 CT2_TYPES = {"float32": "float32", "int8": "int8", "int8-dynamic": "int8"}  # codegen2 dtype -> its CTranslate2 peer
 INT8_FORMATS = ("int8", "int8-dynamic")
 INT8_TARGET_SHAPES = ("125m", "1b")
@@ -84,18 +91,20 @@ class IdTokenizer:
 
 
 def write_hf_directory(model, directory: Path) -> Path:
-    """`model`'s weights as a transformers CodeGen directory (streamed, so a 1B model is not held twice)."""
+    """`model`'s weights as a transformers directory of its family (streamed, so a 1B model is not held twice)."""
     import transformers
     from tokenizers import Tokenizer, models
 
-    from codegen2.models.codegen.hf import hf_config_from_model
+    from codegen2.models import architecture
 
     directory.mkdir(parents=True, exist_ok=True)
-    config = hf_config_from_model(model.config, eot_id=0, dtype_name="float32")
+    mapping = architecture(model.config).hf
+    config = mapping.config_to_hf(model.config, 0, "float32")
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    write_safetensors(model.state_dict(), directory / "model.safetensors")
-    # CTranslate2 reads its vocabulary from a tokenizer: one made-up token string per id.
-    vocab = {f"t{i}": i for i in range(model.config.vocab_size)}
+    write_safetensors(mapping.state_to_hf(model.state_dict(), model.config), directory / "model.safetensors")
+    # CTranslate2 reads its vocabulary from a tokenizer: one made-up token string per id, the last named as the
+    # end of text transformers' Qwen2Tokenizer would otherwise add as one more token (prompts never use it).
+    vocab = {f"t{i}": i for i in range(model.config.vocab_size - 1)} | {"<|endoftext|>": model.config.vocab_size - 1}
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), bos_token="t0", eos_token="t0",
         unk_token="t0")
@@ -109,6 +118,11 @@ def ct2_generators(hf_dir: Path, dtypes: list[str], threads: int, workdir: Path)
         import ctranslate2
     except ImportError:
         return {}
+    model_type = json.loads((hf_dir / "config.json").read_text())["model_type"]
+    if model_type not in CT2_MODEL_TYPES:
+        print(f"CTranslate2 columns skipped: CTranslate2 {ctranslate2.__version__}'s converter has no loader for "
+              f"{model_type!r} models")
+        return {}
     out = {}
     for compute_type in dict.fromkeys(CT2_TYPES[d] for d in dtypes if d in CT2_TYPES):
         target = workdir / f"ct2-{compute_type}"
@@ -121,14 +135,18 @@ def ct2_generators(hf_dir: Path, dtypes: list[str], threads: int, workdir: Path)
 
 def weight_bytes(model) -> int:
     """Bytes of parameters and buffers a decode step reads (the embedding reads one row per token: left out)."""
-    embedding = {t.data_ptr() for t in model.transformer.wte.state_dict().values()}
+    if getattr(model.config, "tie_word_embeddings", False):  # the head reads the whole table every token
+        embedding = set()
+    else:
+        table = model.transformer.wte if model.config.arch == "codegen" else model.model.embed_tokens
+        embedding = {t.data_ptr() for t in table.state_dict().values()}
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
                if t.data_ptr() not in embedding)
 
 
 def kv_bytes(cfg, batch: int, dtype_bytes: int = 4) -> int:
     """Mean bytes of cached keys and values read per step over the generation (prompt + half the new tokens)."""
-    return 2 * cfg.n_layer * batch * (PROMPT_TOKENS + NEW_TOKENS // 2) * cfg.n_embd * dtype_bytes
+    return 2 * cfg.n_layer * batch * (PROMPT_TOKENS + NEW_TOKENS // 2) * cfg.kv_heads * cfg.head_dim * dtype_bytes
 
 
 def build_formats(ours, dtypes: list[str]) -> dict[str, object]:
@@ -219,8 +237,8 @@ def run_shape(shape: str, batches: list[int], repeats: int, threads: int, use_ct
             for name in [n for n in results if n.startswith("codegen2")]:
                 dtype = name.split()[1]
                 if "transformers" in rate and dtype == "float32":
-                    print(ratio_line(f"{name} / transformers", rate["transformers"], rate[name],
-                                     TARGET_VS_TRANSFORMERS))
+                    target = (FAMILY_VS_TRANSFORMERS.get(batch) if cfg.arch != "codegen" else TARGET_VS_TRANSFORMERS)
+                    print(ratio_line(f"{name} / transformers", rate["transformers"], rate[name], target))
                 peer = f"ctranslate2 {CT2_TYPES[dtype]}" if dtype in CT2_TYPES else None  # bf16: no CPU peer
                 if peer in rate:
                     print(ratio_line(f"{name} / {peer}", rate[peer], rate[name], TARGET_VS_CT2))
@@ -237,7 +255,7 @@ def run_shape(shape: str, batches: list[int], repeats: int, threads: int, use_ct
                 if shape == "1b":
                     targets.append({"what": f"1b batch 1: codegen2 {int8_name} / bandwidth bound", "ours": ours,
                                     "bytes_per_token": per_token, "target": TARGET_BANDWIDTH})
-        if theirs is not None and "float32" in models:
+        if theirs is not None and "float32" in models and cfg.arch == "codegen":  # CodeGen2's infill format
             infill_latency(models["float32"], theirs, tokenizer, repeats)
 
 

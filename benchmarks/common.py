@@ -21,15 +21,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from codegen2.config import ModelConfig  # noqa: E402
-from codegen2.models.codegen.model import CodeGenModel  # noqa: E402
+from codegen2.config import PRESETS, ModelConfig  # noqa: E402
+from codegen2.models import architecture  # noqa: E402
 
-# Shapes the issues ask for: the `tiny` preset, a GPT-2-small-sized (~125M parameter) CodeGen and a 1B one.
+# Shapes the issues ask for: the `tiny` preset, CodeGen shapes of ~93M, ~125M (GPT-2 small) and 1B parameters,
+# and today's code models at their presets' exact shapes (random weights).
+FAMILY_SHAPES = ("qwen25-coder-0.5b", "qwen25-coder-1.5b", "starcoder2-3b")
 SHAPES: dict[str, dict] = {
     "tiny": dict(vocab_size=4096, n_layer=4, n_embd=256, n_head=4, rotary_dim=32, n_ctx=512, mp_num=4),
+    "93m": dict(vocab_size=32000, n_layer=10, n_embd=640, n_head=8, rotary_dim=32, n_ctx=2048, mp_num=4),
     "125m": dict(vocab_size=51200, n_layer=12, n_embd=768, n_head=12, rotary_dim=64, n_ctx=2048, mp_num=4),
     # CodeGen2-1B's shape (DESIGN §3), in transformers' 4-group qkv layout so the peers can load it.
     "1b": dict(vocab_size=51200, n_layer=16, n_embd=2048, n_head=16, rotary_dim=64, n_ctx=2048, mp_num=4),
+    **{name: PRESETS[name]["model"] for name in FAMILY_SHAPES},
 }
 
 
@@ -143,13 +147,15 @@ def model_config(shape: str, **overrides) -> ModelConfig:
     return ModelConfig(**{**SHAPES[shape], **overrides})
 
 
-def build_ours(cfg: ModelConfig, seed: int = 0, device: str = "cpu") -> CodeGenModel:
+def build_ours(cfg: ModelConfig, seed: int = 0, device: str = "cpu") -> torch.nn.Module:
+    """A codegen2 model of `cfg`'s architecture with seeded random weights (the same in every process)."""
     torch.manual_seed(seed)
-    return CodeGenModel(cfg).to(device)
+    return architecture(cfg).model_cls(cfg).to(device)
 
 
-def hf_twin(model: CodeGenModel, attn_implementation: str = "sdpa"):
-    """transformers' CodeGenForCausalLM with a copy of `model`'s weights (model must use mp_num 4).
+def hf_twin(model: torch.nn.Module, attn_implementation: str = "sdpa"):
+    """transformers' model of `model`'s family holding its weights (see `family_twin`), or for CodeGen
+    CodeGenForCausalLM with a copy of them (model must use mp_num 4).
 
     Falls back to eager attention if transformers refuses `attn_implementation`; the implementation
     actually used is `twin.config._attn_implementation`.
@@ -157,6 +163,8 @@ def hf_twin(model: CodeGenModel, attn_implementation: str = "sdpa"):
     import transformers
 
     cfg = model.config
+    if cfg.arch != "codegen":
+        return family_twin(model, attn_implementation)
     if cfg.mp_num != 4:
         raise ValueError("transformers hard-codes mp_num=4; build the codegen2 model with mp_num=4")
     hf_config = transformers.CodeGenConfig(
@@ -173,6 +181,31 @@ def hf_twin(model: CodeGenModel, attn_implementation: str = "sdpa"):
     missing, unexpected = twin.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(not name.endswith("embed_positions") for name in missing):
         raise RuntimeError(f"weights do not line up with transformers: missing {missing}, unexpected {unexpected}")
+    return twin.to(next(model.parameters()).device)
+
+
+def family_twin(model: torch.nn.Module, attn_implementation: str = "sdpa"):
+    """transformers' own class for `model`'s family (Qwen2ForCausalLM, Starcoder2ForCausalLM, LlamaForCausalLM)
+    from the config.json codegen2 exports, its parameters the very tensors of `model` (no second copy: the
+    twin is built without storage, then given them), a tied head tied to the embedding as transformers does.
+    """
+    import transformers
+
+    cfg = model.config
+    mapping = architecture(cfg).hf
+    raw = mapping.config_to_hf(cfg, 0, "float32")
+    hf_config = transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
+    hf_config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        twin = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
+    twin.to_empty(device="cpu")  # no pages touched: the weights below replace these tensors
+    missing, unexpected = twin.load_state_dict(mapping.state_to_hf(model.state_dict(), cfg), strict=False,
+                                               assign=True)
+    if unexpected or any(name != "lm_head.weight" or not cfg.tie_word_embeddings for name in missing):
+        raise RuntimeError(f"weights do not line up with transformers: missing {missing}, unexpected {unexpected}")
+    twin.tie_weights()
+    rotary = twin.model.rotary_emb  # its inv_freq is a buffer outside the state dict: build it afresh
+    twin.model.rotary_emb = type(rotary)(config=twin.config)
     return twin.to(next(model.parameters()).device)
 
 
