@@ -204,6 +204,37 @@ class CodeGenTokenizer:
                             f"corruption and sentinel FIM write")
         return SpecialIds(eot=self.eot_id, sep=self.sep_id, eom=self.eom_id, masks=self._mask_ids)
 
+    def with_sentinels(self, num_masks: int) -> CodeGenTokenizer:
+        """A copy with CodeGen2's `<sep>`, `<eom>`, `<mask_1>..<mask_N>` added as special tokens after every existing
+        id (for span corruption on a family's tokenizer that lacks them); the same tokens in the same order each
+        time, so the copy of the same tokenizer always has the same ids."""
+        if self.has_sentinels:
+            return self
+        if num_masks < 1:
+            raise UserError(f"tokenizer.num_masks={num_masks} must be at least 1 to add span corruption's sentinels")
+        names = [SEP, EOM, *(mask_token(k) for k in range(1, num_masks + 1))]
+        taken = [name for name in names if name in self.token_ids]
+        if taken:
+            raise UserError(f"the tokenizer already holds {taken[0]} but not all of CodeGen2's sentinels "
+                            f"({SEP}, {EOM}, <mask_1>); it cannot be extended for span corruption")
+        backend = Tokenizer.from_str(self.backend.to_str())
+        _add_in_order(backend, names)
+        ids = [backend.token_to_id(name) for name in names]
+        if ids != list(range(self.vocab_size, self.vocab_size + len(names))):
+            raise UserError(f"the sentinels added to this tokenizer got ids {ids[0]}..{ids[-1]}, not the ids after "
+                            f"its last one ({self.vocab_size}); it cannot be extended for span corruption")
+        return CodeGenTokenizer(backend, _with_added_decoder(self.hf_config, names, ids))
+
+    @property
+    def sentinel_rows(self) -> range:
+        """The ids of `<sep>`, `<eom>` and the masks when they are contiguous and last (what `with_sentinels` adds);
+        an empty range otherwise."""
+        if not self.has_sentinels:
+            return range(0)
+        rows = range(self.sep_id, self.sep_id + 2 + self.num_masks)
+        ids = [self.sep_id, self.eom_id, *self._mask_ids]
+        return rows if ids == list(rows) and rows.stop == self.vocab_size else range(0)
+
     def fingerprint(self) -> str:
         """A hash of the full tokenizer definition (with a family's tokenizer_config.json, which decides BOS and
         end-of-text); token caches are keyed by it."""
@@ -223,6 +254,19 @@ def _ends_of(hf_config: dict[str, Any]) -> tuple[str, str | None, bool]:
     eos = _token_text(hf_config.get("eos_token")) or EOT
     bos = _token_text(hf_config.get("bos_token"))
     return eos, bos, bool(hf_config.get("add_bos_token", False)) and bos is not None
+
+
+def _with_added_decoder(hf_config: dict[str, Any] | None, names: Sequence[str],
+                        ids: Sequence[int]) -> dict[str, Any] | None:
+    """A family's tokenizer_config.json with the added tokens in its `added_tokens_decoder` (where it has one), so
+    that transformers' AutoTokenizer lists them as the special tokens they are."""
+    if hf_config is None or "added_tokens_decoder" not in hf_config:
+        return hf_config
+    decoder = dict(hf_config["added_tokens_decoder"])
+    for name, token_id in zip(names, ids):
+        decoder[str(token_id)] = {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
+                                  "single_word": False, "special": True}
+    return {**hf_config, "added_tokens_decoder": decoder}
 
 
 def _without_prefix_space(backend: Tokenizer) -> Tokenizer:
