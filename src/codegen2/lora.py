@@ -20,6 +20,12 @@ Targets:
 - module names: each name selects the linear layers whose path is that name or ends with `.name` (PEFT's
   rule), anywhere in the model; a name that selects nothing is refused.
 
+Added tokens: when span corruption added CodeGen2's sentinels to the tokenizer (`models.vocab`), `train_rows`
+wraps the input embedding and the untied output head in `TrainedRows`: the base table stays frozen, and the
+added tokens' rows are a float32 parameter `<path>.rows` that trains with the adapters (a tied head reads the
+same rows). They are adapter parameters (`adapter_parameters`): checkpointed with their optimizer state, and
+folded back into a plain table by `merge_lora`.
+
 Names: a wrapped module keeps `weight` and `bias` where they were and adds `lora_A.weight` and
 `lora_B.weight` beside them, so the base's state-dict keys do not change and the adapter's keys are
 PEFT's, without PEFT's `base_model.model.` prefix (see `codegen2.adapters`).
@@ -37,6 +43,7 @@ from torch import nn
 
 from .errors import UserError
 from .models import architecture
+from .models.vocab import vocabulary_modules
 
 DEFAULT_RANK = 16
 DEFAULT_ALPHA = 32.0
@@ -130,6 +137,64 @@ class LoraLinear(nn.Module):
                 f"scale={self.scale:g}")
 
 
+class TrainedRows(nn.Module):
+    """An embedding table or output head whose rows `start:stop` train (float32 `rows`) while the rest stay frozen.
+
+    `weight` is the table the model computes with: the frozen `table` with those rows replaced, so a tied head
+    that reads `embedding.weight` gets the trained rows too."""
+
+    def __init__(self, base: nn.Embedding | nn.Linear, rows: range):
+        super().__init__()
+        self.kind = "embedding" if isinstance(base, nn.Embedding) else "linear"
+        self.table = base.weight
+        self.bias = getattr(base, "bias", None)
+        self.start, self.stop = rows.start, rows.stop
+        self.rows = nn.Parameter(base.weight.detach()[rows.start:rows.stop].to(ADAPTER_DTYPE).clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        table = self.table
+        return torch.cat([table[:self.start], self.rows.to(table.dtype), table[self.stop:]])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "embedding":
+            return F.embedding(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Module:
+        """The plain nn.Embedding / nn.Linear with the trained rows written into the base table."""
+        table = self.table
+        table[self.start:self.stop] = self.rows.to(table.dtype)
+        rows, width = table.shape
+        plain = nn.Embedding(rows, width, device="meta") if self.kind == "embedding" else \
+            nn.Linear(width, rows, bias=self.bias is not None, device="meta")
+        plain.weight = table
+        if self.kind == "linear":
+            plain.bias = self.bias
+        return plain
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, table={tuple(self.table.shape)}, trained rows {self.start}..{self.stop - 1}"
+
+
+def train_rows(model: nn.Module, rows: range) -> list[str]:
+    """Wrap the vocabulary modules (input embedding, untied head) so that only `rows` of them train; in place.
+
+    Call after `attach_lora` (which freezes the base). Returns the wrapped module paths."""
+    if not rows:
+        return []
+    modules = vocabulary_modules(model)
+    for name, module in modules.items():
+        _replace(model, name, TrainedRows(module, rows))
+    return list(modules)
+
+
+def trained_rows(model: nn.Module) -> dict[str, TrainedRows]:
+    """The TrainedRows modules of `model` by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, TrainedRows)}
+
+
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The linear layers of `model` (nn.Linear or LoraLinear, not an adapter's own factors) by path, in order."""
     factors = {id(m) for m in lora_modules(model).values() for m in (m.lora_A, m.lora_B)}
@@ -206,17 +271,21 @@ def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The adapters' parameters by state-dict name (`<path>.lora_A.weight`, `<path>.lora_B.weight`)."""
-    return {f"{path}.{factor}.weight": getattr(module, factor).weight
-            for path, module in lora_modules(model).items() for factor in ("lora_A", "lora_B")}
+    """The adapters' parameters by state-dict name (`<path>.lora_A.weight`, `<path>.lora_B.weight`, and the added
+    tokens' `<path>.rows`)."""
+    params = {f"{path}.{factor}.weight": getattr(module, factor).weight
+              for path, module in lora_modules(model).items() for factor in ("lora_A", "lora_B")}
+    params.update({f"{path}.rows": module.rows for path, module in trained_rows(model).items()})
+    return params
 
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and put plain nn.Linear layers back, in place; returns `model`.
+    """Fold every adapter into its base weight and put plain nn.Linear layers back (and the trained rows into plain
+    tables), in place; returns `model`.
 
     The merged weights keep the base's dtype and requires_grad (False after `attach_lora`).
     """
-    for name, module in lora_modules(model).items():
+    for name, module in {**lora_modules(model), **trained_rows(model)}.items():
         _replace(model, name, module.merged())
     return model
