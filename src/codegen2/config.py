@@ -101,6 +101,10 @@ class ObjectiveConfig:
     span_len_max: int = 64
     max_spans: int = 16  # per document piece; also bounded by the tokenizer's mask sentinels
     min_doc_tokens: int = 8  # shorter document pieces are left uncorrupted
+    # A tokenizer without CodeGen2's sentinels (--init-from a Qwen2.5-Coder, StarCoder2, ... directory) trains its
+    # span share as FIM in the model's own format; true adds <sep>, <eom> and tokenizer.num_masks <mask_k> to it and
+    # grows the embedding (and untied head) instead, so that span_rate trains span corruption.
+    add_sentinels: bool = False
 
     def validate(self) -> None:
         for name in ("span_rate", "fim_rate", "fim_spm_rate"):

@@ -57,9 +57,10 @@ from .distributed import (
 )
 from .errors import RetryLater, UserError
 from .fsutil import DirectoryLock, atomic_write_text
-from .lora import LoraSettings, attach_lora
+from .lora import LoraSettings, attach_lora, train_rows
 from .metrics import MemoryPlan, Throughput, device_peak_flops, flops_per_token, format_duration, plan_training_memory
 from .models import architecture, build_model
+from .models.vocab import grow_model
 from .objectives import OBJECTIVE_NAMES
 
 log = logging.getLogger("codegen2")
@@ -225,14 +226,16 @@ def compile_blocks(model: torch.nn.Module) -> None:
 
 
 def build_training_model(config: Config, env: DistEnv, parallel: str = "none", bf16: bool = False,
-                         initial: dict[str, torch.Tensor] | None = None, base_bf16: bool = False) -> torch.nn.Module:
+                         initial: dict[str, torch.Tensor] | None = None, base_bf16: bool = False,
+                         rows: range = range(0)) -> torch.nn.Module:
     """Build on the meta device, then materialise on the target device, seeded so that every rank and
     every layout starts from the same weights, and wrap for `parallel`.
 
     FSDP shards while still on the meta device, so each rank only ever allocates its own shards (what
     makes the big presets fit); the other layouts materialise the whole model. A LoRA run (`train.lora.rank`)
     freezes the loaded weights (in bf16 when `base_bf16`) and attaches float32 adapters, drawn from the same
-    seeded generator, before the model is compiled or wrapped.
+    seeded generator, before the model is compiled or wrapped; the rows of tokens added to its vocabulary (`rows`)
+    train with them.
     """
     t = config.train
     arch = architecture(config.model)
@@ -256,7 +259,7 @@ def build_training_model(config: Config, env: DistEnv, parallel: str = "none", b
             raise UserError(f"train.init_from={t.init_from}: {exc}") from None
     settings = lora_settings(config)
     if settings is not None:  # before compile and DDP: both must see the adapters
-        attach_adapters(model, settings, base_bf16, generator)
+        attach_adapters(model, settings, base_bf16, generator, rows)
     if t.compile and not (parallel == "fsdp" and env.distributed):
         compile_blocks(model)
     model.activation_checkpointing = t.activation_checkpointing
@@ -282,25 +285,28 @@ def lora_settings(config: Config) -> LoraSettings | None:
 
 
 def attach_adapters(model: torch.nn.Module, settings: LoraSettings, base_bf16: bool,
-                    generator: torch.Generator) -> None:
-    """Freeze the base (bf16 when training in bf16) and attach float32 adapters; names the count in the log."""
+                    generator: torch.Generator, rows: range = range(0)) -> None:
+    """Freeze the base (bf16 when training in bf16) and attach float32 adapters, and the added tokens' rows (`rows`)
+    as float32 parameters beside them; names the count in the log."""
     try:
         names = attach_lora(model, settings, base_dtype=torch.bfloat16 if base_bf16 else None, generator=generator)
+        train_rows(model, rows)
     except UserError as exc:
         raise UserError(f"train.lora: {exc}") from None
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("LoRA rank %d on %d layers: %s trainable parameters", settings.rank, len(names), f"{trained:,}")
 
 
-def lora_meta(config: Config, settings: LoraSettings | None) -> dict | None:
-    """What every checkpoint of a LoRA run records: the settings and the base's fingerprint."""
+def lora_meta(config: Config, settings: LoraSettings | None, rows: range = range(0)) -> dict | None:
+    """What every checkpoint of a LoRA run records: the settings, the base's fingerprint and the trained rows of
+    the tokens added to the base's vocabulary ([start, stop), when there are any)."""
     if settings is None:
         return None
     from .loading import base_fingerprint
 
     targets = settings.targets if isinstance(settings.targets, str) else list(settings.targets)
     return {"rank": settings.rank, "alpha": settings.alpha, "dropout": settings.dropout, "targets": targets,
-            "base": base_fingerprint(config.train.init_from)}
+            "base": base_fingerprint(config.train.init_from), **({"rows": [rows.start, rows.stop]} if rows else {})}
 
 
 def check_resumed_base(config: Config, saved_meta: dict | None, run_dir: Path) -> None:
@@ -312,11 +318,14 @@ def check_resumed_base(config: Config, saved_meta: dict | None, run_dir: Path) -
     check_base(saved_meta["lora"]["base"], f"--resume {run_dir}", config.train.init_from)
 
 
-def init_state(path: str, config: Config) -> dict[str, torch.Tensor]:
-    """Weights to start from (run or HF directory), converted to this run's layout (CodeGen: its `mp_num`)."""
+def init_state(path: str, config: Config, rows: range = range(0)) -> dict[str, torch.Tensor]:
+    """Weights to start from (run or HF directory), converted to this run's layout (CodeGen: its `mp_num`); with
+    `rows` (sentinels added to its tokenizer: `add_sentinels`), its vocabulary grown to this run's."""
     from .loading import load_checkpoint
 
     source = load_checkpoint(path, inference=False).model
+    if rows:
+        source = grow_model(source, config.model.vocab_size, rows)
     fields = ("arch", "vocab_size", "n_layer", "n_embd", "n_head", "kv_heads", "rotary_dim", "inner_dim",
               "tie_word_embeddings")  # a tied head has no lm_head tensor, and a missing one would load silently
     differ = [f"{f} {getattr(source.config, f)} vs {getattr(config.model, f)}" for f in fields
@@ -492,12 +501,13 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, tokenizer=N
     env = init_distributed(config.train.device)
     lock = None
     try:
+        tokenizer, rows = add_sentinels(config, tokenizer, env)  # may grow model.vocab_size: before the memory check
         check_memory_fit(config, env, config.train.parallel if env.distributed else "none")  # before any file
         lock = _lock_run(run_dir, env)
         # Weights to start from are read before any work, so that a wrong --init-from fails at once (passed
         # inline, not held here, so that they are freed once copied into the model).
         run = _set_up(config, run_dir, env, resume, overwrite, tokenizer,
-                      init_state(config.train.init_from, config) if config.train.init_from else None)
+                      init_state(config.train.init_from, config, rows) if config.train.init_from else None, rows)
         return _run_loop(run, stop_after)
     finally:
         if lock is not None:
@@ -560,6 +570,28 @@ def init_tokenizer(config: Config):
         raise ConfigError(f"train.init_from={config.train.init_from} brings its own tokenizer; remove "
                           f"tokenizer.path={config.tokenizer.path}")
     return load_hf_tokenizer(config.train.init_from, config.model.vocab_size)
+
+
+def add_sentinels(config: Config, tokenizer, env: DistEnv):
+    """(tokenizer, rows): with `objective.add_sentinels` and a starting tokenizer (`--init-from`'s, or the one
+    given) that lacks CodeGen2's sentinels, that tokenizer with them added and the rows of their ids; the model's
+    vocabulary grows to cover them (config.model.vocab_size, saved in config.toml), said in one line. Otherwise the
+    tokenizer as given and no rows. The same on every start of the run, so --resume rebuilds the same model."""
+    if not config.objective.add_sentinels or (tokenizer is None and not config.train.init_from):
+        return tokenizer, range(0)  # a tokenizer trained by the data preparation has the sentinels
+    base = tokenizer if tokenizer is not None else init_tokenizer(config)
+    if base.has_sentinels:
+        return tokenizer, range(0)
+    extended = base.with_sentinels(config.tokenizer.num_masks)
+    rows = extended.sentinel_rows
+    config.model.vocab_size = max(config.model.vocab_size, extended.vocab_size)
+    config.tokenizer.vocab_size = config.model.vocab_size
+    if env.is_main:
+        head = "embedding" if config.model.tie_word_embeddings else "embedding and output head"
+        print(f"objective.add_sentinels: span corruption adds <sep>, <eom> and <mask_1>..<mask_{extended.num_masks}> "
+              f"to the tokenizer (ids {rows.start}..{rows.stop - 1}); the {head} now have {config.model.vocab_size} "
+              f"rows, the new tokens' starting as the mean of the tokenizer's own", file=sys.stderr)
+    return extended, rows
 
 
 def _prepare_data_on_ranks(config: Config, run_dir: Path, tokenizer, env: DistEnv):
@@ -681,7 +713,7 @@ class TrainingRun:
 
 
 def _set_up(config: Config, run_dir: Path, env: DistEnv, resume: bool, overwrite: bool, tokenizer,
-            initial: dict[str, torch.Tensor] | None) -> TrainingRun:
+            initial: dict[str, torch.Tensor] | None, rows: range = range(0)) -> TrainingRun:
     """The run directory, the data, the model and optimizer (restored when resuming) and the loader."""
     t = config.train
     latest = _start_run_directory(config, run_dir, resume, overwrite, env)
@@ -695,7 +727,7 @@ def _set_up(config: Config, run_dir: Path, env: DistEnv, resume: bool, overwrite
     parallel = t.parallel if env.distributed else "none"
     autocast, bf16 = _autocast(env.device, t.precision)
     model = build_training_model(config, env, parallel, bf16=bf16 and parallel == "fsdp", initial=initial,
-                                 base_bf16=bf16)
+                                 base_bf16=bf16, rows=rows)
     del initial
     optimizer = build_optimizer(model, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, t) / t.lr)
@@ -704,7 +736,7 @@ def _set_up(config: Config, run_dir: Path, env: DistEnv, resume: bool, overwrite
     run = TrainingRun(config=config, run_dir=run_dir, env=env, model=model, optimizer=optimizer, scheduler=scheduler,
                       settings=settings, dataset=dataset, micro_bs=micro_bs, grad_accum=grad_accum,
                       run_id=uuid.uuid4().hex[:12],  # marks this run's checkpoints: pruning never touches another's
-                      lora=lora_meta(config, lora_settings(config)))
+                      lora=lora_meta(config, lora_settings(config), rows))
     _restore(run, latest, saved_meta, layout_note, resume)
     objective, special, note = objective_setup(config.objective, tokenizer, config.model.arch)
     if note and env.is_main:

@@ -52,7 +52,8 @@ def objective_setup(objective_cfg: ObjectiveConfig, tokenizer, arch: str) -> tup
 
     A tokenizer with CodeGen2's sentinels trains the configured mixture as it is. Without them (Qwen2.5-Coder,
     StarCoder2, DeepSeek-Coder, CodeLlama), infilling is learnt as FIM in the model's own format: the share the
-    config gives span corruption goes to that FIM (`span_rate` 0), and the note says so. A model with no infill
+    config gives span corruption goes to that FIM (`span_rate` 0), and the note says so; span corruption itself is
+    the explicit choice `objective.add_sentinels`, which adds the sentinels before this is asked. A model with no infill
     format trains its configured FIM / span share left to right only if both are zero; otherwise it is refused.
     """
     if tokenizer.has_sentinels:
@@ -65,7 +66,8 @@ def objective_setup(objective_cfg: ObjectiveConfig, tokenizer, arch: str) -> tup
     note = ""
     if objective_cfg.span_rate > 0:
         note = (f"objective: the tokenizer has no CodeGen2 sentinels, so span corruption (span_rate "
-                f"{objective_cfg.span_rate}) becomes FIM in the model's {fmt.name} format: fim_rate {infill_share}")
+                f"{objective_cfg.span_rate}) becomes FIM in the model's {fmt.name} format: fim_rate {infill_share} "
+                f"(objective.add_sentinels=true adds them and trains span corruption)")
     return dataclasses.replace(objective_cfg, span_rate=0.0, fim_rate=infill_share), special, note
 
 
