@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .adapters import load_adapter, write_adapter
+from .adapters import adapter_token_rows, load_adapter, read_adapter_config, write_adapter
 from .checkpoint import WEIGHTS, checkpoint_step, list_checkpoints, read_meta, select_checkpoint
 from .config import Config, ModelConfig, load_config
 from .errors import UserError
@@ -25,8 +25,9 @@ from .hf import describe_layout, export_hf, load_hf_tokenizer, write_hf_director
 from .hf.config import CONFIG_FILE, model_config_from_raw, read_hf_config
 from .hf.weights import expected_tensors, load_into, read_checked_tensors
 from .int8 import check_int8_kernel, compute_dtype, is_int8_format, parse_dtype, quantize_streamed
-from .lora import LoraSettings, adapter_parameters, attach_lora, merge_lora
+from .lora import LoraSettings, adapter_parameters, attach_lora, merge_lora, train_rows, trained_rows
 from .models import architecture, empty_model
+from .models.vocab import grow_model
 from .quantize import MANIFEST, load_quantized_into, read_manifest, write_int8_directory
 from .safetensors_io import read_checked, read_file
 from .tokenizer import CodeGenTokenizer
@@ -57,7 +58,10 @@ def model_config_of(path: str | Path) -> ModelConfig:
     if is_run_directory(path):
         checkpoint = select_checkpoint(path)
         lora = read_meta(checkpoint).get("lora")
-        return model_config_of(lora["base"]["path"]) if lora else load_run_config(path).model
+        if not lora:
+            return load_run_config(path).model
+        base = model_config_of(lora["base"]["path"])  # a grown vocabulary (added sentinels) is the run's
+        return replace(base, vocab_size=load_run_config(path).model.vocab_size) if lora.get("rows") else base
     if (path / CONFIG_FILE).is_file():
         return model_config_from_raw(read_hf_config(path), path, None)
     raise UserError(f"{path}: no config.toml (a codegen2 run directory) and no {CONFIG_FILE} (a Hugging Face "
@@ -245,8 +249,10 @@ def lora_settings_of(lora: dict) -> LoraSettings:
 
 
 def attach_run_adapters(model: torch.nn.Module, checkpoint: Path, lora: dict) -> None:
-    """Attach the adapters of a LoRA run's checkpoint to `model` (its base), checked tensor by tensor."""
+    """Attach the adapters of a LoRA run's checkpoint to `model` (its base, vocabulary already grown when the run
+    added tokens: `grow_for_run`), and the added tokens' trained rows, checked tensor by tensor."""
     attach_lora(model, lora_settings_of(lora))
+    train_rows(model, range(*lora.get("rows", (0, 0))))
     params = adapter_parameters(model)
     tensors = read_file(checkpoint / WEIGHTS)
     if set(tensors) != set(params):
@@ -260,11 +266,23 @@ def attach_run_adapters(model: torch.nn.Module, checkpoint: Path, lora: dict) ->
             param.copy_(tensors[name])
 
 
+def grow_for_run(loaded: LoadedModel, run_dir: Path, lora: dict) -> None:
+    """A LoRA run that added tokens to its base's tokenizer (`lora.rows`): the base grown to the run's vocabulary,
+    with the run's tokenizer, in place; other runs leave the base as it is."""
+    if not lora.get("rows"):
+        return
+    vocab = load_run_config(run_dir).model.vocab_size
+    loaded.model = grow_model(loaded.model, vocab, range(*lora["rows"]))
+    loaded.config = loaded.model.config
+    loaded.tokenizer = CodeGenTokenizer.load(run_dir)
+
+
 def load_lora_run(run_dir: Path, checkpoint: Path, device) -> LoadedModel:
     """A LoRA run's checkpoint over its base, unmerged (the adapters in float32, the base as stored)."""
     lora = read_meta(checkpoint)["lora"]
     check_base(lora["base"], f"LoRA run {run_dir}")
     base = load_checkpoint(lora["base"]["path"], device=device, step=lora["base"].get("step"), inference=False)
+    grow_for_run(base, run_dir, lora)
     attach_run_adapters(base.model, checkpoint, lora)
     base.model.eval()
     base.prefix_lm = load_run_config(run_dir).objective.prefix_lm
@@ -284,12 +302,33 @@ def _load_with_adapter(path: Path, adapter: Path, device, dtype, mp_num, step, l
         if lora is None:
             raise UserError(f"--adapter {adapter}: a run without LoRA adapters; load it with --checkpoint instead")
         check_base(lora["base"], f"--adapter {adapter}", path)
+        grow_for_run(loaded, adapter, lora)
         attach_run_adapters(loaded.model, checkpoint, lora)
     else:
+        grow_for_adapter(loaded, adapter)
         load_adapter(loaded.model, adapter)
     merge_lora(loaded.model)
     loaded.source = f"{loaded.source} + {adapter}"
     return _cast_or_quantize(loaded, device, dtype)
+
+
+def grow_for_adapter(loaded: LoadedModel, adapter: Path) -> None:
+    """A PEFT adapter directory that trains tokens (`trainable_token_indices`): its tokenizer (saved beside it)
+    becomes the model's, and a base too small for it grows to it; in place."""
+    rows = adapter_token_rows(read_adapter_config(adapter))
+    if not rows:
+        return
+    vocab = loaded.config.vocab_size
+    if not (adapter / "tokenizer.json").is_file():
+        if rows.stop > vocab:
+            raise UserError(f"--adapter {adapter}: it trains tokens up to id {rows.stop - 1}, beyond the base's "
+                            f"{vocab}, but holds no tokenizer.json with them")
+        return
+    tokenizer = CodeGenTokenizer.load(adapter)
+    if max(rows.stop, tokenizer.vocab_size) > vocab:
+        loaded.model = grow_model(loaded.model, max(rows.stop, tokenizer.vocab_size), rows)
+        loaded.config = loaded.model.config
+    loaded.tokenizer = tokenizer
 
 
 def _cast_or_quantize(loaded: LoadedModel, device, dtype) -> LoadedModel:
@@ -318,7 +357,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
         return export_hf(run_dir, out_dir, step)
     loaded = load_lora_run(run_dir, checkpoint, "cpu")
     if adapter_only:
-        return write_adapter(loaded.model, out_dir, base_model=read_meta(checkpoint)["lora"]["base"]["path"])
+        return write_adapter(loaded.model, out_dir, base_model=read_meta(checkpoint)["lora"]["base"]["path"],
+                             tokenizer=loaded.tokenizer if trained_rows(loaded.model) else None)
     merge_lora(loaded.model)
     state = loaded.model.state_dict()
     state = {name: state[name] for name in expected_tensors(empty_model(loaded.config))}
