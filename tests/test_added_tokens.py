@@ -14,8 +14,10 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from codegen2 import cli
+from codegen2.adapters import adapter_token_rows
 from codegen2.checkpoint import WEIGHTS, latest_checkpoint, read_meta
 from codegen2.config import ModelConfig, ObjectiveConfig
+from codegen2.errors import UserError
 from codegen2.loading import load_checkpoint, load_lora_run
 from codegen2.models import build_model
 from codegen2.models.vocab import grow_model
@@ -234,6 +236,19 @@ def test_lora_trains_the_new_rows_only_and_peft_loads_them(family, hf_dirs, lora
         assert max_diff(reference(x).logits, want) <= 1e-4
         assert max_diff(load_checkpoint(hf_dir, adapter=adapter).model(x), want) <= 1e-4
         assert max_diff(load_checkpoint(hf_dir, adapter=run).model(x), want) <= 1e-5
+    (adapter / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="holds no tokenizer.json") as info:
+        load_checkpoint(hf_dir, adapter=adapter)
+    assert "\n" not in str(info.value)
+
+
+def test_trainable_token_indices_must_be_one_run_of_ids():
+    assert adapter_token_rows({"trainable_token_indices": {"embed_tokens": [3, 4], "lm_head": [3, 4]}}) == range(3, 5)
+    assert adapter_token_rows({"trainable_token_indices": [7, 6]}) == range(6, 8)
+    assert adapter_token_rows({}) == range(0)
+    for bad in ([5, 7], {"embed_tokens": [3, 4], "lm_head": [3]}):
+        with pytest.raises(UserError, match="one run of consecutive ids"):
+            adapter_token_rows({"trainable_token_indices": bad})
 
 
 def test_lora_run_that_grew_resumes_bitwise(hf_dirs, small_corpus, lora_runs, tmp_path, monkeypatch):
