@@ -181,7 +181,7 @@ def test_full_run_that_grew_resumes_bitwise(hf_dirs, small_corpus, full_runs, tm
     capsys.readouterr()
     assert train_cli(hf_dirs["qwen2"], small_corpus, tmp_path / "run") == 0
     said = [line for line in capsys.readouterr().err.splitlines() if "objective.add_sentinels" in line]
-    assert len(said) == 1 and "<mask_1>..<mask_8>" in said[0] and "embedding now have" in said[0]
+    assert len(said) == 1 and "<mask_1>..<mask_8>" in said[0] and "embedding (tied head) has" in said[0]
     monkeypatch.setattr(train_module, "_run_loop", real)
     assert cli.main(["train", "--out", str(tmp_path / "run"), "--resume"]) == 0
     straight = read_file(latest_checkpoint(full_runs / "qwen2") / WEIGHTS)

@@ -587,10 +587,10 @@ def add_sentinels(config: Config, tokenizer, env: DistEnv):
     config.model.vocab_size = max(config.model.vocab_size, extended.vocab_size)
     config.tokenizer.vocab_size = config.model.vocab_size
     if env.is_main:
-        head = "embedding" if config.model.tie_word_embeddings else "embedding and output head"
+        head = "embedding (tied head) has" if config.model.tie_word_embeddings else "embedding and output head have"
         print(f"objective.add_sentinels: span corruption adds <sep>, <eom> and <mask_1>..<mask_{extended.num_masks}> "
-              f"to the tokenizer (ids {rows.start}..{rows.stop - 1}); the {head} now have {config.model.vocab_size} "
-              f"rows, the new tokens' starting as the mean of the tokenizer's own", file=sys.stderr)
+              f"to the tokenizer (ids {rows.start}..{rows.stop - 1}); the {head} {config.model.vocab_size} rows, the "
+              f"new tokens' starting as the mean of the tokenizer's own", file=sys.stderr)
     return extended, rows
 
 
