@@ -413,3 +413,39 @@ def test_window_and_rope_scaling_are_refused_where_the_architecture_lacks_them()
         architecture(ModelConfig(rope_scaling_factor=4.0))
     with pytest.raises(ConfigError, match="rope_scaling_factor=0.0 must be positive"):
         ModelConfig(arch="starcoder2", n_embd=64, n_head=4, rotary_dim=16, rope_scaling_factor=0.0).validate()
+
+
+# ------------------------------------------------------------------------------------------- tied embeddings
+def test_a_tied_model_loads_with_or_without_a_stored_lm_head_and_never_writes_one(tmp_path):
+    """transformers writes a tied Qwen2 (Qwen2.5-Coder 0.5B/1.5B) without lm_head.weight; some exports store the
+    shared table twice. Both load with equal logits; a head that differs from the table is refused in one line;
+    import-hf and export-hf write what transformers writes."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from codegen2.hf import export_hf, import_hf
+    from codegen2.tokenizer import train_tokenizer
+
+    source = hf_model(*[FAMILIES[2][i] for i in (1, 3)])  # qwen2-gqa-tied
+    source.save_pretrained(tmp_path / "tied")
+    stored = load_file(str(tmp_path / "tied" / "model.safetensors"))
+    assert "lm_head.weight" not in stored
+    ids = prompt()
+    with torch.no_grad():
+        reference = source(ids).logits
+    (tmp_path / "twice").mkdir()
+    (tmp_path / "twice" / "config.json").write_text((tmp_path / "tied" / "config.json").read_text())
+    save_file({**stored, "lm_head.weight": stored["model.embed_tokens.weight"].clone()},
+              str(tmp_path / "twice" / "model.safetensors"), metadata={"format": "pt"})
+    with torch.no_grad():
+        assert max_diff(from_pretrained(tmp_path / "twice", load_tokenizer=False)(ids), reference) <= 1e-4
+    train_tokenizer(["def f(x):\n    return x + 1\n" * 50], vocab_size=VOCAB, num_masks=4).save(tmp_path / "twice")
+    run = import_hf(tmp_path / "twice", tmp_path / "run")
+    export_hf(run, tmp_path / "exported")
+    for weights in [*(run / "checkpoints").glob("*/model.safetensors"), tmp_path / "exported" / "model.safetensors"]:
+        assert set(safe_open(str(weights), "pt").keys()) == set(stored), weights
+    save_file({**stored, "lm_head.weight": stored["model.embed_tokens.weight"] + 1},
+              str(tmp_path / "twice" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="lm_head.weight differs from model.embed_tokens.weight") as info:
+        from_pretrained(tmp_path / "twice", load_tokenizer=False)
+    assert "\n" not in str(info.value)

@@ -108,8 +108,8 @@ def write_hf_directory(state: dict[str, torch.Tensor], cfg, tokenizer, out_dir: 
     mapping = architecture(cfg).hf
     tensors = {name: tensor.contiguous() for name, tensor in mapping.state_to_hf(state, cfg).items()}
     dtype_name = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    hf_config = mapping.config_to_hf(cfg, tokenizer.eot_id, dtype_name)
     bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
+    hf_config = {**mapping.config_to_hf(cfg, tokenizer.eot_id, dtype_name), "bos_token_id": bos}  # the family's
     generation = {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": tokenizer.eot_id}
     with atomic_directory(out_dir) as tmp:
         write_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})

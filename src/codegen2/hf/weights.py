@@ -27,6 +27,8 @@ PYTORCH_BIN = "pytorch_model.bin"
 PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 # Non-persistent attention buffers that old transformers versions saved alongside the weights.
 IGNORED_SUFFIXES = (".attn.causal_mask", ".attn.masked_bias", ".attn.bias")
+# A tied output projection is the embedding table (transformers' names for LLaMA, Qwen2 and StarCoder2).
+TIED_HEAD, TIED_TO = "lm_head.weight", "model.embed_tokens.weight"
 
 
 def weight_files(path: str | Path) -> list[Path]:
@@ -111,7 +113,29 @@ def read_checked_tensors(
     path = Path(path)
     files = [path] if path.is_file() else weight_files(path)
     items = iter_tensors(files, device, converting=dtype is not None)
+    if TIED_HEAD not in expected and TIED_TO in expected:
+        items = drop_tied_head(items, config_name)
     yield from check_tensors(items, expected, path, device, dtype, source=config_name)
+
+
+def drop_tied_head(items: Iterator[tuple[str, torch.Tensor, Path, bool]],
+                   config_name: str) -> Iterator[tuple[str, torch.Tensor, Path, bool]]:
+    """Leave out a stored `lm_head.weight` of a tied model (some exports write the shared table twice); it must
+    equal the embedding, else the file is not what config.json says (tie_word_embeddings)."""
+    head = table = None
+    for item in items:
+        name, tensor, file, _ = item
+        if name == TIED_HEAD:
+            head = (tensor, file)
+        else:
+            if name == TIED_TO:
+                table = tensor
+            yield item
+        if head is not None and table is not None:
+            if head[0].shape != table.shape or not torch.equal(head[0], table.to(head[0].dtype)):
+                raise UserError(f"{head[1]}: {TIED_HEAD} differs from {TIED_TO}, but {config_name} ties them "
+                                f"(tie_word_embeddings); set it to false if the head is its own matrix")
+            head = table = None
 
 
 def expected_tensors(model: nn.Module) -> dict[str, TensorSpec]:
