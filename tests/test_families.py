@@ -251,10 +251,13 @@ def test_windowed_training_forward_keeps_packed_documents_apart_and_trains():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("arch, extra", [("starcoder2", {"model.sliding_window": 24}), ("qwen2", {})])
+@pytest.mark.parametrize("arch, extra", [("starcoder2", {"model.sliding_window": 24, "model.embedding_dropout": 0.1,
+                                                         "model.residual_dropout": 0.1,
+                                                         "model.attention_dropout": 0.1}), ("qwen2", {})])
 def test_families_train_every_objective_and_recomputing_activations_changes_nothing(tiny_config, tmp_path, arch,
                                                                                       extra):
-    """Span corruption, FIM and causal LM, prefix-LM, document masks, and a window shorter than train.seq_len."""
+    """Span corruption, FIM and causal LM, prefix-LM, document masks, and a window shorter than train.seq_len;
+    StarCoder2's dropouts draw the same masks when the blocks are recomputed."""
     from codegen2.train import train
 
     shape = {"model.arch": arch, "model.rotary_dim": 16, "model.n_kv_head": 2, "model.n_inner": 96,
@@ -449,3 +452,31 @@ def test_a_tied_model_loads_with_or_without_a_stored_lm_head_and_never_writes_on
     with pytest.raises(UserError, match="lm_head.weight differs from model.embed_tokens.weight") as info:
         from_pretrained(tmp_path / "twice", load_tokenizer=False)
     assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------- StarCoder2's dropouts
+def test_starcoder2_dropouts_match_transformers_in_training_and_are_off_in_eval(tmp_path):
+    """config.json's three dropout rates: in train mode with one seed the logits equal transformers' (same masks,
+    drawn in the same order), in eval mode none apply; export-hf writes them back; LLaMA refuses them."""
+    from codegen2.models.starcoder2.hf import config_to_hf
+
+    rates = {"embedding_dropout": 0.1, "residual_dropout": 0.2, "attention_dropout": 0.3}
+    source = hf_model(_starcoder2, {**FAMILIES[4][3], **rates})
+    source.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path, load_tokenizer=False)
+    assert {k: getattr(ours.config, k) for k in rates} == rates
+    ids = prompt(2, 20)
+    source.train(), ours.train()
+    torch.manual_seed(5)
+    reference = source(ids).logits
+    torch.manual_seed(5)
+    trained = ours(ids)
+    assert max_diff(trained, reference) <= 1e-5
+    source.eval(), ours.eval()
+    with torch.no_grad():
+        plain = source(ids).logits
+        assert max_diff(ours(ids), plain) <= 1e-4
+        assert max_diff(trained, plain) > 1e-2  # the masks did apply in training
+    assert {k: config_to_hf(ours.config, 0, "float32")[k] for k in rates} == rates
+    with pytest.raises(ConfigError, match="model.residual_dropout=0.1: the qwen2 architecture applies no dropout"):
+        architecture(ModelConfig(arch="qwen2", n_embd=64, n_head=4, rotary_dim=16, residual_dropout=0.1))

@@ -49,6 +49,11 @@ class ModelConfig:
     rope_scaling_factor: float = 1.0  # linear rope scaling: positions turn as if divided by this (DeepSeek-Coder: 4)
     tie_word_embeddings: bool = False  # output head shares the token embedding
     sliding_window: int | None = None  # attend to at most this many positions back, own included (StarCoder2)
+    # Dropout in training only (StarCoder2's config.json keys; its published configs set 0.1): on the embeddings,
+    # on each block's attention and MLP outputs before the residual add, and on the attention probabilities.
+    embedding_dropout: float = 0.0
+    residual_dropout: float = 0.0
+    attention_dropout: float = 0.0
 
     @property
     def head_dim(self) -> int:
@@ -81,6 +86,9 @@ class ModelConfig:
                               f"{self.rope_scaling_factor} must be positive")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 1 (or unset: no window)")
+        for name in ("embedding_dropout", "residual_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
 
 
 @dataclass

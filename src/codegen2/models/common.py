@@ -14,8 +14,22 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from ..masks import forward_attention_mask
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout that draws nothing when off (p 0 or eval), so models without dropout keep their RNG stream."""
+    return nn.functional.dropout(x, p, training=True) if training and p > 0 else x
+
+
+def refuse_dropout(cfg: ModelConfig, family: str) -> None:
+    """A family whose blocks apply no dropout refuses a config that asks for it (one line naming the fields)."""
+    asked = {n: getattr(cfg, n) for n in ("embedding_dropout", "residual_dropout", "attention_dropout")
+             if getattr(cfg, n)}
+    if asked:
+        raise ConfigError(f"{', '.join(f'model.{n}={v}' for n, v in asked.items())}: {family} applies no dropout "
+                          "(leave them at 0)")
 
 
 def rotary_angles(rotary_dim: int, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:

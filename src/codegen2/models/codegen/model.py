@@ -14,7 +14,7 @@ from torch import nn
 
 from ...config import ConfigError, ModelConfig
 from ...masks import sdpa_is_causal
-from ..common import DecoderLM, KVCache, init_normal, rotary_angles
+from ..common import DecoderLM, KVCache, init_normal, refuse_dropout, rotary_angles
 
 
 def rotary_table(rotary_dim: int, head_dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -179,6 +179,7 @@ def check_config(cfg: ModelConfig) -> None:
     if cfg.sliding_window is not None or cfg.rope_scaling_factor != 1.0:
         raise ConfigError(f"model.sliding_window={cfg.sliding_window}, model.rope_scaling_factor="
                           f"{cfg.rope_scaling_factor}: CodeGen has neither (leave them unset)")
+    refuse_dropout(cfg, "CodeGen")
 
 
 def matmul_parameters(cfg: ModelConfig) -> int:

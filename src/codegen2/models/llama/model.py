@@ -18,7 +18,7 @@ from torch import nn
 from ...config import ConfigError, ModelConfig
 from ...int8 import embedding_weight, mm
 from ...masks import sdpa_is_causal
-from ..common import DecoderLM, KVCache, init_normal, rotary_angles
+from ..common import DecoderLM, KVCache, init_normal, refuse_dropout, rotary_angles
 
 
 class RotaryTable:
@@ -60,9 +60,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class LlamaAttention(nn.Module):
     """Rotary grouped-query attention; biases on q/k/v (Qwen2) and on o (StarCoder2 too) where the family has them."""
 
-    def __init__(self, cfg: ModelConfig, qkv_bias: bool = False, o_bias: bool = False):
+    def __init__(self, cfg: ModelConfig, qkv_bias: bool = False, o_bias: bool = False, dropout: float = 0.0):
         super().__init__()
         self.n_head, self.kv_heads, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.dropout = dropout  # on the attention probabilities, in training only
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
@@ -80,6 +81,7 @@ class LlamaAttention(nn.Module):
             key, value = cache.store(layer, key, value)
         # Query head h reads key/value head h // (n_head / kv_heads), as transformers' repeat_kv lays them out.
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal,
+                                             dropout_p=self.dropout if self.training else 0.0,
                                              enable_gqa=self.kv_heads != self.n_head)
         return self.o_proj(out.transpose(1, 2).reshape(batch, time, -1))
 
@@ -193,6 +195,7 @@ def check_config(cfg: ModelConfig) -> None:
     if cfg.sliding_window is not None:
         raise ConfigError(f"model.sliding_window={cfg.sliding_window}: the {cfg.arch} architecture attends to "
                           f"every earlier position (unset it)")
+    refuse_dropout(cfg, f"the {cfg.arch} architecture")
 
 
 def matmul_parameters(cfg: ModelConfig) -> int:

@@ -26,6 +26,7 @@ from ..spec import HFMapping
 from .model import check_config
 
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+DROPOUTS = ("embedding_dropout", "residual_dropout", "attention_dropout")  # config.json and ModelConfig alike
 _SUPPORTED = {"hidden_act": ("gelu_pytorch_tanh", ("gelu_pytorch_tanh",)), "use_bias": (True, (True,)),
               "mlp_type": ("default", ("default",)), "norm_type": ("layer_norm", ("layer_norm",))}
 
@@ -44,15 +45,26 @@ def config_from_hf(raw: dict[str, Any], file: Path, overrides: dict[str, Any]) -
                                  n_ctx=int(raw.get("max_position_embeddings") or 4096),
                                  layer_norm_eps=float(raw.get("norm_epsilon", 1e-5)),
                                  tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-                                 sliding_window=window), file, check_config)
+                                 sliding_window=window, **dropouts_from_hf(raw, file)), file, check_config)
+
+
+def dropouts_from_hf(raw: dict[str, Any], file: Path) -> dict[str, float]:
+    """The three dropout rates (transformers' defaults 0), each a number in [0, 1) or refused naming its key."""
+    rates = {}
+    for key in DROPOUTS:
+        value = raw.get(key) or 0.0
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+            raise UserError(f"{file}: {key}={value!r} must be a number in [0, 1)")
+        rates[key] = float(value)
+    return rates
 
 
 def config_to_hf(cfg: ModelConfig, eot_id: int, dtype_name: str) -> dict[str, Any]:
-    """config.json for transformers' Starcoder2ForCausalLM (no remote code); dropouts 0 (codegen2 applies none)."""
+    """config.json for transformers' Starcoder2ForCausalLM (no remote code), the run's dropouts included."""
     return {"architectures": ["Starcoder2ForCausalLM"], "model_type": "starcoder2",
             **shared_config_to_hf(cfg, eot_id, dtype_name), "hidden_act": "gelu_pytorch_tanh",
             "norm_epsilon": cfg.layer_norm_eps, "sliding_window": cfg.sliding_window, "use_bias": True,
-            "mlp_type": "default", "norm_type": "layer_norm", "residual_dropout": 0.0, "embedding_dropout": 0.0}
+            "mlp_type": "default", "norm_type": "layer_norm", **{key: getattr(cfg, key) for key in DROPOUTS}}
 
 
 HF_MAPPING = HFMapping(model_type="starcoder2", config_from_hf=config_from_hf, config_to_hf=config_to_hf,

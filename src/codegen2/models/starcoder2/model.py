@@ -5,8 +5,9 @@ Parameter names are those of Hugging Face `Starcoder2ForCausalLM` (`model.layers
 LLaMA's with other parts: `h = x + attn(norm_1(x))`, then `h + c_proj(gelu_tanh(c_fc(norm_2(h))))`; attention
 and rotary are LLaMA's (half-split rotary, transformers' repeat_kv grouping) with biases on q/k/v and o. The
 sliding window (`ModelConfig.sliding_window`) is part of the mask rule in `codegen2.masks`, which the shared
-forward applies; the cache is masked, not rolled. StarCoder2's dropouts are not applied (transformers skips them
-in eval mode too; the published configs set 0.1 for pretraining).
+forward applies; the cache is masked, not rolled. StarCoder2's dropouts (config.json's `embedding_dropout`,
+`residual_dropout`, `attention_dropout`; 0.1 in the published configs) apply in training where transformers
+applies them, in the same order, and never in eval mode (decoding, evaluation).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import ConfigError, ModelConfig
-from ..common import KVCache, init_normal
+from ..common import KVCache, dropout, init_normal
 from ..llama.model import LlamaAttention, LlamaModel
 
 
@@ -36,13 +37,15 @@ class Starcoder2Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
-        self.self_attn = LlamaAttention(cfg, qkv_bias=True, o_bias=True)
+        self.self_attn = LlamaAttention(cfg, qkv_bias=True, o_bias=True, dropout=cfg.attention_dropout)
         self.post_attention_layernorm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.mlp = Starcoder2MLP(cfg)
+        self.residual_dropout = cfg.residual_dropout
 
     def forward(self, x, rotary, mask, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rotary, mask, cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attended = self.self_attn(self.input_layernorm(x), rotary, mask, cache, layer)
+        x = x + dropout(attended, self.residual_dropout, self.training)
+        return x + dropout(self.mlp(self.post_attention_layernorm(x)), self.residual_dropout, self.training)
 
 
 class Starcoder2Backbone(nn.Module):
@@ -62,6 +65,9 @@ class Starcoder2Model(LlamaModel):
 
     def backbone(self, cfg: ModelConfig) -> nn.Module:
         return Starcoder2Backbone(cfg)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return dropout(self.model.embed_tokens(input_ids), self.config.embedding_dropout, self.training)
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Fresh weights as LLaMA's (`common.init_normal`), the residual projections being o_proj and c_proj."""
