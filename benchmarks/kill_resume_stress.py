@@ -64,6 +64,12 @@ TINY = {
 ARCH_OVERRIDES = {
     "codegen": {},
     "llama": {"model.arch": "llama", "model.rotary_dim": 16, "model.n_kv_head": 2, "model.n_inner": 96},
+    "qwen2": {"model.arch": "qwen2", "model.rotary_dim": 16, "model.n_kv_head": 2, "model.n_inner": 96,
+              "model.tie_word_embeddings": True},
+    # A window shorter than train.seq_len, and dropouts: resume must restore every rank's RNG to draw the same masks.
+    "starcoder2": {"model.arch": "starcoder2", "model.rotary_dim": 16, "model.n_kv_head": 2, "model.n_inner": 96,
+                   "model.sliding_window": 24, "model.embedding_dropout": 0.1, "model.residual_dropout": 0.1,
+                   "model.attention_dropout": 0.1},
 }
 
 
