@@ -1,9 +1,15 @@
 """The sections of scripts/gpu_check.sh: one training step benchmark or one decoding comparison per call.
 
-    train  --arch A   1B-shaped model (width 2048, 16 layers), FSDP2 (run under torchrun), bf16, per-block
-                      torch.compile and activation checkpointing, synthetic tokens: tokens/s, MFU, peak memory.
-    decode --arch A   the same shape in bf16: codegen2's generate_ids (compiled fused decoder) against
+    train  --arch A   a training step under FSDP2 (run under torchrun), bf16, per-block torch.compile and
+                      activation checkpointing, synthetic tokens: tokens/s, MFU, peak memory. codegen and llama
+                      are 1B-shaped (width 2048, 16 layers); qwen2 is Qwen2.5-Coder-0.5B's shape (tied
+                      embeddings, vocabulary 151,936); starcoder2 is StarCoder2-3B's layer in 8 layers, with a
+                      1024-token window (shorter than the 2048-token step) and its published dropouts.
+    decode --arch A   the 1B shape in bf16: codegen2's generate_ids (compiled fused decoder) against
                       transformers' generate on the same weights, greedy, batch 1 and 32: tokens/s and ratio.
+    lora              LoRA (rank 16, every linear layer of the blocks) at codegen25-7b's shape on one GPU: a bf16
+                      base of random weights built on the meta device and materialised on the GPU in bf16, fp32
+                      adapters, activation checkpointing, one sequence of 2048 tokens: peak memory (target 20 GiB).
 
 `--cpu-smoke` runs the same code on the CPU with tiny shapes, fp32 and the eager fused decoder, so the
 script can be checked on a machine without a GPU. Each call appends one JSON line per result to
@@ -31,14 +37,26 @@ SHAPES = {
     "codegen": dict(vocab_size=51200, n_layer=16, n_embd=2048, n_head=16, rotary_dim=64, n_ctx=2048, mp_num=4),
     "llama": dict(arch="llama", vocab_size=51200, n_layer=16, n_embd=2048, n_head=16, rotary_dim=128, n_ctx=2048,
                   n_inner=5632, layer_norm_eps=1e-6),
+    # The qwen25-coder-0.5b preset (0.49B parameters).
+    "qwen2": dict(arch="qwen2", vocab_size=151936, n_layer=24, n_embd=896, n_head=14, n_kv_head=2, n_inner=4864,
+                  rotary_dim=64, n_ctx=2048, layer_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True),
+    # starcoder2-3b's layer (0.92B parameters in 8 layers), a window that bites within the step, dropouts 0.1.
+    "starcoder2": dict(arch="starcoder2", vocab_size=49152, n_layer=8, n_embd=3072, n_head=24, n_kv_head=2,
+                       n_inner=12288, rotary_dim=128, n_ctx=2048, rope_theta=1e6, tie_word_embeddings=True,
+                       sliding_window=1024, embedding_dropout=0.1, residual_dropout=0.1, attention_dropout=0.1),
 }
 SMOKE = dict(vocab_size=512, n_layer=2, n_embd=64, n_head=4, n_ctx=256)
+SMOKE_WINDOW = 24  # starcoder2's window under --cpu-smoke: shorter than its 64-token step
+LORA_PRESET = "codegen25-7b"
+LORA_TARGET_GIB = 20.0
 
 
 def model_config(arch: str, smoke: bool) -> ModelConfig:
     shape = dict(SHAPES[arch])
     if smoke:
-        shape.update(SMOKE, rotary_dim=16 if arch == "llama" else 8, n_inner=None if arch == "codegen" else 176)
+        shape.update(SMOKE, rotary_dim=8 if arch == "codegen" else 16, n_inner=None if arch == "codegen" else 176)
+        if arch == "starcoder2":
+            shape["sliding_window"] = SMOKE_WINDOW
     return ModelConfig(**shape)
 
 
@@ -107,6 +125,59 @@ def train_section(args) -> dict:
         shutdown(env)
 
 
+def lora_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, generator: torch.Generator):
+    """Random weights built on the meta device and materialised on `device` directly in `dtype` (a 7B base in
+    fp32 would need 27 GB before the cast), then frozen with fp32 LoRA adapters (rank 16, every block linear)."""
+    from codegen2.lora import LoraSettings
+    from codegen2.train import attach_adapters
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.to(dtype).to_empty(device=device)
+    architecture(cfg).init_weights(model, generator)
+    attach_adapters(model, LoraSettings(), base_bf16=dtype == torch.bfloat16, generator=generator)
+    model.activation_checkpointing = True
+    return model
+
+
+def lora_section(args) -> dict:
+    from codegen2.config import load_config
+    from codegen2.train import StepSettings, _autocast, build_optimizer, train_step
+
+    smoke = args.cpu_smoke
+    device = torch.device("cpu" if smoke else "cuda")
+    config = load_config(preset=LORA_PRESET)
+    if smoke:
+        config.model = model_config("llama", smoke=True)
+    t = config.train
+    t.seq_len, t.micro_batch_size = (64, 1) if smoke else (2048, 1)
+    autocast, bf16 = _autocast(device, "fp32" if smoke else "bf16")
+    generator = torch.Generator(device=device).manual_seed(0)
+    model = lora_model(config.model, device, torch.bfloat16 if bf16 else torch.float32, generator)
+    optimizer = build_optimizer(model, t)
+    settings = StepSettings(device=device, autocast=autocast, grad_clip=1.0)
+    batch = synthetic_batch(config.model, t.micro_batch_size, t.seq_len, torch.Generator().manual_seed(0))
+    targets = torch.tensor(float(batch.labels.numel()), device=device)
+    losses, times = [], []
+    for _ in range(args.steps):
+        started = time.perf_counter()
+        _, loss_sum, _ = train_step(model, optimizer, [batch], targets, settings)
+        losses.append(float(loss_sum.sum() / batch.labels.numel()))  # reads back: the step has finished
+        times.append(time.perf_counter() - started)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    record = {"section": f"lora {LORA_PRESET}", "device": device_name(device), "base_dtype": "bfloat16" if bf16
+              else "float32", "activation_checkpointing": True, "lora_rank": 16, "trained_parameters": trained,
+              "parameters": sum(p.numel() for p in model.parameters()),
+              "batch": f"{t.micro_batch_size} x {t.seq_len}", "first_step_s": round(times[0], 1),
+              "step_s": round(min(times[1:] or times), 2), "first_loss": round(losses[0], 4),
+              "last_loss": round(losses[-1], 4)}
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        record.update(peak_mem_gib=round(peak, 2), target_gib=LORA_TARGET_GIB, within_target=peak <= LORA_TARGET_GIB,
+                      peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / 2**30, 2))
+    return record
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -160,7 +231,7 @@ def decode_section(args) -> list[dict]:
         model = build_model(cfg)
     model = model.to(dtype).eval()
     twin = hf_twin(model)
-    prompt_len, new_tokens = (16, 16) if smoke else (128, 128)
+    prompt_len, new_tokens = (16, 16) if smoke else (128, 64)
     decoder = "fast" if smoke and not args.compile else "compiled"
     records = []
     for batch in (1, 4) if smoke else (1, 32):
@@ -201,12 +272,12 @@ def compare_decoding(model, twin, prompts: torch.Tensor, new_tokens: int, decode
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("section", choices=["train", "decode"])
-    parser.add_argument("--arch", required=True)
+    parser.add_argument("section", choices=["train", "decode", "lora"])
+    parser.add_argument("--arch", default="llama", help="architecture (lora: always codegen25-7b's, a llama)")
     parser.add_argument("--results", type=Path, required=True, help="JSON-lines file to append results to")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (checks the script itself)")
     parser.add_argument("--compile", action="store_true", help="with --cpu-smoke: also compile (slower)")
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps (lora: steps in all)")
     parser.add_argument("--micro-batch", type=int, default=4, help="sequences of 2048 tokens per training step")
     parser.add_argument("--repeats", type=int, default=2, help="timed generations per engine (best kept)")
     args = parser.parse_args()
@@ -218,6 +289,8 @@ def main() -> int:
         record = train_section(args)
         if record:
             report(args.results, record)
+    elif args.section == "lora":
+        report(args.results, lora_section(args))
     else:
         for record in decode_section(args):
             report(args.results, record)
