@@ -157,6 +157,7 @@ def test_loads_with_the_familys_tokens_and_transformers_logits(family):
     eos = SHAPES[family.name][3][1]
     assert tok.eot_id == tok.token_ids[eos]
     assert tok.add_bos == (family.name in ("deepseek", "codellama"))
+    assert loaded.config.rope_scaling_factor == (4.0 if family.name == "deepseek" else 1.0)  # linear, as 1.3B's
     reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     ids = torch.tensor([tok.encode_document("def add(a, b):\n    return a + b\n")])
     with torch.no_grad():
