@@ -10,7 +10,7 @@ import torch
 
 from codegen2.checkpoint import WEIGHTS, latest_checkpoint, list_checkpoints
 from codegen2.safetensors_io import read_file
-from codegen2.train import lr_at, train
+from codegen2.train import lr_at, seed_rngs, train
 
 
 def test_loss_falls_and_run_directory_is_complete(tiny_config, tmp_path):
@@ -108,3 +108,16 @@ def test_eval_every_logs_heldout_loss_without_changing_training(tiny_config, tmp
     direct = heldout_loss(loaded.model, loaded.tokenizer, texts, window=probed_config.train.seq_len,
                           max_tokens=300, batch_size=probed_config.train.micro_batch_size)
     assert abs(records[-1]["eval_code_loss"] - direct["loss"]) < 1e-5
+
+
+def test_each_rank_draws_its_own_dropout_masks():
+    """Ranks share the weights' seed but not dropout's: rank r seeds torch with seed + r, so a dropout mask is
+    not copied across the ranks' batches, and one process (rank 0) draws exactly as before."""
+    masks = []
+    for rank in (0, 1, 0):
+        seed_rngs(1234, rank)
+        masks.append(torch.nn.functional.dropout(torch.ones(256), p=0.5))
+    assert torch.equal(masks[0], masks[2])
+    assert not torch.equal(masks[0], masks[1])
+    torch.manual_seed(1234)
+    assert torch.equal(masks[0], torch.nn.functional.dropout(torch.ones(256), p=0.5))

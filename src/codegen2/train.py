@@ -530,15 +530,22 @@ def _lock_run(run_dir: Path, env: DistEnv) -> DirectoryLock | None:
     return lock
 
 
+def seed_rngs(seed: int, rank: int) -> None:
+    """Seed the global RNGs. Only dropout draws from torch's (weights and adapters use their own seeded
+    generator, and DDP/FSDP start every rank from the same weights), so each rank gets `seed + rank`: ranks draw
+    their own dropout masks rather than one mask copied across the batch, and one process is unchanged."""
+    torch.manual_seed(seed + rank)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def _start_run_directory(config: Config, run_dir: Path, resume: bool, overwrite: bool, env: DistEnv) -> Path | None:
     """Seed every RNG, create the run directory (config.toml unless resuming) and find the checkpoint to resume:
     the newest whose files are whole (damaged ones are named and skipped)."""
     t = config.train
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
-    np.random.seed(t.seed)
+    seed_rngs(t.seed, env.rank)
     if env.is_main:
         replaced = None if resume else ckpt.check_run_directory(run_dir, resume, overwrite)
         if replaced:
