@@ -27,6 +27,7 @@ from codegen2.data.pipeline import prepare_data
 from codegen2.data.prepare.shards import PreparedData
 from codegen2.errors import EXIT_FIX_INPUT, EXIT_RETRY_LATER
 from codegen2.fsutil import DirectoryLock
+from codegen2.launch import launcher_exit_code
 from conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +40,14 @@ printf '%s\\n' "$@" > "$ARGV_LOG"
 while [ "$1" != "codegen2.cli" ]; do shift; done
 shift
 exec "$PYTHON" -m codegen2.cli "$@"
+"""
+SRUN_LAUNCH = """#!/usr/bin/env bash
+# srun stand-in that runs the command as given (srun's own options dropped, `python` the test's interpreter):
+# the real launcher and its workers, on this machine.
+printf '%s\\n' "$@" > "$ARGV_LOG"
+while [ "${1#--}" != "$1" ]; do shift; done
+[ "$1" = python ] && shift && set -- "$PYTHON" "$@"
+exec "$@"
 """
 SCONTROL = """#!/usr/bin/env bash
 # scontrol stand-in: record the call; `show hostnames` names this machine.
@@ -58,15 +67,14 @@ def _code_corpus(root: Path, n: int) -> Path:
     return root
 
 
-def _slurm_env(tmp_path: Path) -> dict[str, str]:
+def _slurm_env(tmp_path: Path, srun: str = SRUN) -> dict[str, str]:
     """The environment of a batch script as Slurm starts it, with srun and scontrol stood in for (scontrol's
     calls go to tmp_path/scontrol.log)."""
     bin_dir = tmp_path / "bin"
-    if not bin_dir.is_dir():
-        bin_dir.mkdir()
-        for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
-            (bin_dir / name).write_text(text)
-            (bin_dir / name).chmod(0o755)
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", srun), ("scontrol", SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
             "PYTHONPATH": str(REPO / "src"), "ARGV_LOG": str(tmp_path / "srun-argv.txt"),
             "SCONTROL_LOG": str(tmp_path / "scontrol.log"), "RUN_DIR": str(tmp_path / "run"),
@@ -79,10 +87,10 @@ def _requeues(tmp_path: Path) -> list[str]:
     return [line for line in log.read_text().splitlines() if line.startswith("requeue")] if log.is_file() else []
 
 
-def _sbatch(tmp_path: Path, args: list[str], **env) -> subprocess.CompletedProcess:
+def _sbatch(tmp_path: Path, args: list[str], srun: str = SRUN, **env) -> subprocess.CompletedProcess:
     """Run scripts/slurm_train.sbatch as Slurm would start it, with srun and scontrol stood in for."""
     return subprocess.run(["bash", str(REPO / "scripts" / "slurm_train.sbatch"), *args],
-                          env={**_slurm_env(tmp_path), **env}, cwd=tmp_path, capture_output=True, text=True,
+                          env={**_slurm_env(tmp_path, srun), **env}, cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -103,6 +111,7 @@ def test_a_requeued_slurm_job_resumes_with_the_same_arguments(tmp_path):
     (run / "checkpoints" / "step_00000004").rmdir()
     requeued = _sbatch(tmp_path, args)
     argv = (tmp_path / "srun-argv.txt").read_text().split("\n")
+    assert argv[:3] == ["--kill-on-bad-exit=1", "python", "-m"] and argv[3] == "codegen2.launch"
     assert argv[argv.index("codegen2.cli"):][:7] == ["codegen2.cli", "train", "--out", str(run), "--parallel", "fsdp",
                                                       "--resume"]
     assert requeued.returncode == 0, requeued.stderr[-2000:]
@@ -119,17 +128,40 @@ def test_a_requeued_slurm_job_resumes_with_the_same_arguments(tmp_path):
 
 
 def test_the_train_script_requeues_only_when_told_to_retry_later(tmp_path):
-    """A run held by another live trainer (or a full disk) exits 75, "retry later": the script requeues the
-    job, up to MAX_RETRIES times; a refused input (exit 2) is never requeued (see the test above)."""
+    """A run held by another live trainer (or a full disk) exits 75, "retry later", on every rank: through the real
+    launcher (2 gloo processes, the script's own arguments) the script sees 75 and requeues the job, up to
+    MAX_RETRIES times; a refused input (exit 2) is never requeued (see the test above)."""
     run = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    two_ranks = {"srun": SRUN_LAUNCH, "SLURM_GPUS_ON_NODE": "2", "MASTER_PORT": port}
     with DirectoryLock(run, "training run"):  # another trainer holds the run
         save_config(load_config(None, preset="tiny"), run / "config.toml")
-        busy = _sbatch(tmp_path, ["--preset", "tiny"])
-        assert busy.returncode == EXIT_RETRY_LATER, busy.stderr[-2000:]
-        assert busy.stderr.splitlines()[-1].startswith(f"error: {run} is in use by another training run (PID ")
+        busy = _sbatch(tmp_path, ["--preset", "tiny"], **two_ranks)
+        assert busy.returncode == EXIT_RETRY_LATER, busy.stderr[-3000:]
+        assert f"error: {run} is in use by another training run (PID " in busy.stderr
+        assert "launch: rank 0 exited 75" in busy.stderr and "Traceback" not in busy.stderr
         assert _requeues(tmp_path) == ["requeue 4242"]
-        assert _sbatch(tmp_path, ["--preset", "tiny"], SLURM_RESTART_COUNT="10").returncode == EXIT_RETRY_LATER
+        again = _sbatch(tmp_path, ["--preset", "tiny"], SLURM_RESTART_COUNT="10", **two_ranks)
+        assert again.returncode == EXIT_RETRY_LATER, again.stderr[-3000:]
         assert _requeues(tmp_path) == ["requeue 4242"]  # MAX_RETRIES (10) reached: the job ends
+
+
+@pytest.mark.parametrize("failures, code", [
+    ([(75, 0), (-signal.SIGTERM, 0)], EXIT_RETRY_LATER),  # the peer stopped by torchrun's SIGTERM
+    ([(75, 0), (-signal.SIGKILL, 30)], EXIT_RETRY_LATER),  # ... or killed 30 s on, for not stopping
+    ([(75, 0), (75, 0)], EXIT_RETRY_LATER),
+    ([(2, 0), (75, 0)], EXIT_FIX_INPUT),  # the rank with the bad input, its peer saw it go
+    ([(74, 0), (75, 1)], 74),
+    ([(1, 0), (75, 0)], 1),  # a crash on any rank is never requeued
+    ([(-signal.SIGKILL, 0), (75, 0)], 1),  # the OOM killer, say
+    ([(-signal.SIGTERM, 0)], 143),
+    ([(143, 0), (143, 0)], 143),
+    ([(139, 0)], 1),
+])
+def test_the_launcher_exits_with_the_workers_documented_code(failures, code):
+    assert launcher_exit_code(failures) == code
 
 
 def test_the_prepare_script_requeues_only_when_told_to_retry_later(tmp_path):

@@ -67,3 +67,17 @@ def test_a_hung_rank_ends_every_rank_in_one_line_and_the_run_resumes(tmp_path, s
     results = launch_ranks(config_path, run_dir, {COLLECTIVE_TIMEOUT_ENV: "60"})
     assert [code for code, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
     assert [p.name for p in list_checkpoints(run_dir)][-1] == "step_00000008"
+
+
+def test_under_the_launcher_a_hung_rank_exits_75(tmp_path):
+    """Through `python -m codegen2.launch` (torchrun's arguments), a hung rank reaches the caller as 75, retry
+    later: torchrun alone exits 1, and its SIGTERM to the surviving rank does not turn the run into a crash."""
+    config = stress.share_prepared(stress.tiny_config(tmp_path, **{"train.max_steps": 8}), tmp_path)
+    config_path = stress.write_config(config, tmp_path / "config.toml")
+    command = [sys.executable, "-m", "codegen2.launch", "--standalone", "--nproc_per_node", "2", "-m", "codegen2.cli",
+               "train", "--config", str(config_path), "--out", str(tmp_path / "run"), "--parallel", "ddp"]
+    done = subprocess.run(command, env={**os.environ, COLLECTIVE_TIMEOUT_ENV: "3", HANG_ENV: "1:at step 6:8"},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert done.returncode == EXIT_RETRY_LATER, done.stderr[-3000:]
+    assert "error: rank 0 of 2: a collective failed at step 6 (" in done.stderr
+    assert "exit 75" in done.stderr.splitlines()[-1] and "Traceback" not in done.stderr
