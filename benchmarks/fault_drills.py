@@ -62,6 +62,7 @@ class Tally:
     one_line: int = 0
     tracebacks: int = 0
     hit: int = 0  # rounds where the fault landed (a kill before the end, a limit the run reached, a refusal)
+    seconds: float = 0.0  # wall time of all rounds
 
     def outputs(self, *texts: str) -> None:
         """Count each failed launch's output: one `error:` line, or a traceback."""
@@ -219,6 +220,7 @@ def server(rng: random.Random, work: Path, checkpoint: Path, tally: Tally) -> No
 
 def drill(fault: str, rounds: int, rng: random.Random, base: Path, shared: dict) -> Tally:
     tally = Tally()
+    started = time.monotonic()
     for i in range(rounds):
         with tempfile.TemporaryDirectory(dir=base) as tmp:
             work = Path(tmp)
@@ -235,6 +237,7 @@ def drill(fault: str, rounds: int, rng: random.Random, base: Path, shared: dict)
                 hostile(rng, work, tally)
             else:
                 server(rng, work, shared["checkpoint"], tally)
+        tally.seconds = time.monotonic() - started
         print(f"{fault} round {i + 1}/{rounds}: {tally}", file=sys.stderr, flush=True)
     return tally
 
@@ -295,10 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     print(cpu_line(), flush=True)
     shared = set_up(base)
     rows = {fault: drill(fault, args.rounds, rng, base, shared) for fault in args.faults.split(",")}
-    print("| fault | rounds | fault landed | survived | work lost | one-line errors | tracebacks |\n"
-          "|---|---|---|---|---|---|---|")
+    print("| fault | rounds | fault landed | survived | work lost | one-line errors | tracebacks | wall s |\n"
+          "|---|---|---|---|---|---|---|---|")
     for fault, t in rows.items():
-        print(f"| {fault} | {t.rounds} | {t.hit} | {t.survived} | {t.lost} | {t.one_line} | {t.tracebacks} |")
+        print(f"| {fault} | {t.rounds} | {t.hit} | {t.survived} | {t.lost} | {t.one_line} | {t.tracebacks} "
+              f"| {t.seconds:.0f} |")
     return 0 if all(t.survived == t.rounds and not t.lost and not t.tracebacks for t in rows.values()) else 1
 
 

@@ -498,8 +498,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, tokenizer=N
     ckpt.check_run_directory(run_dir, resume, overwrite)
     env = init_distributed(config.train.device)
     lock = None
-    try:
-        with collectives_guarded(env):
+    with collectives_guarded(env):
+        try:
             env.enter("at start-up")
             tokenizer, rows = add_sentinels(config, tokenizer, env)  # may grow model.vocab_size: before memory check
             check_memory_fit(config, env, config.train.parallel if env.distributed else "none")  # before any file
@@ -509,10 +509,10 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, tokenizer=N
             run = _set_up(config, run_dir, env, resume, overwrite, tokenizer,
                           init_state(config.train.init_from, config, rows) if config.train.init_from else None, rows)
             return _run_loop(run, stop_after)
-    finally:
-        if lock is not None:
-            lock.release()
-        shutdown(env)
+        finally:
+            if lock is not None:
+                lock.release()
+            shutdown(env)
 
 
 def _lock_run(run_dir: Path, env: DistEnv) -> DirectoryLock | None:
