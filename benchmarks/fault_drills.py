@@ -4,16 +4,19 @@
 
 Faults (each round on a fresh directory, tiny model of benchmarks/kill_resume_stress.py, one process):
 
-    kill-train    SIGKILL a training launch at a random moment, then `--resume` to the end
+    kill-train    SIGKILL a training launch at a random moment (a random delay after its start, after a random
+                  `step k` line, or after the staging directory of a random checkpoint appears), then `--resume`
+                  to the end
     kill-prepare  SIGKILL `codegen2 data prepare` at a random moment (stages slowed down), then run it again
     full-disk     train under a random RLIMIT_FSIZE (the child's file size limit: no mount needed), then
                   `--resume` without the limit
     two-starts    a second `train --resume` while the first one runs: it must be refused (exit 75)
-    hostile       `data prepare` of a corpus holding every odd on-disk entry of tests/test_faults.py
+    hostile       `data prepare` of a corpus holding every odd on-disk entry (benchmarks/fault_corpus.py)
     server        `codegen2 serve` under load with half-open connections and clients hanging up, then SIGTERM
 
-Work lost: a committed checkpoint that is gone or unreadable after the fault (steps since the last checkpoint
-are not counted: a kill loses them by design), a prepared directory whose manifest differs from an
+Survived: the command after the fault finished, and a training run's final weights and per-step log equal an
+uninterrupted run's bit for bit. Work lost: a committed checkpoint that is gone after the fault (steps since the
+last checkpoint are not counted: a kill loses them by design), a prepared directory whose manifest differs from an
 uninterrupted one, a request the server accepted (it started answering) that ended neither in 200 nor 503.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import shutil
@@ -35,16 +39,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import kill_resume_stress as stress  # noqa: E402
 import load_serve  # noqa: E402
-from codegen2.checkpoint import latest_checkpoint, list_checkpoints  # noqa: E402
+from codegen2.checkpoint import list_checkpoints  # noqa: E402
 from codegen2.data.prepare.steps import PAUSE_ENV  # noqa: E402
-from codegen2.train import HANG_ENV  # noqa: E402
+from codegen2.distributed import HANG_ENV  # noqa: E402
+from common import cpu_model  # noqa: E402
+from fault_corpus import hostile_corpus  # noqa: E402
 
 FAULTS = ["kill-train", "kill-prepare", "full-disk", "two-starts", "hostile", "server"]
 MAX_STEPS = 8
+SAVE_PAUSE_S = 0.05  # seconds slept after each checkpoint file, so that kills land inside saves too
 
 
 @dataclass
@@ -55,6 +62,7 @@ class Tally:
     one_line: int = 0
     tracebacks: int = 0
     hit: int = 0  # rounds where the fault landed (a kill before the end, a limit the run reached, a refusal)
+    seconds: float = 0.0  # wall time of all rounds
 
     def outputs(self, *texts: str) -> None:
         """Count each failed launch's output: one `error:` line, or a traceback."""
@@ -79,26 +87,30 @@ def committed(run_dir: Path) -> list[int]:
     return [int(p.name.split("_")[-1]) for p in list_checkpoints(run_dir)] if run_dir.is_dir() else []
 
 
-def finish(tally: Tally, config_path: Path, run_dir: Path, before: list[int]) -> None:
-    """Resume to the end; the round survived when it finishes and no committed checkpoint was lost."""
+def finish(tally: Tally, shared: dict, run_dir: Path, before: list[int]) -> None:
+    """Resume to the end; the round survived when it finishes with the weights and log of the uninterrupted run,
+    and no checkpoint committed before the fault (`before`) was lost."""
     after = committed(run_dir)
     tally.lost += int(bool(before) and (not after or max(after) < max(before)))
-    code, out = run(stress.train_command(config_path, run_dir, 1, "none"))
+    code, out = run(stress.train_command(shared["config"], run_dir, 1, "none"))
     tally.outputs(out if code else "")
-    latest = latest_checkpoint(run_dir)
-    tally.survived += int(code == 0 and latest is not None and latest.name.endswith(str(MAX_STEPS)))
+    tally.survived += int(code == 0 and not stress.compare_runs(shared["reference"], run_dir))
 
 
-def kill_train(rng: random.Random, work: Path, config_path: Path, seconds: float, tally: Tally) -> None:
-    """`seconds`: how long an uninterrupted launch takes; the kill lands anywhere in it."""
+def kill_train(rng: random.Random, work: Path, shared: dict, tally: Tally) -> None:
+    """SIGKILL at a random moment: a random delay after the start, after a random `step k` line, or inside the
+    save of a random checkpoint (the triggers of kill_resume_stress.py)."""
     run_dir = work / "run"
-    launch = stress.Launch.start(stress.train_command(config_path, run_dir, 1, "none"), stress.launch_env(0.05))
-    time.sleep(rng.uniform(0.3, 0.95) * seconds)
-    before = committed(run_dir)
-    tally.hit += int(launch.proc.poll() is None)
-    launch.kill_all()
-    launch.wait()
-    finish(tally, config_path, run_dir, before)
+    kill = stress.plan_kill(rng, shared["train_config"], 0, ["start", "step", "save"], SAVE_PAUSE_S,
+                            shared["step_s"], shared["start_s"], 1)
+    kill.target = rng.randint(1, MAX_STEPS) if kill.kind == "step" else kill.target  # any step of the run
+    launch = stress.Launch.start(stress.train_command(shared["config"], run_dir, 1, "none"),
+                                 stress.launch_env(SAVE_PAUSE_S))
+    landed = stress.execute_kill(launch, run_dir, kill)
+    if not landed:
+        launch.wait()
+    tally.hit += int(landed)
+    finish(tally, shared, run_dir, kill.committed if landed else committed(run_dir))
 
 
 def kill_prepare(rng: random.Random, work: Path, source_config: Path, reference: dict, seconds: float,
@@ -122,24 +134,24 @@ def manifest_totals(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))["totals"]
 
 
-def full_disk(rng: random.Random, work: Path, config_path: Path, tally: Tally) -> None:
+def full_disk(rng: random.Random, work: Path, shared: dict, tally: Tally) -> None:
     run_dir = work / "run"
     limit = rng.randint(20_000, 1_300_000)  # under the largest checkpoint file (1.36 MB)
 
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    code, out = run(stress.train_command(config_path, run_dir, 1, "none"), preexec_fn=cap)
+    code, out = run(stress.train_command(shared["config"], run_dir, 1, "none"), preexec_fn=cap)
     tally.outputs(out if code else "")
     tally.hit += int(code != 0)
-    finish(tally, config_path, run_dir, committed(run_dir))
+    finish(tally, shared, run_dir, committed(run_dir))
 
 
-def two_starts(rng: random.Random, work: Path, config_path: Path, tally: Tally) -> None:
-    run_dir = work / "run"
+def two_starts(rng: random.Random, work: Path, shared: dict, tally: Tally) -> None:
+    run_dir, config_path = work / "run", shared["config"]
     # The first run stalls 8 s inside step 6 (the hung-rank hook), so that the second start overlaps it.
     first = stress.Launch.start(stress.train_command(config_path, run_dir, 1, "none"),
-                                {**stress.launch_env(0.05), HANG_ENV: "0:6:8"})
+                                {**stress.launch_env(SAVE_PAUSE_S), HANG_ENV: "0:at step 6:8"})
     while not (run_dir / "config.toml").is_file() and first.proc.poll() is None:
         time.sleep(0.1)
     time.sleep(rng.uniform(0.0, 4.0))
@@ -149,14 +161,13 @@ def two_starts(rng: random.Random, work: Path, config_path: Path, tally: Tally) 
     refused = code == 75 and "in use" in out
     tally.hit += int(refused)
     # A second start after the first one ended is no overlap: it resumes a finished run (exit 0).
-    tally.survived += int(first_code == 0 and (refused or (code == 0 and first.proc.returncode == 0)))
+    same = not stress.compare_runs(shared["reference"], run_dir)  # the refused start left the first run alone
+    tally.survived += int(first_code == 0 and same and (refused or code == 0))
 
 
 def hostile(rng: random.Random, work: Path, tally: Tally) -> None:
-    from test_faults import _hostile_corpus
-
     root = work / "corpus"
-    expected = _hostile_corpus(root, work / "outside")
+    expected = hostile_corpus(root, work / "outside")
     for i in range(rng.randint(0, 5)):
         (root / f"extra_{i}.py").write_text(f"def extra_{i}():\n    return {i}\n")
     out = work / "out"
@@ -209,50 +220,69 @@ def server(rng: random.Random, work: Path, checkpoint: Path, tally: Tally) -> No
 
 def drill(fault: str, rounds: int, rng: random.Random, base: Path, shared: dict) -> Tally:
     tally = Tally()
+    started = time.monotonic()
     for i in range(rounds):
         with tempfile.TemporaryDirectory(dir=base) as tmp:
             work = Path(tmp)
             tally.rounds += 1
             if fault == "kill-train":
-                kill_train(rng, work, shared["config"], shared["train_s"], tally)
+                kill_train(rng, work, shared, tally)
             elif fault == "kill-prepare":
-                kill_prepare(rng, work, shared["source_config"], shared["reference"], shared["prepare_s"], tally)
+                kill_prepare(rng, work, shared["source_config"], shared["totals"], shared["prepare_s"], tally)
             elif fault == "full-disk":
-                full_disk(rng, work, shared["config"], tally)
+                full_disk(rng, work, shared, tally)
             elif fault == "two-starts":
-                two_starts(rng, work, shared["config"], tally)
+                two_starts(rng, work, shared, tally)
             elif fault == "hostile":
                 hostile(rng, work, tally)
             else:
                 server(rng, work, shared["checkpoint"], tally)
+        tally.seconds = time.monotonic() - started
         print(f"{fault} round {i + 1}/{rounds}: {tally}", file=sys.stderr, flush=True)
     return tally
 
 
 def set_up(base: Path) -> dict:
-    """The shared tiny config (prepared once), a config with sources for prepare, its reference, a server model."""
+    """The shared tiny config (prepared once) and its uninterrupted run (the reference every resumed run must equal,
+    and the timings kills are drawn from), a config with sources for prepare and its manifest, a server model."""
     config = stress.tiny_config(base, **{"train.max_steps": MAX_STEPS, "train.checkpoint_every": 4})
     source_config = stress.write_config(config, base / "sources.toml")
     stress.share_prepared(config, base)
-    reference = manifest_totals(base / "prepared" / "manifest.json")
-    for stale in ("timing-run", "timing-prepared", "model"):
+    totals = manifest_totals(base / "prepared" / "manifest.json")
+    for stale in ("reference-run", "timing-prepared", "model"):
         shutil.rmtree(base / stale, ignore_errors=True)
     (base / "model").mkdir()
     config_path = stress.write_config(config, base / "config.toml")
-    return {"config": config_path, "source_config": source_config, "reference": reference,
+    reference = timed(stress.train_command(config_path, base / "reference-run", 1, "none"),
+                      stress.launch_env(SAVE_PAUSE_S))
+    step_s, start_s = stress.timings(reference)
+    prepare = timed(cli("data", "prepare", "--config", str(source_config), "--out", str(base / "timing-prepared")),
+                    {**stress.launch_env(), PAUSE_ENV: "0.3"})
+    prepare_s = time.monotonic() - prepare.started
+    return {"config": config_path, "train_config": config, "source_config": source_config, "totals": totals,
+            "reference": base / "reference-run", "step_s": step_s, "start_s": start_s,
             "checkpoint": load_serve.build_small_run(base / "model"),
-            "train_s": timed(stress.train_command(config_path, base / "timing-run", 1, "none"),
-                             stress.launch_env(0.05)),
-            "prepare_s": timed(cli("data", "prepare", "--config", str(source_config), "--out",
-                                   str(base / "timing-prepared")), {**stress.launch_env(), PAUSE_ENV: "0.3"})}
+            "prepare_s": prepare_s}
 
 
-def timed(command: list[str], env: dict[str, str]) -> float:
-    """Seconds an uninterrupted launch takes (the window the kills are drawn in)."""
+def timed(command: list[str], env: dict[str, str]) -> stress.Launch:
+    """An uninterrupted launch, run to its end (its output lines keep their times: the window kills are drawn in)."""
     launch = stress.Launch.start(command, env)
     if launch.wait() != 0:
         raise RuntimeError("".join(launch.transcript[-20:]))
-    return time.monotonic() - launch.started
+    return launch
+
+
+def cpu_line() -> str:
+    """The CPU, its cores and which of the vector extensions the kernels care about it has (lscpu's flags)."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    have = " ".join(flag for flag in ("avx2", "avx512_vnni", "amx_int8") if flag in flags) or "none of them"
+    return (f"CPU: {cpu_model()}, {os.cpu_count()} cores; avx2/avx512_vnni/amx_int8: {have}; "
+            f"load average {os.getloadavg()[0]:.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,12 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(args.out or tempfile.mkdtemp(prefix="fault-drills-"))
     base.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
+    print(cpu_line(), flush=True)
     shared = set_up(base)
     rows = {fault: drill(fault, args.rounds, rng, base, shared) for fault in args.faults.split(",")}
-    print("| fault | rounds | fault landed | survived | work lost | one-line errors | tracebacks |\n"
-          "|---|---|---|---|---|---|---|")
+    print("| fault | rounds | fault landed | survived | work lost | one-line errors | tracebacks | wall s |\n"
+          "|---|---|---|---|---|---|---|---|")
     for fault, t in rows.items():
-        print(f"| {fault} | {t.rounds} | {t.hit} | {t.survived} | {t.lost} | {t.one_line} | {t.tracebacks} |")
+        print(f"| {fault} | {t.rounds} | {t.hit} | {t.survived} | {t.lost} | {t.one_line} | {t.tracebacks} "
+              f"| {t.seconds:.0f} |")
     return 0 if all(t.survived == t.rounds and not t.lost and not t.tracebacks for t in rows.values()) else 1
 
 

@@ -42,6 +42,7 @@ from codegen2.checkpoint import (
     CHECKPOINTS,
     SAVE_PAUSE_ENV,
     WEIGHTS,
+    checkpoint_step,
     latest_checkpoint,
     list_checkpoints,
     read_meta,
@@ -252,6 +253,7 @@ class Kill:
     how: str = "all"  # all | rank
     resumed_from: int = 0  # the checkpoint step this launch resumed from
     landed: str = ""  # where it actually hit, filled in afterwards
+    committed: list[int] = field(default_factory=list)  # the steps of the checkpoints committed when it hit
 
 
 def checkpoint_steps(config: Config) -> list[int]:
@@ -307,6 +309,7 @@ def execute_kill(launch: Launch, run_dir: Path, kill: Kill, timeout: float = 300
     if launch.proc.poll() is not None:
         return False
     kill.landed = describe_state(run_dir, launch)
+    kill.committed = [checkpoint_step(path) for path in list_checkpoints(run_dir)]
     launch.kill_one_rank() if kill.how == "rank" else launch.kill_all()
     launch.wait()
     return True

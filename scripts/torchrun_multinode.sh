@@ -11,6 +11,8 @@
 #   a preempted one continues from its newest intact checkpoint, so the same command serves first start
 #   and every restart (train refuses --resume where there is no run, and a new run where there is one).
 # - RDZV_ID must be the same on all nodes and different for concurrent jobs.
+# - The exit code is the workers' documented one (codegen2.launch: torchrun alone exits 1 for any failure):
+#   75 "retry later" (run this again), 2 "fix the input", 74 "storage failed", 1 a crash (docs/reliability.md).
 set -euo pipefail
 
 NNODES=${NNODES:?set NNODES}
@@ -21,7 +23,7 @@ RDZV_ID=${RDZV_ID:-codegen2-$(basename "${RUN_DIR:?set RUN_DIR}")}
 PARALLEL=${PARALLEL:-fsdp}
 RESUME=$([ -f "$RUN_DIR/config.toml" ] && echo --resume || true)
 
-exec python -m torch.distributed.run \
+exec python -m codegen2.launch \
     --nnodes "$NNODES" \
     --nproc_per_node "$NPROC_PER_NODE" \
     --rdzv_backend c10d \

@@ -22,15 +22,16 @@ from codegen2.checkpoint import list_checkpoints
 from codegen2.config import DataConfig, SourceConfig, load_config, save_config
 from codegen2.data.arguments import data_change, data_with_paths
 from codegen2.data.documents import stable_fraction
-from codegen2.data.formats import HUGE_FILE_BYTES
 from codegen2.data.pipeline import prepare_data
 from codegen2.data.prepare.shards import PreparedData
 from codegen2.errors import EXIT_FIX_INPUT, EXIT_RETRY_LATER
 from codegen2.fsutil import DirectoryLock
+from codegen2.launch import launcher_exit_code
 from conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-
+sys.path.append(str(REPO / "benchmarks"))
+from fault_corpus import NORMAL, code_corpus, hostile_corpus  # shared with benchmarks/fault_drills.py
 
 # ------------------------------------------------------------------------------------------ requeue
 SRUN = """#!/usr/bin/env bash
@@ -40,6 +41,14 @@ while [ "$1" != "codegen2.cli" ]; do shift; done
 shift
 exec "$PYTHON" -m codegen2.cli "$@"
 """
+SRUN_LAUNCH = """#!/usr/bin/env bash
+# srun stand-in that runs the command as given (srun's own options dropped, `python` the test's interpreter):
+# the real launcher and its workers, on this machine.
+printf '%s\\n' "$@" > "$ARGV_LOG"
+while [ "${1#--}" != "$1" ]; do shift; done
+[ "$1" = python ] && shift && set -- "$PYTHON" "$@"
+exec "$@"
+"""
 SCONTROL = """#!/usr/bin/env bash
 # scontrol stand-in: record the call; `show hostnames` names this machine.
 echo "$@" >> "$SCONTROL_LOG"
@@ -48,25 +57,14 @@ exit 0
 """
 
 
-def _code_corpus(root: Path, n: int) -> Path:
-    root.mkdir(parents=True)
-    for i in range(n):
-        (root / f"mod{i}.py").write_text(
-            f'def scale_{i}(values):\n    """Multiply every value by {i} and add {i * i}."""\n'
-            f"    return [v * {i} + {i * i} for v in values]\n\n\nclass Counter{i}:\n    start = {i}\n",
-            encoding="utf-8")
-    return root
-
-
-def _slurm_env(tmp_path: Path) -> dict[str, str]:
+def _slurm_env(tmp_path: Path, srun: str = SRUN) -> dict[str, str]:
     """The environment of a batch script as Slurm starts it, with srun and scontrol stood in for (scontrol's
     calls go to tmp_path/scontrol.log)."""
     bin_dir = tmp_path / "bin"
-    if not bin_dir.is_dir():
-        bin_dir.mkdir()
-        for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
-            (bin_dir / name).write_text(text)
-            (bin_dir / name).chmod(0o755)
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", srun), ("scontrol", SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
             "PYTHONPATH": str(REPO / "src"), "ARGV_LOG": str(tmp_path / "srun-argv.txt"),
             "SCONTROL_LOG": str(tmp_path / "scontrol.log"), "RUN_DIR": str(tmp_path / "run"),
@@ -79,17 +77,17 @@ def _requeues(tmp_path: Path) -> list[str]:
     return [line for line in log.read_text().splitlines() if line.startswith("requeue")] if log.is_file() else []
 
 
-def _sbatch(tmp_path: Path, args: list[str], **env) -> subprocess.CompletedProcess:
+def _sbatch(tmp_path: Path, args: list[str], srun: str = SRUN, **env) -> subprocess.CompletedProcess:
     """Run scripts/slurm_train.sbatch as Slurm would start it, with srun and scontrol stood in for."""
     return subprocess.run(["bash", str(REPO / "scripts" / "slurm_train.sbatch"), *args],
-                          env={**_slurm_env(tmp_path), **env}, cwd=tmp_path, capture_output=True, text=True,
+                          env={**_slurm_env(tmp_path, srun), **env}, cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
 
 
 def test_a_requeued_slurm_job_resumes_with_the_same_arguments(tmp_path):
     """docs/distributed.md's `sbatch scripts/slurm_train.sbatch --preset ... --data DIR`: the requeue adds --resume
     to the same arguments and training goes on from the last checkpoint; other data is refused in one line."""
-    corpus = _code_corpus(tmp_path / "code", 24)
+    corpus = code_corpus(tmp_path / "code", 24)
     overrides = [a for kv in tiny_overrides(corpus, **{"train.max_steps": 4, "train.checkpoint_every": 2})
                  for a in ("--set", kv)]
     args = ["--preset", "tiny", "--data", str(corpus), *overrides]
@@ -103,13 +101,14 @@ def test_a_requeued_slurm_job_resumes_with_the_same_arguments(tmp_path):
     (run / "checkpoints" / "step_00000004").rmdir()
     requeued = _sbatch(tmp_path, args)
     argv = (tmp_path / "srun-argv.txt").read_text().split("\n")
+    assert argv[:3] == ["--kill-on-bad-exit=1", "python", "-m"] and argv[3] == "codegen2.launch"
     assert argv[argv.index("codegen2.cli"):][:7] == ["codegen2.cli", "train", "--out", str(run), "--parallel", "fsdp",
                                                       "--resume"]
     assert requeued.returncode == 0, requeued.stderr[-2000:]
     assert "resuming from" in requeued.stderr and "step_00000002" in requeued.stderr
     resumed = load_file(run / "checkpoints" / "step_00000004" / "model.safetensors")
     assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)  # the same run
-    other = _code_corpus(tmp_path / "other", 3)
+    other = code_corpus(tmp_path / "other", 3)
     refused = _sbatch(tmp_path, ["--preset", "tiny", "--data", str(other), *overrides])
     assert refused.returncode == 2 and refused.stderr.count("\n") == 2, refused.stderr  # the note and one error
     error = refused.stderr.splitlines()[-1]
@@ -119,21 +118,44 @@ def test_a_requeued_slurm_job_resumes_with_the_same_arguments(tmp_path):
 
 
 def test_the_train_script_requeues_only_when_told_to_retry_later(tmp_path):
-    """A run held by another live trainer (or a full disk) exits 75, "retry later": the script requeues the
-    job, up to MAX_RETRIES times; a refused input (exit 2) is never requeued (see the test above)."""
+    """A run held by another live trainer (or a full disk) exits 75, "retry later", on every rank: through the real
+    launcher (2 gloo processes, the script's own arguments) the script sees 75 and requeues the job, up to
+    MAX_RETRIES times; a refused input (exit 2) is never requeued (see the test above)."""
     run = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    two_ranks = {"srun": SRUN_LAUNCH, "SLURM_GPUS_ON_NODE": "2", "MASTER_PORT": port}
     with DirectoryLock(run, "training run"):  # another trainer holds the run
         save_config(load_config(None, preset="tiny"), run / "config.toml")
-        busy = _sbatch(tmp_path, ["--preset", "tiny"])
-        assert busy.returncode == EXIT_RETRY_LATER, busy.stderr[-2000:]
-        assert busy.stderr.splitlines()[-1].startswith(f"error: {run} is in use by another training run (PID ")
+        busy = _sbatch(tmp_path, ["--preset", "tiny"], **two_ranks)
+        assert busy.returncode == EXIT_RETRY_LATER, busy.stderr[-3000:]
+        assert f"error: {run} is in use by another training run (PID " in busy.stderr
+        assert "launch: rank 0 exited 75" in busy.stderr and "Traceback" not in busy.stderr
         assert _requeues(tmp_path) == ["requeue 4242"]
-        assert _sbatch(tmp_path, ["--preset", "tiny"], SLURM_RESTART_COUNT="10").returncode == EXIT_RETRY_LATER
+        again = _sbatch(tmp_path, ["--preset", "tiny"], SLURM_RESTART_COUNT="10", **two_ranks)
+        assert again.returncode == EXIT_RETRY_LATER, again.stderr[-3000:]
         assert _requeues(tmp_path) == ["requeue 4242"]  # MAX_RETRIES (10) reached: the job ends
 
 
+@pytest.mark.parametrize("failures, code", [
+    ([(75, 0), (-signal.SIGTERM, 0)], EXIT_RETRY_LATER),  # the peer stopped by torchrun's SIGTERM
+    ([(75, 0), (-signal.SIGKILL, 30)], EXIT_RETRY_LATER),  # ... or killed 30 s on, for not stopping
+    ([(75, 0), (75, 0)], EXIT_RETRY_LATER),
+    ([(2, 0), (75, 0)], EXIT_FIX_INPUT),  # the rank with the bad input, its peer saw it go
+    ([(74, 0), (75, 1)], 74),
+    ([(1, 0), (75, 0)], 1),  # a crash on any rank is never requeued
+    ([(-signal.SIGKILL, 0), (75, 0)], 1),  # the OOM killer, say
+    ([(-signal.SIGTERM, 0)], 143),
+    ([(143, 0), (143, 0)], 143),
+    ([(139, 0)], 1),
+])
+def test_the_launcher_exits_with_the_workers_documented_code(failures, code):
+    assert launcher_exit_code(failures) == code
+
+
 def test_the_prepare_script_requeues_only_when_told_to_retry_later(tmp_path):
-    corpus = _code_corpus(tmp_path / "code", 4)
+    corpus = code_corpus(tmp_path / "code", 4)
     config = tmp_path / "prepare.toml"
     config.write_text(f'[data]\nheldout_fraction = 0.1\n\n[[data.sources]]\npath = "{corpus}"\n')
     env = {**_slurm_env(tmp_path), "DRY_RUN": "1", "VENV": str(Path(sys.executable).parent.parent)}
@@ -149,7 +171,7 @@ def test_the_prepare_script_requeues_only_when_told_to_retry_later(tmp_path):
 def test_the_prepare_script_submitted_again_continues(tmp_path):
     """scripts/slurm_prepare.sbatch submitted again with the same arguments (after a failure or a preemption)
     continues the prepare in OUT_DIR (DRY_RUN: the stage scripts are written, nothing is submitted)."""
-    corpus = _code_corpus(tmp_path / "code", 4)
+    corpus = code_corpus(tmp_path / "code", 4)
     config = tmp_path / "prepare.toml"
     config.write_text(f'[data]\nheldout_fraction = 0.1\n\n[[data.sources]]\npath = "{corpus}"\n')
     env = {**os.environ, "DRY_RUN": "1", "VENV": str(Path(sys.executable).parent.parent),
@@ -161,7 +183,7 @@ def test_the_prepare_script_submitted_again_continues(tmp_path):
 
 
 def test_the_same_sources_spelled_otherwise_are_the_same_data(tmp_path, monkeypatch):
-    corpus = _code_corpus(tmp_path / "code", 2)
+    corpus = code_corpus(tmp_path / "code", 2)
     monkeypatch.chdir(tmp_path)
     saved = data_with_paths(DataConfig(), [str(corpus)])
     for spelling in ("code", "code/", f"{corpus}/../code", "./code"):
@@ -170,7 +192,7 @@ def test_the_same_sources_spelled_otherwise_are_the_same_data(tmp_path, monkeypa
 
 
 def test_a_real_data_change_is_named(tmp_path):
-    corpus = _code_corpus(tmp_path / "code", 2)
+    corpus = code_corpus(tmp_path / "code", 2)
     saved = DataConfig(sources=[SourceConfig(path=str(corpus), kind="nl", weight=0.5)])
     assert data_change(saved, data_with_paths(saved, [str(corpus)])) == \
         f"source {corpus}: kind 'nl' -> 'code'; source {corpus}: weight 0.5 -> 1.0"
@@ -209,14 +231,11 @@ def test_resume_with_the_same_prepared_directory_goes_on(tmp_path, monkeypatch, 
     assert seen == [str(prepared.resolve())] * 2
     assert load_config(run / "config.toml").data.prepared == str(prepared.resolve())
     capsys.readouterr()
-    assert cli.main(["train", "--out", str(run), "--resume", "--data", str(_code_corpus(tmp_path / "c", 1))]) == 2
+    assert cli.main(["train", "--out", str(run), "--resume", "--data", str(code_corpus(tmp_path / "c", 1))]) == 2
     assert "(adds source" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ odd entries
-NORMAL = 10
-
-
 @contextmanager
 def _deadline(seconds: int):
     """Fail instead of hanging (a FIFO opened for reading blocks until a writer comes)."""
@@ -230,40 +249,6 @@ def _deadline(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def _hostile_corpus(root: Path, outside: Path) -> dict[bytes, str]:
-    """NORMAL ordinary files (one through a symlink) and one entry of every odd kind; returns the raw relative
-    path of each odd entry and the reason it must be skipped with."""
-    _code_corpus(root, NORMAL - 1)
-    outside.mkdir()
-    (outside / "target.py").write_text("def linked(a, b):\n    return a - b  # reached through a symlink\n")
-    os.symlink(outside / "target.py", root / "linked.py")
-    (root / os.fsdecode(b"caf\xe9.py")).write_text("x = 1\n")
-    (root / os.fsdecode(b"dir\xff")).mkdir()
-    (root / os.fsdecode(b"dir\xff") / "inner.py").write_text("y = 2\n")
-    os.symlink(root / "missing.py", root / "dangling.py")
-    os.symlink("loop.py", root / "loop.py")
-    (root / "sub").mkdir()
-    os.symlink("..", root / "sub" / "up")
-    os.mkfifo(root / "pipe.py")
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(str(root / "sock.py"))
-    server.close()  # the socket file stays
-    (root / "locked").mkdir()
-    (root / "locked" / "never.py").write_text("z = 3\n")
-    for name in ("vanishing.py", "growing.py", "unreadable.py"):
-        (root / name).write_text(f"# {name}\nvalue = '{name}'\n")
-    (root / "empty.py").write_bytes(b"")
-    with open(root / "huge.py", "wb") as handle:
-        handle.truncate(HUGE_FILE_BYTES + 1)  # sparse: no disk used
-    (root / "blob.py").write_bytes(b"\x00\x01\x02 not text")
-    (root / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
-    return {b"caf\xe9.py": "name_not_utf8", b"dir\xff/inner.py": "name_not_utf8", b"dangling.py": "dangling_symlink",
-            b"loop.py": "symlink_loop", b"sub/up": "symlinked_dir", b"pipe.py": "fifo", b"sock.py": "socket",
-            b"locked": "unreadable_dir", b"vanishing.py": "vanished", b"growing.py": "changed_while_read",
-            b"unreadable.py": "unreadable", b"empty.py": "empty", b"huge.py": "huge", b"blob.py": "binary",
-            b"latin1.py": "not_utf8"}
 
 
 def _inject_read_faults(monkeypatch, root: Path) -> None:
@@ -321,7 +306,7 @@ def _check_skipped(out: Path, expected: dict[bytes, str], root: Path) -> None:
 
 def test_one_odd_entry_never_stops_a_prepare(tmp_path, monkeypatch, capsys):
     root = tmp_path / "corpus"
-    expected = _hostile_corpus(root, tmp_path / "outside")
+    expected = hostile_corpus(root, tmp_path / "outside")
     _inject_read_faults(monkeypatch, root)
     out = tmp_path / "out"
     with _deadline(120):
@@ -337,7 +322,7 @@ def test_one_odd_entry_never_stops_a_prepare(tmp_path, monkeypatch, capsys):
 def test_one_odd_entry_never_stops_a_run_preparing_its_own_data(tmp_path, monkeypatch):
     """The in-line prepare of `train --data DIR` (RUN/prepared) skips and counts the same entries."""
     root = tmp_path / "corpus"
-    expected = _hostile_corpus(root, tmp_path / "outside")
+    expected = hostile_corpus(root, tmp_path / "outside")
     _inject_read_faults(monkeypatch, root)
     config = load_config(None, overrides=tiny_overrides(root, **{"tokenizer.vocab_size": 400,
                                                                  "model.vocab_size": 400}))

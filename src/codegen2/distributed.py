@@ -7,11 +7,14 @@ The *full* state (model and optimizer unsharded, keyed by parameter name) is gat
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import os
+import re
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -20,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import UserError
+from .errors import RetryLater, UserError
 from .models import architecture
 from .options import resolve_device
 from .safetensors_io import require_all
@@ -34,6 +37,13 @@ class DistEnv:
     device: torch.device = torch.device("cpu")
     process_group: bool = False  # launched by torchrun: collectives go through a process group
     owns_group: bool = False  # this process created the process group (and so tears it down)
+    stage: str = "at start-up"  # what the run does now: the line of a failed collective names it
+
+    def enter(self, stage: str) -> None:
+        """Name what this rank does next ("at step 6"), for the line a failed collective ends in; the test hook
+        CODEGEN2_HANG_AT stalls here."""
+        self.stage = stage
+        stall_for_test(self.rank, stage)
 
     @property
     def is_main(self) -> bool:
@@ -75,6 +85,39 @@ def is_collective_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(
         marker in text for marker in ("Timed out", "timed out", "Connection closed by peer", "Connection reset",
                                       "NCCL communicator was aborted", "ProcessGroupGloo"))
+
+
+HANG_ENV = "CODEGEN2_HANG_AT"  # test hook: "RANK:STAGE:SECONDS", e.g. "1:at step 6:8" or "1:at start-up:8"
+
+
+def stall_for_test(rank: int, stage: str) -> None:
+    """Test hook: one rank sleeps on entering a stage (see HANG_ENV), so that the others' collective times out."""
+    spec = os.environ.get(HANG_ENV, "")
+    if spec:
+        at_rank, at_stage, seconds = spec.split(":")
+        if int(at_rank) == rank and at_stage == stage:
+            time.sleep(float(seconds))
+
+
+def collective_failure_line(env: DistEnv, exc: BaseException) -> str:
+    """One line for a collective that failed because another rank hung or died: this rank, the stage, the cause."""
+    first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]  # drop the C++ source location
+    return (f"rank {env.rank} of {env.world_size}: a collective failed {env.stage} (another rank hung or died; "
+            f"timeout {collective_timeout_s():g} s, {COLLECTIVE_TIMEOUT_ENV}): {first[:200]}; run again with --resume")
+
+
+@contextlib.contextmanager
+def collectives_guarded(env: DistEnv) -> Iterator[None]:
+    """Every collective in the block (start-up agreement, steps, checkpoint saves, the end of the run): one that
+    fails because another rank hung or died ends this rank in one line, RetryLater (exit 75), since the run resumes
+    from its last checkpoint once every rank is back; any other error passes through."""
+    try:
+        yield
+    except Exception as exc:
+        if not (env.distributed and is_collective_failure(exc)):
+            raise
+        raise RetryLater(collective_failure_line(env, exc)) from None
 
 
 def launched_by_torchrun() -> bool:

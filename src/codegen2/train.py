@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import random
-import re
 import signal
 import sys
 import threading
@@ -41,15 +40,13 @@ from .data import BatchLoader, prepare_data
 from .data.heldout import HeldoutProbe, run_heldout_documents
 from .data.loader import objective_setup
 from .distributed import (
-    COLLECTIVE_TIMEOUT_ENV,
     DistEnv,
     all_reduce_sum,
     barrier,
     broadcast_object,
     build_sharded,
-    collective_timeout_s,
+    collectives_guarded,
     init_distributed,
-    is_collective_failure,
     load_full_state,
     shutdown,
     unwrap,
@@ -494,25 +491,28 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, tokenizer=N
 
     A new run refuses a directory that holds another run unless `overwrite` (which replaces its files);
     `resume` continues the run there from its newest intact checkpoint. One process writes a run: rank 0 holds
-    RUN/.lock until it returns or dies, and a second trainer is refused (RetryLater) naming the holder.
+    RUN/.lock until it returns or dies, and a second trainer is refused (RetryLater) naming the holder. Under
+    torchrun, a collective that fails because another rank hung or died ends each rank in one line (RetryLater).
     """
     run_dir = Path(run_dir)
     ckpt.check_run_directory(run_dir, resume, overwrite)
     env = init_distributed(config.train.device)
     lock = None
-    try:
-        tokenizer, rows = add_sentinels(config, tokenizer, env)  # may grow model.vocab_size: before the memory check
-        check_memory_fit(config, env, config.train.parallel if env.distributed else "none")  # before any file
-        lock = _lock_run(run_dir, env)
-        # Weights to start from are read before any work, so that a wrong --init-from fails at once (passed
-        # inline, not held here, so that they are freed once copied into the model).
-        run = _set_up(config, run_dir, env, resume, overwrite, tokenizer,
-                      init_state(config.train.init_from, config, rows) if config.train.init_from else None, rows)
-        return _run_loop(run, stop_after)
-    finally:
-        if lock is not None:
-            lock.release()
-        shutdown(env)
+    with collectives_guarded(env):
+        try:
+            env.enter("at start-up")
+            tokenizer, rows = add_sentinels(config, tokenizer, env)  # may grow model.vocab_size: before memory check
+            check_memory_fit(config, env, config.train.parallel if env.distributed else "none")  # before any file
+            lock = _lock_run(run_dir, env)
+            # Weights to start from are read before any work, so that a wrong --init-from fails at once (passed
+            # inline, not held here, so that they are freed once copied into the model).
+            run = _set_up(config, run_dir, env, resume, overwrite, tokenizer,
+                          init_state(config.train.init_from, config, rows) if config.train.init_from else None, rows)
+            return _run_loop(run, stop_after)
+        finally:
+            if lock is not None:
+                lock.release()
+            shutdown(env)
 
 
 def _lock_run(run_dir: Path, env: DistEnv) -> DirectoryLock | None:
@@ -802,7 +802,8 @@ def _run_loop(run: TrainingRun, stop_after: int | None) -> TrainResult:
     stop = StopRequest().install()
     try:
         while run.step < t.max_steps:
-            grad_norm, loss_sum, count = _guarded_step(run, next(iterator), pending_digests)
+            env.enter(f"at step {run.step + 1}")  # names the step in the line of a failed collective
+            grad_norm, loss_sum, count = _step(run, next(iterator), pending_digests)
             log_due = is_due(run.step, t.log_every, t.max_steps) or run.step == 1
             checkpoint_due = is_due(run.step, t.checkpoint_every, t.max_steps)
             if log_due or checkpoint_due:
@@ -821,6 +822,7 @@ def _run_loop(run: TrainingRun, stop_after: int | None) -> TrainResult:
             if checkpoint_due or stopping:
                 if stopping and not checkpoint_due:
                     run.data_hash = fold_digests(run.data_hash, pending_digests)
+                env.enter(f"while saving the checkpoint of step {run.step}")
                 ckpt.save_checkpoint(run.run_dir, run.step, run.model, run.optimizer, run.scheduler, env,
                                      run.settings.parallel == "fsdp", run.checkpoint_meta(), t.keep_last)
             if stopping:
@@ -833,35 +835,9 @@ def _run_loop(run: TrainingRun, stop_after: int | None) -> TrainResult:
         stop.restore()
         run.loader.close()
         run.run_log.close()
+    env.enter("at the end of the run")
     return TrainResult(run_dir=run.run_dir, final_step=run.step, tokens_seen=run.tokens_seen, last_loss=last_loss,
                        history=history, interrupted=interrupted)
-
-
-HANG_ENV = "CODEGEN2_HANG_AT"  # test hook: "RANK:STEP:SECONDS" makes that rank sleep before that step's collective
-
-
-def _hang_for_test(env: DistEnv, step: int) -> None:
-    """Test hook: one rank stalls inside a step (see HANG_ENV) so that the others' collective times out."""
-    spec = os.environ.get(HANG_ENV, "")
-    if spec:
-        rank, at, seconds = spec.split(":")
-        if int(rank) == env.rank and int(at) == step:
-            time.sleep(float(seconds))
-
-
-def _guarded_step(run: TrainingRun, micro_batches, pending_digests: list[tuple[int, torch.Tensor]]):
-    """`_step`, with a collective that failed because another rank hung or died turned into one line naming this
-    rank and the step (RetryLater: the run resumes from its last checkpoint once every rank is back)."""
-    try:
-        _hang_for_test(run.env, run.step + 1)
-        return _step(run, micro_batches, pending_digests)
-    except Exception as exc:
-        if not (run.env.distributed and is_collective_failure(exc)):
-            raise
-        first = re.sub(r"^\[[^\]]*\]\s*", "", (str(exc).strip() or type(exc).__name__).splitlines()[0]).split(". ")[0]
-        raise RetryLater(f"rank {run.env.rank} of {run.env.world_size}: a collective failed at step {run.step + 1} "
-                         f"(another rank hung or died; timeout {collective_timeout_s():g} s, "
-                         f"{COLLECTIVE_TIMEOUT_ENV}): {first[:200]}; run again with --resume") from None
 
 
 def _step(run: TrainingRun, micro_batches, pending_digests: list[tuple[int, torch.Tensor]]):
