@@ -169,7 +169,6 @@ def test_init_from_alone_takes_the_shapes_and_the_finetuning_recipe(base_run, sm
     (("--lora", "4096"), "is larger than layer"),
     (("--lora", "0"), "the rank must be at least 1"),
     (("--set", "train.lora.rank=-1"), "must be >= 0"),
-    (("--lora", "2", "--parallel", "fsdp"), "--parallel ddp"),
 ])
 def test_bad_lora_input_is_one_line(base_run, small_corpus, tmp_path, args, needle):
     base, _ = base_run
