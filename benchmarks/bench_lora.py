@@ -7,8 +7,8 @@ Two measurements (issue 23's targets), each engine in a process of its own so th
   that transformers loads it), random weights written once as a Hugging Face directory, LoRA rank 16 / alpha 32
   on every linear layer of the blocks, dropout 0, sequence 512, micro-batch 1, float32. Both engines load that
   directory and the same initial adapters (PEFT's layout, written by codegen2: A drawn, B zero) and train on the
-  same 10 token batches with AdamW (lr 1e-4, betas 0.9 / 0.95, fused, no weight decay) and clipping at 1.0: codegen2 with
-  `codegen2.train.train_step` over `loading.load_checkpoint` + `adapters.load_adapter`; transformers'
+  same 10 token batches with AdamW (lr 1e-4, betas 0.9 / 0.95, fused, no weight decay) and clipping at 1.0:
+  codegen2 with `codegen2.train.train_step` over `loading.load_checkpoint` + `adapters.load_adapter`; transformers'
   CodeGenForCausalLM wrapped by `peft.PeftModel.from_pretrained(..., is_trainable=True)`, its loss taken the
   same way (cross-entropy of the logits against the next tokens). Targets: peak RSS <= 8 GB, tokens/s >= 1.2x
   PEFT's, peak <= PEFT's, the 10 losses equal within 1e-4.
