@@ -226,10 +226,14 @@ def test_eval_scores_exactly_the_prepared_heldout_documents(tmp_path, small_toke
     assert untrained[0] == untrained[1]
 
 
-def test_eval_data_flag_is_for_checkpoints_without_a_run(tmp_path, small_tokenizer, capsys):
+def test_eval_data_of_a_run_must_be_prepared_data(tmp_path, small_tokenizer, capsys):
+    """--data on a run scores another prepared directory (tests/test_lora_train.py); a directory that is none is
+    refused in one line."""
     from codegen2 import cli
     from conftest import make_random_run
 
     run = make_random_run(tmp_path / "run", small_tokenizer, 64)
-    assert cli.main(["eval", "heldout", "--checkpoint", str(run), "--data", str(tmp_path)]) == 2
-    assert "--data is for checkpoints without a run" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["eval", "heldout", "--checkpoint", str(run), "--data", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "prepared data" in err and "no manifest.json" in err and err.count("\n") == 1, err

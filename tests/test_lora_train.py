@@ -120,7 +120,9 @@ def test_merged_export_loads_in_transformers_with_the_unmerged_logits(lora_run, 
         assert max_diff(hf(ids()).logits, unmerged(ids())) <= 1e-4
 
 
-def test_adapter_only_export_loads_in_peft_and_as_adapter(base_run, lora_run, tmp_path):
+def test_adapter_only_export_loads_in_peft_as_adapter_and_in_from_pretrained(base_run, lora_run, tmp_path):
+    import codegen2
+
     base, _ = base_run
     run, _ = lora_run
     hf_base = tmp_path / "base-hf"
@@ -132,11 +134,16 @@ def test_adapter_only_export_loads_in_peft_and_as_adapter(base_run, lora_run, tm
     unmerged = load_lora_run(run, latest_checkpoint(run), "cpu").model
     over_hf = load_checkpoint(hf_base, adapter=out)  # --adapter: PEFT's layout over the HF base
     over_run = load_checkpoint(base, adapter=run)  # --adapter: a LoRA run over its own base
+    api = codegen2.from_pretrained(hf_base, adapter=out)  # the Python API, PEFT's layout
+    api_run = codegen2.from_pretrained(base, adapter=run, dtype="bfloat16")  # a LoRA run, merged before the cast
     with torch.no_grad():
         want = unmerged(ids())
         assert max_diff(reference(ids()).logits, want) <= 1e-4
         assert max_diff(over_hf.model(ids()), want) <= 1e-4
         assert max_diff(over_run.model(ids()), want) <= 1e-5
+        assert max_diff(api(ids()), reference(ids()).logits) <= 1e-4 and api.tokenizer is not None
+        assert not any(".lora_" in k for k in api.state_dict())
+        assert api_run.lm_head.weight.dtype == torch.bfloat16 and max_diff(api_run(ids()), want) <= 0.1
     with pytest.raises(UserError, match="not the one its adapters were trained on"):
         load_checkpoint(hf_base, adapter=run)  # same weights, but not the files the run's fingerprint names
 
@@ -169,7 +176,6 @@ def test_init_from_alone_takes_the_shapes_and_the_finetuning_recipe(base_run, sm
     (("--lora", "4096"), "is larger than layer"),
     (("--lora", "0"), "the rank must be at least 1"),
     (("--set", "train.lora.rank=-1"), "must be >= 0"),
-    (("--lora", "2", "--parallel", "fsdp"), "--parallel ddp"),
 ])
 def test_bad_lora_input_is_one_line(base_run, small_corpus, tmp_path, args, needle):
     base, _ = base_run
@@ -230,3 +236,36 @@ def test_info_prints_full_and_lora_memory_and_the_fit_check_uses_it():
     full = memory_plan(config)
     assert lora.trained == 8_388_608 and lora.gradients == 4 * lora.trained and lora.optimizer == 8 * lora.trained
     assert lora.weights + lora.gradients + lora.optimizer < 0.3 * (full.weights + full.gradients + full.optimizer)
+
+
+def test_eval_heldout_scores_runs_and_lora_runs_on_another_prepared_directory(base_run, lora_run, tmp_path):
+    """`eval heldout --checkpoint RUN --data DIR`: a run, a LoRA run and a base with --adapter, each with its own
+    tokenizer, on DIR's held-out documents at one window, so that before and after compare."""
+    import json
+
+    from codegen2 import cli
+    from codegen2.data import prepare_data
+    from codegen2.data.prepare import PreparedData
+    from codegen2.eval.heldout import heldout_loss
+    from codegen2.tokenizer import CodeGenTokenizer
+
+    base, make = base_run
+    run, _ = lora_run
+    config = make()
+    config.data.heldout_fraction = 0.5
+    prepare_data(config, tmp_path / "other", CodeGenTokenizer.load(base), log=lambda message: None)
+    prepared = tmp_path / "other" / "prepared"
+    code = [d.text for d in PreparedData.open(prepared).heldout_documents() if d.kind == "code"]
+    assert code
+    results = {}
+    for name, args in {"base": [str(base)], "lora": [str(run)], "adapter": [str(base), "--adapter", str(run)]}.items():
+        out = tmp_path / f"{name}.json"
+        assert cli.main(["eval", "heldout", "--checkpoint", *args, "--data", str(prepared), "--n-infill", "0",
+                         "--max-tokens", "2000", "--out", str(out)]) == 0
+        results[name] = json.loads(out.read_text())["code"]
+    loaded = load_checkpoint(run)
+    want = heldout_loss(loaded.model, loaded.tokenizer, code, min(1024, loaded.config.n_ctx - 1), 2000)
+    assert results["lora"]["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert results["adapter"]["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert results["base"]["tokens"] == want["tokens"] and results["base"]["loss"] != want["loss"]
+    assert not (run / "eval" / "heldout.json").exists()  # another data set's numbers never replace the run's own

@@ -89,6 +89,13 @@ class LoraSettings:
         return self
 
 
+@torch.no_grad()
+def init_factors(a: torch.Tensor, b: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """The one adapter initialisation (A Kaiming uniform with a = sqrt(5), as PEFT; B zero), in place."""
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+    b.zero_()
+
+
 class LoraLinear(nn.Module):
     """A linear layer with a LoRA adapter: the base's `weight` / `bias` (frozen) plus float32 `lora_A`, `lora_B`."""
 
@@ -110,8 +117,7 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def reset_adapter(self, generator: torch.Generator | None = None) -> None:
         """A as PEFT initialises it (Kaiming uniform, a = sqrt(5)), B zero: the adapter starts as a no-op."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
-        self.lora_B.weight.zero_()
+        init_factors(self.lora_A.weight, self.lora_B.weight, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
@@ -289,3 +295,17 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, module in {**lora_modules(model), **trained_rows(model)}.items():
         _replace(model, name, module.merged())
     return model
+
+
+def initial_adapter_state(model: nn.Module, generator: torch.Generator | None = None,
+                          device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Fresh adapters of `model` as full tensors by state-dict name, drawn from `generator` in the order
+    `attach_lora` draws them: a sharded (FSDP) model attaches its adapters on the meta device and loads these,
+    so that it starts from the same adapters as one process does."""
+    state = {}
+    for path, module in lora_modules(model).items():
+        a = torch.empty(module.lora_A.weight.shape, dtype=ADAPTER_DTYPE, device=device)
+        b = torch.empty(module.lora_B.weight.shape, dtype=ADAPTER_DTYPE, device=device)
+        init_factors(a, b, generator)
+        state[f"{path}.lora_A.weight"], state[f"{path}.lora_B.weight"] = a, b
+    return state

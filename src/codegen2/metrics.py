@@ -181,7 +181,8 @@ def plan_training_memory(cfg: ModelConfig, seq_len: int, micro_batch_size: int, 
                          base_bytes: int = 4) -> MemoryPlan:
     """What training `cfg` needs per rank. Full training: fp32 weights, gradients and AdamW's two moments,
     16 bytes per parameter, split over the ranks by FSDP. LoRA: the frozen base at `base_bytes` per
-    parameter (2 in bf16) and 16 bytes per adapter parameter; gradients and moments for the adapters only."""
+    parameter (2 in bf16) and 16 bytes per adapter parameter; gradients and moments for the adapters only (FSDP
+    splits both over the ranks)."""
     n = architecture(cfg).count_parameters(cfg)
     shards = world_size if parallel == "fsdp" else 1
     tokens = micro_batch_size * seq_len
@@ -190,9 +191,9 @@ def plan_training_memory(cfg: ModelConfig, seq_len: int, micro_batch_size: int, 
     else:
         layers = lora_layers(cfg, lora)
         trained = sum(lora.rank * (fan_in + fan_out) for fan_in, fan_out in layers)
-        weights = base_bytes * n // shards + 4 * trained
+        weights = (base_bytes * n + 4 * trained) // shards  # FSDP shards the frozen base and the adapters alike
         adapter_inputs = sum(fan_in + lora.rank for fan_in, _ in layers)
-    trained_here = trained // shards if lora is None else trained
+    trained_here = trained // shards
     plain, checkpointed = _activations(cfg, tokens, seq_len, adapter_inputs)
     return MemoryPlan(parameters=n, trained=trained, weights=weights, gradients=4 * trained_here,
                       optimizer=8 * trained_here, activations=checkpointed if checkpointing else plain,

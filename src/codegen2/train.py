@@ -54,7 +54,7 @@ from .distributed import (
 )
 from .errors import RetryLater, UserError
 from .fsutil import DirectoryLock, atomic_write_text
-from .lora import LoraSettings, attach_lora, train_rows
+from .lora import LoraSettings, attach_lora, initial_adapter_state, train_rows
 from .metrics import MemoryPlan, Throughput, device_peak_flops, flops_per_token, format_duration, plan_training_memory
 from .models import architecture, build_model
 from .models.vocab import grow_model
@@ -231,38 +231,60 @@ def build_training_model(config: Config, env: DistEnv, parallel: str = "none", b
     FSDP shards while still on the meta device, so each rank only ever allocates its own shards (what
     makes the big presets fit); the other layouts materialise the whole model. A LoRA run (`train.lora.rank`)
     freezes the loaded weights (in bf16 when `base_bf16`) and attaches float32 adapters, drawn from the same
-    seeded generator, before the model is compiled or wrapped; the rows of tokens added to its vocabulary (`rows`)
-    train with them.
+    seeded generator, before the model is compiled or wrapped (under FSDP: on the meta device, before sharding);
+    the rows of tokens added to its vocabulary (`rows`) train with them (not yet under FSDP).
     """
     t = config.train
-    arch = architecture(config.model)
     generator = torch.Generator(device=env.device).manual_seed(t.seed)
-    if parallel == "fsdp" and env.distributed:
-        def make_meta():
-            with torch.device("meta"):
-                return build_model(config.model)
-
-        model = build_sharded(make_meta, env, bf16, arch.init_weights, generator,
-                              prepare=compile_blocks if t.compile else None)
+    settings = lora_settings(config)
+    sharded = parallel == "fsdp" and env.distributed
+    if sharded and settings is not None and rows:
+        raise UserError("train.lora with objective.add_sentinels (new token rows trained beside the adapters) is not "
+                        "supported with --parallel fsdp yet; use --parallel ddp")
+    if sharded:
+        model = _build_sharded_model(config, env, bf16, settings, base_bf16, generator)
     else:
         with torch.device("meta"):
             model = build_model(config.model)
         model.to_empty(device=env.device)
-        arch.init_weights(model, generator)
+        architecture(config.model).init_weights(model, generator)
     if t.init_from:
+        state = initial if initial is not None else init_state(t.init_from, config)
+        if sharded and settings is not None:  # the adapters' first values, as attach_lora draws them below
+            state = {**state, **initial_adapter_state(model, generator, env.device)}
         try:
-            load_full_state(model, None, initial if initial is not None else init_state(t.init_from, config), None)
+            load_full_state(model, None, state, None)
         except UserError as exc:
             raise UserError(f"train.init_from={t.init_from}: {exc}") from None
-    settings = lora_settings(config)
-    if settings is not None:  # before compile and DDP: both must see the adapters
+        del state
+    if settings is not None and not sharded:  # before compile and DDP: both must see the adapters
         attach_adapters(model, settings, base_bf16, generator, rows)
-    if t.compile and not (parallel == "fsdp" and env.distributed):
+    if t.compile and not sharded:
         compile_blocks(model)
     model.activation_checkpointing = t.activation_checkpointing
     if parallel == "ddp" and env.distributed:
         model = wrap_model(model, "ddp", env, bf16=False)
     return model
+
+
+def _build_sharded_model(config: Config, env: DistEnv, bf16: bool, settings: LoraSettings | None, base_bf16: bool,
+                         generator: torch.Generator) -> torch.nn.Module:
+    """FSDP2: the model built on the meta device, its LoRA adapters attached and its blocks compiled there, then
+    sharded (frozen base and adapters alike) and initialised one module at a time."""
+    t = config.train
+
+    def make_meta():
+        with torch.device("meta"):
+            return build_model(config.model)
+
+    def prepare(model: torch.nn.Module) -> None:
+        if settings is not None:  # no values yet: the caller loads the base and `initial_adapter_state`
+            attach_adapters(model, settings, base_bf16, None)
+        if t.compile:
+            compile_blocks(model)
+
+    return build_sharded(make_meta, env, bf16, architecture(config.model).init_weights, generator,
+                         prepare=prepare if settings is not None or t.compile else None)
 
 
 # ------------------------------------------------------------------------------------------- LoRA
@@ -273,9 +295,6 @@ def lora_settings(config: Config) -> LoraSettings | None:
         return None
     if not config.train.init_from:
         raise ConfigError("train.lora (--lora) adapts existing weights: give the base with --init-from RUN_OR_HF_DIR")
-    if config.train.parallel == "fsdp":
-        raise ConfigError("train.lora with --parallel fsdp is not supported yet: the adapters are small, so use "
-                          "--parallel ddp (each rank holds the frozen base)")
     targets = lora.targets[0] if len(lora.targets) == 1 and lora.targets[0] in ("all-linear", "attention") \
         else tuple(lora.targets)
     return LoraSettings(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=targets).check()
@@ -703,6 +722,12 @@ class TrainingRun:
     lora: dict | None = None  # a LoRA run's settings and base fingerprint (checkpointed)
 
     @property
+    def sharded_checkpoints(self) -> bool:
+        """FSDP runs write DCP shards; a LoRA run's adapters are small, so every layout gathers them into the one
+        format a single process writes (and any layout resumes)."""
+        return self.settings.parallel == "fsdp" and not self.lora
+
+    @property
     def samples_per_step(self) -> int:
         return self.micro_bs * self.grad_accum * self.env.world_size
 
@@ -824,7 +849,7 @@ def _run_loop(run: TrainingRun, stop_after: int | None) -> TrainResult:
                     run.data_hash = fold_digests(run.data_hash, pending_digests)
                 env.enter(f"while saving the checkpoint of step {run.step}")
                 ckpt.save_checkpoint(run.run_dir, run.step, run.model, run.optimizer, run.scheduler, env,
-                                     run.settings.parallel == "fsdp", run.checkpoint_meta(), t.keep_last)
+                                     run.sharded_checkpoints, run.checkpoint_meta(), t.keep_last)
             if stopping:
                 interrupted = stop.name
                 _say_stopped(run, interrupted)

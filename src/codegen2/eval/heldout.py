@@ -3,9 +3,11 @@ infill loss.
 
 All read only the documents the data split holds out (never trained on): for a run, the held-out documents
 its prepared data kept (`heldout.jsonl` of RUN/prepared or data.prepared: filtered, deduplicated against the
-training split, decontaminated); for a checkpoint without a run, those of a prepared directory given with
---data, else the held-out split of the embedded corpus read from its files. Loss is next-token cross-entropy
-over the held-out documents, packed into windows of the model's training length. Infill exact match
+training split, decontaminated); with --data (any checkpoint, a run or a LoRA run too) those of that prepared
+directory or run, tokenized by the checkpoint's own tokenizer; for a checkpoint without a run and without --data,
+the held-out split of the embedded corpus read from its files. Loss is next-token cross-entropy over the
+held-out documents, packed into windows of the run's training length (with --data or without a run, one window
+for every model, min(1024, n_ctx - 1), so that a base and its fine-tuned run compare). Infill exact match
 masks non-blank lines spread over the held-out code files (chosen by a hash, so the set never changes),
 gives the model the surrounding code in an infill format, and counts a hit when the first line of the
 generated middle equals the masked line (leading/trailing whitespace ignored). Infill loss is the
@@ -254,26 +256,40 @@ def run_heldout(args: argparse.Namespace) -> int:
 
 def _heldout_inputs(args: argparse.Namespace, loaded) -> tuple[list, object, int, str | None]:
     """(documents, where they come from, window, infill format): a run is scored on its own prepared held-out
-    documents at its training length; another checkpoint on --data's, else the embedded corpus's."""
+    documents at its training length; with --data (any checkpoint, a run too) on that data's held-out documents
+    at one window for every model (min(1024, n_ctx - 1)), so that a base and its fine-tuned run compare directly;
+    else the embedded corpus's. Text is tokenized with the checkpoint's own tokenizer."""
     from pathlib import Path
 
     from ..config import DataConfig, load_config
     from ..data.pipeline import run_prepared_dir
-    from ..data.prepare import PreparedData
     from ..loading import is_run_directory
 
     run = Path(args.checkpoint)
+    infill_format = args.infill_format
     if is_run_directory(run):
         config = load_config(run / "config.toml")
-        if args.data:
-            raise UserError(f"--data is for checkpoints without a run; {run} is scored on its own prepared "
-                            "held-out documents")
-        return (run_heldout_documents(config, run), run_prepared_dir(config, run), config.train.seq_len,
-                args.infill_format or default_infill_format(config.objective, loaded))
-    window, infill_format = min(1024, loaded.config.n_ctx - 1), args.infill_format
+        infill_format = infill_format or default_infill_format(config.objective, loaded)
+        if not args.data:
+            return run_heldout_documents(config, run), run_prepared_dir(config, run), config.train.seq_len, \
+                infill_format
+    window = min(1024, loaded.config.n_ctx - 1)
     if args.data:
-        return PreparedData.open(args.data).heldout_documents(), Path(args.data), window, infill_format
+        return (*data_heldout(Path(args.data)), window, infill_format)
     return raw_heldout_documents(DataConfig()), None, window, infill_format
+
+
+def data_heldout(path) -> tuple[list, object]:
+    """(held-out documents, prepared directory) of --data: a prepared directory, or a run (its prepared data)."""
+    from ..config import load_config
+    from ..data.pipeline import run_prepared_dir
+    from ..data.prepare import PreparedData
+    from ..loading import is_run_directory
+
+    if is_run_directory(path):
+        config = load_config(path / "config.toml")
+        return run_heldout_documents(config, path), run_prepared_dir(config, path)
+    return PreparedData.open(path).heldout_documents(), path
 
 
 def _untrained(loaded):
@@ -289,13 +305,16 @@ def _untrained(loaded):
 
 
 def _json_path(args: argparse.Namespace):
-    """Where the JSON goes: --out, else RUN/eval/heldout.json for a run directory (none for other checkpoints)."""
+    """Where the JSON goes: --out, else RUN/eval/heldout.json for a run scored on its own held-out documents (none
+    for other checkpoints or with --data)."""
     from pathlib import Path
 
     from ..loading import is_run_directory
 
     if args.out:
         return Path(args.out)
+    if args.data:  # another data set's numbers never replace the run's own
+        return None
     return Path(args.checkpoint) / "eval" / "heldout.json" if is_run_directory(Path(args.checkpoint)) else None
 
 
@@ -366,10 +385,12 @@ def register(eval_subparsers) -> None:
                         help="LoRA adapters merged in at load (a LoRA run or a PEFT directory)")
     parser.add_argument("--baseline", action="store_true", help="also score an untrained model of the same shape")
     parser.add_argument("--data", default="", metavar="DATA_DIR",
-                        help="for a checkpoint without a run: score on this prepared directory's held-out documents "
-                             "(default: the embedded corpus's held-out split)")
+                        help="score on the held-out documents of this prepared directory (or run directory: its "
+                             "prepared data), at one window for every checkpoint, so that a base and its fine-tuned "
+                             "run compare (default: a run's own held-out documents, else the embedded corpus's)")
     add_infill_format_arg(parser)
     parser.add_argument("--out", default="", metavar="FILE.json",
-                        help="write every number as JSON here (default: RUN/eval/heldout.json for a run directory)")
+                        help="write every number as JSON here (default: RUN/eval/heldout.json for a run directory "
+                             "without --data)")
     parser.add_argument("--json", action="store_true", help="also print that JSON on stdout, for scripts")
     parser.set_defaults(func=run_heldout)
