@@ -148,7 +148,8 @@ def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
         return out.reshape(*lead, q.shape[0]).to(x.dtype)
     flat, row_scale = quantize_activations(x.reshape(-1, k).float())
     out = torch._int_mm(flat, q.t())  # q [N, K] row-major is the [K, N] operand, transposed: no copy
-    out = torch.addcmul(bias, out * row_scale, scales) if bias is not None else out * row_scale * scales
+    out = out * row_scale * scales  # the native paths' rounding steps, in their order: the same bits
+    out = out + bias if bias is not None else out
     return out.reshape(*lead, q.shape[0]).to(x.dtype)
 
 
