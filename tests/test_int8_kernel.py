@@ -200,7 +200,7 @@ def test_the_avx2_path_is_exact_at_full_scale_and_batch_independent(int8_kernel,
     """AVX2 widens to int16 pairs (vpmaddwd): +-127 x +-127 everywhere must not saturate; forced, so it runs on
     any CPU with AVX2."""
     force_path(int8_kernel, "avx2")
-    assert int8.path_for(8, 768, True) == int8.PATHS["avx2"]
+    assert int8.path_for(768) == int8.PATHS["avx2"]
     torch.set_num_threads(threads)  # the fixture restores one thread
     q = torch.full((9, 770), 127, dtype=torch.int8)
     q[1] = -127
@@ -216,21 +216,49 @@ def test_the_rule_picks_a_path_by_cpu_and_shape_and_never_by_timing(int8_kernel)
     int8_kernel("native")
     level = int8.cpu_level()
     int8_kernel("auto")
-    choices = {(m, k, dynamic): int8.path_for(m, k, dynamic) for m in (1, 8) for k in (256, 200) for dynamic in (1, 0)}
+    choices = {k: int8.path_for(k) for k in (256, 200)}
     if level == "amx":
-        assert choices[(8, 256, 1)] == int8.PATHS["amx"]  # rows enough for AMX, K a multiple of 64
-        assert choices[(1, 256, 1)] == choices[(8, 200, 1)] == choices[(8, 256, 0)] == int8.PATHS["vnni"]
+        assert choices == {256: int8.PATHS["amx"], 200: int8.PATHS["vnni"]}  # tiles need K a multiple of 64
+        assert int8.tile_rows() == int8.AMX_MIN_ROWS
     else:
         assert set(choices.values()) == {int8.PATHS[level]}
-    assert {key: int8.path_for(*key) for key in choices} == choices  # the same answer every time
+    assert {k: int8.path_for(k) for k in choices} == choices  # the same answer every time
+
+
+def assert_within_the_pieces_bound(out, x, q, scales, bias):
+    """Weight-only from three int8 pieces per row: x is held to about 2^-24 of its row's largest value, so the error
+    is at most that times the absolute weights' row sum, plus fp32's rounding of the result (bound with a margin)."""
+    w = q.double() * scales.double()[:, None]
+    reference = x.double() @ w.T + bias.double()
+    amax = x.double().abs().amax(dim=1, keepdim=True)
+    bound = amax * w.abs().sum(dim=1) * 2**-21 + reference.abs() * 2**-21 + 1e-6
+    assert ((out.double() - reference).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_weight_only_pieces_are_bounded_and_the_same_on_tiles_and_vnni(int8_kernel, threads):
+    force_path(int8_kernel, "amx")
+    torch.set_num_threads(threads)  # the fixture restores one thread
+    cases = [random_operands(m * 5 + k + n, m, k, n, x_scale=2, scale_low=0.001, scale_span=0.01)
+             for m, k, n in PATH_SHAPES if k % 64 == 0]
+    tiles = [int8.int8_matmul(x, q, scales, bias, dynamic=False) for x, q, scales, bias in cases]
+    int8_kernel("auto")  # fewer than AMX_MIN_ROWS rows on VNNI instructions
+    for (x, q, scales, bias), expected in zip(cases, tiles):
+        out = int8.int8_matmul(x, q, scales, bias, dynamic=False)
+        assert torch.equal(out, expected)
+        assert_within_the_pieces_bound(out, x, q, scales, bias)
+        alone = torch.cat([int8.int8_matmul(x[i:i + 1], q, scales, bias, dynamic=False) for i in range(len(x))])
+        assert torch.equal(alone, out)
 
 
 @pytest.mark.usefixtures("native")
 def test_rows_do_not_depend_on_the_batch_when_the_rule_changes_path():
     """One row alone may go to VNNI and the same row in a batch of 11 to AMX: identical bits either way."""
     gen, x, q, scales = quantized_operands(6, 11, 256, 70)
-    batch = int8.int8_matmul(x, q, scales, None, True)
-    assert torch.equal(batch, torch.cat([int8.int8_matmul(x[i:i + 1], q, scales, None, True) for i in range(11)]))
+    for dynamic in (True, False):
+        batch = int8.int8_matmul(x, q, scales, None, dynamic)
+        alone = torch.cat([int8.int8_matmul(x[i:i + 1], q, scales, None, dynamic) for i in range(11)])
+        assert torch.equal(batch, alone)
 
 
 @pytest.mark.usefixtures("native")

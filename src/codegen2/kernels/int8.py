@@ -6,10 +6,12 @@ rows q [N, K]: `dynamic=True` rounds each row of x to int8 first (the `int8-dyna
 
 The kernel has one path per kind of x86 CPU (`PATHS`): `avx2` (AVX2 and FMA: AMD Zen 1-3, older Intel), `vnni`
 (AVX-512 VNNI) and `amx` (AMX int8 tiles, dynamic only). `cpu_level()` detects the best one this CPU and OS run;
-`path_for` picks, per call, by a fixed rule on the CPU and the shape (never a timing taken at load: the rule was
-measured once, docs/benchmarks.md). Every path gives the same bits for int8-dynamic (exact int32 sums, one rescale)
-and for weight-only (`avx2` sums in the AVX-512 order), so a row's result never depends on its batch or on the
-path.
+`path_for` and `tile_rows` pick by a fixed rule on the CPU and the shape (never a timing taken at load: the rule
+was measured once, docs/benchmarks.md). Every path gives the same bits for int8-dynamic (exact int32 sums, one
+rescale). Weight-only: `avx2` and `vnni` multiply-add fp32 rows in the same order (the same bits); `amx` splits each
+fp32 row into three int8 pieces (int8_matmul.c says why; within about 2^-24 of the row's largest value, tested),
+on tiles or VNNI instructions with the same bits. One weight always runs one scheme, so a row's result never
+depends on its batch.
 
 The kernel is registered as the op `codegen2::int8_matmul` so that torch.compile keeps it as one call in a
 compiled graph; eager callers skip the op dispatcher and call the library directly (the dispatcher costs more than
@@ -34,9 +36,9 @@ from .build import BuildError, load
 SOURCE = Path(__file__).with_name("int8_matmul.c")
 PATHS = {"avx2": 1, "vnni": 2, "amx": 3}  # the kernel's PATH_* numbers; a CPU level runs every path up to it
 CHOICES = ("auto", "native", *PATHS, "torch")
-# The rule (measured on a Xeon with AMX, one and two threads, docs/benchmarks.md): AMX from this many input rows
-# on; fewer rows stream the weights as fast through VNNI, whose per-call setup is smaller.
-AMX_MIN_ROWS = 2
+# The rule (measured on a Xeon with AMX, docs/benchmarks.md): AMX tiles from this many input rows on (batch 8 and
+# prefill); fewer rows are memory-bound and stream the weights a little faster through VNNI instructions.
+AMX_MIN_ROWS = 8
 
 _state: dict[str, object] = {}
 
@@ -59,9 +61,9 @@ def _library() -> ctypes.CDLL | None:
                 lib = candidate
                 pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
                 lib.int8_matmul_dynamic.argtypes = [pointer, size, size, pointer, size, pointer, pointer, pointer,
-                                                    pointer, flag, flag]
+                                                    pointer, flag, flag, flag]
                 lib.int8_matmul_weight_only.argtypes = [pointer, size, size, pointer, size, pointer, pointer, pointer,
-                                                        flag, flag]
+                                                        flag, flag, flag]
                 lib.int8_matmul_dynamic.restype = lib.int8_matmul_weight_only.restype = ctypes.c_int
                 lib.int8_row_sums.argtypes = [pointer, size, size, pointer]
                 lib.int8_row_sums.restype = None
@@ -103,16 +105,20 @@ def native_available() -> tuple[bool, str]:
     return _state["available"]  # type: ignore[return-value]
 
 
-def path_for(m: int, k: int, dynamic: bool) -> int:
-    """The kernel path (a PATHS number) for a matmul of m input rows of k values: the fixed rule, capped by the
-    CPU and by CODEGEN2_INT8_KERNEL. Only dynamic matmuls with k a multiple of 64 go to AMX."""
+def path_for(k: int) -> int:
+    """The kernel path (a PATHS number) for a matmul whose weight rows hold k values: the CPU's best path, capped by
+    CODEGEN2_INT8_KERNEL, except that AMX takes only k a multiple of 64 (VNNI the rest). A fixed rule of the CPU and
+    the weight's shape, so one weight always runs one scheme: a row's result never depends on its batch."""
     if "ceiling" not in _state:
         native_available()
     ceiling = int(_state["ceiling"])  # type: ignore[arg-type]
-    least = 1 if _choice() == "amx" else AMX_MIN_ROWS  # forced: AMX wherever it can run
-    if ceiling == PATHS["amx"] and not (dynamic and m >= least and k % 64 == 0):
-        return PATHS["vnni"]
-    return ceiling
+    return PATHS["vnni"] if ceiling == PATHS["amx"] and k % 64 else ceiling
+
+
+def tile_rows() -> int:
+    """On the AMX path, calls of at least this many input rows (pieces, for weight-only) run on the tiles and the
+    rest on VNNI instructions, with the same bits; forced `amx`: every call on the tiles."""
+    return 1 if _choice() == "amx" else AMX_MIN_ROWS
 
 
 def reset() -> None:
@@ -176,11 +182,11 @@ def _run(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Ten
                              f"{tuple(sums.shape)}")
         status = lib.int8_matmul_dynamic(  # type: ignore[attr-defined]
             x.data_ptr(), m, k, q.data_ptr(), n, scales.data_ptr(), sums_ptr, bias_ptr, out.data_ptr(),
-            torch.get_num_threads(), path_for(m, k, True))
+            torch.get_num_threads(), path_for(k), tile_rows())
     else:
         status = lib.int8_matmul_weight_only(  # type: ignore[attr-defined]
             x.data_ptr(), m, k, q.data_ptr(), n, scales.data_ptr(), bias_ptr, out.data_ptr(), torch.get_num_threads(),
-            path_for(m, k, False))
+            path_for(k), tile_rows())
     if status != 0:
         raise MemoryError(f"int8 matmul: out of memory for a [{m}, {k}] input")
     return out.add_(residual) if residual is not None else out

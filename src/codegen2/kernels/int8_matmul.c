@@ -500,11 +500,11 @@ static void amx_pack(const uint8_t *xq, int64_t M, int64_t K, uint32_t *xb) {
     }
 }
 
-/* One 64-byte column c of K for both 16-row tiles of a group: B from xb, A from q, into C tiles C0 and C1. The
- * group after this one is prefetched into L2 (pf bytes ahead, one line per weight row). */
+/* One 64-byte column c of K for both 16-row tiles of a group: B from xb, A from q, into C tiles C0 and C1. No
+ * software prefetch: a group's 32 rows are one contiguous run of memory, which the hardware prefetcher follows;
+ * prefetching each row's next group (into L2) or 256-512 bytes ahead (into L1) measured 0.5-0.9x of none. */
 #define AMX_STEP(B, C0, C1)                                                                                               \
     do {                                                                                                              \
-        for (int r = 0; r < AMX_ROWS; r++) _mm_prefetch((const char *)(q + r * K + c * 64 + pf), _MM_HINT_T1);        \
         _tile_loadd(B, xb + c * 1024, 64);                                                                            \
         _tile_loadd(4, q + c * 64, K);                                                                                \
         _tile_dpbssd(C0, 4, B);                                                                                       \
@@ -514,7 +514,7 @@ static void amx_pack(const uint8_t *xq, int64_t M, int64_t K, uint32_t *xb) {
 
 /* Weight rows q[0..31] times one block of 16 input rows (xb): out[n][m] int32. Even and odd columns of K go to
  * separate tiles (two chains of dependent tile multiplies, not one), added at the end. */
-static void amx_group(const int8_t *q, int64_t K, const uint8_t *xb, int64_t pf, int32_t out[AMX_ROWS][16]) {
+static void amx_group(const int8_t *q, int64_t K, const uint8_t *xb, int32_t out[AMX_ROWS][16]) {
     int32_t part[4][16][16] __attribute__((aligned(64)));
     const int64_t columns = K / 64;
     _tile_zero(0);
@@ -540,12 +540,44 @@ static void amx_group(const int8_t *q, int64_t K, const uint8_t *xb, int64_t pf,
         }
 }
 
-/* y[m, n0..n0+31] from a group's sums for input row m (column j of out): the VNNI path's rescale, 16 at a time. */
-static void amx_rescale(const struct job *job, int32_t out[AMX_ROWS][16], int j, int64_t m, int64_t n0) {
+/* Weight rows q[0..31] times two blocks of 16 input rows (xb0, xb1): out[n][m] int32, m < 32. Four chains of
+ * tile multiplies (2 weight tiles x 2 input blocks), each weight tile loaded once for both blocks. */
+static void amx_group2(const int8_t *q, int64_t K, const uint8_t *xb0, const uint8_t *xb1, int32_t out[AMX_ROWS][32]) {
+    int32_t part[4][16][16] __attribute__((aligned(64)));
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t c = 0; c < K / 64; c++) {
+        _tile_loadd(6, xb0 + c * 1024, 64);
+        _tile_loadd(7, xb1 + c * 1024, 64);
+        _tile_loadd(4, q + c * 64, K);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(1, 4, 7);
+        _tile_loadd(5, q + 16 * K + c * 64, K);
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
+    }
+    _tile_stored(0, part[0], 64);
+    _tile_stored(1, part[1], 64);
+    _tile_stored(2, part[2], 64);
+    _tile_stored(3, part[3], 64);
+    for (int i = 0; i < 16; i++)
+        for (int m = 0; m < 16; m++) {
+            out[i][m] = part[0][i][m];
+            out[i][16 + m] = part[1][i][m];
+            out[16 + i][m] = part[2][i][m];
+            out[16 + i][16 + m] = part[3][i][m];
+        }
+}
+
+/* y[m, n0..n0+31] from a group's sums for input row m (column j of out, rows `stride` apart): the VNNI path's
+ * rescale, 16 at a time. */
+static void amx_rescale(const struct job *job, const int32_t *out, int stride, int j, int64_t m, int64_t n0) {
     const __m512i columns = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                               _mm512_set1_epi32(16));
+                                               _mm512_set1_epi32(stride));
     for (int h = 0; h < AMX_ROWS; h += 16) {
-        __m512i sums = _mm512_i32gather_epi32(_mm512_add_epi32(columns, _mm512_set1_epi32(j)), &out[h][0], 4);
+        __m512i sums = _mm512_i32gather_epi32(_mm512_add_epi32(columns, _mm512_set1_epi32(j)), out + h * stride, 4);
         __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(job->xs[m]));
         v = _mm512_mul_ps(v, _mm512_loadu_ps(job->scale + n0 + h));
         if (job->bias) v = _mm512_add_ps(v, _mm512_loadu_ps(job->bias + n0 + h));
@@ -553,15 +585,21 @@ static void amx_rescale(const struct job *job, int32_t out[AMX_ROWS][16], int j,
     }
 }
 
-/* Groups of weight rows begin..end (multiples of AMX_ROWS) times every input row, on this thread's tiles. */
+/* Groups of weight rows begin..end (multiples of AMX_ROWS) times every input row, on this thread's tiles: input rows
+ * 32 at a time (amx_group2), a last block of 16 or fewer alone (amx_group). */
 static void amx_range(const struct job *job, const uint32_t *xb, int64_t begin, int64_t end) {
-    int32_t out[AMX_ROWS][16] __attribute__((aligned(64)));
+    int32_t out[AMX_ROWS][32] __attribute__((aligned(64)));
     const int64_t K = job->K, block_words = K / 4 * 16;
     amx_configure();
     for (int64_t n0 = begin; n0 < end; n0 += AMX_ROWS)
-        for (int64_t m0 = 0; m0 < job->M; m0 += 16) {
-            amx_group(job->q + n0 * K, K, (const uint8_t *)(xb + m0 / 16 * block_words), AMX_ROWS * K, out);
-            for (int j = 0; j < 16 && m0 + j < job->M; j++) amx_rescale(job, out, j, m0 + j, n0);
+        for (int64_t m0 = 0; m0 < job->M; m0 += 32) {
+            const uint8_t *xb0 = (const uint8_t *)(xb + m0 / 16 * block_words);
+            const int two = job->M - m0 > 16, stride = two ? 32 : 16;
+            if (two)
+                amx_group2(job->q + n0 * K, K, xb0, xb0 + block_words * 4, out);
+            else
+                amx_group(job->q + n0 * K, K, xb0, (int32_t(*)[16])out);
+            for (int j = 0; j < 32 && m0 + j < job->M; j++) amx_rescale(job, &out[0][0], stride, j, m0 + j, n0);
         }
     _tile_release();
 }
@@ -781,13 +819,19 @@ static int avx2_run(const struct job *job, int dynamic, int nthreads) {
 #pragma GCC pop_options
 
 /* ------------------------------------------------------------------------------------------------ entry points
- * `path` is one of PATH_*, no higher than int8_cpu_level() (the caller's choice: kernels/int8.py). */
+ * `path` is one of PATH_*, no higher than int8_cpu_level(); on PATH_AMX, tiles run calls of at least `tile_rows`
+ * input rows and the VNNI instructions the rest (the same bits). Both are the caller's rule (kernels/int8.py). */
+
+/* Whether the AMX tiles take a dynamic matmul of M rows (else VNNI). */
+static int use_tiles(const struct job *job, int path, int tile_rows) {
+    return path == PATH_AMX && job->M >= tile_rows && job->K % 64 == 0 && job->N >= AMX_ROWS;
+}
 
 /* y[M, N] = dequant(int8(x) @ q.T) + bias (dynamic scheme); bias may be NULL. qsum: sum_k q[n, k] per row, or NULL
  * to compute it in the first pass (VNNI path; extra multiply-adds: precomputed sums make batch 1 about 8% faster).
  * Every path gives the same bits. Returns 0, or -1 if out of memory. */
 int int8_matmul_dynamic(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t N, const float *scale,
-                        const int32_t *qsum, const float *bias, float *y, int nthreads, int path) {
+                        const int32_t *qsum, const float *bias, float *y, int nthreads, int path, int tile_rows) {
     struct job job = {x, NULL, NULL, M, K, round_up(K, 64), N, q, scale, qsum, bias, y};
     if (path == PATH_AVX2) return avx2_run(&job, 1, nthreads);
     float *xs = NULL;
@@ -795,19 +839,64 @@ int int8_matmul_dynamic(const float *x, int64_t M, int64_t K, const int8_t *q, i
     if (!xq) return -1;
     job.xq = xq;
     job.xs = xs;
-    const int status = path == PATH_AMX && K % 64 == 0 && N >= AMX_ROWS ? amx_dynamic(&job, nthreads)
-                                                                          : vnni_dynamic(&job, nthreads);
+    const int status = use_tiles(&job, path, tile_rows) ? amx_dynamic(&job, nthreads) : vnni_dynamic(&job, nthreads);
     free(xq);
     free(xs);
     return status;
 }
 
-/* y[M, N] = x @ (q * scale).T + bias with x in fp32 (weight-only scheme); bias may be NULL. The AVX2 and AVX-512
- * paths give the same bits (AMX has no exact fp32 path: it runs AVX-512). Returns 0, or -1 if out of memory. */
+/* Weight-only on the int8 units (PATH_AMX): each fp32 input row as the sum of PIECES int8 rows with their own
+ * scales, x ~= s0 q0 + s1 q1 + s2 q2 (q0 rounds x, q1 what q0 left over, q2 what both left): each piece leaves at
+ * most 1/254 of the one before, so the three hold x to within about 2^-24 of its largest value, as close as fp32
+ * holds that value itself. The pieces run as rows of the dynamic scheme (exact int32 sums, same bits on tiles or
+ * VNNI), then y = ((p0 + p1) + p2) * scale + bias. Why: at 8 rows the fp32 kernel widens and multiply-adds every
+ * weight once per row (compute-bound, about 0.4x of int8-dynamic), where the tiles take 24 int8 rows as fast as
+ * 8. The bound is tested (test_int8_kernel.py, test_inference_formats.py). */
+#define PIECES 3
+
+static int pieces_weight_only(const struct job *job, int nthreads, int tile_rows) {
+    const int64_t M = job->M, K = job->K, N = job->N, Kp = round_up(K, 64), rows = M * PIECES;
+    uint8_t *xq = aligned_alloc(64, (size_t)((rows > 0 ? rows : 1) * Kp));
+    float *xs = malloc(sizeof(float) * (size_t)(rows + N + K) + 1), *part = malloc(sizeof(float) * (size_t)(rows * N) + 1);
+    if (!xq || !xs || !part) {
+        free(xq);
+        free(xs);
+        free(part);
+        return -1;
+    }
+    float *ones = xs + rows, *left = ones + N;
+    for (int64_t n = 0; n < N; n++) ones[n] = 1.0f;
+    for (int64_t m = 0; m < M; m++) {
+        memcpy(left, job->x + m * K, sizeof(float) * (size_t)K);
+        for (int p = 0; p < PIECES; p++) {
+            uint8_t *row = xq + (m * PIECES + p) * Kp;
+            quantize_rows_u8(left, 1, K, Kp, row, xs + m * PIECES + p);
+            for (int64_t k = 0; k < K; k++) left[k] -= (float)((int)row[k] - 128) * xs[m * PIECES + p];
+        }
+    }
+    const struct job pieces = {NULL, xq, xs, rows, K, Kp, N, job->q, ones, NULL, NULL, part};
+    const int status = use_tiles(&pieces, PATH_AMX, tile_rows) ? amx_dynamic(&pieces, nthreads)
+                                                               : vnni_dynamic(&pieces, nthreads);
+    for (int64_t m = 0; m < M && status == 0; m++)
+        for (int64_t n = 0; n < N; n++) {
+            const float *p = part + m * PIECES * N + n;
+            const float v = (p[0] + p[N] + p[2 * N]) * job->scale[n];
+            job->y[m * N + n] = job->bias ? v + job->bias[n] : v;
+        }
+    free(xq);
+    free(xs);
+    free(part);
+    return status;
+}
+
+/* y[M, N] = x @ (q * scale).T + bias with x in fp32 (weight-only scheme); bias may be NULL. AVX2 and VNNI: fp32
+ * multiply-adds, the same bits on both; AMX: the pieces above (within the tested bound of those). Returns 0, or -1
+ * if out of memory. */
 int int8_matmul_weight_only(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t N, const float *scale,
-                            const float *bias, float *y, int nthreads, int path) {
+                            const float *bias, float *y, int nthreads, int path, int tile_rows) {
     const struct job job = {x, NULL, NULL, M, K, K, N, q, scale, NULL, bias, y};
     if (path == PATH_AVX2) return avx2_run(&job, 0, nthreads);
+    if (path == PATH_AMX) return pieces_weight_only(&job, nthreads, tile_rows);
     vnni_weight_only(&job, nthreads);
     return 0;
 }
