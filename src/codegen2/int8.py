@@ -14,8 +14,8 @@ with exact int32 sums, and the row and channel scales are applied afterwards. Th
 scheme; it trades a little accuracy (docs/inference.md) for int8 multiply-adds (VNNI), four times as many
 per instruction as fp32's, which decides the speed when several rows share a weight (batch 8).
 
-The matmuls run on codegen2's native CPU kernel (`kernels/int8_matmul.c`: AVX-512 VNNI, near the memory's
-speed at batch 1 and 8) where it can run, else on PyTorch's: `_weight_int8pack_mm` for weight-only int8 (it
+The matmuls run on codegen2's native CPU kernel (`kernels/int8_matmul.c`: AVX2, AVX-512 VNNI or AMX paths, near
+the memory's speed at batch 1 and 8) where it can run, else on PyTorch's: `_weight_int8pack_mm` for weight-only int8 (it
 reads a bfloat16 copy of the input: on this CPU its fp32-input path is a scalar loop) and `torch._int_mm` for
 int8-dynamic; `kernels/int8.py` says which and why.
 
