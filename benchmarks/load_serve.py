@@ -319,6 +319,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="auto", help="server --dtype: float32, bfloat16, int8 (auto: as stored)")
     parser.add_argument("--decoder", default=None, help="server --decoder: model, fast, compiled (default: its own)")
     parser.add_argument("--json", help="also write the summary here")
+    parser.add_argument("--start-timeout", type=float, default=300, help="seconds the server may take to start "
+                        "(a large --shape on a busy machine needs more)")
     parser.add_argument("--soak", action="store_true", help="hang-ups and half-open connections (see above)")
     parser.add_argument("--half-open", type=int, default=500, help="--soak: connections held half-open")
     parser.add_argument("--hang-ups", type=int, default=1000, help="--soak: clients that hang up mid-request")
@@ -337,7 +339,7 @@ def main() -> int:
                                  "--threads", str(args.threads), "--dtype", args.dtype]
                                 + (["--decoder", args.decoder] if args.decoder else []), env=env)
         try:
-            wait_for_server(port, proc)
+            wait_for_server(port, proc, args.start_timeout)
             if args.soak:
                 summary = run_soak(port, proc, args)
                 print(json.dumps(summary, indent=2))
