@@ -9,6 +9,10 @@ Kernels: `native` (kernels/int8_matmul.c; int8-dynamic with precomputed row sums
 float32 `mm` of a 1B layer's weights as the memory's yardstick (4 bytes per weight, so its GB/s are bytes too).
 
     python benchmarks/bench_int8_kernels.py --threads 1       # about 2 minutes on the 2-core machine
+    python benchmarks/bench_int8_kernels.py --threads 1 --kernels native,amx,vnni,avx2,torch --rows 1,8,32
+
+`--kernels` adds columns for the native kernel's paths forced one by one (`amx`, `vnni`, `avx2`: kernels/int8.py;
+`native` is the rule's choice), each against PyTorch's kernel.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ SHAPES = {  # (in, out) of each matmul weight, in decode order
 
 
 def use_kernel(name: str) -> None:
-    os.environ["CODEGEN2_INT8_KERNEL"] = "auto" if name == "native" else "torch"
+    os.environ["CODEGEN2_INT8_KERNEL"] = "auto" if name == "native" else name
     native.reset()
     if name == "native" and not native.native_available()[0]:
         raise SystemExit(f"the native int8 kernel cannot run here: {native.native_available()[1]}")
@@ -41,7 +45,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--kernels", default="native,torch", help="from native, amx, vnni, avx2, torch")
+    parser.add_argument("--rows", default="1,8", help="input rows per matmul, comma-separated")
     args = parser.parse_args()
+    kernels = args.kernels.split(",")
     parse_threads(args.threads)
     print(machine_line())
     use_kernel("native")
@@ -53,7 +60,7 @@ def main() -> None:
             weights.append((q, torch.rand(n, generator=gen) * 1e-3 + 1e-4, native.row_sums(q),
                             torch.ones(n, dtype=torch.bfloat16)))
         nbytes = sum(q.numel() for q, *_ in weights)
-        for rows in (1, 8):
+        for rows in [int(r) for r in args.rows.split(",")]:
             inputs = {k: torch.randn(rows, k, generator=gen) for k, _ in dims}
             runs = {
                 "int8-dynamic": lambda: [int8_dynamic_linear(inputs[q.shape[1]], q, s, None, r)
@@ -63,7 +70,7 @@ def main() -> None:
             times: dict[str, list[float]] = {}
             for _ in range(args.repeats):
                 for fmt, run in runs.items():
-                    for kernel in ("native", "torch"):
+                    for kernel in kernels:
                         use_kernel(kernel)
                         run()  # warm (and the first call decides the kernel)
                         began = time.perf_counter()
@@ -72,10 +79,10 @@ def main() -> None:
             print(f"== {shape}, {rows} row(s): {nbytes / 1e6:.0f} MB of int8 weights per pass, "
                   f"median of {args.repeats}, load {os.getloadavg()[0]:.2f}")
             for fmt in runs:
-                rate = {kernel: nbytes / statistics.median(times[f"{fmt} {kernel}"]) / 1e9
-                        for kernel in ("native", "torch")}
-                print(f"{fmt:13s} native {rate['native']:5.1f} GB/s   torch {rate['torch']:5.1f} GB/s   "
-                      f"native / torch {rate['native'] / rate['torch']:.2f}x")
+                rate = {kernel: nbytes / statistics.median(times[f"{fmt} {kernel}"]) / 1e9 for kernel in kernels}
+                print(f"{fmt:13s} " + "   ".join(f"{kernel} {rate[kernel]:5.1f} GB/s" for kernel in kernels)
+                      + "".join(f"   {kernel} / torch {rate[kernel] / rate['torch']:.2f}x"
+                                for kernel in kernels if kernel != "torch" and "torch" in rate))
     use_kernel("native")
     w = torch.randn(2048, 8192, generator=gen)
     x = torch.randn(1, 2048, generator=gen)

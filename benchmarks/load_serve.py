@@ -1,15 +1,15 @@
 """Load test of `codegen2 serve`: 1,000 requests from 64 concurrent clients, then the same requests one at a time.
 
-    .venv/bin/python benchmarks/load_serve.py [--checkpoint RUN] [--requests 1000] [--concurrency 64]
+    .venv/bin/python benchmarks/load_serve.py [--checkpoint RUN | --shape 125m] [--requests 1000] [--concurrency 64]
         [--dtype int8] [--decoder model|fast|compiled]
     .venv/bin/python benchmarks/load_serve.py --soak [--half-open 500] [--hang-ups 1000]
 
-Starts the server as a separate process on loopback (on a small random-weight model unless
---checkpoint is given), sends a fixed mix of requests (completions and `suffix` infills, greedy and
-seeded sampling, a quarter streamed) and reports p50/p99 latency, throughput, the server's RSS after
-the first 100 and after the last 100 requests, the speed-up of batched over one-at-a-time serving,
-and how many seeded/greedy requests gave identical text both ways. Exits 1 on any failure other
-than a deliberate 429/503 refusal.
+Starts the server as a separate process on loopback (on a small random-weight model unless --checkpoint
+is given; --shape picks a CodeGen shape of benchmarks/common.py instead, random weights), sends a fixed mix
+of requests (completions and `suffix` infills, greedy and seeded sampling, a quarter streamed) and reports
+p50/p99 latency, throughput, the server's RSS after the first 100 and after the last 100 requests, the
+speed-up of batched over one-at-a-time serving, and how many seeded/greedy requests gave identical text
+both ways. Exits 1 on any failure other than a deliberate 429/503 refusal.
 
 --soak (issue 24) instead measures the server under misbehaving clients: p95 latency of normal requests
 alone, then again while `--half-open` connections are held open (headers or body never finished, idle)
@@ -37,8 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_small_run(directory: Path) -> Path:
-    """A random-weight CodeGen (4 layers, width 128, 1.1M parameters), BPE trained on a few standard-library files."""
+def build_small_run(directory: Path, shape: str | None = None) -> Path:
+    """A random-weight CodeGen (4 layers, width 128, 1.1M parameters, or the benchmarks' `shape`: common.SHAPES),
+    BPE trained on a few standard-library files."""
     import argparse as src_a
     import json as src_b
     import textwrap as src_c
@@ -55,6 +56,10 @@ def build_small_run(directory: Path) -> Path:
     config = Config(model=ModelConfig(vocab_size=1024, n_layer=4, n_embd=128, n_head=4, rotary_dim=16, n_ctx=512,
                                       mp_num=4),
                     tokenizer=TokenizerConfig(vocab_size=1024, num_masks=8), train=TrainConfig(seq_len=256))
+    if shape:
+        from common import model_config
+
+        config.model = model_config(shape)
     torch.manual_seed(0)
     model = CodeGenModel(config.model)
     save_config(config, directory / "config.toml")
@@ -302,6 +307,8 @@ def run_soak(port: int, proc: subprocess.Popen, args: argparse.Namespace) -> dic
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="model to serve (default: a small random-weight model)")
+    parser.add_argument("--shape", help="a random-weight CodeGen of this shape (benchmarks/common.py SHAPES: tiny, "
+                                        "93m, 125m, 1b) instead of the small model")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=16)
@@ -312,6 +319,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="auto", help="server --dtype: float32, bfloat16, int8 (auto: as stored)")
     parser.add_argument("--decoder", default=None, help="server --decoder: model, fast, compiled (default: its own)")
     parser.add_argument("--json", help="also write the summary here")
+    parser.add_argument("--start-timeout", type=float, default=300, help="seconds the server may take to start "
+                        "(a large --shape on a busy machine needs more)")
     parser.add_argument("--soak", action="store_true", help="hang-ups and half-open connections (see above)")
     parser.add_argument("--half-open", type=int, default=500, help="--soak: connections held half-open")
     parser.add_argument("--hang-ups", type=int, default=1000, help="--soak: clients that hang up mid-request")
@@ -319,7 +328,7 @@ def main() -> int:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = args.checkpoint or str(build_small_run(Path(tmp)))
+        checkpoint = args.checkpoint or str(build_small_run(Path(tmp), args.shape))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -330,7 +339,7 @@ def main() -> int:
                                  "--threads", str(args.threads), "--dtype", args.dtype]
                                 + (["--decoder", args.decoder] if args.decoder else []), env=env)
         try:
-            wait_for_server(port, proc)
+            wait_for_server(port, proc, args.start_timeout)
             if args.soak:
                 summary = run_soak(port, proc, args)
                 print(json.dumps(summary, indent=2))
@@ -344,7 +353,8 @@ def main() -> int:
             before = get_json(port, "/health")
             batched = run_load(port, requests, args.concurrency, proc.pid)
             after = get_json(port, "/health")
-            summary = {"model": checkpoint if args.checkpoint else "random 4-layer d=128 (1.1M params)",
+            small = f"random {args.shape} CodeGen" if args.shape else "random 4-layer d=128 (1.1M params)"
+            summary = {"model": checkpoint if args.checkpoint else small,
                        "dtype": args.dtype, "decoder": args.decoder or "the server's default",
                        "max_tokens": args.max_tokens, "concurrency": args.concurrency,
                        "max_batch_size": args.max_batch_size, "batched": summarize("batched", batched),

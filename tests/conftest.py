@@ -162,7 +162,7 @@ def small_tokenizer():
 def int8_kernel(monkeypatch):
     """Choose the int8 matmul kernel for one test: `int8_kernel("native")` or `int8_kernel("torch")`.
 
-    "native" skips the test where the native kernel cannot run (no C compiler, a CPU without AVX-512 VNNI), with
+    "native" skips the test where the native kernel cannot run (no C compiler, a CPU without AVX2), with
     the reason; on such machines the torch variant of the same test still runs.
     """
     from codegen2.kernels import int8

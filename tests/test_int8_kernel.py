@@ -140,6 +140,127 @@ def test_native_and_torch_dynamic_kernels_agree_bit_for_bit_on_the_sums(int8_ker
     assert torch.allclose(native_out, torch_out, rtol=1e-6, atol=0)
 
 
+def naive_dynamic_float32(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    """The dynamic scheme's exact bits: int64 products, then float32 (sum x row scale) x channel scale + bias, each
+    rounded once, in that order (what every kernel path computes)."""
+    amax = x.abs().amax(dim=1, keepdim=True)
+    row_scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    xq = torch.clamp(torch.round(x / row_scale), -127, 127).long()
+    out = (xq @ q.long().T).float() * row_scale * scales
+    return out + bias if bias is not None else out
+
+
+def force_path(int8_kernel, path: str) -> None:
+    """Run the next matmuls on `path` (every native path up to the CPU's level; skipped above it)."""
+    int8_kernel("native")
+    if int8.PATHS[path] > int8.PATHS[int8.cpu_level()]:
+        pytest.skip(f"this CPU runs at most the {int8.cpu_level()} path")
+    int8_kernel(path)
+
+
+# Shapes for the AMX path too: K a multiple of 64 and at least 32 weight rows (plus a leftover N % 32), 1 to 33 rows.
+PATH_SHAPES = SHAPES[::2] + [(m, k, n) for m in (1, 2, 8, 16, 17, 33) for k, n in ((64, 32), (256, 70), (768, 96))]
+
+
+@pytest.mark.parametrize("path", list(int8.PATHS))
+def test_every_path_gives_the_dynamic_schemes_exact_bits(int8_kernel, path):
+    force_path(int8_kernel, path)
+    for m, k, n in PATH_SHAPES:
+        x, q, scales, bias = random_operands(m * 31 + k + n, m, k, n, x_scale=3, scale_low=0.5, scale_span=1)
+        x[0, : k // 2] = 0.0  # rows with zeros and an all-zero row (scale 1)
+        if m > 2:
+            x[2] = 0.0
+        expected = naive_dynamic_float32(x, q, scales, bias)
+        assert torch.equal(int8.int8_matmul(x, q, scales, bias, dynamic=True), expected), (m, k, n)
+        assert torch.equal(int8.int8_matmul(x, q, scales, None, dynamic=True, sums=int8.row_sums(q)),
+                           naive_dynamic_float32(x, q, scales, None)), (m, k, n)
+
+
+def test_the_torch_kernels_give_the_dynamic_schemes_exact_bits_too(int8_kernel):
+    int8_kernel("torch")
+    for m, k, n in PATH_SHAPES[::3]:
+        x, q, scales, bias = random_operands(m + k + n, m, k, n, x_scale=3, scale_low=0.5, scale_span=1)
+        assert torch.equal(int8_dynamic_linear(x, q, scales, bias), naive_dynamic_float32(x, q, scales, bias))
+
+
+def test_the_avx2_path_sums_weight_only_in_the_avx512_order(int8_kernel):
+    """Weight-only is not exact, but the AVX2 path adds in the AVX-512 path's order: the same bits on both."""
+    force_path(int8_kernel, "vnni")
+    cases = [random_operands(m + k, m, k, n, x_scale=1, scale_low=0, scale_span=0.01) for m, k, n in PATH_SHAPES]
+    wide = [int8.int8_matmul(x, q, scales, bias, dynamic=False) for x, q, scales, bias in cases]
+    int8_kernel("avx2")
+    for (x, q, scales, bias), expected in zip(cases, wide):
+        out = int8.int8_matmul(x, q, scales, bias, dynamic=False)
+        assert torch.equal(out, expected)
+        assert_matches_weight_only_reference(out, x, q, scales, bias)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_avx2_path_is_exact_at_full_scale_and_batch_independent(int8_kernel, threads):
+    """AVX2 widens to int16 pairs (vpmaddwd): +-127 x +-127 everywhere must not saturate; forced, so it runs on
+    any CPU with AVX2."""
+    force_path(int8_kernel, "avx2")
+    assert int8.path_for(768) == int8.PATHS["avx2"]
+    torch.set_num_threads(threads)  # the fixture restores one thread
+    q = torch.full((9, 770), 127, dtype=torch.int8)
+    q[1] = -127
+    x = torch.full((3, 770), 127.0)
+    x[1] = -127.0
+    assert torch.equal(int8.int8_matmul(x, q, torch.ones(9), None, dynamic=True), (x.long() @ q.long().T).float())
+    gen, x, q, scales = quantized_operands(5, 11, 200, 50)
+    batch = int8.int8_matmul(x, q, scales, None, dynamic=True)
+    assert torch.equal(batch, torch.cat([int8.int8_matmul(x[i:i + 1], q, scales, None, True) for i in range(11)]))
+
+
+def test_the_rule_picks_a_path_by_cpu_and_shape_and_never_by_timing(int8_kernel):
+    int8_kernel("native")
+    level = int8.cpu_level()
+    int8_kernel("auto")
+    choices = {k: int8.path_for(k) for k in (256, 200)}
+    if level == "amx":
+        assert choices == {256: int8.PATHS["amx"], 200: int8.PATHS["vnni"]}  # tiles need K a multiple of 64
+        assert int8.tile_rows() == int8.AMX_MIN_ROWS
+    else:
+        assert set(choices.values()) == {int8.PATHS[level]}
+    assert {k: int8.path_for(k) for k in choices} == choices  # the same answer every time
+
+
+def assert_within_the_pieces_bound(out, x, q, scales, bias):
+    """Weight-only from three int8 pieces per row: x is held to about 2^-24 of its row's largest value, so the error
+    is at most that times the absolute weights' row sum, plus fp32's rounding of the result (bound with a margin)."""
+    w = q.double() * scales.double()[:, None]
+    reference = x.double() @ w.T + bias.double()
+    amax = x.double().abs().amax(dim=1, keepdim=True)
+    bound = amax * w.abs().sum(dim=1) * 2**-21 + reference.abs() * 2**-21 + 1e-6
+    assert ((out.double() - reference).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_weight_only_pieces_are_bounded_and_the_same_on_tiles_and_vnni(int8_kernel, threads):
+    force_path(int8_kernel, "amx")
+    torch.set_num_threads(threads)  # the fixture restores one thread
+    cases = [random_operands(m * 5 + k + n, m, k, n, x_scale=2, scale_low=0.001, scale_span=0.01)
+             for m, k, n in PATH_SHAPES if k % 64 == 0]
+    tiles = [int8.int8_matmul(x, q, scales, bias, dynamic=False) for x, q, scales, bias in cases]
+    int8_kernel("auto")  # fewer than AMX_MIN_ROWS rows on VNNI instructions
+    for (x, q, scales, bias), expected in zip(cases, tiles):
+        out = int8.int8_matmul(x, q, scales, bias, dynamic=False)
+        assert torch.equal(out, expected)
+        assert_within_the_pieces_bound(out, x, q, scales, bias)
+        alone = torch.cat([int8.int8_matmul(x[i:i + 1], q, scales, bias, dynamic=False) for i in range(len(x))])
+        assert torch.equal(alone, out)
+
+
+@pytest.mark.usefixtures("native")
+def test_rows_do_not_depend_on_the_batch_when_the_rule_changes_path():
+    """One row alone may go to VNNI and the same row in a batch of 11 to AMX: identical bits either way."""
+    gen, x, q, scales = quantized_operands(6, 11, 256, 70)
+    for dynamic in (True, False):
+        batch = int8.int8_matmul(x, q, scales, None, dynamic)
+        alone = torch.cat([int8.int8_matmul(x[i:i + 1], q, scales, None, dynamic) for i in range(11)])
+        assert torch.equal(batch, alone)
+
+
 @pytest.mark.usefixtures("native")
 def test_native_kernel_inside_a_compiled_graph():
     """torch.compile keeps the kernel as one custom-op call (no graph break) with the eager results."""
@@ -211,7 +332,8 @@ def test_without_a_compiler_auto_falls_back_and_native_is_a_clear_error(tmp_path
             int8.native_available()
         int8.reset()
         monkeypatch.setenv("CODEGEN2_INT8_KERNEL", "fastest")
-        with pytest.raises(UserError, match="CODEGEN2_INT8_KERNEL='fastest': choose one of auto, native, torch"):
+        expected = "CODEGEN2_INT8_KERNEL='fastest': choose one of auto, native, avx2, vnni, amx, torch"
+        with pytest.raises(UserError, match=expected):
             int8.native_available()
     finally:
         int8._state.clear()

@@ -14,8 +14,8 @@ with exact int32 sums, and the row and channel scales are applied afterwards. Th
 scheme; it trades a little accuracy (docs/inference.md) for int8 multiply-adds (VNNI), four times as many
 per instruction as fp32's, which decides the speed when several rows share a weight (batch 8).
 
-The matmuls run on codegen2's native CPU kernel (`kernels/int8_matmul.c`: AVX-512 VNNI, near the memory's
-speed at batch 1 and 8) where it can run, else on PyTorch's: `_weight_int8pack_mm` for weight-only int8 (it
+The matmuls run on codegen2's native CPU kernel (`kernels/int8_matmul.c`: AVX2, AVX-512 VNNI or AMX paths, near
+the memory's speed at batch 1 and 8) where it can run, else on PyTorch's: `_weight_int8pack_mm` for weight-only int8 (it
 reads a bfloat16 copy of the input: on this CPU its fp32-input path is a scalar loop) and `torch._int_mm` for
 int8-dynamic; `kernels/int8.py` says which and why.
 
@@ -148,7 +148,8 @@ def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
         return out.reshape(*lead, q.shape[0]).to(x.dtype)
     flat, row_scale = quantize_activations(x.reshape(-1, k).float())
     out = torch._int_mm(flat, q.t())  # q [N, K] row-major is the [K, N] operand, transposed: no copy
-    out = torch.addcmul(bias, out * row_scale, scales) if bias is not None else out * row_scale * scales
+    out = out * row_scale * scales  # the native paths' rounding steps, in their order: the same bits
+    out = out + bias if bias is not None else out
     return out.reshape(*lead, q.shape[0]).to(x.dtype)
 
 

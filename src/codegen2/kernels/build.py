@@ -21,7 +21,9 @@ from pathlib import Path
 
 from ..fsutil import atomic_file
 
-FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp")
+# -ffp-contract=off: a multiply and an add stay two roundings (GCC would fuse some into one FMA), so every kernel
+# path, and a naive float32 reference, give the same bits.
+FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
 _lock = threading.Lock()
 
 

@@ -4,10 +4,21 @@
 rows q [N, K]: `dynamic=True` rounds each row of x to int8 first (the `int8-dynamic` format), False keeps x in fp32
 (the `int8` weight-only format). `native_available()` says whether the native kernel runs here and, if not, why.
 
+The kernel has one path per kind of x86 CPU (`PATHS`): `avx2` (AVX2 and FMA: AMD Zen 1-3, older Intel), `vnni`
+(AVX-512 VNNI) and `amx` (AMX int8 tiles, dynamic only). `cpu_level()` detects the best one this CPU and OS run;
+`path_for` and `tile_rows` pick by a fixed rule on the CPU and the shape (never a timing taken at load: the rule
+was measured once, docs/benchmarks.md). Every path gives the same bits for int8-dynamic (exact int32 sums, one
+rescale). Weight-only: `avx2` and `vnni` multiply-add fp32 rows in the same order (the same bits); `amx` splits each
+fp32 row into three int8 pieces (int8_matmul.c says why; within about 2^-24 of the row's largest value, tested),
+on tiles or VNNI instructions with the same bits. One weight always runs one scheme, so a row's result never
+depends on its batch.
+
 The kernel is registered as the op `codegen2::int8_matmul` so that torch.compile keeps it as one call in a
 compiled graph; eager callers skip the op dispatcher and call the library directly (the dispatcher costs more than
-a small matmul). `CODEGEN2_INT8_KERNEL` chooses: `auto` (default: native where it runs), `native` (an error
-where it cannot run), `torch` (never native; PyTorch's kernels).
+a small matmul). `CODEGEN2_INT8_KERNEL` chooses: `auto` (default: native where it runs, the rule's path),
+`native` (the same, an error where no path runs), `amx` / `vnni` / `avx2` (that path wherever the rule would use
+a higher one: an error where the CPU lacks it; tests and benchmarks force paths this way), `torch` (never native;
+PyTorch's kernels).
 """
 
 from __future__ import annotations
@@ -23,7 +34,11 @@ from ..errors import UserError
 from .build import BuildError, load
 
 SOURCE = Path(__file__).with_name("int8_matmul.c")
-CHOICES = ("auto", "native", "torch")
+PATHS = {"avx2": 1, "vnni": 2, "amx": 3}  # the kernel's PATH_* numbers; a CPU level runs every path up to it
+CHOICES = ("auto", "native", *PATHS, "torch")
+# The rule (measured on a Xeon with AMX, docs/benchmarks.md): AMX tiles from this many input rows on (batch 8 and
+# prefill); fewer rows are memory-bound and stream the weights a little faster through VNNI instructions.
+AMX_MIN_ROWS = 8
 
 _state: dict[str, object] = {}
 
@@ -38,25 +53,33 @@ def _choice() -> str:
 def _library() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (the reason is kept for `native_available`). Built once per process."""
     if "lib" not in _state:
-        lib, why = None, ""
+        lib, why, level = None, "", 0
         try:
             candidate = load(SOURCE)
-            if candidate.int8_matmul_supported():
+            level = candidate.int8_cpu_level()
+            if level > 0:
                 lib = candidate
-                pointer, size = ctypes.c_void_p, ctypes.c_int64
+                pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
                 lib.int8_matmul_dynamic.argtypes = [pointer, size, size, pointer, size, pointer, pointer, pointer,
-                                                    pointer, ctypes.c_int]
+                                                    pointer, flag, flag, flag]
                 lib.int8_matmul_weight_only.argtypes = [pointer, size, size, pointer, size, pointer, pointer, pointer,
-                                                        ctypes.c_int]
+                                                        flag, flag, flag]
                 lib.int8_matmul_dynamic.restype = lib.int8_matmul_weight_only.restype = ctypes.c_int
                 lib.int8_row_sums.argtypes = [pointer, size, size, pointer]
                 lib.int8_row_sums.restype = None
             else:
-                why = "this CPU lacks AVX-512 VNNI"
+                why = "this CPU lacks AVX2 and FMA"
         except BuildError as exc:
             why = str(exc)
-        _state["lib"], _state["why"] = lib, why
+        _state["lib"], _state["why"], _state["level"] = lib, why, level
     return _state["lib"]  # type: ignore[return-value]
+
+
+def cpu_level() -> str | None:
+    """The best native path this CPU and OS run (`amx`, `vnni`, `avx2`), or None (no AVX2, or no compiler)."""
+    _library()
+    level = int(_state["level"])  # type: ignore[arg-type]
+    return next((name for name, number in PATHS.items() if number == level), None)
 
 
 def native_available() -> tuple[bool, str]:
@@ -70,17 +93,38 @@ def native_available() -> tuple[bool, str]:
             _state["available"] = (False, "CODEGEN2_INT8_KERNEL=torch")
         elif _library() is None:
             why = str(_state["why"])
-            if choice == "native":
-                raise UserError(f"CODEGEN2_INT8_KERNEL=native: the native int8 kernel cannot run here: {why}")
+            if choice != "auto":
+                raise UserError(f"CODEGEN2_INT8_KERNEL={choice}: the native int8 kernel cannot run here: {why}")
             _state["available"] = (False, why)
         else:
+            level = int(_state["level"])  # type: ignore[arg-type]
+            if choice in PATHS and PATHS[choice] > level:
+                raise UserError(f"CODEGEN2_INT8_KERNEL={choice}: this CPU runs at most the {cpu_level()} path")
+            _state["ceiling"] = PATHS[choice] if choice in PATHS else level
             _state["available"] = (True, "")
     return _state["available"]  # type: ignore[return-value]
+
+
+def path_for(k: int) -> int:
+    """The kernel path (a PATHS number) for a matmul whose weight rows hold k values: the CPU's best path, capped by
+    CODEGEN2_INT8_KERNEL, except that AMX takes only k a multiple of 64 (VNNI the rest). A fixed rule of the CPU and
+    the weight's shape, so one weight always runs one scheme: a row's result never depends on its batch."""
+    if "ceiling" not in _state:
+        native_available()
+    ceiling = int(_state["ceiling"])  # type: ignore[arg-type]
+    return PATHS["vnni"] if ceiling == PATHS["amx"] and k % 64 else ceiling
+
+
+def tile_rows() -> int:
+    """On the AMX path, calls of at least this many input rows (pieces, for weight-only) run on the tiles and the
+    rest on VNNI instructions, with the same bits; forced `amx`: every call on the tiles."""
+    return 1 if _choice() == "amx" else AMX_MIN_ROWS
 
 
 def reset() -> None:
     """Forget the per-process decision (tests that change CODEGEN2_INT8_KERNEL); the library stays loaded."""
     _state.pop("available", None)
+    _state.pop("ceiling", None)
 
 
 def note_kernel_choice() -> None:
@@ -138,10 +182,11 @@ def _run(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Ten
                              f"{tuple(sums.shape)}")
         status = lib.int8_matmul_dynamic(  # type: ignore[attr-defined]
             x.data_ptr(), m, k, q.data_ptr(), n, scales.data_ptr(), sums_ptr, bias_ptr, out.data_ptr(),
-            torch.get_num_threads())
+            torch.get_num_threads(), path_for(k), tile_rows())
     else:
         status = lib.int8_matmul_weight_only(  # type: ignore[attr-defined]
-            x.data_ptr(), m, k, q.data_ptr(), n, scales.data_ptr(), bias_ptr, out.data_ptr(), torch.get_num_threads())
+            x.data_ptr(), m, k, q.data_ptr(), n, scales.data_ptr(), bias_ptr, out.data_ptr(), torch.get_num_threads(),
+            path_for(k), tile_rows())
     if status != 0:
         raise MemoryError(f"int8 matmul: out of memory for a [{m}, {k}] input")
     return out.add_(residual) if residual is not None else out

@@ -23,19 +23,47 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include <cpuid.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
-/* 1 when this CPU runs the instructions above (checked by the loader before the first call). */
-int int8_matmul_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+/* What this CPU runs, as the paths of int8_matmul_dynamic / int8_matmul_weight_only: 0 none of them, 1 AVX2 and FMA
+ * (PATH_AVX2), 2 also AVX-512 VNNI (PATH_VNNI), 3 also AMX int8 tiles that the OS lets this process use (PATH_AMX).
+ * The loader asks once per process; asking for AMX also requests the permission Linux wants before the first tile
+ * instruction (arch_prctl ARCH_REQ_XCOMP_PERM), so a kernel that refuses it reports level 2. */
+enum { PATH_AVX2 = 1, PATH_VNNI = 2, PATH_AMX = 3 };
+
+static int amx_usable(void) {
+    unsigned int a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return 0;
+    /* bits 17 and 18 of XCR0: the OS saves the tile configuration and data */
+    unsigned int lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return 0;
+#ifdef SYS_arch_prctl
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+#else
+    return 0;
+#endif
 }
 
-/* Everything below needs these instruction sets; the loader calls int8_matmul_supported() first. */
+int int8_cpu_level(void) {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+    if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+          __builtin_cpu_supports("avx512vnni")))
+        return PATH_AVX2;
+    return amx_usable() ? PATH_AMX : PATH_VNNI;
+}
+
+/* The AVX-512 VNNI path (and the AMX path, which shares its quantizing and its leftover rows); only called where
+ * int8_cpu_level() says so. */
+#pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 
 /* acc += u8 a . s8 w, in place. The intrinsic (_mm512_dpbusd_epi32) returns a new vector, and GCC 12 then copies and
@@ -406,32 +434,470 @@ static void run_blocks(const struct job *job, int dynamic, int nthreads) {
     }
 }
 
-/* y[M, N] = dequant(int8(x) @ q.T) + bias (dynamic scheme); bias may be NULL. qsum: sum_k q[n, k] per row, or NULL
- * to compute it in the first pass (extra multiply-adds: precomputed sums make batch 1 about 8% faster). Returns 0,
- * or -1 if out of memory. */
-int int8_matmul_dynamic(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t N, const float *scale,
-                        const int32_t *qsum, const float *bias, float *y, int nthreads) {
-    int64_t Kp = round_up(K, 64), rows = M > 0 ? M : 1;
+/* The rounded input rows (x_q, +128 as uint8, rows of Kp bytes) and their scales; NULL if out of memory. */
+static uint8_t *quantized_input(const float *x, int64_t M, int64_t K, int64_t Kp, float **xs) {
+    const int64_t rows = M > 0 ? M : 1;
     uint8_t *xq = aligned_alloc(64, (size_t)(rows * Kp)); /* Kp is a multiple of 64 */
-    float *xs = malloc(sizeof(float) * (size_t)rows);
-    if (!xq || !xs) {
+    *xs = malloc(sizeof(float) * (size_t)rows);
+    if (!xq || !*xs) {
         free(xq);
-        free(xs);
-        return -1;
+        free(*xs);
+        return NULL;
     }
-    quantize_rows_u8(x, M, K, Kp, xq, xs);
-    const struct job job = {x, xq, xs, M, K, Kp, N, q, scale, qsum, bias, y};
-    run_blocks(&job, 1, nthreads);
+    quantize_rows_u8(x, M, K, Kp, xq, *xs);
+    return xq;
+}
+
+static int vnni_dynamic(const struct job *job, int nthreads) {
+    run_blocks(job, 1, nthreads);
+    return 0;
+}
+
+static void vnni_weight_only(const struct job *job, int nthreads) { run_blocks(job, 0, nthreads); }
+#pragma GCC pop_options
+
+/* ------------------------------------------------------------------------------------------------ AMX path
+ * The dynamic scheme on AMX tiles (Xeon 4th generation on). Why: at 8 input rows VNNI spends more time in its
+ * multiply-adds than the memory takes to stream the weights, and one tile multiply (TDPBSSD) does 16 x 16 x 64 of
+ * them. The weights are the A operand as they are stored: 16 rows of q, 64 bytes of each, loaded with q's row
+ * stride, so there is no repacking and no second copy. The input rows, rounded to int8 as on the VNNI path, are
+ * the B operand: for each 64-byte column of K, 16 tile rows of 64 bytes, tile row r holding bytes 4r..4r+3 of the
+ * column for each of 16 input rows (packed once per call). Signed x signed needs neither the +128 shift nor the
+ * row sums. The int32 sums are exact, so the results are the VNNI path's bit for bit (the same rescale follows).
+ * Needs K a multiple of 64 (every model shape here); other shapes and the last N % 32 weight rows take the VNNI
+ * path. */
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8")
+
+#define AMX_ROWS 32 /* weight rows per group: two tiles of 16 */
+
+struct tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+/* Every tile 16 rows of 64 bytes: C (tiles 0-3) 16 x 16 int32, A (4-5) 16 weight rows, B (6-7) one column of K. */
+static void amx_configure(void) {
+    struct tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* xq (+128 uint8, rows of K bytes) as B tiles, blocks of 16 input rows (zero rows pad the last block). */
+static void amx_pack(const uint8_t *xq, int64_t M, int64_t K, uint32_t *xb) {
+    const int64_t groups = K / 4; /* 4-byte groups per row */
+    memset(xb, 0, (size_t)((M + 15) / 16 * groups * 64));
+    for (int64_t m = 0; m < M; m++) {
+        const uint32_t *row = (const uint32_t *)(xq + m * K);
+        uint32_t *dst = xb + (m / 16) * groups * 16 + m % 16;
+        for (int64_t g = 0; g < groups; g++) dst[g * 16] = row[g] ^ 0x80808080u; /* back to signed int8 */
+    }
+}
+
+/* One 64-byte column c of K for both 16-row tiles of a group: B from xb, A from q, into C tiles C0 and C1. No
+ * software prefetch: a group's 32 rows are one contiguous run of memory, which the hardware prefetcher follows;
+ * prefetching each row's next group (into L2) or 256-512 bytes ahead (into L1) measured 0.5-0.9x of none. */
+#define AMX_STEP(B, C0, C1)                                                                                               \
+    do {                                                                                                              \
+        _tile_loadd(B, xb + c * 1024, 64);                                                                            \
+        _tile_loadd(4, q + c * 64, K);                                                                                \
+        _tile_dpbssd(C0, 4, B);                                                                                       \
+        _tile_loadd(5, q + 16 * K + c * 64, K);                                                                       \
+        _tile_dpbssd(C1, 5, B);                                                                                   \
+    } while (0)
+
+/* Weight rows q[0..31] times one block of 16 input rows (xb): out[n][m] int32. Even and odd columns of K go to
+ * separate tiles (two chains of dependent tile multiplies, not one), added at the end. */
+static void amx_group(const int8_t *q, int64_t K, const uint8_t *xb, int32_t out[AMX_ROWS][16]) {
+    int32_t part[4][16][16] __attribute__((aligned(64)));
+    const int64_t columns = K / 64;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    int64_t c = 0;
+    for (; c + 2 <= columns; c += 2) {
+        AMX_STEP(6, 0, 2);
+        c++;
+        AMX_STEP(7, 1, 3);
+        c--;
+    }
+    if (c < columns) AMX_STEP(6, 0, 2);
+    _tile_stored(0, part[0], 64);
+    _tile_stored(1, part[1], 64);
+    _tile_stored(2, part[2], 64);
+    _tile_stored(3, part[3], 64);
+    for (int i = 0; i < 16; i++)
+        for (int m = 0; m < 16; m++) {
+            out[i][m] = part[0][i][m] + part[1][i][m];
+            out[16 + i][m] = part[2][i][m] + part[3][i][m];
+        }
+}
+
+/* Weight rows q[0..31] times two blocks of 16 input rows (xb0, xb1): out[n][m] int32, m < 32. Four chains of
+ * tile multiplies (2 weight tiles x 2 input blocks), each weight tile loaded once for both blocks. */
+static void amx_group2(const int8_t *q, int64_t K, const uint8_t *xb0, const uint8_t *xb1, int32_t out[AMX_ROWS][32]) {
+    int32_t part[4][16][16] __attribute__((aligned(64)));
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t c = 0; c < K / 64; c++) {
+        _tile_loadd(6, xb0 + c * 1024, 64);
+        _tile_loadd(7, xb1 + c * 1024, 64);
+        _tile_loadd(4, q + c * 64, K);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(1, 4, 7);
+        _tile_loadd(5, q + 16 * K + c * 64, K);
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
+    }
+    _tile_stored(0, part[0], 64);
+    _tile_stored(1, part[1], 64);
+    _tile_stored(2, part[2], 64);
+    _tile_stored(3, part[3], 64);
+    for (int i = 0; i < 16; i++)
+        for (int m = 0; m < 16; m++) {
+            out[i][m] = part[0][i][m];
+            out[i][16 + m] = part[1][i][m];
+            out[16 + i][m] = part[2][i][m];
+            out[16 + i][16 + m] = part[3][i][m];
+        }
+}
+
+/* y[m, n0..n0+31] from a group's sums for input row m (column j of out, rows `stride` apart): the VNNI path's
+ * rescale, 16 at a time. */
+static void amx_rescale(const struct job *job, const int32_t *out, int stride, int j, int64_t m, int64_t n0) {
+    const __m512i columns = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               _mm512_set1_epi32(stride));
+    for (int h = 0; h < AMX_ROWS; h += 16) {
+        __m512i sums = _mm512_i32gather_epi32(_mm512_add_epi32(columns, _mm512_set1_epi32(j)), out + h * stride, 4);
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(job->xs[m]));
+        v = _mm512_mul_ps(v, _mm512_loadu_ps(job->scale + n0 + h));
+        if (job->bias) v = _mm512_add_ps(v, _mm512_loadu_ps(job->bias + n0 + h));
+        _mm512_storeu_ps(job->y + m * job->N + n0 + h, v);
+    }
+}
+
+/* Groups of weight rows begin..end (multiples of AMX_ROWS) times every input row, on this thread's tiles: input rows
+ * 32 at a time (amx_group2), a last block of 16 or fewer alone (amx_group). */
+static void amx_range(const struct job *job, const uint32_t *xb, int64_t begin, int64_t end) {
+    int32_t out[AMX_ROWS][32] __attribute__((aligned(64)));
+    const int64_t K = job->K, block_words = K / 4 * 16;
+    amx_configure();
+    for (int64_t n0 = begin; n0 < end; n0 += AMX_ROWS)
+        for (int64_t m0 = 0; m0 < job->M; m0 += 32) {
+            const uint8_t *xb0 = (const uint8_t *)(xb + m0 / 16 * block_words);
+            const int two = job->M - m0 > 16, stride = two ? 32 : 16;
+            if (two)
+                amx_group2(job->q + n0 * K, K, xb0, xb0 + block_words * 4, out);
+            else
+                amx_group(job->q + n0 * K, K, xb0, (int32_t(*)[16])out);
+            for (int j = 0; j < 32 && m0 + j < job->M; j++) amx_rescale(job, &out[0][0], stride, j, m0 + j, n0);
+        }
+    _tile_release();
+}
+
+/* The AMX path for K a multiple of 64: whole groups of 32 weight rows split between threads, the last N % 32 rows
+ * on the VNNI kernel (by the last thread). */
+static int amx_dynamic(const struct job *job, int nthreads) {
+    const int64_t groups = job->N / AMX_ROWS, tail = groups * AMX_ROWS;
+    uint32_t *xb = aligned_alloc(64, (size_t)((job->M + 15) / 16 * job->K * 16));
+    if (!xb) return -1;
+    amx_pack(job->xq, job->M, job->K, xb);
+    const int threads = threads_for(nthreads, groups > 0 ? groups : 1);
+    const int nb = block_rows(job->M < MR ? job->M : MR);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#ifdef _OPENMP
+        const int t = omp_get_thread_num();
+#else
+        const int t = 0;
+#endif
+        amx_range(job, xb, groups * t / threads * AMX_ROWS, groups * (t + 1) / threads * AMX_ROWS);
+        if (t == threads - 1 && tail < job->N) run_range(job, 1, nb, tail, job->N);
+    }
+    free(xb);
+    return 0;
+}
+#pragma GCC pop_options
+
+/* ----------------------------------------------------------------------------------------------- AVX2 path
+ * For CPUs without AVX-512 (AMD Zen 1-3, Intel before Skylake-SP). Dynamic: AVX2 has no exact int8 dot product
+ * (vpmaddubsw saturates its int16 pairs), so both operands are widened to int16 and vpmaddwd sums pairs into
+ * int32, exactly; the results are the other paths' bit for bit. Weight-only: the AVX-512 path's sums in the same
+ * order (its 16 lanes as two 8-lane halves, reduced in the same steps), so the same bits there too. Blocks of 4
+ * weight rows x 2 input rows keep 13 of the 16 vector registers busy. */
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+#define AVX2_NR 4
+#define AVX2_MR 2
+
+/* Each row of x rounded to int16-widened int8 (rows of K16 values, zero-padded) with its scale: quantize_rows_u8's
+ * rule in scalar code, which rounds identically (division, then nearest-even). */
+static void avx2_quantize(const float *x, int64_t M, int64_t K, int64_t K16, int16_t *xq, float *xs) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * K;
+        float amax = 0.0f;
+        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(row[k]));
+        const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+        xs[m] = scale;
+        for (int64_t k = 0; k < K16; k++)
+            xq[m * K16 + k] = k < K ? (int16_t)fminf(fmaxf(nearbyintf(row[k] / scale), -127.0f), 127.0f) : 0;
+    }
+}
+
+static inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+}
+
+/* The weight rows' 16 int8 values at k, widened; the last, partial column through a zero-padded copy. */
+#define AVX2_W16(j) _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wsrc[j])))
+
+#define DEFINE_AVX2_DYNAMIC(MROWS, NROWS)                                                                            \
+    static void avx2_dyn_##MROWS##x##NROWS(const int16_t *xq, int64_t K16, const int8_t *q, int64_t K,              \
+                                           int32_t out[AVX2_MR][AVX2_NR]) {                                          \
+        __m256i acc[MROWS][NROWS];                                                                                   \
+        int8_t pad[NROWS][16];                                                                                       \
+        UNROLL for (int i = 0; i < MROWS; i++) UNROLL for (int j = 0; j < NROWS; j++) acc[i][j] = _mm256_setzero_si256(); \
+        for (int64_t k = 0; k < K; k += 16) {                                                                        \
+            const int8_t *wsrc[NROWS];                                                                               \
+            UNROLL for (int j = 0; j < NROWS; j++) {                                                                 \
+                wsrc[j] = q + j * K + k;                                                                             \
+                if (k + 16 > K) {                                                                                    \
+                    memset(pad[j], 0, 16);                                                                           \
+                    memcpy(pad[j], wsrc[j], (size_t)(K - k));                                                        \
+                    wsrc[j] = pad[j];                                                                                \
+                }                                                                                                    \
+            }                                                                                                        \
+            __m256i w[NROWS];                                                                                        \
+            UNROLL for (int j = 0; j < NROWS; j++) w[j] = AVX2_W16(j);                                               \
+            UNROLL for (int i = 0; i < MROWS; i++) {                                                                 \
+                __m256i a = _mm256_loadu_si256((const __m256i *)(xq + i * K16 + k));                                \
+                UNROLL for (int j = 0; j < NROWS; j++) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(a, w[j])); \
+            }                                                                                                        \
+        }                                                                                                            \
+        UNROLL for (int i = 0; i < MROWS; i++) UNROLL for (int j = 0; j < NROWS; j++) out[i][j] = hsum_epi32(acc[i][j]); \
+    }
+DEFINE_AVX2_DYNAMIC(1, 1) DEFINE_AVX2_DYNAMIC(2, 1) DEFINE_AVX2_DYNAMIC(1, 4) DEFINE_AVX2_DYNAMIC(2, 4)
+
+/* sum1_ps of the AVX-512 path for a 16-lane accumulator held as two halves: the same additions in the same order. */
+static inline float avx2_sum16(__m256 lo, __m256 hi) {
+    __m256 h = _mm256_add_ps(lo, hi);
+    __m128 f = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    f = _mm_hadd_ps(f, f);
+    return _mm_cvtss_f32(_mm_hadd_ps(f, f));
+}
+
+#define DEFINE_AVX2_WEIGHT_ONLY(MROWS, NROWS)                                                                        \
+    static void avx2_wo_##MROWS##x##NROWS(const float *x, int64_t K, const int8_t *q, float out[AVX2_MR][AVX2_NR]) { \
+        __m256 lo[MROWS][NROWS], hi[MROWS][NROWS];                                                                   \
+        int8_t wpad[NROWS][16];                                                                                      \
+        float xpad[MROWS][16];                                                                                       \
+        UNROLL for (int i = 0; i < MROWS; i++) UNROLL for (int j = 0; j < NROWS; j++) lo[i][j] = hi[i][j] = _mm256_setzero_ps(); \
+        for (int64_t k = 0; k < K; k += 16) {                                                                        \
+            const int8_t *wsrc[NROWS];                                                                               \
+            const float *xsrc[MROWS];                                                                                \
+            UNROLL for (int j = 0; j < NROWS; j++) wsrc[j] = q + j * K + k;                                          \
+            UNROLL for (int i = 0; i < MROWS; i++) xsrc[i] = x + i * K + k;                                          \
+            if (k + 16 > K) {                                                                                        \
+                UNROLL for (int j = 0; j < NROWS; j++) {                                                             \
+                    memset(wpad[j], 0, 16);                                                                          \
+                    memcpy(wpad[j], wsrc[j], (size_t)(K - k));                                                       \
+                    wsrc[j] = wpad[j];                                                                               \
+                }                                                                                                    \
+                UNROLL for (int i = 0; i < MROWS; i++) {                                                             \
+                    memset(xpad[i], 0, sizeof xpad[i]);                                                              \
+                    memcpy(xpad[i], xsrc[i], sizeof(float) * (size_t)(K - k));                                       \
+                    xsrc[i] = xpad[i];                                                                               \
+                }                                                                                                    \
+            }                                                                                                        \
+            __m256 wl[NROWS], wh[NROWS];                                                                             \
+            UNROLL for (int j = 0; j < NROWS; j++) {                                                                 \
+                wl[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)wsrc[j])));        \
+                wh[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wsrc[j] + 8))));  \
+            }                                                                                                        \
+            UNROLL for (int i = 0; i < MROWS; i++) {                                                                 \
+                __m256 al = _mm256_loadu_ps(xsrc[i]), ah = _mm256_loadu_ps(xsrc[i] + 8);                             \
+                UNROLL for (int j = 0; j < NROWS; j++) {                                                             \
+                    lo[i][j] = _mm256_fmadd_ps(al, wl[j], lo[i][j]);                                                 \
+                    hi[i][j] = _mm256_fmadd_ps(ah, wh[j], hi[i][j]);                                                 \
+                }                                                                                                    \
+            }                                                                                                        \
+        }                                                                                                            \
+        UNROLL for (int i = 0; i < MROWS; i++) UNROLL for (int j = 0; j < NROWS; j++) out[i][j] = avx2_sum16(lo[i][j], hi[i][j]); \
+    }
+DEFINE_AVX2_WEIGHT_ONLY(1, 1) DEFINE_AVX2_WEIGHT_ONLY(2, 1) DEFINE_AVX2_WEIGHT_ONLY(1, 4) DEFINE_AVX2_WEIGHT_ONLY(2, 4)
+
+/* A block of up to AVX2_NR weight rows (n0..) times up to AVX2_MR input rows (m0..): sums into out. */
+static void avx2_block(const struct job *job, const int16_t *xq, int64_t K16, int dynamic, int64_t m0, int mr,
+                       int64_t n0, int nr, int32_t iout[AVX2_MR][AVX2_NR], float fout[AVX2_MR][AVX2_NR]) {
+    const int64_t K = job->K;
+    const int8_t *q = job->q + n0 * K;
+    for (int j = 0; j < nr; j += nr == AVX2_NR ? AVX2_NR : 1) {
+        int32_t icol[AVX2_MR][AVX2_NR];
+        float fcol[AVX2_MR][AVX2_NR];
+        const int8_t *w = q + j * K;
+        if (dynamic) {
+            const int16_t *a = xq + m0 * K16;
+            if (nr == AVX2_NR) (mr == 2 ? avx2_dyn_2x4 : avx2_dyn_1x4)(a, K16, w, K, iout);
+            else (mr == 2 ? avx2_dyn_2x1 : avx2_dyn_1x1)(a, K16, w, K, icol);
+        } else {
+            const float *a = job->x + m0 * K;
+            if (nr == AVX2_NR) (mr == 2 ? avx2_wo_2x4 : avx2_wo_1x4)(a, K, w, fout);
+            else (mr == 2 ? avx2_wo_2x1 : avx2_wo_1x1)(a, K, w, fcol);
+        }
+        if (nr != AVX2_NR)
+            for (int i = 0; i < mr; i++) {
+                if (dynamic) iout[i][j] = icol[i][0];
+                else fout[i][j] = fcol[i][0];
+            }
+    }
+}
+
+/* Weight rows begin..end times every input row; the rescale is the other paths' (the same float operations). */
+static void avx2_range(const struct job *job, const int16_t *xq, int64_t K16, int dynamic, int64_t begin,
+                       int64_t end) {
+    int32_t iout[AVX2_MR][AVX2_NR];
+    float fout[AVX2_MR][AVX2_NR];
+    for (int64_t n0 = begin; n0 < end; n0 += AVX2_NR) {
+        const int nr = end - n0 < AVX2_NR ? (int)(end - n0) : AVX2_NR;
+        for (int64_t m0 = 0; m0 < job->M; m0 += AVX2_MR) {
+            const int mr = job->M - m0 < AVX2_MR ? (int)(job->M - m0) : AVX2_MR;
+            avx2_block(job, xq, K16, dynamic, m0, mr, n0, nr, iout, fout);
+            for (int i = 0; i < mr; i++)
+                for (int j = 0; j < nr; j++) {
+                    const int64_t n = n0 + j;
+                    float v = dynamic ? (float)iout[i][j] * job->xs[m0 + i] * job->scale[n] : fout[i][j] * job->scale[n];
+                    job->y[(m0 + i) * job->N + n] = job->bias ? v + job->bias[n] : v;
+                }
+        }
+    }
+}
+
+static int avx2_run(const struct job *job, int dynamic, int nthreads) {
+    const int64_t K16 = round_up(job->K, 16), rows = job->M > 0 ? job->M : 1;
+    int16_t *xq = NULL;
+    float *xs = NULL;
+    if (dynamic) {
+        xq = aligned_alloc(64, (size_t)round_up(rows * K16 * 2, 64));
+        xs = malloc(sizeof(float) * (size_t)rows);
+        if (!xq || !xs) {
+            free(xq);
+            free(xs);
+            return -1;
+        }
+        avx2_quantize(job->x, job->M, job->K, K16, xq, xs);
+    }
+    struct job local = *job;
+    local.xs = xs;
+    const int64_t blocks = (job->N + AVX2_NR - 1) / AVX2_NR;
+    const int threads = threads_for(nthreads, blocks);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#ifdef _OPENMP
+        const int t = omp_get_thread_num();
+#else
+        const int t = 0;
+#endif
+        const int64_t begin = blocks * t / threads * AVX2_NR, end = blocks * (t + 1) / threads * AVX2_NR;
+        avx2_range(&local, xq, K16, dynamic, begin, end < job->N ? end : job->N);
+    }
     free(xq);
     free(xs);
     return 0;
 }
+#pragma GCC pop_options
 
-/* y[M, N] = x @ (q * scale).T + bias with x in fp32 (weight-only scheme); bias may be NULL. Returns 0. */
+/* ------------------------------------------------------------------------------------------------ entry points
+ * `path` is one of PATH_*, no higher than int8_cpu_level(); on PATH_AMX, tiles run calls of at least `tile_rows`
+ * input rows and the VNNI instructions the rest (the same bits). Both are the caller's rule (kernels/int8.py). */
+
+/* Whether the AMX tiles take a dynamic matmul of M rows (else VNNI). */
+static int use_tiles(const struct job *job, int path, int tile_rows) {
+    return path == PATH_AMX && job->M >= tile_rows && job->K % 64 == 0 && job->N >= AMX_ROWS;
+}
+
+/* y[M, N] = dequant(int8(x) @ q.T) + bias (dynamic scheme); bias may be NULL. qsum: sum_k q[n, k] per row, or NULL
+ * to compute it in the first pass (VNNI path; extra multiply-adds: precomputed sums make batch 1 about 8% faster).
+ * Every path gives the same bits. Returns 0, or -1 if out of memory. */
+int int8_matmul_dynamic(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t N, const float *scale,
+                        const int32_t *qsum, const float *bias, float *y, int nthreads, int path, int tile_rows) {
+    struct job job = {x, NULL, NULL, M, K, round_up(K, 64), N, q, scale, qsum, bias, y};
+    if (path == PATH_AVX2) return avx2_run(&job, 1, nthreads);
+    float *xs = NULL;
+    uint8_t *xq = quantized_input(x, M, K, job.Kp, &xs);
+    if (!xq) return -1;
+    job.xq = xq;
+    job.xs = xs;
+    const int status = use_tiles(&job, path, tile_rows) ? amx_dynamic(&job, nthreads) : vnni_dynamic(&job, nthreads);
+    free(xq);
+    free(xs);
+    return status;
+}
+
+/* Weight-only on the int8 units (PATH_AMX): each fp32 input row as the sum of PIECES int8 rows with their own
+ * scales, x ~= s0 q0 + s1 q1 + s2 q2 (q0 rounds x, q1 what q0 left over, q2 what both left): each piece leaves at
+ * most 1/254 of the one before, so the three hold x to within about 2^-24 of its largest value, as close as fp32
+ * holds that value itself. The pieces run as rows of the dynamic scheme (exact int32 sums, same bits on tiles or
+ * VNNI), then y = ((p0 + p1) + p2) * scale + bias. Why: at 8 rows the fp32 kernel widens and multiply-adds every
+ * weight once per row (compute-bound, about 0.4x of int8-dynamic), where the tiles take 24 int8 rows as fast as
+ * 8. The bound is tested (test_int8_kernel.py, test_inference_formats.py). */
+#define PIECES 3
+
+static int pieces_weight_only(const struct job *job, int nthreads, int tile_rows) {
+    const int64_t M = job->M, K = job->K, N = job->N, Kp = round_up(K, 64), rows = M * PIECES;
+    uint8_t *xq = aligned_alloc(64, (size_t)((rows > 0 ? rows : 1) * Kp));
+    float *xs = malloc(sizeof(float) * (size_t)(rows + N + K) + 1), *part = malloc(sizeof(float) * (size_t)(rows * N) + 1);
+    if (!xq || !xs || !part) {
+        free(xq);
+        free(xs);
+        free(part);
+        return -1;
+    }
+    float *ones = xs + rows, *left = ones + N;
+    for (int64_t n = 0; n < N; n++) ones[n] = 1.0f;
+    for (int64_t m = 0; m < M; m++) {
+        memcpy(left, job->x + m * K, sizeof(float) * (size_t)K);
+        for (int p = 0; p < PIECES; p++) {
+            uint8_t *row = xq + (m * PIECES + p) * Kp;
+            quantize_rows_u8(left, 1, K, Kp, row, xs + m * PIECES + p);
+            for (int64_t k = 0; k < K; k++) left[k] -= (float)((int)row[k] - 128) * xs[m * PIECES + p];
+        }
+    }
+    const struct job pieces = {NULL, xq, xs, rows, K, Kp, N, job->q, ones, NULL, NULL, part};
+    const int status = use_tiles(&pieces, PATH_AMX, tile_rows) ? amx_dynamic(&pieces, nthreads)
+                                                               : vnni_dynamic(&pieces, nthreads);
+    for (int64_t m = 0; m < M && status == 0; m++)
+        for (int64_t n = 0; n < N; n++) {
+            const float *p = part + m * PIECES * N + n;
+            const float v = (p[0] + p[N] + p[2 * N]) * job->scale[n];
+            job->y[m * N + n] = job->bias ? v + job->bias[n] : v;
+        }
+    free(xq);
+    free(xs);
+    free(part);
+    return status;
+}
+
+/* y[M, N] = x @ (q * scale).T + bias with x in fp32 (weight-only scheme); bias may be NULL. AVX2 and VNNI: fp32
+ * multiply-adds, the same bits on both; AMX: the pieces above (within the tested bound of those). Returns 0, or -1
+ * if out of memory. */
 int int8_matmul_weight_only(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t N, const float *scale,
-                            const float *bias, float *y, int nthreads) {
+                            const float *bias, float *y, int nthreads, int path, int tile_rows) {
     const struct job job = {x, NULL, NULL, M, K, K, N, q, scale, NULL, bias, y};
-    run_blocks(&job, 0, nthreads);
+    if (path == PATH_AVX2) return avx2_run(&job, 0, nthreads);
+    if (path == PATH_AMX) return pieces_weight_only(&job, nthreads, tile_rows);
+    vnni_weight_only(&job, nthreads);
     return 0;
 }
 
@@ -439,11 +905,8 @@ int int8_matmul_weight_only(const float *x, int64_t M, int64_t K, const int8_t *
 void int8_row_sums(const int8_t *q, int64_t N, int64_t K, int32_t *sums) {
     for (int64_t n = 0; n < N; n++) {
         const int8_t *row = q + n * K;
-        __m512i acc = _mm512_setzero_si512();
-        int64_t k = 0;
-        for (; k + 16 <= K; k += 16) acc = _mm512_add_epi32(acc, _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k))));
-        int32_t total = _mm512_reduce_add_epi32(acc);
-        for (; k < K; k++) total += row[k];
+        int32_t total = 0;
+        for (int64_t k = 0; k < K; k++) total += row[k];
         sums[n] = total;
     }
 }
