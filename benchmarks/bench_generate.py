@@ -175,12 +175,13 @@ def run_shape(shape: str, args: argparse.Namespace, dtypes: list[str], use_trans
               targets: list[dict], record: list[dict]) -> None:
     """Time the engines of `args.engines` on `shape`; the int8 rates and their peers are appended to `targets`,
     each batch's samples and tokens to `record`."""
-    cfg = model_config(shape)
+    cfg = model_config(shape, **({"n_layer": args.layers} if args.layers else {}))
     ours = build_ours(cfg).eval()
     n_params = sum(p.numel() for p in ours.parameters())
     tokenizer = IdTokenizer(cfg.vocab_size)
     engines = args.engines.split(",")
-    print(f"\n== {shape}: {n_params / 1e6:.1f}M parameters, {PROMPT_TOKENS} prompt tokens + {args.new_tokens} new "
+    cut = f" cut to {args.layers} layers" if args.layers else ""
+    print(f"\n== {shape}{cut}: {n_params / 1e6:.1f}M parameters, {PROMPT_TOKENS} prompt tokens + {args.new_tokens} new "
           f"tokens, greedy; weight formats {', '.join(dtypes)}; default decoder {DEFAULT_DECODER!r}; "
           f"engines {', '.join(engines)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -288,7 +289,7 @@ def report_batch(shape: str, cfg, batch: int, results: dict[str, Summary], token
 def run_engines_apart(shape: str, args: argparse.Namespace, bandwidth: float, targets: list[dict]) -> None:
     """`shape` with each engine in its own process, one after another (a model too big to hold twice: a 3B
     float32 model is 12 GB), on the same seeded weights and prompts; then one table from their samples."""
-    cfg = model_config(shape)
+    cfg = model_config(shape, **({"n_layer": args.layers} if args.layers else {}))
     merged: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for engine in args.engines.split(","):
@@ -351,6 +352,8 @@ def main() -> None:
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated, from " + ", ".join(ENGINES))
     parser.add_argument("--engine-per-process", action="store_true",
                         help="run each engine in its own process, one after another (for starcoder2-3b's 12 GB)")
+    parser.add_argument("--layers", type=int, default=0,
+                        help="cut every shape to this many layers (same widths, head and embedding): a quicker proxy")
     parser.add_argument("--json-out", help=argparse.SUPPRESS)  # a child of --engine-per-process writes its samples
     args = parser.parse_args()
     args.repeats = args.repeats or (3 if args.int8_targets else 5)
