@@ -32,6 +32,8 @@ Also timed: one typical infill request (CodeGen2 format: 96-token prefix, <mask_
     python benchmarks/bench_generate.py --shapes tiny --batches 1 --repeats 7 --threads 1
     python benchmarks/bench_generate.py --int8-targets --threads 1     # only what the int8 targets need
     python benchmarks/bench_generate.py --shapes qwen25-coder-0.5b --dtypes float32 --threads 1
+    python benchmarks/bench_generate.py --shapes starcoder2-3b --dtypes float32 --threads 1 --engine-per-process \
+        --engines codegen2,transformers --new-tokens 32 --repeats 3
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ import argparse
 import copy
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +55,7 @@ from codegen2.int8 import quantize_model, use_int8_format
 from codegen2.options import DEFAULT_DECODER
 from common import (
     SHAPES,
+    Summary,
     build_ours,
     fmt,
     hf_twin,
@@ -73,6 +78,7 @@ TARGET_BANDWIDTH = 0.80  # 1b batch-1 int8 decoding, fraction of the bandwidth b
 CT2_MODEL_TYPES = ("codegen", "llama", "qwen2")  # model types CTranslate2's converter loads (not starcoder2)
 CT2_TYPES = {"float32": "float32", "int8": "int8", "int8-dynamic": "int8"}  # codegen2 dtype -> its CTranslate2 peer
 INT8_FORMATS = ("int8", "int8-dynamic")
+ENGINES = ("codegen2", "transformers", "ctranslate2")
 INT8_TARGET_SHAPES = ("93m", "125m", "1b", "qwen25-coder-0.5b")
 TARGET_WEIGHT_ONLY = 0.8  # weight-only int8 at batch 8, against int8-dynamic (issue 25)
 BANDWIDTH_MIB = 1024  # the probe's buffer: well above the 260 MiB L3 of the Xeon these runs use
@@ -145,9 +151,9 @@ def weight_bytes(model) -> int:
                if t.data_ptr() not in embedding)
 
 
-def kv_bytes(cfg, batch: int, dtype_bytes: int = 4) -> int:
+def kv_bytes(cfg, batch: int, new_tokens: int, dtype_bytes: int = 4) -> int:
     """Mean bytes of cached keys and values read per step over the generation (prompt + half the new tokens)."""
-    return 2 * cfg.n_layer * batch * (PROMPT_TOKENS + NEW_TOKENS // 2) * cfg.kv_heads * cfg.head_dim * dtype_bytes
+    return 2 * cfg.n_layer * batch * (PROMPT_TOKENS + new_tokens // 2) * cfg.kv_heads * cfg.head_dim * dtype_bytes
 
 
 def build_formats(ours, dtypes: list[str]) -> dict[str, object]:
@@ -166,103 +172,145 @@ def build_formats(ours, dtypes: list[str]) -> dict[str, object]:
     return {d: models[d] for d in dtypes}
 
 
-def run_shape(shape: str, batches: list[int], repeats: int, threads: int, use_ct2: bool, dtypes: list[str],
-              decoders: list[str], use_transformers: bool, bandwidth: float, targets: list[dict]) -> None:
-    """Time every engine on `shape`; the int8 rates and their peers are appended to `targets`."""
-    cfg = model_config(shape)
+def run_shape(shape: str, args: argparse.Namespace, dtypes: list[str], use_transformers: bool, bandwidth: float,
+              targets: list[dict], record: list[dict]) -> None:
+    """Time the engines of `args.engines` on `shape`; the int8 rates and their peers are appended to `targets`,
+    each batch's samples and tokens to `record`."""
+    cfg = model_config(shape, **({"n_layer": args.layers} if args.layers else {}))
     ours = build_ours(cfg).eval()
     n_params = sum(p.numel() for p in ours.parameters())
     tokenizer = IdTokenizer(cfg.vocab_size)
-    params = SamplingParams(max_new_tokens=NEW_TOKENS)
-    print(f"\n== {shape}: {n_params / 1e6:.1f}M parameters, {PROMPT_TOKENS} prompt tokens + {NEW_TOKENS} new "
-          f"tokens, greedy; weight formats {', '.join(dtypes)}; default decoder {DEFAULT_DECODER!r}")
+    engines = args.engines.split(",")
+    cut = f" cut to {args.layers} layers" if args.layers else ""
+    print(f"\n== {shape}{cut}: {n_params / 1e6:.1f}M parameters, {PROMPT_TOKENS} prompt tokens + {args.new_tokens} new "
+          f"tokens, greedy; weight formats {', '.join(dtypes)}; default decoder {DEFAULT_DECODER!r}; "
+          f"engines {', '.join(engines)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        theirs = hf_twin(ours).eval() if use_transformers else None
+        theirs = hf_twin(ours).eval() if use_transformers and "transformers" in engines else None
         ct2 = {}
-        if use_ct2:
-            ct2 = ct2_generators(write_hf_directory(ours, Path(tmp) / "hf"), dtypes, threads, Path(tmp))
-            if not ct2:
-                print("CTranslate2 columns skipped: `pip install ctranslate2` to include them")
-        models = build_formats(ours, dtypes)
+        if not args.no_ct2 and "ctranslate2" in engines:
+            ct2 = ct2_generators(write_hf_directory(ours, Path(tmp) / "hf"), dtypes, args.threads, Path(tmp))
+        models = build_formats(ours, dtypes) if "codegen2" in engines else {}
         del ours
-        for batch in batches:
+        for batch in [int(b) for b in args.batches.split(",")]:
             generator = torch.Generator().manual_seed(batch)
             prompts = torch.randint(0, cfg.vocab_size - 4, (batch, PROMPT_TOKENS), generator=generator)
-            contenders = {}
-            if theirs is not None:
-                def run_transformers() -> list[list[int]]:
-                    with torch.inference_mode():
-                        out = theirs.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                                              max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
-                    return out[:, PROMPT_TOKENS:].tolist()
-
-                contenders["transformers"] = run_transformers
-            start_tokens = [[f"t{i}" for i in row] for row in prompts.tolist()]
-            for compute_type, generator_ct2 in ct2.items():
-                def run_ct2(g=generator_ct2) -> list[list[int]]:
-                    results = g.generate_batch(start_tokens, max_length=NEW_TOKENS, min_length=NEW_TOKENS,
-                                               beam_size=1, include_prompt_in_result=False, end_token=[])
-                    return [r.sequences_ids[0] for r in results]
-
-                contenders[f"ctranslate2 {compute_type}"] = run_ct2
-            for dtype, model in models.items():
-                for decoder in [DEFAULT_DECODER] + [d for d in decoders if d != DEFAULT_DECODER and dtype == "float32"]:
-                    def run_ours(m=model, decoder=decoder) -> list[list[int]]:
-                        return [c.token_ids for c in generate_ids(m, tokenizer, prompts.tolist(), params,
-                                                                  stop_ids=(), decoder=decoder)]
-
-                    name = f"codegen2 {dtype}" + ("" if decoder == DEFAULT_DECODER else f" {decoder}")
-                    contenders[name] = run_ours
-
-            reference_name = "codegen2 float32" if "codegen2 float32" in contenders else f"codegen2 {dtypes[0]}"
-            agreement, reference = [], None
-            for name in [reference_name] + [n for n in contenders if n != reference_name]:
-                began = time.perf_counter()
-                tokens = contenders[name]()  # first run: compiles where a decoder compiles
-                first = time.perf_counter() - began
-                if name.startswith("codegen2"):
-                    print(f"-- batch {batch}: {name}: first generation (compile included) {first:.1f} s")
-                if reference is None:
-                    reference = tokens
-                    continue
-                same = sum(a == b for x, y in zip(reference, tokens) for a, b in zip(x, y))
-                agreement.append(f"{name} {100 * same / (batch * NEW_TOKENS):.0f}%")
-            results = interleaved(contenders, repeats=repeats, warmup=0)
-            tokens = batch * NEW_TOKENS
-            print(f"-- batch {batch}: greedy tokens equal to {reference_name}'s: {', '.join(agreement)}")
-            print(f"{'engine':<28}{'new tokens/s median (range)':>32}{'spread':>9}{'ms/step':>9}")
-            for name, summary in results.items():
-                print(f"{name:<28}{str(summary.rate(tokens)):>32}{spread(summary):>9}"
-                      f"{1e3 * summary.median / NEW_TOKENS:>9.2f}")
-            rate = {name: summary.rate(tokens).median for name, summary in results.items()}
-            for name in [n for n in results if n.startswith("codegen2")]:
-                dtype = name.split()[1]
-                if "transformers" in rate and dtype == "float32":
-                    target = (FAMILY_VS_TRANSFORMERS.get(batch) if cfg.arch != "codegen" else TARGET_VS_TRANSFORMERS)
-                    print(ratio_line(f"{name} / transformers", rate["transformers"], rate[name], target))
-                peer = f"ctranslate2 {CT2_TYPES[dtype]}" if dtype in CT2_TYPES else None  # bf16: no CPU peer
-                if peer in rate:
-                    print(ratio_line(f"{name} / {peer}", rate[peer], rate[name], TARGET_VS_CT2))
-                    if dtype in INT8_FORMATS and shape in INT8_TARGET_SHAPES:
-                        targets.append({"what": f"{shape} batch {batch}: codegen2 {dtype} / {peer}",
-                                        "ours": rate[name], "peer": rate[peer], "target": TARGET_VS_CT2})
-            if batch > 1 and all(f"codegen2 {d}" in rate for d in INT8_FORMATS):
-                weight_only, dynamic = rate["codegen2 int8"], rate["codegen2 int8-dynamic"]
-                print(ratio_line("codegen2 int8 / codegen2 int8-dynamic", dynamic, weight_only, TARGET_WEIGHT_ONLY))
-                targets.append({"what": f"{shape} batch {batch}: codegen2 int8 / codegen2 int8-dynamic",
-                                "ours": weight_only, "peer": dynamic, "target": TARGET_WEIGHT_ONLY})
-            for int8_name in [d for d in INT8_FORMATS if f"codegen2 {d}" in rate and batch == 1]:
-                per_token = weight_bytes(models[int8_name]) + kv_bytes(cfg, batch)
-                bound = bandwidth * 1e9 / per_token
-                ours = rate[f"codegen2 {int8_name}"]
-                print(f"bandwidth bound, {int8_name} batch 1: {per_token / 1e6:.0f} MB per token / "
-                      f"{bandwidth:.1f} GB/s = {bound:.1f} tokens/s; "
-                      + ratio_line(f"codegen2 {int8_name} / bound", bound, ours, TARGET_BANDWIDTH))
-                if shape == "1b":
-                    targets.append({"what": f"1b batch 1: codegen2 {int8_name} / bandwidth bound", "ours": ours,
-                                    "bytes_per_token": per_token, "target": TARGET_BANDWIDTH})
+            contenders = make_contenders(prompts, theirs, ct2, models, args, tokenizer)
+            tokens = first_runs(contenders, batch)
+            results = interleaved(contenders, repeats=args.repeats, warmup=0)
+            record.append({"batch": batch, "samples": {n: s.samples for n, s in results.items()}, "tokens": tokens})
+            report_batch(shape, cfg, batch, results, tokens, args.new_tokens, models, bandwidth, targets)
         if theirs is not None and "float32" in models and cfg.arch == "codegen":  # CodeGen2's infill format
-            infill_latency(models["float32"], theirs, tokenizer, repeats)
+            infill_latency(models["float32"], theirs, tokenizer, args.repeats)
+
+
+def make_contenders(prompts: torch.Tensor, theirs, ct2: dict, models: dict, args: argparse.Namespace,
+                    tokenizer: IdTokenizer) -> dict:
+    """name -> a function generating exactly `args.new_tokens` greedy tokens per prompt row with that engine."""
+    new_tokens = args.new_tokens
+    contenders = {}
+    if theirs is not None:
+        def run_transformers() -> list[list[int]]:
+            with torch.inference_mode():
+                out = theirs.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+            return out[:, PROMPT_TOKENS:].tolist()
+
+        contenders["transformers"] = run_transformers
+    start_tokens = [[f"t{i}" for i in row] for row in prompts.tolist()]
+    for compute_type, generator_ct2 in ct2.items():
+        def run_ct2(g=generator_ct2) -> list[list[int]]:
+            results = g.generate_batch(start_tokens, max_length=new_tokens, min_length=new_tokens,
+                                       beam_size=1, include_prompt_in_result=False, end_token=[])
+            return [r.sequences_ids[0] for r in results]
+
+        contenders[f"ctranslate2 {compute_type}"] = run_ct2
+    params = SamplingParams(max_new_tokens=new_tokens)
+    decoders = [d for d in args.decoders.split(",") if d and d != DEFAULT_DECODER]
+    for dtype, model in models.items():
+        for decoder in [DEFAULT_DECODER] + (decoders if dtype == "float32" else []):
+            def run_ours(m=model, decoder=decoder) -> list[list[int]]:
+                return [c.token_ids for c in generate_ids(m, tokenizer, prompts.tolist(), params,
+                                                          stop_ids=(), decoder=decoder)]
+
+            contenders[f"codegen2 {dtype}" + ("" if decoder == DEFAULT_DECODER else f" {decoder}")] = run_ours
+    return contenders
+
+
+def first_runs(contenders: dict, batch: int) -> dict[str, list[list[int]]]:
+    """Each engine's first generation (where a decoder compiles, it compiles here): its tokens, by name."""
+    tokens = {}
+    for name, run in contenders.items():
+        began = time.perf_counter()
+        tokens[name] = run()
+        if name.startswith("codegen2"):
+            print(f"-- batch {batch}: {name}: first generation (compile included) "
+                  f"{time.perf_counter() - began:.1f} s", flush=True)
+    return tokens
+
+
+def report_batch(shape: str, cfg, batch: int, results: dict[str, Summary], tokens: dict[str, list[list[int]]],
+                 new_tokens: int, models: dict, bandwidth: float, targets: list[dict]) -> None:
+    """The table of one batch size: token agreement, rates, ratios against the peers and the int8 bound."""
+    reference_name = next((n for n in ("codegen2 float32", *(f"codegen2 {d}" for d in INT8_FORMATS)) if n in tokens),
+                          next(iter(tokens)))
+    reference = tokens[reference_name]
+    same = {name: sum(a == b for x, y in zip(reference, got) for a, b in zip(x, y)) for name, got in tokens.items()}
+    agreement = [f"{name} {100 * n / (batch * new_tokens):.0f}%" for name, n in same.items() if name != reference_name]
+    work = batch * new_tokens
+    print(f"-- batch {batch}: greedy tokens equal to {reference_name}'s: {', '.join(agreement) or '-'}")
+    print(f"{'engine':<28}{'new tokens/s median (range)':>32}{'spread':>9}{'ms/step':>9}")
+    for name, summary in results.items():
+        print(f"{name:<28}{str(summary.rate(work)):>32}{spread(summary):>9}{1e3 * summary.median / new_tokens:>9.2f}")
+    rate = {name: summary.rate(work).median for name, summary in results.items()}
+    for name in [n for n in results if n.startswith("codegen2")]:
+        dtype = name.split()[1]
+        if "transformers" in rate and dtype == "float32":
+            target = FAMILY_VS_TRANSFORMERS.get(batch) if cfg.arch != "codegen" else TARGET_VS_TRANSFORMERS
+            print(ratio_line(f"{name} / transformers", rate["transformers"], rate[name], target))
+        peer = f"ctranslate2 {CT2_TYPES[dtype]}" if dtype in CT2_TYPES else None  # bf16: no CPU peer
+        if peer in rate:
+            print(ratio_line(f"{name} / {peer}", rate[peer], rate[name], TARGET_VS_CT2))
+            if dtype in INT8_FORMATS and shape in INT8_TARGET_SHAPES:
+                targets.append({"what": f"{shape} batch {batch}: codegen2 {dtype} / {peer}",
+                                "ours": rate[name], "peer": rate[peer], "target": TARGET_VS_CT2})
+    if batch > 1 and all(f"codegen2 {d}" in rate for d in INT8_FORMATS):
+        weight_only, dynamic = rate["codegen2 int8"], rate["codegen2 int8-dynamic"]
+        print(ratio_line("codegen2 int8 / codegen2 int8-dynamic", dynamic, weight_only, TARGET_WEIGHT_ONLY))
+        targets.append({"what": f"{shape} batch {batch}: codegen2 int8 / codegen2 int8-dynamic",
+                        "ours": weight_only, "peer": dynamic, "target": TARGET_WEIGHT_ONLY})
+    for int8_name in [d for d in INT8_FORMATS if f"codegen2 {d}" in rate and batch == 1 and d in models]:
+        per_token = weight_bytes(models[int8_name]) + kv_bytes(cfg, batch, new_tokens)
+        bound = bandwidth * 1e9 / per_token
+        ours = rate[f"codegen2 {int8_name}"]
+        print(f"bandwidth bound, {int8_name} batch 1: {per_token / 1e6:.0f} MB per token / "
+              f"{bandwidth:.1f} GB/s = {bound:.1f} tokens/s; "
+              + ratio_line(f"codegen2 {int8_name} / bound", bound, ours, TARGET_BANDWIDTH))
+        if shape == "1b":
+            targets.append({"what": f"1b batch 1: codegen2 {int8_name} / bandwidth bound", "ours": ours,
+                            "bytes_per_token": per_token, "target": TARGET_BANDWIDTH})
+    sys.stdout.flush()
+
+
+def run_engines_apart(shape: str, args: argparse.Namespace, bandwidth: float, targets: list[dict]) -> None:
+    """`shape` with each engine in its own process, one after another (a model too big to hold twice: a 3B
+    float32 model is 12 GB), on the same seeded weights and prompts; then one table from their samples."""
+    cfg = model_config(shape, **({"n_layer": args.layers} if args.layers else {}))
+    merged: dict[int, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for engine in args.engines.split(","):
+            out = Path(tmp) / f"{engine}.json"
+            argv = [a for a in sys.argv[1:] if a != "--engine-per-process"]
+            subprocess.run([sys.executable, __file__, *argv, "--shapes", shape, "--engines", engine,
+                            "--json-out", str(out)], check=True)
+            for batch_record in json.loads(out.read_text()):
+                entry = merged.setdefault(batch_record["batch"], {"samples": {}, "tokens": {}})
+                entry["samples"].update(batch_record["samples"])
+                entry["tokens"].update(batch_record["tokens"])
+    print(f"\n== {shape}, one process per engine ({args.engines}), run one after another:")
+    for batch, entry in sorted(merged.items()):
+        results = {name: Summary(samples) for name, samples in entry["samples"].items()}
+        report_batch(shape, cfg, batch, results, entry["tokens"], args.new_tokens, {}, bandwidth, targets)
 
 
 def infill_latency(ours, theirs, tokenizer: IdTokenizer, repeats: int) -> None:
@@ -307,6 +355,13 @@ def main() -> None:
                         help="only the int8 targets: shapes 93m,125m,1b,qwen25-coder-0.5b, formats int8,int8-dynamic, "
                              "CTranslate2 int8, "
                              "no transformers, repeats 3 (unless given)")
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="new tokens per row (default 128)")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated, from " + ", ".join(ENGINES))
+    parser.add_argument("--engine-per-process", action="store_true",
+                        help="run each engine in its own process, one after another (for starcoder2-3b's 12 GB)")
+    parser.add_argument("--layers", type=int, default=0,
+                        help="cut every shape to this many layers (same widths, head and embedding): a quicker proxy")
+    parser.add_argument("--json-out", help=argparse.SUPPRESS)  # a child of --engine-per-process writes its samples
     args = parser.parse_args()
     args.repeats = args.repeats or (3 if args.int8_targets else 5)
     if args.int8_targets:
@@ -314,15 +369,22 @@ def main() -> None:
     parse_threads(args.threads)
     print(machine_line())
     began = time.perf_counter()
-    bandwidths = [probe_bandwidth("before the first shape")]
+    child = args.json_out is not None
+    bandwidths = [0.0 if child else probe_bandwidth("before the first shape")]
     targets: list[dict] = []
+    record: list[dict] = []
     for shape in args.shapes.split(","):
         dtypes = args.dtypes.split(",")
         if shape == "1b" and not args.big_float:
             dtypes = [d for d in dtypes if d in INT8_FORMATS] or dtypes
-        run_shape(shape, [int(b) for b in args.batches.split(",")], args.repeats, args.threads, not args.no_ct2,
-                  dtypes, [d for d in args.decoders.split(",") if d], not args.no_transformers and shape != "1b",
-                  max(bandwidths), targets)
+        if args.engine_per_process:
+            run_engines_apart(shape, args, max(bandwidths), targets)
+        else:
+            run_shape(shape, args, dtypes, not args.no_transformers and shape != "1b", max(bandwidths), targets,
+                      record)
+    if child:
+        Path(args.json_out).write_text(json.dumps(record))
+        return
     bandwidths.append(probe_bandwidth("after the last shape"))
     print_targets(targets, max(bandwidths))
     print(f"\nwhole run: {(time.perf_counter() - began) / 60:.1f} min")

@@ -250,3 +250,38 @@ def test_inference_loading_uses_the_decode_layout_and_keeps_the_state_dict(tmp_p
     state = loaded.state_dict()
     for name, value in plain.state_dict().items():
         torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "starcoder2"])
+def test_family_step_reads_the_models_own_rows_and_a_batch_gives_each_rows_logits(arch):
+    """The Qwen2/StarCoder2 step reads [out, in] views of the model's own weights (no second copy, whatever
+    layout loading gave them), and a batch (oneDNN's kernel) gives every row its one-row (MKL) logits."""
+    extra = {"sliding_window": 6} if arch == "starcoder2" else {}
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, vocab_size=300, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                                    rotary_dim=16, n_inner=96, n_ctx=64, tie_word_embeddings=True, **extra)).eval()
+    for module in model.modules():  # an input-major copy, as the CodeGen decode layout makes
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data = module.weight.data.t().contiguous().t()
+    ids = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids)
+        batched = FastDecoder(model.use_decode_layout(), 3, 24)
+        storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        matrices = [w for layer in batched.weights[0] for w in layer if isinstance(w, torch.Tensor) and w.dim() == 2]
+        assert all(w.is_contiguous() and w.untyped_storage().data_ptr() in storages
+                   for w in matrices + [batched.weights[1][2]])
+        cache = KVCache(model.config, 3, 8)
+        model(ids[:, :8], cache=cache)
+        batched.start(cache, torch.full((3,), 8))
+        rows = []
+        for row in range(3):
+            alone = KVCache(model.config, 1, 8)
+            model(ids[row:row + 1, :8], cache=alone)
+            rows.append(FastDecoder(model, 1, 24))
+            rows[-1].start(alone, torch.full((1,), 8))
+        for t in range(8, 20):
+            together = batched.step(ids[:, t])
+            for row, decoder in enumerate(rows):
+                one = decoder.step(ids[row:row + 1, t])[0]
+                assert (together[row] - one).abs().max() <= 2e-5 and (one - full[row, t]).abs().max() <= 2e-5

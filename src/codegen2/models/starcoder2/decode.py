@@ -1,9 +1,10 @@
 """StarCoder2's fused one-token decode step (run by `codegen2.generation.decoder.FastDecoder`).
 
-LLaMA's step (`models/llama/decode.py`) with StarCoder2's parts: q/k/v fused into one matmul with one bias
-vector, biases on o_proj, c_fc and c_proj (added together with the residual in one `addmm`), LayerNorm with
-bias, GELU (tanh). The sliding window is part of the additive mask (`masks.decode_step_bias`), so the cache
-keeps every column and the step attends only to the last `sliding_window` of them, as the full forward does.
+LLaMA's step (`models/llama/decode.py`, its [out, in] weights and `linear`) with StarCoder2's parts: q/k/v
+fused into one matmul with one bias vector, biases on o_proj, c_fc and c_proj (for one row added together with
+the residual in one `addmm`), LayerNorm with bias, GELU (tanh). The sliding window is part of the additive
+mask (`masks.decode_step_bias`), so the cache keeps every column and the step attends only to the last
+`sliding_window` of them, as the full forward does.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...int8 import embed, embedding_weight, fuse_linears, linear_weight, mm
+from ...int8 import embed, embedding_weight
 from ...masks import decode_step_bias
-from ..llama.decode import attend_cached, fuse_biases
-from ..llama.model import tied_head
+from ..llama.decode import attend_cached, dense_weight, fuse_biases, fuse_rows, head_weight, linear
 from .model import Starcoder2Model
 
 
@@ -27,30 +27,24 @@ def _norm(norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
 def fuse_decode_weights(model: Starcoder2Model) -> list[tuple]:
     """Per layer (norm_1, w_qkv, b_qkv, w_o, b_o, norm_2, w_fc, b_fc, w_proj, b_proj); norms as (weight, bias).
 
-    q/k/v are fused by `int8.fuse_linears` (the model's weights become views of the fused buffer); the
-    other float weights are re-laid input-major in place (same values), int8 ones keep the kernel's rows.
+    q/k/v are fused by `fuse_rows` (the model's weights become views of the fused buffer); the other weights
+    are used as they are (`dense_weight`: float [out, in], int8 rows).
     """
     layers = []
     for block in model.model.layers:
         attn, mlp = block.self_attn, block.mlp
-        w_qkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-        for linear in (attn.o_proj, mlp.c_fc, mlp.c_proj):
-            if isinstance(linear, nn.Linear) and linear.weight.stride(0) != 1:
-                linear.weight.data = linear.weight.data.t().contiguous().t()
+        w_qkv = fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj])
         layers.append((_norm(block.input_layernorm), w_qkv, fuse_biases([attn.q_proj, attn.k_proj, attn.v_proj]),
-                       linear_weight(attn.o_proj), attn.o_proj.bias, _norm(block.post_attention_layernorm),
-                       linear_weight(mlp.c_fc), mlp.c_fc.bias, linear_weight(mlp.c_proj), mlp.c_proj.bias))
+                       dense_weight(attn.o_proj), attn.o_proj.bias, _norm(block.post_attention_layernorm),
+                       dense_weight(mlp.c_fc), mlp.c_fc.bias, dense_weight(mlp.c_proj), mlp.c_proj.bias))
     return layers
 
 
 def decode_weights(model: Starcoder2Model) -> tuple:
     """What `decode_step` reads: (fused layers, head, rotary table, static shape), views of the model's weights."""
-    if isinstance(model.lm_head, nn.Linear) and model.lm_head.weight.stride(0) != 1:
-        model.use_decode_layout()  # before fusing: it would copy the fused views apart again
     cfg = model.config
     norm = _norm(model.model.norm)
-    head_w = tied_head(model.model.embed_tokens) if model.lm_head is None else linear_weight(model.lm_head)
-    head = (embedding_weight(model.model.embed_tokens), norm, head_w)
+    head = (embedding_weight(model.model.embed_tokens), norm, head_weight(model))
     shape = (cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.layer_norm_eps, cfg.sliding_window)
     return fuse_decode_weights(model), head, model.rotary.table(norm[0].device), shape
 
@@ -69,9 +63,9 @@ def decode_step(weights: tuple, tokens: torch.Tensor, pos: torch.Tensor, col: to
     x = embed(tokens, embed_w, norm_w.dtype)
     for layer, k_cache, v_cache in zip(layers, keys, values):
         norm_1, w_qkv, b_qkv, w_o, b_o, norm_2, w_fc, b_fc, w_proj, b_proj = layer
-        qkv = mm(F.layer_norm(x, (d,), *norm_1, eps), w_qkv, b_qkv)
+        qkv = linear(F.layer_norm(x, (d,), *norm_1, eps), w_qkv, b_qkv)
         attended = attend_cached(qkv, cos, sin, k_cache, v_cache, index, bias, (n_head, kv_heads, head_dim))
-        x = mm(attended, w_o, x + b_o)
-        hidden = F.gelu(mm(F.layer_norm(x, (d,), *norm_2, eps), w_fc, b_fc), approximate="tanh")
-        x = mm(hidden, w_proj, x + b_proj)
-    return mm(F.layer_norm(x, (d,), norm_w, norm_b, eps), head_w)
+        x = linear(attended, w_o, b_o, residual=x)
+        hidden = F.gelu(linear(F.layer_norm(x, (d,), *norm_2, eps), w_fc, b_fc), approximate="tanh")
+        x = linear(hidden, w_proj, b_proj, residual=x)
+    return linear(F.layer_norm(x, (d,), norm_w, norm_b, eps), head_w)
