@@ -61,6 +61,25 @@ int int8_cpu_level(void) {
     return amx_usable() ? PATH_AMX : PATH_VNNI;
 }
 
+/* Thread splitting, compiled for any x86-64 CPU (outside the AVX-512 and AVX2 regions below, so the AVX2 path
+ * never calls code built for AVX-512). */
+static int threads_for(int nthreads, int64_t blocks) {
+    if (nthreads < 1) nthreads = 1;
+    return blocks < nthreads ? (int)blocks : nthreads;
+}
+
+/* This thread's number inside an OpenMP parallel region (0 without OpenMP). */
+static inline int thread_index(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* Where thread t of `threads` begins, splitting `units` whole units of `unit` rows evenly (end: share(t + 1)). */
+static inline int64_t share(int64_t units, int t, int threads, int64_t unit) { return units * t / threads * unit; }
+
 /* The AVX-512 VNNI path (and the AMX path, which shares its quantizing and its leftover rows); only called where
  * int8_cpu_level() says so. */
 #pragma GCC push_options
@@ -278,10 +297,6 @@ static inline void rescale_weight_only(const float *acc, const float *scale, con
     }
 }
 
-static int threads_for(int nthreads, int64_t blocks) {
-    if (nthreads < 1) nthreads = 1;
-    return blocks < nthreads ? (int)blocks : nthreads;
-}
 
 /* One call's operands; xq and xs (the rounded input rows and their scales) only for the dynamic scheme. */
 struct job {
@@ -424,12 +439,8 @@ static void run_blocks(const struct job *job, int dynamic, int nthreads) {
     const int threads = threads_for(nthreads, blocks);
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-#ifdef _OPENMP
-        const int t = omp_get_thread_num();
-#else
-        const int t = 0;
-#endif
-        const int64_t begin = blocks * t / threads * nb, end = blocks * (t + 1) / threads * nb;
+        const int t = thread_index();
+        const int64_t begin = share(blocks, t, threads, nb), end = share(blocks, t + 1, threads, nb);
         run_range(job, dynamic, nb, begin, end < job->N ? end : job->N);
     }
 }
@@ -615,12 +626,8 @@ static int amx_dynamic(const struct job *job, int nthreads) {
     const int nb = block_rows(job->M < MR ? job->M : MR);
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-#ifdef _OPENMP
-        const int t = omp_get_thread_num();
-#else
-        const int t = 0;
-#endif
-        amx_range(job, xb, groups * t / threads * AMX_ROWS, groups * (t + 1) / threads * AMX_ROWS);
+        const int t = thread_index();
+        amx_range(job, xb, share(groups, t, threads, AMX_ROWS), share(groups, t + 1, threads, AMX_ROWS));
         if (t == threads - 1 && tail < job->N) run_range(job, 1, nb, tail, job->N);
     }
     free(xb);
@@ -804,12 +811,8 @@ static int avx2_run(const struct job *job, int dynamic, int nthreads) {
     const int threads = threads_for(nthreads, blocks);
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-#ifdef _OPENMP
-        const int t = omp_get_thread_num();
-#else
-        const int t = 0;
-#endif
-        const int64_t begin = blocks * t / threads * AVX2_NR, end = blocks * (t + 1) / threads * AVX2_NR;
+        const int t = thread_index();
+        const int64_t begin = share(blocks, t, threads, AVX2_NR), end = share(blocks, t + 1, threads, AVX2_NR);
         avx2_range(&local, xq, K16, dynamic, begin, end < job->N ? end : job->N);
     }
     free(xq);
