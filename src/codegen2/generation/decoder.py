@@ -22,6 +22,8 @@ import time
 import torch
 from torch import nn
 
+from ..int8 import is_quantized
+from ..kernels.int8 import prepare_compiled_op
 from ..models import architecture
 from ..models.common import KVCache
 from .core import copy_rows, set_filled
@@ -123,6 +125,7 @@ class FastDecoder:
         self.compile_seconds = 0.0
         self._views: tuple[int, int, list, list, torch.Tensor] | None = None
         self._arch = arch
+        self._quantized = is_quantized(model)
         self.chunk = greedy_chunk_size(cfg.n_layer)  # greedy tokens per `greedy` call
         self._last_position = cfg.n_ctx - 1
         self._fn = self._function("step")
@@ -232,6 +235,8 @@ class FastDecoder:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         began = time.perf_counter()
+        if self.compile and self.device.type == "cpu" and self._quantized:
+            prepare_compiled_op()  # int8 matmuls through the C++ op where it builds (first use: ~10 s, cached)
         out = fn(*args)
         seconds = time.perf_counter() - began
         self.compile_seconds += seconds

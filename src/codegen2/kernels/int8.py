@@ -14,11 +14,16 @@ on tiles or VNNI instructions with the same bits. One weight always runs one sch
 depends on its batch.
 
 The kernel is registered as the op `codegen2::int8_matmul` so that torch.compile keeps it as one call in a
-compiled graph; eager callers skip the op dispatcher and call the library directly (the dispatcher costs more than
-a small matmul). `CODEGEN2_INT8_KERNEL` chooses: `auto` (default: native where it runs, the rule's path),
-`native` (the same, an error where no path runs), `amx` / `vnni` / `avx2` (that path wherever the rule would use
-a higher one: an error where the CPU lacks it; tests and benchmarks force paths this way), `torch` (never native;
-PyTorch's kernels).
+compiled graph; eager callers skip the op dispatcher and call the library directly (`_run`, 11 us a call). That
+op's implementation is Python (ctypes): about 20 us a call against 3 us for the C call. So before a decoder
+compiles, `prepare_compiled_op()` builds `int8_op.cpp`, the same kernels behind the dispatcher in C++
+(`codegen2::int8_matmul_native`, same arguments, same bits, 4 us a call), and compiled graphs, and eager calls
+from then on, use that one; where it cannot be built (no C++ compiler or torch headers) they keep the Python op.
+`CODEGEN2_INT8_OP=python` forces the Python op (tests, or a machine where the C++ build misbehaves).
+
+`CODEGEN2_INT8_KERNEL` chooses: `auto` (default: native where it runs, the rule's path), `native` (the same, an
+error where no path runs), `amx` / `vnni` / `avx2` (that path wherever the rule would use a higher one: an error
+where the CPU lacks it; tests and benchmarks force paths this way), `torch` (never native; PyTorch's kernels).
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .build import BuildError, load
+from .build import BuildError, load, load_torch_op
 
 SOURCE = Path(__file__).with_name("int8_matmul.c")
+OP_SOURCE = Path(__file__).with_name("int8_op.cpp")
+OP_CHOICES = ("auto", "python")
 PATHS = {"avx2": 1, "vnni": 2, "amx": 3}  # the kernel's PATH_* numbers; a CPU level runs every path up to it
 CHOICES = ("auto", "native", *PATHS, "torch")
 # The rule (measured on a Xeon with AMX, docs/benchmarks.md): AMX tiles from this many input rows on (batch 8 and
@@ -102,6 +109,7 @@ def native_available() -> tuple[bool, str]:
                 raise UserError(f"CODEGEN2_INT8_KERNEL={choice}: this CPU runs at most the {cpu_level()} path")
             _state["ceiling"] = PATHS[choice] if choice in PATHS else level
             _state["available"] = (True, "")
+            _configure_op()
     return _state["available"]  # type: ignore[return-value]
 
 
@@ -122,9 +130,56 @@ def tile_rows() -> int:
 
 
 def reset() -> None:
-    """Forget the per-process decision (tests that change CODEGEN2_INT8_KERNEL); the library stays loaded."""
-    _state.pop("available", None)
-    _state.pop("ceiling", None)
+    """Forget the per-process decision (tests that change CODEGEN2_INT8_KERNEL or CODEGEN2_INT8_OP); the libraries
+    stay loaded."""
+    for key in ("available", "ceiling", "op"):
+        _state.pop(key, None)
+
+
+def _configure_op() -> None:
+    """Hand the C++ op (if loaded) the kernel library and the rule's current state, so it runs what `_run` runs."""
+    op_lib = _state.get("op_lib")
+    if op_lib is not None and "ceiling" in _state:
+        lib = _state["lib"]
+        op_lib.codegen2_int8_op_configure(  # type: ignore[attr-defined]
+            ctypes.cast(lib.int8_matmul_dynamic, ctypes.c_void_p), ctypes.cast(lib.int8_matmul_weight_only,
+                                                                               ctypes.c_void_p),
+            int(_state["ceiling"]), tile_rows())  # type: ignore[arg-type]
+
+
+def prepare_compiled_op() -> tuple[str, str]:
+    """Choose the op compiled graphs call: ("native", "") for the C++ op (built on first use, about 10 s once per
+    machine and torch version), else ("python", why). Call before compiling; decided once per process (`reset`)."""
+    if "op" not in _state:
+        choice = os.environ.get("CODEGEN2_INT8_OP", "auto").strip().lower() or "auto"
+        if choice not in OP_CHOICES:
+            raise UserError(f"CODEGEN2_INT8_OP={choice!r}: choose one of {', '.join(OP_CHOICES)}")
+        if choice == "python":
+            _state["op"] = ("python", "CODEGEN2_INT8_OP=python")
+        elif not native_available()[0]:
+            _state["op"] = ("python", "the native kernel does not run here")
+        else:
+            _state["op"] = _load_op()
+    return _state["op"]  # type: ignore[return-value]
+
+
+def _load_op() -> tuple[str, str]:
+    """Build and load int8_op.cpp once per process: ("native", "") or ("python", the reason in one line)."""
+    if "op_lib" not in _state:
+        try:
+            path = load_torch_op(OP_SOURCE)
+            op_lib = ctypes.CDLL(str(path))  # the library torch just loaded: the same handle
+            op_lib.codegen2_int8_op_configure.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                                          ctypes.c_int]
+            op_lib.codegen2_int8_op_configure.restype = None
+            torch.library.register_fake("codegen2::int8_matmul_native")(_fake)
+            _state["op_lib"] = op_lib
+        except (BuildError, AttributeError) as exc:
+            _state["op_lib"], _state["op_why"] = None, str(exc)
+    if _state["op_lib"] is None:
+        return "python", str(_state["op_why"])
+    _configure_op()
+    return "native", ""
 
 
 def note_kernel_choice() -> None:
@@ -200,9 +255,11 @@ _ops.define("int8_matmul(Tensor x, Tensor q, Tensor scales, Tensor? bias, bool d
 _ops.impl("int8_matmul", _run, "CPU")
 
 
-@torch.library.register_fake("codegen2::int8_matmul")
-def _(x, q, scales, bias, dynamic, sums):
+def _fake(x, q, scales, bias, dynamic, sums):
     return x.new_empty(x.shape[0], q.shape[0], dtype=torch.float32)
+
+
+torch.library.register_fake("codegen2::int8_matmul")(_fake)
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
@@ -214,5 +271,9 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: to
     `sums` (dynamic only): `row_sums(q)`, if the caller keeps it; otherwise the kernel recomputes it every call.
     """
     if torch.compiler.is_compiling():
+        if _state.get("op", ("python",))[0] == "native":  # `prepare_compiled_op` chose the C++ op
+            return torch.ops.codegen2.int8_matmul_native(x, q, scales, bias, dynamic, sums)
         return torch.ops.codegen2.int8_matmul(x, q, scales, bias, dynamic, sums)
+    if _state.get("op", ("python",))[0] == "native":  # loaded: 4 us a call against `_run`'s 11 (measured)
+        return torch.ops.codegen2.int8_matmul_native.default(x, q, scales, bias, dynamic, sums)
     return _run(x, q, scales, bias, dynamic, sums)
