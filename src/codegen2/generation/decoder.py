@@ -108,6 +108,7 @@ class FastDecoder:
         if dynamic_batch and batch < 2:
             raise ValueError("a dynamic-batch decoder needs at least 2 rows (batch 1 is its own graph)")
         self.device, self.dtype = param.device, param.dtype
+        self._quantized = is_quantized(model)
         self.weights = arch.decode_weights(model)
         # One spare column that is never attended: the step's views then never cover a whole buffer, so they
         # are never contiguous, and the graph (which guards on contiguity) serves the last block too.
@@ -125,7 +126,6 @@ class FastDecoder:
         self.compile_seconds = 0.0
         self._views: tuple[int, int, list, list, torch.Tensor] | None = None
         self._arch = arch
-        self._quantized = is_quantized(model)
         self.chunk = greedy_chunk_size(cfg.n_layer)  # greedy tokens per `greedy` call
         self._last_position = cfg.n_ctx - 1
         self._fn = self._function("step")
@@ -142,24 +142,33 @@ class FastDecoder:
         key = f"{arch.name}/{'any' if self.dynamic_batch else 'static'}-batch/{kind}"
         if kind == "chunk":
             key += f"{self.chunk}/{self._last_position}"
+        # int8 on the CPU: the matmuls through the C++ op where it builds (its first build ~10 s, then cached), so
+        # the graph calls them without Python; a graph of its own, as the op is chosen when the graph is traced.
+        native_op = self._quantized and self.device.type == "cpu" and prepare_compiled_op()[0] == "native"
+        key += "/int8-native-op" if native_op else ""
         # Each (weight format, batch) is its own graph of the one function: dynamo's default of 8 per
         # function is soon reached (and with fullgraph=True it then fails).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 256)
         if key not in FastDecoder._compiled:
-            # The graph's inputs are always this class's own cache views and the model's weights, laid out
-            # the same way every call: the wrapper's ~40 per-call stride/alignment asserts cost 2-4% of a
-            # tiny step (thread time, batch 1: 1.005 vs 1.03 ms; batch 8: 2.12 vs 2.20 ms).
-            options = {"size_asserts": False, "alignment_asserts": False}
-            if kind == "chunk" and self.device.type == "cpu":
-                # A chunk runs k steps' worth of wrapper code per call: in C++ rather than Python it saves
-                # ~4% of a tiny batch-1 token (thread time, best of 8: 0.82-0.83 vs 0.85-0.86 ms), neutral
-                # at batch 8; for the one-step graph it measured slower (1.11 vs 1.06 ms). Measured on the
-                # CPU only, so other devices keep the Python wrapper.
-                options["cpp_wrapper"] = True
-            FastDecoder._compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False, options=options)
+            FastDecoder._compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False,
+                                                       options=self._options(kind, native_op))
         return FastDecoder._compiled[key]
+
+    def _options(self, kind: str, native_op: bool) -> dict[str, bool]:
+        """inductor's options for the step or chunk graph."""
+        # The graph's inputs are always this class's own cache views and the model's weights, laid out the same
+        # way every call: the wrapper's ~40 per-call stride/alignment asserts cost 2-4% of a tiny step (thread
+        # time, batch 1: 1.005 vs 1.03 ms; batch 8: 2.12 vs 2.20 ms).
+        options = {"size_asserts": False, "alignment_asserts": False}
+        if self.device.type == "cpu" and (kind == "chunk" or native_op):
+            # The wrapper code in C++ rather than Python. A chunk runs k steps' worth of it per call: ~4% of a tiny
+            # batch-1 token (thread time, best of 8: 0.82-0.83 vs 0.85-0.86 ms), neutral at batch 8. With the C++
+            # int8 op it calls the matmuls through the dispatcher without Python (93m batch 1 step, thread time:
+            # 5.61 against 6.04 ms); otherwise the one-step graph measured slower in C++ (tiny: 1.11 vs 1.06 ms).
+            options["cpp_wrapper"] = True
+        return options
 
     def start(self, cache: KVCache, next_pos: torch.Tensor) -> None:
         """Take over a prefilled cache (its first `cache.length` columns) and each row's next position."""
@@ -235,8 +244,6 @@ class FastDecoder:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         began = time.perf_counter()
-        if self.compile and self.device.type == "cpu" and self._quantized:
-            prepare_compiled_op()  # int8 matmuls through the C++ op where it builds (first use: ~10 s, cached)
         out = fn(*args)
         seconds = time.perf_counter() - began
         self.compile_seconds += seconds
