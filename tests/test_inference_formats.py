@@ -131,6 +131,26 @@ def test_the_compiled_decoder_runs_int8_weights(run, dtype):
     assert agreement(eager, compiled) >= 0.95  # same kernels; inductor may fuse the float ops differently
 
 
+@pytest.mark.slow
+def test_the_compiled_decoder_gives_the_same_tokens_through_the_cpp_op_and_the_python_op(run, monkeypatch):
+    """int8-dynamic's compiled step calls the C++ op (cpp_wrapper graph) or, forced, the Python op: same kernels,
+    same exact sums, so the same greedy tokens."""
+    from codegen2.kernels import int8 as kernels
+
+    model = load_checkpoint(run, dtype="int8-dynamic").model
+    tokens, why = {}, {}
+    for choice in ("auto", "python"):
+        monkeypatch.setenv("CODEGEN2_INT8_OP", choice)
+        kernels.reset()
+        kind, why[choice] = kernels.prepare_compiled_op()
+        tokens[kind] = [c.token_ids for c in generate_ids(model, CharTokenizer(), PROMPTS,
+                                                          SamplingParams(max_new_tokens=12), decoder="compiled")]
+    kernels.reset()
+    if "native" not in tokens:
+        pytest.skip(f"the C++ int8 op cannot be built here: {why['auto']}")
+    assert tokens["native"] == tokens["python"]
+
+
 def test_quantize_command_writes_a_checkpoint_that_loads_as_int8(run, tmp_path, capsys):
     out = tmp_path / "int8"
     assert main(["quantize", "--checkpoint", str(run), "--out", str(out)]) == 0

@@ -338,3 +338,78 @@ def test_without_a_compiler_auto_falls_back_and_native_is_a_clear_error(tmp_path
     finally:
         int8._state.clear()
         int8._state.update(saved)
+
+
+def cpp_op_or_skip() -> None:
+    """Load the C++ op (`int8_op.cpp`) for the next calls, or skip where it cannot be built here (with the reason)."""
+    int8.reset()
+    kind, why = int8.prepare_compiled_op()
+    if kind != "native":
+        pytest.skip(f"the C++ int8 op cannot be built here: {why}")
+
+
+@pytest.mark.parametrize("path", list(int8.PATHS))
+def test_the_cpp_op_gives_the_python_ops_bits_on_every_path(int8_kernel, path):
+    """The C++ op runs the same kernels under the same rule: identical bits for both schemes, with a per-channel
+    bias, a residual [M, N] bias (added after the kernel) or none, and with or without the row sums."""
+    force_path(int8_kernel, path)
+    cpp_op_or_skip()
+    op = torch.ops.codegen2.int8_matmul_native
+    for m, k, n in PATH_SHAPES[::2]:
+        x, q, scales, bias = random_operands(m * 7 + k + n, m, k, n, x_scale=2, scale_low=0.01, scale_span=0.1)
+        residual = torch.randn(m, n)
+        for dynamic in (True, False):
+            sums = int8.row_sums(q) if dynamic else None
+            for extra in (bias, residual, None):
+                expected = int8._run(x, q, scales, extra, dynamic, sums)
+                assert torch.equal(op(x, q, scales, extra, dynamic, sums), expected), (path, m, k, n, dynamic)
+    assert torch.equal(op(x.t().contiguous().t(), q, scales, None, True, None), int8._run(x, q, scales, None, True))
+    with pytest.raises(RuntimeError, match=f"x has {x.shape[1]} columns but the weight rows have 7"):
+        op(x, q[:, :7], scales, None, True, None)
+
+
+@pytest.mark.usefixtures("native")
+def test_a_compiled_graph_calls_the_cpp_op_and_the_python_op_when_forced(monkeypatch):
+    """With the C++ op loaded a compiled graph calls it (no Python on the way); CODEGEN2_INT8_OP=python keeps the
+    Python op. Both give the eager results bit for bit (the dynamic scheme's sums are exact)."""
+    gen, x, q, scales = quantized_operands(8, 3, 64, 40)
+    sums = int8.row_sums(q)
+    graphs = {}
+    for choice in ("auto", "python"):
+        monkeypatch.setenv("CODEGEN2_INT8_OP", choice)
+        if choice == "auto":
+            cpp_op_or_skip()
+        else:
+            int8.reset()
+            assert int8.prepare_compiled_op() == ("python", "CODEGEN2_INT8_OP=python")
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda t: int8_dynamic_linear(t, q, scales, None, sums) * 2, fullgraph=True)
+        assert torch.equal(compiled(x), int8_dynamic_linear(x, q, scales, None, sums) * 2)
+        graphs[choice] = str(torch._dynamo.explain(lambda t: int8_dynamic_linear(t, q, scales, None, sums))(x)
+                             .graphs[0].code)
+    assert "int8_matmul_native" in graphs["auto"]
+    assert "int8_matmul_native" not in graphs["python"] and "codegen2.int8_matmul" in graphs["python"]
+    int8.reset()
+
+
+def test_without_a_cxx_compiler_compiled_graphs_keep_the_python_op(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-cxx"))
+    monkeypatch.setenv("CODEGEN2_KERNEL_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("CODEGEN2_INT8_OP", "auto")
+    saved = dict(int8._state)
+    for key in ("op", "op_lib", "op_why"):
+        int8._state.pop(key, None)
+    try:
+        if not int8.native_available()[0]:
+            pytest.skip(f"the native int8 kernel cannot run here: {int8.native_available()[1]}")
+        kind, why = int8.prepare_compiled_op()
+        assert kind == "python" and "no-such-cxx" in why and "\n" not in why
+        gen, x, q, scales = quantized_operands(3, 2, 64, 16)
+        assert torch.equal(int8.int8_matmul(x, q, scales, None, True), int8._run(x, q, scales, None, True))
+        monkeypatch.setenv("CODEGEN2_INT8_OP", "fastest")
+        int8.reset()
+        with pytest.raises(UserError, match="CODEGEN2_INT8_OP='fastest': choose one of auto, python"):
+            int8.prepare_compiled_op()
+    finally:
+        int8._state.clear()
+        int8._state.update(saved)

@@ -154,9 +154,10 @@ def prepare_compiled_op() -> tuple[str, str]:
         choice = os.environ.get("CODEGEN2_INT8_OP", "auto").strip().lower() or "auto"
         if choice not in OP_CHOICES:
             raise UserError(f"CODEGEN2_INT8_OP={choice!r}: choose one of {', '.join(OP_CHOICES)}")
+        available = native_available()[0]  # decided here, never first inside a graph being traced
         if choice == "python":
             _state["op"] = ("python", "CODEGEN2_INT8_OP=python")
-        elif not native_available()[0]:
+        elif not available:
             _state["op"] = ("python", "the native kernel does not run here")
         else:
             _state["op"] = _load_op()
