@@ -48,6 +48,7 @@ CHOICES = ("auto", "native", *PATHS, "torch")
 AMX_MIN_ROWS = 8
 
 _state: dict[str, object] = {}
+_registered: list[str] = []  # the C++ op's fake (shape) implementation, registered with torch once
 
 
 def _choice() -> str:
@@ -173,7 +174,9 @@ def _load_op() -> tuple[str, str]:
             op_lib.codegen2_int8_op_configure.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                                                           ctypes.c_int]
             op_lib.codegen2_int8_op_configure.restype = None
-            torch.library.register_fake("codegen2::int8_matmul_native")(_fake)
+            if not _registered:  # once per process, however often the state is reset
+                torch.library.register_fake("codegen2::int8_matmul_native")(_fake)
+                _registered.append("codegen2::int8_matmul_native")
             _state["op_lib"] = op_lib
         except (BuildError, AttributeError) as exc:
             _state["op_lib"], _state["op_why"] = None, str(exc)
