@@ -32,6 +32,8 @@ Also timed: one typical infill request (CodeGen2 format: 96-token prefix, <mask_
     python benchmarks/bench_generate.py --shapes tiny --batches 1 --repeats 7 --threads 1
     python benchmarks/bench_generate.py --int8-targets --threads 1     # only what the int8 targets need
     python benchmarks/bench_generate.py --shapes qwen25-coder-0.5b --dtypes float32 --threads 1
+    python benchmarks/bench_generate.py --shapes 93m,125m --dtypes int8-dynamic --no-transformers --threads 1 \
+        --python-op-peer     # the int8 matmuls through the C++ op against the Python op, in one run
     python benchmarks/bench_generate.py --shapes starcoder2-3b --dtypes float32 --threads 1 --engine-per-process \
         --engines codegen2,transformers --new-tokens 32 --repeats 3
 """
@@ -52,6 +54,7 @@ import torch
 
 from codegen2.generation.sampling import SamplingParams, generate_ids
 from codegen2.int8 import quantize_model, use_int8_format
+from codegen2.kernels import int8 as kernels
 from codegen2.options import DEFAULT_DECODER
 from common import (
     SHAPES,
@@ -234,7 +237,29 @@ def make_contenders(prompts: torch.Tensor, theirs, ct2: dict, models: dict, args
                                                           stop_ids=(), decoder=decoder)]
 
             contenders[f"codegen2 {dtype}" + ("" if decoder == DEFAULT_DECODER else f" {decoder}")] = run_ours
+    for dtype in [d for d in INT8_FORMATS if d in models and args.python_op_peer]:
+        contenders[f"codegen2 {dtype} python-op"] = with_python_op(contenders[f"codegen2 {dtype}"])
     return contenders
+
+
+def with_python_op(run):
+    """`run` with the int8 matmuls through the Python op `codegen2::int8_matmul` (and the compiled step's Python
+    wrapper), as before the C++ op: an A/B of the two in one process (each has its own compiled graph)."""
+    def wrapped() -> list[list[int]]:
+        saved = os.environ.get("CODEGEN2_INT8_OP")
+        os.environ["CODEGEN2_INT8_OP"] = "python"
+        kernels.reset()
+        try:
+            return run()
+        finally:
+            if saved is None:
+                os.environ.pop("CODEGEN2_INT8_OP")
+            else:
+                os.environ["CODEGEN2_INT8_OP"] = saved
+            kernels.reset()
+            kernels.prepare_compiled_op()  # the other contenders' prompts through the C++ op again
+
+    return wrapped
 
 
 def first_runs(contenders: dict, batch: int) -> dict[str, list[list[int]]]:
@@ -264,6 +289,10 @@ def report_batch(shape: str, cfg, batch: int, results: dict[str, Summary], token
         print(f"{name:<28}{str(summary.rate(work)):>32}{spread(summary):>9}{1e3 * summary.median / new_tokens:>9.2f}")
     rate = {name: summary.rate(work).median for name, summary in results.items()}
     for name in [n for n in results if n.startswith("codegen2")]:
+        if name.endswith(" python-op"):  # the A/B of --python-op-peer
+            print(ratio_line(f"{name.removesuffix(' python-op')} / {name}", rate[name],
+                             rate[name.removesuffix(" python-op")]))
+            continue
         dtype = name.split()[1]
         if "transformers" in rate and dtype == "float32":
             target = FAMILY_VS_TRANSFORMERS.get(batch) if cfg.arch != "codegen" else TARGET_VS_TRANSFORMERS
@@ -361,6 +390,8 @@ def main() -> None:
                         help="run each engine in its own process, one after another (for starcoder2-3b's 12 GB)")
     parser.add_argument("--layers", type=int, default=0,
                         help="cut every shape to this many layers (same widths, head and embedding): a quicker proxy")
+    parser.add_argument("--python-op-peer", action="store_true",
+                        help="also each int8 format through the Python op (before the C++ op), in the same run")
     parser.add_argument("--json-out", help=argparse.SUPPRESS)  # a child of --engine-per-process writes its samples
     args = parser.parse_args()
     args.repeats = args.repeats or (3 if args.int8_targets else 5)
