@@ -165,8 +165,10 @@ class FastDecoder:
         if self.device.type == "cpu" and (kind == "chunk" or native_op):
             # The wrapper code in C++ rather than Python. A chunk runs k steps' worth of it per call: ~4% of a tiny
             # batch-1 token (thread time, best of 8: 0.82-0.83 vs 0.85-0.86 ms), neutral at batch 8. With the C++
-            # int8 op it calls the matmuls through the dispatcher without Python (93m batch 1 step, thread time:
-            # 5.61 against 6.04 ms); otherwise the one-step graph measured slower in C++ (tiny: 1.11 vs 1.06 ms).
+            # int8 op it calls the matmuls through the dispatcher without Python (93m batch 1 step, thread time,
+            # two runs: 5.61 and 4.52 against 6.04 and 4.60 ms; whole generations 1.05-1.22x at load 4-5), for a
+            # longer cold compile of big graphs (Qwen2.5-Coder-0.5B cut to 12 layers: 92 against 58 s; 93m: the
+            # same). Otherwise the one-step graph measured slower in C++ (tiny: 1.11 vs 1.06 ms).
             options["cpp_wrapper"] = True
         return options
 
