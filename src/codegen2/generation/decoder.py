@@ -52,6 +52,7 @@ def capacity_bucket(needed: int, n_ctx: int, step: int = 128) -> int:
 
 ATTENTION_BLOCK = 32  # the step attends over the filled cache columns rounded up to this (masked beyond `col`)
 CHUNK_LAYERS = 16  # a greedy chunk's graph holds at most this many layers (k steps of n_layer layers each)
+CPP_WRAPPER_MAX_LAYERS = 12  # int8 steps of at most this many layers (93m, 125m) compile with inductor's C++ wrapper
 MAX_CHUNK = 4  # greedy tokens per call at most: 8 measured no faster than 4 on the tiny shape
 
 
@@ -127,6 +128,7 @@ class FastDecoder:
         self._views: tuple[int, int, list, list, torch.Tensor] | None = None
         self._arch = arch
         self.chunk = greedy_chunk_size(cfg.n_layer)  # greedy tokens per `greedy` call
+        self._n_layer = cfg.n_layer
         self._last_position = cfg.n_ctx - 1
         self._fn = self._function("step")
         self._chunk_fn = None  # built on the first `greedy` call
@@ -146,14 +148,15 @@ class FastDecoder:
         # the graph calls them without Python; a graph of its own, as the op is chosen when the graph is traced.
         native_op = self._quantized and self.device.type == "cpu" and prepare_compiled_op()[0] == "native"
         key += "/int8-native-op" if native_op else ""
+        options = self._options(kind, native_op)
+        key += "/cpp-wrapper" if options.get("cpp_wrapper") else ""
         # Each (weight format, batch) is its own graph of the one function: dynamo's default of 8 per
         # function is soon reached (and with fullgraph=True it then fails).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 256)
         if key not in FastDecoder._compiled:
-            FastDecoder._compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False,
-                                                       options=self._options(kind, native_op))
+            FastDecoder._compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False, options=options)
         return FastDecoder._compiled[key]
 
     def _options(self, kind: str, native_op: bool) -> dict[str, bool]:
@@ -162,13 +165,15 @@ class FastDecoder:
         # way every call: the wrapper's ~40 per-call stride/alignment asserts cost 2-4% of a tiny step (thread
         # time, batch 1: 1.005 vs 1.03 ms; batch 8: 2.12 vs 2.20 ms).
         options = {"size_asserts": False, "alignment_asserts": False}
-        if self.device.type == "cpu" and (kind == "chunk" or native_op):
+        short_step = self._n_layer <= CPP_WRAPPER_MAX_LAYERS
+        if self.device.type == "cpu" and (kind == "chunk" or (native_op and short_step)):
             # The wrapper code in C++ rather than Python. A chunk runs k steps' worth of it per call: ~4% of a tiny
             # batch-1 token (thread time, best of 8: 0.82-0.83 vs 0.85-0.86 ms), neutral at batch 8. With the C++
             # int8 op it calls the matmuls through the dispatcher without Python (93m batch 1 step, thread time,
             # two runs: 5.61 and 4.52 against 6.04 and 4.60 ms; whole generations 1.05-1.22x at load 4-5), for a
             # longer cold compile of big graphs (Qwen2.5-Coder-0.5B cut to 12 layers: 92 against 58 s; 93m: the
-            # same). Otherwise the one-step graph measured slower in C++ (tiny: 1.11 vs 1.06 ms).
+            # same). So only short steps take it: the ~0.1-0.4 ms it saves is 0.5% of a 1b step, not worth minutes
+            # of compile. Otherwise the one-step graph measured slower in C++ (tiny: 1.11 vs 1.06 ms).
             options["cpp_wrapper"] = True
         return options
 
