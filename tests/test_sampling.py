@@ -2,6 +2,7 @@
 
 import torch
 
+import codegen2.generation.sampling as sampling
 from codegen2.config import ModelConfig
 from codegen2.generation.sampling import SamplingParams, filter_logits, generate_ids
 from codegen2.infill import Specials, infill_prompt
@@ -24,6 +25,21 @@ def test_greedy_with_cache_equals_naive_loop_in_a_padded_batch():
     for prompt, completion in zip(prompts, out):
         assert completion.token_ids == naive_greedy(m, prompt, 12)
         assert completion.finish_reason == "length"
+
+
+def test_the_last_token_chosen_runs_no_step_after_it(monkeypatch):
+    """N new tokens need the prompt's logits and N - 1 steps: a step after the last choice is wasted work
+    (a whole pass over the weights; 1/64 of a 64-token generation)."""
+    m, tok = model(), CharTokenizer()
+    calls = []
+    real_step = sampling.step
+    monkeypatch.setattr(sampling, "step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    for decoder in ("model", "fast"):
+        calls.clear()
+        out = generate_ids(m, tok, [[5, 6, 7], [1, 2]], SamplingParams(max_new_tokens=6, temperature=1.0, seed=0),
+                           decoder=decoder)  # sampled: the fast decoder steps one token at a time
+        assert [len(c.token_ids) for c in out] == [6, 6]
+        assert len(calls) == 5, decoder
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_batch_mates():

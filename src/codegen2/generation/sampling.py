@@ -169,9 +169,9 @@ def _decode_model(model, cache: KVCache, logits: torch.Tensor, next_pos: torch.T
                   generators: list[torch.Generator], rows: _Rows) -> None:
     """One token per step through the model's forward; finished rows leave the cache."""
     active = list(range(len(rows.generated)))  # original row of each cache row
-    for _ in range(rows.params.max_new_tokens):
+    for made in range(1, rows.params.max_new_tokens + 1):
         tokens, keep = rows.choose(logits, generators, active)
-        if not keep:
+        if not keep or made == rows.params.max_new_tokens:  # the last token chosen needs no step after it
             break
         if len(keep) < len(active):
             index = torch.tensor(keep, device=next_pos.device)
@@ -187,9 +187,9 @@ def _decode_fast(model, fast: FastDecoder, logits: torch.Tensor, feed: torch.Ten
     """One token per step on the fused step; static shapes: a finished row keeps its slot, decoding padding."""
     batch = fast.batch
     active = list(range(batch))
-    for _ in range(rows.params.max_new_tokens):
+    for made in range(1, rows.params.max_new_tokens + 1):
         tokens, keep = rows.choose(logits, generators, active)
-        if not keep:
+        if not keep or made == rows.params.max_new_tokens:  # the last token chosen needs no step after it
             break
         if len(active) < batch:
             feed[torch.tensor(active, device=feed.device)] = tokens
