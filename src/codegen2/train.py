@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_toml
@@ -54,6 +53,7 @@ from .distributed import (
 )
 from .errors import RetryLater, UserError
 from .fsutil import DirectoryLock, atomic_write_text
+from .head_loss import chunk_positions, head_loss
 from .lora import LoraSettings, attach_lora, initial_adapter_state, train_rows
 from .metrics import MemoryPlan, Throughput, device_peak_flops, flops_per_token, format_duration, plan_training_memory
 from .models import architecture, build_model
@@ -482,12 +482,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
             if s.prefix_lm:
                 kwargs["prefix_len"] = mb.prefix_len.to(s.device)
             with s.autocast:
-                logits = model(mb.input_ids.to(s.device, non_blocking=True), **kwargs)
-            token_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                         reduction="none").view_as(labels)
+                hidden = model(mb.input_ids.to(s.device, non_blocking=True), return_hidden=True, **kwargs)
+            total, token_loss = head_loss(hidden, labels, *output_head(model, s.autocast))
             # Gradient averaging over ranks (DDP, FSDP) divides by world_size: undo it so the update
             # is d(sum of token losses / all targets of the global batch).
-            (token_loss.sum() / total_targets * s.world_size).backward()
+            (total / total_targets * s.world_size).backward()
             with torch.no_grad():
                 codes = mb.objective.to(s.device)
                 loss_sum.index_add_(0, codes, token_loss.sum(dim=1))
@@ -496,6 +495,22 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, loss_sum, count
+
+
+def output_head(model: torch.nn.Module, autocast) -> tuple[Any, list[torch.Tensor], int]:
+    """(head, params, chunk) for `head_loss`: the model's logits under `autocast`, the trained parameters outside the
+    blocks (those the head may read: an untied head, a tied embedding, added rows) and the positions per chunk.
+
+    Taken after the forward: under FSDP the root's parameters are then the unsharded ones the head computes with."""
+    core = unwrap(model)
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            return core.logits(hidden)
+
+    inside = {id(p) for block in architecture(core.config).blocks(core) for p in block.parameters()}
+    params = [p for p in core.parameters() if p.requires_grad and id(p) not in inside]
+    return head, params, chunk_positions(core.config.vocab_size)
 
 
 def is_due(step: int, every: int, last_step: int) -> bool:
