@@ -227,7 +227,7 @@ def copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
 
 
 def init_streaming(model: nn.Module, template: nn.Module, init_fn: Callable[[Any, torch.Generator], None],
-                   generator: torch.Generator, device: torch.device) -> None:
+                   generator: torch.Generator, device: torch.device, renamed: dict[str, str] | None = None) -> None:
     """Initialise a (possibly sharded, already materialised) model one module at a time.
 
     `template` is an unsharded meta-device copy of the model. Each of its modules that owns parameters is
@@ -235,9 +235,11 @@ def init_streaming(model: nn.Module, template: nn.Module, init_fn: Callable[[Any
     through `named_modules()` and the model's `config`, and copied (sharded) into `model`. Because the
     modules are visited in the same order as a whole-model `init_fn`, the generator yields exactly the
     same numbers: the weights equal an unsharded initialisation bit for bit, while memory never holds
-    more than one full module (e.g. the 16B preset's embedding) on top of this rank's shards.
+    more than one full module (e.g. the 16B preset's embedding) on top of this rank's shards. `renamed` maps a
+    template parameter's name to the model's where they differ (a wrapper that moved it, as `TrainedRows` does).
     """
     params = dict(model.named_parameters())
+    renamed = renamed or {}
     for name, module in template.named_modules():
         own = list(module.named_parameters(recurse=False))
         if not own:
@@ -247,7 +249,8 @@ def init_streaming(model: nn.Module, template: nn.Module, init_fn: Callable[[Any
                                named_modules=lambda n=name, m=module: iter([(n, m)]))
         init_fn(view, generator)
         for pname, full in module.named_parameters(recurse=False):
-            copy_full_into(params[f"{name}.{pname}" if name else pname], full)
+            key = f"{name}.{pname}" if name else pname
+            copy_full_into(params[renamed.get(key, key)], full)
         module.to_empty(device="meta", recurse=False)  # free the full copy
 
 
@@ -256,15 +259,19 @@ def build_sharded(make_meta_model: Callable[[], nn.Module], env: DistEnv, bf16: 
                   prepare: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """Build on the meta device, shard with FSDP2, then materialise only this rank's shards and initialise them.
 
-    `prepare(model)` runs on the meta model before sharding (per-block compile goes there).
+    `prepare(model)` runs on the meta model before sharding (per-block compile, LoRA adapters go there); a
+    parameter it moves (into a wrapper module) is followed by identity, so it is initialised all the same.
     """
     model = make_meta_model()
     template = copy.deepcopy(model)
+    before = {id(param): name for name, param in model.named_parameters()}
     if prepare is not None:
         prepare(model)
+    renamed = {before[id(param)]: name for name, param in model.named_parameters()
+               if id(param) in before and before[id(param)] != name}
     apply_fsdp(model, env, bf16)
     model.to_empty(device=env.device)
-    init_streaming(model, template, init_fn, generator, env.device)
+    init_streaming(model, template, init_fn, generator, env.device, renamed)
     return model
 
 

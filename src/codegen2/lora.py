@@ -196,6 +196,18 @@ def train_rows(model: nn.Module, rows: range) -> list[str]:
     return list(modules)
 
 
+def initial_rows_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (the base's tensors by name) for a model whose vocabulary modules `train_rows` wrapped before any
+    value was loaded (FSDP wraps on the meta device): each table under its `table` name, and the trained rows'
+    first values as `train_rows` takes them from a loaded table (in the table's dtype, then float32)."""
+    out = dict(state)
+    for path, module in trained_rows(model).items():
+        table = out.pop(f"{path}.weight")
+        out[f"{path}.table"] = table
+        out[f"{path}.rows"] = table[module.start:module.stop].to(module.table.dtype).to(ADAPTER_DTYPE).clone()
+    return out
+
+
 def trained_rows(model: nn.Module) -> dict[str, TrainedRows]:
     """The TrainedRows modules of `model` by module path."""
     return {name: m for name, m in model.named_modules() if isinstance(m, TrainedRows)}

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
+from .head_loss import chunk_positions
 from .lora import LoraSettings, select_targets
 from .models import architecture, build_model
 
@@ -170,10 +171,11 @@ def _activations(cfg: ModelConfig, tokens: int, seq_len: int, adapter_inputs: in
     """(plain, checkpointed) activation bytes of one micro-batch, in fp32: Korthikanti et al. (2022),
     34 * d + 5 * heads * seq_len values per token and layer, plus what the adapters keep (their inputs and
     rank-sized middles: `adapter_inputs` values per token over all layers); checkpointing keeps each layer's
-    input and recomputes one layer at a time."""
+    input and recomputes one layer at a time. The loss (`head_loss`) holds one chunk's logits, log-softmax and
+    their gradients (fp32) at a time, and the final hidden states' gradient."""
     per_layer = 4 * tokens * (34 * cfg.n_embd + 5 * cfg.n_head * seq_len + adapter_inputs // max(1, cfg.n_layer))
-    logits = 2 * 4 * tokens * cfg.vocab_size  # logits and their gradient (fp32)
-    return per_layer * cfg.n_layer + logits, 4 * tokens * cfg.n_embd * cfg.n_layer + per_layer + logits
+    loss = 4 * 4 * min(tokens, chunk_positions(cfg.vocab_size)) * cfg.vocab_size + 4 * tokens * cfg.n_embd
+    return per_layer * cfg.n_layer + loss, 4 * tokens * cfg.n_embd * cfg.n_layer + per_layer + loss
 
 
 def plan_training_memory(cfg: ModelConfig, seq_len: int, micro_batch_size: int, *, checkpointing: bool = False,

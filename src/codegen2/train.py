@@ -54,7 +54,7 @@ from .distributed import (
 from .errors import RetryLater, UserError
 from .fsutil import DirectoryLock, atomic_write_text
 from .head_loss import chunk_positions, head_loss
-from .lora import LoraSettings, attach_lora, initial_adapter_state, train_rows
+from .lora import LoraSettings, attach_lora, initial_adapter_state, initial_rows_state, train_rows
 from .metrics import MemoryPlan, Throughput, device_peak_flops, flops_per_token, format_duration, plan_training_memory
 from .models import architecture, build_model
 from .models.vocab import grow_model
@@ -232,17 +232,14 @@ def build_training_model(config: Config, env: DistEnv, parallel: str = "none", b
     makes the big presets fit); the other layouts materialise the whole model. A LoRA run (`train.lora.rank`)
     freezes the loaded weights (in bf16 when `base_bf16`) and attaches float32 adapters, drawn from the same
     seeded generator, before the model is compiled or wrapped (under FSDP: on the meta device, before sharding);
-    the rows of tokens added to its vocabulary (`rows`) train with them (not yet under FSDP).
+    the rows of tokens added to its vocabulary (`rows`) train with them.
     """
     t = config.train
     generator = torch.Generator(device=env.device).manual_seed(t.seed)
     settings = lora_settings(config)
     sharded = parallel == "fsdp" and env.distributed
-    if sharded and settings is not None and rows:
-        raise UserError("train.lora with objective.add_sentinels (new token rows trained beside the adapters) is not "
-                        "supported with --parallel fsdp yet; use --parallel ddp")
     if sharded:
-        model = _build_sharded_model(config, env, bf16, settings, base_bf16, generator)
+        model = _build_sharded_model(config, env, bf16, settings, base_bf16, generator, rows)
     else:
         with torch.device("meta"):
             model = build_model(config.model)
@@ -250,8 +247,8 @@ def build_training_model(config: Config, env: DistEnv, parallel: str = "none", b
         architecture(config.model).init_weights(model, generator)
     if t.init_from:
         state = initial if initial is not None else init_state(t.init_from, config)
-        if sharded and settings is not None:  # the adapters' first values, as attach_lora draws them below
-            state = {**state, **initial_adapter_state(model, generator, env.device)}
+        if sharded and settings is not None:  # the rows' and adapters' first values, as one process makes them
+            state = {**initial_rows_state(model, state), **initial_adapter_state(model, generator, env.device)}
         try:
             load_full_state(model, None, state, None)
         except UserError as exc:
@@ -268,9 +265,9 @@ def build_training_model(config: Config, env: DistEnv, parallel: str = "none", b
 
 
 def _build_sharded_model(config: Config, env: DistEnv, bf16: bool, settings: LoraSettings | None, base_bf16: bool,
-                         generator: torch.Generator) -> torch.nn.Module:
-    """FSDP2: the model built on the meta device, its LoRA adapters attached and its blocks compiled there, then
-    sharded (frozen base and adapters alike) and initialised one module at a time."""
+                         generator: torch.Generator, rows: range = range(0)) -> torch.nn.Module:
+    """FSDP2: the model built on the meta device, its LoRA adapters (and trained rows) attached and its blocks
+    compiled there, then sharded (frozen base, adapters and rows alike) and initialised one module at a time."""
     t = config.train
 
     def make_meta():
@@ -279,7 +276,7 @@ def _build_sharded_model(config: Config, env: DistEnv, bf16: bool, settings: Lor
 
     def prepare(model: torch.nn.Module) -> None:
         if settings is not None:  # no values yet: the caller loads the base and `initial_adapter_state`
-            attach_adapters(model, settings, base_bf16, None)
+            attach_adapters(model, settings, base_bf16, None, rows)
         if t.compile:
             compile_blocks(model)
 
