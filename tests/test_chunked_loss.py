@@ -72,7 +72,7 @@ def plain(model: torch.nn.Module, ids, labels, scale: float) -> tuple[torch.Tens
     return losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def chunked(model: torch.nn.Module, ids, labels, scale: float, chunk: int | None):
+def chunked(model: torch.nn.Module, ids, labels, scale: float, chunk: int):
     model.zero_grad(set_to_none=True)
     hidden = model(ids, return_hidden=True)
     head, params, _ = output_head(model, contextlib.nullcontext())
@@ -88,7 +88,7 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_way(arch, mode):
     ids, labels = batch()
     want_losses, want_grads = plain(model, ids, labels, 1 / 37)
     assert (want_losses == 0).sum() == 7  # the ignored targets
-    for chunk in (5, 16, None):
+    for chunk in (5, 16, chunk_positions(VOCAB)):
         total, losses, grads = chunked(model, ids, labels, 1 / 37, chunk)
         torch.testing.assert_close(losses, want_losses, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(total, want_losses.sum(), atol=1e-5, rtol=1e-6)
@@ -97,6 +97,10 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_way(arch, mode):
             torch.testing.assert_close(grad, want_grads[name], atol=1e-7, rtol=1e-5, msg=f"{name}, chunk {chunk}")
     if mode == "rows":
         assert any(name.endswith(".rows") for name in grads)
+    with torch.no_grad():  # evaluation: the same losses, no gradient taken
+        total, losses = head_loss(model(ids, return_hidden=True), labels, *output_head(model, contextlib.nullcontext()))
+    assert not total.requires_grad
+    torch.testing.assert_close(losses, want_losses, atol=1e-6, rtol=1e-6)
     if mode == "full":
         assert any("lm_head" in n or "embed" in n or "wte" in n for n in grads)  # the head's own gradient
 

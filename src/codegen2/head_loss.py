@@ -33,14 +33,16 @@ def chunk_positions(vocab_size: int) -> int:
 
 
 def head_loss(hidden: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
-              params: Sequence[torch.Tensor] = (), chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              params: Sequence[torch.Tensor], chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the token losses, the token losses shaped like `labels`) of `head(hidden)` against `labels`.
 
     `hidden` [..., d] are the final hidden states and `labels` [...] the targets (IGNORE_INDEX: no loss). `head`
     maps hidden states to logits; `params` are the tensors it reads that need gradients (the head's trained
     parameters; any that it does not read get none). Only the sum carries a gradient, and backward may run once.
-    `chunk` positions at a time (default: `chunk_positions` of the vocabulary, known after the first chunk).
+    `chunk` positions at a time (`chunk_positions` of the vocabulary). Without grad mode nothing is differentiated.
     """
+    if not torch.is_grad_enabled():
+        params, hidden = (), hidden.detach()
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     total, losses = _ChunkedHeadLoss.apply(flat_hidden, labels.reshape(-1), head, chunk, *params)
     return total, losses.view(labels.shape)
@@ -56,9 +58,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         losses = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         sums: list[torch.Tensor | None] = [None] * len(sources)
-        start, step = 0, chunk or MIN_CHUNK
-        while start < labels.numel():
-            stop = min(start + step, labels.numel())
+        for start in range(0, labels.numel(), chunk):
+            stop = min(start + chunk, labels.numel())
             piece = hidden[start:stop].detach().requires_grad_(hidden.requires_grad)
             with torch.enable_grad():
                 logits = head(piece)
@@ -72,10 +73,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     grad_hidden[start:stop] = grads.pop(0)
                 _accumulate(sums, grads)
             losses[start:stop] = loss.detach()
-            if chunk is None and start == 0:
-                step = chunk_positions(logits.shape[-1])
-            del logits, loss, chunk_total
-            start = stop
+            del logits, loss, chunk_total  # before the next chunk's are made
         ctx.wanted, ctx.grad_hidden = wanted, grad_hidden
         ctx.param_grads = [None if s is None else s.to(p.dtype) for s, p in zip(sums, sources)]
         ctx.mark_non_differentiable(losses)
