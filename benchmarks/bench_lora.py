@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -141,16 +142,40 @@ def engine_main(engine: str, work: Path, lora: bool, out: Path, checkpointing: b
     started = time.perf_counter()
     model, step = ours(work, lora, checkpointing) if engine == "codegen2" else peft_engine(work, lora)
     loaded_s = time.perf_counter() - started
+    loaded_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    batches = torch.load(work / "batches.pt")
+    saved = saved_bytes(model, batches[0][:, :-1]) if engine == "codegen2" else 0
     losses, times = [], []
-    for ids in torch.load(work / "batches.pt"):
+    for ids in batches:
         begin = time.perf_counter()
         losses.append(step(ids))
         times.append(time.perf_counter() - begin)
         print(f"  {engine} step {len(losses)}: loss {losses[-1]:.6f}, {times[-1]:.1f} s", file=sys.stderr, flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out.write_text(json.dumps({"losses": losses, "times": times, "peak": peak, "trained": trained,
-                               "load_s": loaded_s, "threads": torch.get_num_threads()}))
+                               "load_s": loaded_s, "threads": torch.get_num_threads(), "loaded_peak": loaded_peak,
+                               "saved": saved}))
+
+
+def saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Bytes of the tensors a training forward keeps for backward (distinct storages, parameters left out), as
+    saved-tensor hooks see them once the forward has returned the final hidden states; the loss keeps only their
+    gradient ([tokens, d]) beyond them. Run before training, in a forward whose graph is then dropped."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: list[tuple[weakref.ref, int, int]] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept.append((weakref.ref(tensor), storage.data_ptr(), storage.nbytes()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        hidden = model(ids, return_hidden=True)
+    alive = {ptr: nbytes for ref, ptr, nbytes in kept if ref() is not None}
+    del hidden
+    return sum(alive.values())
 
 
 def run_engine(engine: str, work: Path, lora: bool, checkpointing: bool = False) -> dict:
@@ -170,8 +195,10 @@ def rate(result: dict) -> tuple[float, float, float]:
 
 def describe(name: str, result: dict) -> str:
     median, low, high = rate(result)
-    return (f"  {name:28} {median:7.1f} tokens/s ({low:.1f}..{high:.1f}), peak RSS {result['peak'] / 1e9:.2f} GB, "
-            f"{result['trained']:,} trained, loaded in {result['load_s']:.0f} s")
+    saved = f", {result['saved'] / 1e9:.2f} GB saved by the forward" if result.get("saved") else ""
+    return (f"  {name:28} {median:7.1f} tokens/s ({low:.1f}..{high:.1f}), peak RSS {result['peak'] / 1e9:.2f} GB "
+            f"({result['loaded_peak'] / 1e9:.2f} once loaded{saved}), {result['trained']:,} trained, loaded in "
+            f"{result['load_s']:.0f} s")
 
 
 # ------------------------------------------------------------------------------------- the two targets

@@ -186,7 +186,7 @@ def apply_fsdp(model: nn.Module, env: DistEnv, bf16: bool) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # The root returns the logits as a view, which FSDP2 warns could lose its backward hook if modified in
-    # place; the training loop only reads them (logits.float(), cross_entropy), so the warning is noise.
+    # place; the callers only read them (the loss, the held-out probe), so the warning is noise.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \

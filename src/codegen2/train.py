@@ -461,7 +461,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     The loss is the sum of token losses over the global batch divided by `total_targets` (its number of
     target tokens over all ranks), so any split into micro-batches and ranks gives the same update.
     `loss_sum` / `count` [len(OBJECTIVE_NAMES)] are this rank's summed token losses and targets per
-    objective, left on the device. The caller steps the learning-rate scheduler.
+    objective, left on the device. The caller steps the learning-rate scheduler. The model returns its final hidden
+    states and `head_loss` runs the head and the cross-entropy on a chunk of positions at a time, so the full
+    [tokens, vocab] logits and their gradient never exist (the same loss and gradients, less memory).
     """
     s = settings
     n = len(OBJECTIVE_NAMES)
