@@ -166,10 +166,11 @@ def saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
     kept: list[tuple[weakref.ref, int, int]] = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
+        alias = tensor.detach()  # the tensor itself (with its grad_fn) would make a cycle that keeps the graph alive
+        storage = alias.untyped_storage()
         if storage.data_ptr() not in params:
-            kept.append((weakref.ref(tensor), storage.data_ptr(), storage.nbytes()))
-        return tensor
+            kept.append((weakref.ref(alias), storage.data_ptr(), storage.nbytes()))
+        return alias
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         hidden = model(ids, return_hidden=True)
