@@ -163,3 +163,6 @@ def test_bf16_autocast_head_agrees_with_the_plain_way():
 
 def test_chunk_size_is_a_budget_of_logits():
     assert chunk_positions(51200) == 81 and chunk_positions(152064) == 32 and chunk_positions(1000) == 4194
+    assert chunk_positions(51200, head_trains=True) == 256 and chunk_positions(1000, head_trains=True) == 4194
+    model = make_model("codegen", "lora")
+    assert output_head(model, contextlib.nullcontext())[1:] == ([], chunk_positions(VOCAB))

@@ -167,14 +167,15 @@ def lora_layers(cfg: ModelConfig, settings: LoraSettings) -> list[tuple[int, int
             for name in select_targets(model, settings.targets)]
 
 
-def _activations(cfg: ModelConfig, tokens: int, seq_len: int, adapter_inputs: int) -> tuple[int, int]:
+def _activations(cfg: ModelConfig, tokens: int, seq_len: int, adapter_inputs: int,
+                 head_trains: bool) -> tuple[int, int]:
     """(plain, checkpointed) activation bytes of one micro-batch, in fp32: Korthikanti et al. (2022),
     34 * d + 5 * heads * seq_len values per token and layer, plus what the adapters keep (their inputs and
     rank-sized middles: `adapter_inputs` values per token over all layers); checkpointing keeps each layer's
     input and recomputes one layer at a time. The loss (`head_loss`) holds one chunk's logits, log-softmax and
     their gradients (fp32) at a time, and the final hidden states' gradient."""
     per_layer = 4 * tokens * (34 * cfg.n_embd + 5 * cfg.n_head * seq_len + adapter_inputs // max(1, cfg.n_layer))
-    loss = 4 * 4 * min(tokens, chunk_positions(cfg.vocab_size)) * cfg.vocab_size + 4 * tokens * cfg.n_embd
+    loss = 4 * 4 * min(tokens, chunk_positions(cfg.vocab_size, head_trains)) * cfg.vocab_size + 4 * tokens * cfg.n_embd
     return per_layer * cfg.n_layer + loss, 4 * tokens * cfg.n_embd * cfg.n_layer + per_layer + loss
 
 
@@ -196,7 +197,7 @@ def plan_training_memory(cfg: ModelConfig, seq_len: int, micro_batch_size: int, 
         weights = (base_bytes * n + 4 * trained) // shards  # FSDP shards the frozen base and the adapters alike
         adapter_inputs = sum(fan_in + lora.rank for fan_in, _ in layers)
     trained_here = trained // shards
-    plain, checkpointed = _activations(cfg, tokens, seq_len, adapter_inputs)
+    plain, checkpointed = _activations(cfg, tokens, seq_len, adapter_inputs, head_trains=lora is None)
     return MemoryPlan(parameters=n, trained=trained, weights=weights, gradients=4 * trained_here,
                       optimizer=8 * trained_here, activations=checkpointed if checkpointing else plain,
                       activations_plain=plain, activations_checkpointed=checkpointed)
