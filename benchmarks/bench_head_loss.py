@@ -8,7 +8,7 @@ same loss and gradients (tests/test_chunked_loss.py); the ratio says what the ch
 memory is measured per process by `bench_lora.py --only 125m`.
 
     python benchmarks/bench_head_loss.py                      # tiny and 125m, 7 rounds
-    python benchmarks/bench_head_loss.py --shapes 125m --repeats 11
+    python benchmarks/bench_head_loss.py --shapes 125m --repeats 11 --threads 1
 """
 
 from __future__ import annotations
@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["tiny", "125m"], choices=["tiny", "125m", "1b"])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); on a shared "
+                        "machine one thread is the steadier measure")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     print(cpu_line())
     print(common.machine_line())
     for shape in args.shapes:
