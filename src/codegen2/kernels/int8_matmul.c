@@ -523,15 +523,27 @@ static void amx_pack(const uint8_t *xq, int64_t M, int64_t K, uint32_t *xb) {
         _tile_dpbssd(C1, 5, B);                                                                                   \
     } while (0)
 
+/* Tiles 0-3 hold a group's int32 sums: cleared before the K loop, stored to `part` after it. */
+static inline void amx_zero_accumulators(void) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+}
+
+static inline void amx_store_accumulators(int32_t part[4][16][16]) {
+    _tile_stored(0, part[0], 64);
+    _tile_stored(1, part[1], 64);
+    _tile_stored(2, part[2], 64);
+    _tile_stored(3, part[3], 64);
+}
+
 /* Weight rows q[0..31] times one block of 16 input rows (xb): out[n][m] int32. Even and odd columns of K go to
  * separate tiles (two chains of dependent tile multiplies, not one), added at the end. */
 static void amx_group(const int8_t *q, int64_t K, const uint8_t *xb, int32_t out[AMX_ROWS][16]) {
     int32_t part[4][16][16] __attribute__((aligned(64)));
     const int64_t columns = K / 64;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    amx_zero_accumulators();
     int64_t c = 0;
     for (; c + 2 <= columns; c += 2) {
         AMX_STEP(6, 0, 2);
@@ -540,10 +552,7 @@ static void amx_group(const int8_t *q, int64_t K, const uint8_t *xb, int32_t out
         c--;
     }
     if (c < columns) AMX_STEP(6, 0, 2);
-    _tile_stored(0, part[0], 64);
-    _tile_stored(1, part[1], 64);
-    _tile_stored(2, part[2], 64);
-    _tile_stored(3, part[3], 64);
+    amx_store_accumulators(part);
     for (int i = 0; i < 16; i++)
         for (int m = 0; m < 16; m++) {
             out[i][m] = part[0][i][m] + part[1][i][m];
@@ -555,10 +564,7 @@ static void amx_group(const int8_t *q, int64_t K, const uint8_t *xb, int32_t out
  * tile multiplies (2 weight tiles x 2 input blocks), each weight tile loaded once for both blocks. */
 static void amx_group2(const int8_t *q, int64_t K, const uint8_t *xb0, const uint8_t *xb1, int32_t out[AMX_ROWS][32]) {
     int32_t part[4][16][16] __attribute__((aligned(64)));
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    amx_zero_accumulators();
     for (int64_t c = 0; c < K / 64; c++) {
         _tile_loadd(6, xb0 + c * 1024, 64);
         _tile_loadd(7, xb1 + c * 1024, 64);
@@ -569,10 +575,7 @@ static void amx_group2(const int8_t *q, int64_t K, const uint8_t *xb0, const uin
         _tile_dpbssd(2, 5, 6);
         _tile_dpbssd(3, 5, 7);
     }
-    _tile_stored(0, part[0], 64);
-    _tile_stored(1, part[1], 64);
-    _tile_stored(2, part[2], 64);
-    _tile_stored(3, part[3], 64);
+    amx_store_accumulators(part);
     for (int i = 0; i < 16; i++)
         for (int m = 0; m < 16; m++) {
             out[i][m] = part[0][i][m];
