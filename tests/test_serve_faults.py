@@ -215,6 +215,20 @@ def start_server(run_dir: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
 
 
+def refuses_new_work(url: str, within: float) -> bool:
+    """True once a new request is refused (connection refused or closed, or a 503), polled for `within` seconds:
+    how soon the server sees the signal depends on the machine's load, so no fixed sleep."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if httpx.post(url + "/v1/completions", json={"prompt": "y", "max_tokens": 1}, timeout=5).status_code == 503:
+                return True
+        except httpx.TransportError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_half_open_connections_then_sigterm_with_work_in_flight_exits_within_10_s(long_run_dir):
     proc, url = start_server(long_run_dir)
     port = port_of(url)
@@ -242,9 +256,7 @@ def test_half_open_connections_then_sigterm_with_work_in_flight_exits_within_10_
         time.sleep(0.2)
         began = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        with pytest.raises(httpx.TransportError):  # no new work once stopping
-            httpx.post(url + "/v1/completions", json={"prompt": "y"}, timeout=5)
+        assert refuses_new_work(url, within=5.0)
         rest = "\n".join(lines)
         # the stream is finished within the grace period (a fast machine) or ends with a 503 error event
         finished = '"finish_reason": "length"' in rest and rest.rstrip().endswith("data: [DONE]")
