@@ -9,6 +9,7 @@ memory is measured per process by `bench_lora.py --only 125m`.
 
     python benchmarks/bench_head_loss.py                      # tiny and 125m, 7 rounds
     python benchmarks/bench_head_loss.py --shapes 125m --repeats 11 --threads 1
+    python benchmarks/bench_head_loss.py --shapes 1b --modes lora --repeats 3 --threads 1
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def contenders(shape: str, lora: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["tiny", "125m"], choices=["tiny", "125m", "1b"])
+    parser.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); on a shared "
                         "machine one thread is the steadier measure")
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     print(cpu_line())
     print(common.machine_line())
     for shape in args.shapes:
-        for lora in (False, True):
+        for lora in [mode == "lora" for mode in args.modes]:
             times = common.interleaved(contenders(shape, lora), args.repeats)
             plain, chunked = times["plain"], times["chunked"]
             print(f"{shape:5} {'LoRA r16' if lora else 'full    '}: forward + backward, sequence {SEQ}: plain "

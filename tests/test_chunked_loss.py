@@ -88,7 +88,7 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_way(arch, mode):
     ids, labels = batch()
     want_losses, want_grads = plain(model, ids, labels, 1 / 37)
     assert (want_losses == 0).sum() == 7  # the ignored targets
-    for chunk in (5, 16, chunk_positions(VOCAB)):
+    for chunk in (5, 16, chunk_positions(VOCAB, 32)):
         total, losses, grads = chunked(model, ids, labels, 1 / 37, chunk)
         torch.testing.assert_close(losses, want_losses, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(total, want_losses.sum(), atol=1e-5, rtol=1e-6)
@@ -161,8 +161,12 @@ def test_bf16_autocast_head_agrees_with_the_plain_way():
             torch.testing.assert_close(param.grad, want_grads[name], atol=1e-3, rtol=2e-2, msg=name)
 
 
-def test_chunk_size_is_a_budget_of_logits():
-    assert chunk_positions(51200) == 81 and chunk_positions(152064) == 32 and chunk_positions(1000) == 4194
-    assert chunk_positions(51200, head_trains=True) == 256 and chunk_positions(1000, head_trains=True) == 4194
+def test_chunk_size_is_a_budget_of_logits_growing_with_the_width():
+    assert chunk_positions(51200, 768) == 96 and chunk_positions(51200, 512) == 81
+    assert chunk_positions(51200, 2048) == 256 and chunk_positions(152064, 896) == 112
+    assert chunk_positions(152064, 64) == 32 and chunk_positions(1000, 768) == 4194
+    assert chunk_positions(51200, 768, head_trains=True) == 256
+    assert chunk_positions(51200, 4096, head_trains=True) == 512
+    assert chunk_positions(1000, 768, head_trains=True) == 4194
     model = make_model("codegen", "lora")
-    assert output_head(model, contextlib.nullcontext())[1:] == ([], chunk_positions(VOCAB))
+    assert output_head(model, contextlib.nullcontext())[1:] == ([], chunk_positions(VOCAB, 32))

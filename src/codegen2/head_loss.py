@@ -25,16 +25,23 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 CHUNK_BYTES = 16 * 2**20  # float32 logits per chunk: 81 positions over a 51,200-token vocabulary
 MIN_CHUNK = 32  # positions: fewer make the head's matmuls inefficient
+# Positions per chunk at least width / HEAD_READS: every chunk reads the [vocab, d] head twice (its logits, and its
+# hidden states' gradient) while it makes and reads ~4 [positions, vocab] tensors, so the head's reads grow against
+# the chunk's own work as d / positions. At the 1b shape (d 2048) chunks of 81 positions made a LoRA forward +
+# backward 7% slower than the full logits, chunks of 256 1.5% (benchmarks/bench_head_loss.py); d / 8 is 256 there
+# and 96 at 125m, whose memory target cannot spare larger chunks.
+HEAD_READS = 8
 # Positions per chunk at least when the head trains (full training, added token rows): every chunk then makes and
 # adds a [vocab, d] gradient of the head, and at 81 positions those passes made the 125m shape's forward + backward
 # 20% slower than the full logits' (256 positions: within the noise; benchmarks/bench_head_loss.py).
 TRAINED_HEAD_CHUNK = 256
 
 
-def chunk_positions(vocab_size: int, head_trains: bool = False) -> int:
-    """Positions per chunk: `CHUNK_BYTES` of float32 logits, at least `MIN_CHUNK` (`TRAINED_HEAD_CHUNK` when a
-    parameter of the head trains)."""
-    return max(TRAINED_HEAD_CHUNK if head_trains else MIN_CHUNK, CHUNK_BYTES // (4 * vocab_size))
+def chunk_positions(vocab_size: int, width: int, head_trains: bool = False) -> int:
+    """Positions per chunk: `CHUNK_BYTES` of float32 logits, at least `MIN_CHUNK` and `width / HEAD_READS` (at least
+    `TRAINED_HEAD_CHUNK` when a parameter of the head trains). `width` is the hidden size d."""
+    floor = TRAINED_HEAD_CHUNK if head_trains else MIN_CHUNK
+    return max(floor, width // HEAD_READS, CHUNK_BYTES // (4 * vocab_size))
 
 
 def head_loss(hidden: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],

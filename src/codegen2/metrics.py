@@ -175,7 +175,8 @@ def _activations(cfg: ModelConfig, tokens: int, seq_len: int, adapter_inputs: in
     input and recomputes one layer at a time. The loss (`head_loss`) holds one chunk's logits, log-softmax and
     their gradients (fp32) at a time, and the final hidden states' gradient."""
     per_layer = 4 * tokens * (34 * cfg.n_embd + 5 * cfg.n_head * seq_len + adapter_inputs // max(1, cfg.n_layer))
-    loss = 4 * 4 * min(tokens, chunk_positions(cfg.vocab_size, head_trains)) * cfg.vocab_size + 4 * tokens * cfg.n_embd
+    chunk = min(tokens, chunk_positions(cfg.vocab_size, cfg.n_embd, head_trains))
+    loss = 4 * 4 * chunk * cfg.vocab_size + 4 * tokens * cfg.n_embd
     return per_layer * cfg.n_layer + loss, 4 * tokens * cfg.n_embd * cfg.n_layer + per_layer + loss
 
 

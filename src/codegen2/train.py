@@ -509,7 +509,7 @@ def output_head(model: torch.nn.Module, autocast) -> tuple[Any, list[torch.Tenso
 
     inside = {id(p) for block in architecture(core.config).blocks(core) for p in block.parameters()}
     params = [p for p in core.parameters() if p.requires_grad and id(p) not in inside]
-    return head, params, chunk_positions(core.config.vocab_size, head_trains=bool(params))
+    return head, params, chunk_positions(core.config.vocab_size, core.config.n_embd, head_trains=bool(params))
 
 
 def is_due(step: int, every: int, last_step: int) -> bool:
