@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -269,3 +270,36 @@ def test_eval_heldout_scores_runs_and_lora_runs_on_another_prepared_directory(ba
     assert results["adapter"]["loss"] == pytest.approx(want["loss"], rel=1e-5)
     assert results["base"]["tokens"] == want["tokens"] and results["base"]["loss"] != want["loss"]
     assert not (run / "eval" / "heldout.json").exists()  # another data set's numbers never replace the run's own
+
+
+def test_serve_with_adapter_answers_as_the_run_under_the_adapters_name(base_run, lora_run):
+    import socket
+
+    import httpx
+
+    base, _ = base_run
+    run, _ = lora_run
+    of_run = run_cli("sample", "--checkpoint", str(run), "--prompt", "def f(x):\n", "--max-new-tokens", "6")
+    assert of_run.returncode == 0, of_run.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "codegen2.cli", "serve", "--checkpoint", str(base), "--adapter",
+                             str(run), "--port", str(port), "--threads", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                models = httpx.get(url + "/v1/models", timeout=30).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert [m["id"] for m in models["data"]] == [run.name]  # the tuned model, not the base, by default
+        answer = httpx.post(url + "/v1/completions", timeout=120, json={
+            "model": run.name, "prompt": "def f(x):\n", "max_tokens": 6, "temperature": 0.0}).json()
+        assert answer["choices"][0]["text"] and answer["choices"][0]["text"] in of_run.stdout
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -97,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
-    name = args.model_name or Path(args.checkpoint).resolve().name
+    name = args.model_name or Path(args.adapter or args.checkpoint).resolve().name  # the tuned model, when adapted
     device = str(resolve_device(args.device))
     dtype = _dtype(args.dtype, device)
     if args.in_process:
