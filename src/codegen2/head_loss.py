@@ -27,10 +27,11 @@ CHUNK_BYTES = 16 * 2**20  # float32 logits per chunk: 81 positions over a 51,200
 MIN_CHUNK = 32  # positions: fewer make the head's matmuls inefficient
 # Positions per chunk at least width / HEAD_READS: every chunk reads the [vocab, d] head twice (its logits, and its
 # hidden states' gradient) while it makes and reads ~4 [positions, vocab] tensors, so the head's reads grow against
-# the chunk's own work as d / positions. At the 1b shape (d 2048) chunks of 81 positions made a LoRA forward +
-# backward 7% slower than the full logits, chunks of 256 1.5% (benchmarks/bench_head_loss.py); d / 8 is 256 there
-# and 96 at 125m, whose memory target cannot spare larger chunks.
-HEAD_READS = 8
+# the chunk's own work as d / positions. With the 1b shape's head (d 2048, 1 thread, a busy machine), 512 positions
+# through the head and the loss took 2.45 s at once, 3.55 s in chunks of 81 (7% of a LoRA forward + backward),
+# 2.64 s in chunks of 204 (d / 10) and 2.47 s in chunks of 256. At 125m d / 10 leaves the 16 MiB budget (81
+# positions), which its memory target needs: 96 positions put its LoRA peak at 45% of full training's.
+HEAD_READS = 10
 # Positions per chunk at least when the head trains (full training, added token rows): every chunk then makes and
 # adds a [vocab, d] gradient of the head, and at 81 positions those passes made the 125m shape's forward + backward
 # 20% slower than the full logits' (256 positions: within the noise; benchmarks/bench_head_loss.py).
