@@ -465,6 +465,56 @@ static int vnni_dynamic(const struct job *job, int nthreads) {
 }
 
 static void vnni_weight_only(const struct job *job, int nthreads) { run_blocks(job, 0, nthreads); }
+
+/* Weight-only as int8 pieces (pieces_weight_only below): x_m ~= s0 q0 + s1 q1 + s2 q2, row m of x as the three
+ * consecutive rows 3m..3m+2 of the pieces' input. */
+#define PIECES 3
+
+/* The pieces of rows 0..M-1 of x: rows of Kp bytes (+128 uint8, as quantize_rows_u8) and their scales. `left`:
+ * room for K floats, what the pieces so far leave of the row. */
+static void split_rows(const float *x, int64_t M, int64_t K, int64_t Kp, uint8_t *xq, float *xs, float *left) {
+    for (int64_t m = 0; m < M; m++) {
+        memcpy(left, x + m * K, sizeof(float) * (size_t)K);
+        for (int p = 0; p < PIECES; p++) {
+            uint8_t *row = xq + (m * PIECES + p) * Kp;
+            float *scale = xs + m * PIECES + p;
+            quantize_rows_u8(left, 1, K, Kp, row, scale);
+            for (int64_t k = 0; k < K; k++) left[k] -= (float)((int)row[k] - 128) * *scale;
+        }
+    }
+}
+
+/* split_rows for every row, by up to nthreads threads where there are enough rows (a prompt) to pay for them;
+ * each row is split the same way whichever thread takes it. Returns 0, or -1 if out of memory. */
+static int split_pieces(const float *x, int64_t M, int64_t K, int64_t Kp, uint8_t *xq, float *xs, int nthreads) {
+    const int threads = M >= 32 ? threads_for(nthreads, M) : 1;
+    float *left = malloc(sizeof(float) * (size_t)(threads * K) + 1);
+    if (!left) return -1;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const int t = thread_index();
+        const int64_t begin = share(M, t, threads, 1), end = share(M, t + 1, threads, 1);
+        split_rows(x + begin * K, end - begin, K, Kp, xq + begin * PIECES * Kp, xs + begin * PIECES, left + t * K);
+    }
+    free(left);
+    return 0;
+}
+
+/* y[m, n0 .. n0+w) = ((p0 + p1) + p2) * scale + bias, from the pieces' fp32 partial results (row 3m + p of `part`,
+ * rows `stride` apart, w values each); 16 at a time, the last group masked, so every output takes the same steps. */
+static void combine_pieces(const struct job *job, const float *part, int64_t stride, int64_t n0, int64_t w) {
+    for (int64_t m = 0; m < job->M; m++) {
+        const float *p = part + m * PIECES * stride;
+        for (int64_t j = 0; j < w; j += 16) {
+            const __mmask16 k = w - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (w - j)) - 1);
+            __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(k, p + j), _mm512_maskz_loadu_ps(k, p + stride + j));
+            v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, p + 2 * stride + j));
+            v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(k, job->scale + n0 + j));
+            if (job->bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, job->bias + n0 + j));
+            _mm512_mask_storeu_ps(job->y + m * job->N + n0 + j, k, v);
+        }
+    }
+}
 #pragma GCC pop_options
 
 /* ------------------------------------------------------------------------------------------------ AMX path
@@ -616,6 +666,66 @@ static void amx_range(const struct job *job, const uint32_t *xb, int64_t begin, 
             for (int j = 0; j < 32 && m0 + j < job->M; j++) amx_rescale(job, &out[0][0], stride, j, m0 + j, n0);
         }
     _tile_release();
+}
+
+/* Weight-only pieces on the tiles, weight rows begin..end (multiples of AMX_ROWS): each group of 32 weight rows
+ * times every piece row, the pieces' fp32 partial results kept in `local` (rows x 32 floats, this thread's own,
+ * 192 KB for a 512-row prompt: it stays in L2) and combined into y as soon as the group is done. */
+static void amx_pieces_range(const struct job *job, const struct job *pieces, const uint32_t *xb, int64_t begin,
+                             int64_t end, float *local) {
+    int32_t out[AMX_ROWS][32] __attribute__((aligned(64)));
+    const int64_t K = job->K, block_words = K / 4 * 16;
+    struct job part = *pieces; /* the partial results of a group: AMX_ROWS columns of `local`, scale 1 */
+    part.y = local;
+    part.N = AMX_ROWS;
+    amx_configure();
+    for (int64_t n0 = begin; n0 < end; n0 += AMX_ROWS) {
+        for (int64_t m0 = 0; m0 < pieces->M; m0 += 32) {
+            const uint8_t *xb0 = (const uint8_t *)(xb + m0 / 16 * block_words);
+            const int two = pieces->M - m0 > 16, stride = two ? 32 : 16;
+            if (two)
+                amx_group2(job->q + n0 * K, K, xb0, xb0 + block_words * 4, out);
+            else
+                amx_group(job->q + n0 * K, K, xb0, (int32_t(*)[16])out);
+            for (int j = 0; j < 32 && m0 + j < pieces->M; j++) amx_rescale(&part, &out[0][0], stride, j, m0 + j, 0);
+        }
+        combine_pieces(job, local, AMX_ROWS, n0, AMX_ROWS);
+    }
+    _tile_release();
+}
+
+/* The pieces' matmul and their combination on the tiles: groups of 32 weight rows split between threads, the last
+ * N % 32 rows on the VNNI kernel (by the last thread; the same bits). No [rows, N] intermediate: each thread's
+ * partial results stay in its cache. Returns 0, or -1 if out of memory. */
+static int amx_pieces(const struct job *job, const struct job *pieces, int nthreads) {
+    const int64_t groups = job->N / AMX_ROWS, tail = groups * AMX_ROWS, rows = pieces->M;
+    const int threads = threads_for(nthreads, groups > 0 ? groups : 1);
+    uint32_t *xb = aligned_alloc(64, (size_t)((rows + 15) / 16 * job->K * 16));
+    float *local = malloc(sizeof(float) * (size_t)(threads * rows * AMX_ROWS));
+    if (!xb || !local) {
+        free(xb);
+        free(local);
+        return -1;
+    }
+    amx_pack(pieces->xq, rows, job->K, xb);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const int t = thread_index();
+        float *mine = local + t * rows * AMX_ROWS;
+        amx_pieces_range(job, pieces, xb, share(groups, t, threads, AMX_ROWS), share(groups, t + 1, threads, AMX_ROWS),
+                         mine);
+        if (t == threads - 1 && tail < job->N) {
+            struct job rest = *pieces; /* the last rows' partial results, rows of N - tail in `mine` */
+            rest.q = job->q + tail * job->K;
+            rest.N = job->N - tail;
+            rest.y = mine;
+            run_range(&rest, 1, block_rows(rows < MR ? rows : MR), 0, rest.N);
+            combine_pieces(job, mine, rest.N, tail, rest.N);
+        }
+    }
+    free(xb);
+    free(local);
+    return 0;
 }
 
 /* The AMX path for K a multiple of 64: whole groups of 32 weight rows split between threads, the last N % 32 rows
@@ -858,40 +968,27 @@ int int8_matmul_dynamic(const float *x, int64_t M, int64_t K, const int8_t *q, i
  * VNNI), then y = ((p0 + p1) + p2) * scale + bias. Why: at 8 rows the fp32 kernel widens and multiply-adds every
  * weight once per row (compute-bound, about 0.4x of int8-dynamic), where the tiles take 24 int8 rows as fast as
  * 8. The bound is tested (test_int8_kernel.py, test_inference_formats.py). */
-#define PIECES 3
-
 static int pieces_weight_only(const struct job *job, int nthreads, int tile_rows) {
     const int64_t M = job->M, K = job->K, N = job->N, Kp = round_up(K, 64), rows = M * PIECES;
     uint8_t *xq = aligned_alloc(64, (size_t)((rows > 0 ? rows : 1) * Kp));
-    float *xs = malloc(sizeof(float) * (size_t)(rows + N + K) + 1), *part = malloc(sizeof(float) * (size_t)(rows * N) + 1);
-    if (!xq || !xs || !part) {
-        free(xq);
-        free(xs);
-        free(part);
-        return -1;
-    }
-    float *ones = xs + rows, *left = ones + N;
-    for (int64_t n = 0; n < N; n++) ones[n] = 1.0f;
-    for (int64_t m = 0; m < M; m++) {
-        memcpy(left, job->x + m * K, sizeof(float) * (size_t)K);
-        for (int p = 0; p < PIECES; p++) {
-            uint8_t *row = xq + (m * PIECES + p) * Kp;
-            quantize_rows_u8(left, 1, K, Kp, row, xs + m * PIECES + p);
-            for (int64_t k = 0; k < K; k++) left[k] -= (float)((int)row[k] - 128) * xs[m * PIECES + p];
+    float *xs = malloc(sizeof(float) * (size_t)(rows + N) + 1);
+    int status = xq && xs ? split_pieces(job->x, M, K, Kp, xq, xs, nthreads) : -1;
+    if (status == 0) {
+        float *ones = xs + rows;
+        for (int64_t n = 0; n < N; n++) ones[n] = 1.0f;
+        struct job pieces = {NULL, xq, xs, rows, K, Kp, N, job->q, ones, NULL, NULL, NULL};
+        if (use_tiles(&pieces, PATH_AMX, tile_rows)) {
+            status = amx_pieces(job, &pieces, nthreads);
+        } else if ((pieces.y = malloc(sizeof(float) * (size_t)(rows * N) + 1)) == NULL) {
+            status = -1;
+        } else {
+            status = vnni_dynamic(&pieces, nthreads);
+            combine_pieces(job, pieces.y, N, 0, N);
+            free(pieces.y);
         }
     }
-    const struct job pieces = {NULL, xq, xs, rows, K, Kp, N, job->q, ones, NULL, NULL, part};
-    const int status = use_tiles(&pieces, PATH_AMX, tile_rows) ? amx_dynamic(&pieces, nthreads)
-                                                               : vnni_dynamic(&pieces, nthreads);
-    for (int64_t m = 0; m < M && status == 0; m++)
-        for (int64_t n = 0; n < N; n++) {
-            const float *p = part + m * PIECES * N + n;
-            const float v = (p[0] + p[N] + p[2 * N]) * job->scale[n];
-            job->y[m * N + n] = job->bias ? v + job->bias[n] : v;
-        }
     free(xq);
     free(xs);
-    free(part);
     return status;
 }
 
