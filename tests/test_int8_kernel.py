@@ -239,8 +239,10 @@ def assert_within_the_pieces_bound(out, x, q, scales, bias):
 def test_amx_weight_only_pieces_are_bounded_and_the_same_on_tiles_and_vnni(int8_kernel, threads):
     force_path(int8_kernel, "amx")
     torch.set_num_threads(threads)  # the fixture restores one thread
+    # PATH_SHAPES, and weights of more rows than one block of the tiles' loop (kernel's piece_block), with a tail
+    shapes = [(m, k, n) for m, k, n in PATH_SHAPES if k % 64 == 0] + [(40, 128, 300), (3, 4096, 600)]
     cases = [random_operands(m * 5 + k + n, m, k, n, x_scale=2, scale_low=0.001, scale_span=0.01)
-             for m, k, n in PATH_SHAPES if k % 64 == 0]
+             for m, k, n in shapes]
     tiles = [int8.int8_matmul(x, q, scales, bias, dynamic=False) for x, q, scales, bias in cases]
     int8_kernel("auto")  # fewer than AMX_MIN_ROWS rows on VNNI instructions
     for (x, q, scales, bias), expected in zip(cases, tiles):

@@ -668,28 +668,42 @@ static void amx_range(const struct job *job, const uint32_t *xb, int64_t begin, 
     _tile_release();
 }
 
-/* Weight-only pieces on the tiles, weight rows begin..end (multiples of AMX_ROWS): each group of 32 weight rows
- * times every piece row, the pieces' fp32 partial results kept in `local` (rows x 32 floats, this thread's own,
- * 192 KB for a 512-row prompt: it stays in L2) and combined into y as soon as the group is done. */
+/* Weight rows per block of the pieces' loop: about 1 MiB of them (half of a Sapphire Rapids core's L2), at most
+ * PIECE_BLOCK_MAX; a multiple of AMX_ROWS. */
+#define PIECE_BLOCK_MAX 256
+static int64_t piece_block(int64_t K) {
+    const int64_t rows = ((int64_t)1 << 20) / K / AMX_ROWS * AMX_ROWS;
+    return rows < AMX_ROWS ? AMX_ROWS : rows > PIECE_BLOCK_MAX ? PIECE_BLOCK_MAX : rows;
+}
+
+/* Weight-only pieces on the tiles, weight rows begin..end (multiples of AMX_ROWS), in blocks of piece_block(K)
+ * rows: every block of 32 piece rows runs through all of a block's weight groups, so with many rows (a prompt:
+ * 1536 piece rows at batch 8) the packed inputs stream from L3 once per block, not once per group of 32, and the
+ * block's weights are reused from L2. The pieces' fp32 partial results go to `local` (rows x PIECE_BLOCK_MAX
+ * floats, this thread's own) and are combined into y once the block is done. */
 static void amx_pieces_range(const struct job *job, const struct job *pieces, const uint32_t *xb, int64_t begin,
                              int64_t end, float *local) {
     int32_t out[AMX_ROWS][32] __attribute__((aligned(64)));
-    const int64_t K = job->K, block_words = K / 4 * 16;
-    struct job part = *pieces; /* the partial results of a group: AMX_ROWS columns of `local`, scale 1 */
+    const int64_t K = job->K, block_words = K / 4 * 16, step = piece_block(K);
+    struct job part = *pieces; /* the partial results of a block: its columns of `local`, scale 1 */
     part.y = local;
-    part.N = AMX_ROWS;
     amx_configure();
-    for (int64_t n0 = begin; n0 < end; n0 += AMX_ROWS) {
+    for (int64_t b0 = begin; b0 < end; b0 += step) {
+        const int64_t b1 = end - b0 < step ? end : b0 + step;
+        part.N = b1 - b0;
         for (int64_t m0 = 0; m0 < pieces->M; m0 += 32) {
             const uint8_t *xb0 = (const uint8_t *)(xb + m0 / 16 * block_words);
             const int two = pieces->M - m0 > 16, stride = two ? 32 : 16;
-            if (two)
-                amx_group2(job->q + n0 * K, K, xb0, xb0 + block_words * 4, out);
-            else
-                amx_group(job->q + n0 * K, K, xb0, (int32_t(*)[16])out);
-            for (int j = 0; j < 32 && m0 + j < pieces->M; j++) amx_rescale(&part, &out[0][0], stride, j, m0 + j, 0);
+            for (int64_t n0 = b0; n0 < b1; n0 += AMX_ROWS) {
+                if (two)
+                    amx_group2(job->q + n0 * K, K, xb0, xb0 + block_words * 4, out);
+                else
+                    amx_group(job->q + n0 * K, K, xb0, (int32_t(*)[16])out);
+                for (int j = 0; j < 32 && m0 + j < pieces->M; j++)
+                    amx_rescale(&part, &out[0][0], stride, j, m0 + j, n0 - b0);
+            }
         }
-        combine_pieces(job, local, AMX_ROWS, n0, AMX_ROWS);
+        combine_pieces(job, local, part.N, b0, part.N);
     }
     _tile_release();
 }
@@ -701,7 +715,7 @@ static int amx_pieces(const struct job *job, const struct job *pieces, int nthre
     const int64_t groups = job->N / AMX_ROWS, tail = groups * AMX_ROWS, rows = pieces->M;
     const int threads = threads_for(nthreads, groups > 0 ? groups : 1);
     uint32_t *xb = aligned_alloc(64, (size_t)((rows + 15) / 16 * job->K * 16));
-    float *local = malloc(sizeof(float) * (size_t)(threads * rows * AMX_ROWS));
+    float *local = malloc(sizeof(float) * (size_t)(threads * rows * PIECE_BLOCK_MAX));
     if (!xb || !local) {
         free(xb);
         free(local);
@@ -711,7 +725,7 @@ static int amx_pieces(const struct job *job, const struct job *pieces, int nthre
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         const int t = thread_index();
-        float *mine = local + t * rows * AMX_ROWS;
+        float *mine = local + t * rows * PIECE_BLOCK_MAX;
         amx_pieces_range(job, pieces, xb, share(groups, t, threads, AMX_ROWS), share(groups, t + 1, threads, AMX_ROWS),
                          mine);
         if (t == threads - 1 && tail < job->N) {
