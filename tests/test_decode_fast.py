@@ -285,3 +285,44 @@ def test_family_step_reads_the_models_own_rows_and_a_batch_gives_each_rows_logit
             for row, decoder in enumerate(rows):
                 one = decoder.step(ids[row:row + 1, t])[0]
                 assert (together[row] - one).abs().max() <= 2e-5 and (one - full[row, t]).abs().max() <= 2e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_one_row_decoder_reads_input_major_views_and_gives_the_plain_decoders_tokens(arch):
+    """A batch-1 float32 decoder moves the fused q/k/v and gate/up rows of a LLaMA/Qwen2 model into input-major
+    buffers that the model's own weights are views of (no second copy, state dict unchanged, its forward
+    unchanged); a batch of several rows moves them back to [out, in]; greedy tokens equal the "model" decoder's
+    (the model's forward with a KV cache) in either order."""
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(**{**SMALL["llama"], "arch": arch, "n_layer": 3,
+                                       "tie_word_embeddings": arch == "qwen2"})).eval()
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    ids = torch.randint(0, 290, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        forward = model(ids)
+    before = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    tokenizer = CharTokenizer()
+    prompts = [[int(t) for t in torch.randint(0, 290, (n,), generator=torch.Generator().manual_seed(n))]
+               for n in (5, 9)]
+    params = SamplingParams(max_new_tokens=12)
+    plain = [c.token_ids for c in generate_ids(model, tokenizer, prompts, params, decoder="model")]
+    plain_one = [c.token_ids for c in generate_ids(model, tokenizer, prompts[1:], params, decoder="model")]
+    for batch_first in (False, True):
+        if batch_first:
+            assert [c.token_ids for c in generate_ids(model, tokenizer, prompts, params, decoder="fast")] == plain
+        assert [c.token_ids for c in generate_ids(model, tokenizer, prompts[1:], params, decoder="fast")] == plain_one
+    one = FastDecoder(model, 1, 24)
+    layers = one.weights[0]
+    for layer in layers:
+        for fused in (layer[1], layer[5]):  # w_qkv, w_gate_up
+            assert not fused.is_contiguous() and fused.t().is_contiguous()
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert {w.untyped_storage().data_ptr() for layer in layers for w in (layer[1], layer[5])} <= storages
+    assert sum(p.untyped_storage().nbytes() for p in {p.untyped_storage().data_ptr(): p
+                                                      for p in model.parameters()}.values()) <= before
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), forward, rtol=1e-5, atol=1e-5)
+    several = FastDecoder(model, 2, 24)
+    assert all(layer[1].is_contiguous() and layer[5].is_contiguous() for layer in several.weights[0])

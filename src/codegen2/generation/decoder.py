@@ -110,7 +110,7 @@ class FastDecoder:
             raise ValueError("a dynamic-batch decoder needs at least 2 rows (batch 1 is its own graph)")
         self.device, self.dtype = param.device, param.dtype
         self._quantized = is_quantized(model)
-        self.weights = arch.decode_weights(model)
+        self.weights = arch.decode_weights(model, 2 if dynamic_batch else batch)
         # One spare column that is never attended: the step's views then never cover a whole buffer, so they
         # are never contiguous, and the graph (which guards on contiguity) serves the last block too.
         cache_shape = (batch, cfg.kv_heads, capacity + 1, cfg.head_dim)

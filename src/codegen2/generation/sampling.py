@@ -147,15 +147,17 @@ def generate_ids(
     generators = _generators(params, seeds, len(prompts))
     rows = _Rows(tokenizer, params, stop_ids, len(prompts))
     longest = total - params.max_new_tokens
-    cache, logits, next_pos = prefill(model, prompts, tokenizer.eot_id, longest if decoder != "model" else total,
+    fast = None
+    if decoder != "model":  # built first: it may lay the weights out for its batch, which the prefill then reads
+        # Room for a whole greedy chunk past the last token asked for (its extra tokens are dropped).
+        spare = greedy_chunk_size(model.config.n_layer) if params.temperature <= 0 else 0
+        fast = FastDecoder(model, len(prompts), capacity_bucket(total + spare, model.config.n_ctx),
+                           compile=decoder == "compiled")
+    cache, logits, next_pos = prefill(model, prompts, tokenizer.eot_id, longest if fast is not None else total,
                                       bidirectional_prompt)
-    if decoder == "model":
+    if fast is None:
         _decode_model(model, cache, logits, next_pos, generators, rows)
         return rows.completions(prompts)
-    # Room for a whole greedy chunk past the last token asked for (its extra tokens are dropped).
-    spare = greedy_chunk_size(model.config.n_layer) if params.temperature <= 0 else 0
-    fast = FastDecoder(model, len(prompts), capacity_bucket(total + spare, model.config.n_ctx),
-                       compile=decoder == "compiled")
     fast.start(cache, next_pos)
     feed = torch.full((len(prompts),), tokenizer.eot_id, dtype=torch.long, device=next_pos.device)
     if fast.chunk > 1 and params.temperature <= 0:

@@ -54,11 +54,12 @@ class Architecture:
     - `matmul_parameters(cfg)`: weights that multiply activations (for FLOPs, `metrics.flops_per_token`).
     - `count_parameters(cfg)`: exact parameter count without building the model.
     - `check_config(cfg)`: raise ConfigError for shapes this family cannot build.
-    - `decode_weights(model)` -> W and `decode_step(W, tokens, pos, col, keys, values, valid)` -> logits
+    - `decode_weights(model, batch)` -> W and `decode_step(W, tokens, pos, col, keys, values, valid)` -> logits
       [B, vocab] for one new token per row, its key/value written at cache column `col`: the fused one-token
       step `decode.FastDecoder` runs (eager or compiled). W is any nest of tensors and Python constants;
       tokens, pos [B] (token ids and rotary positions); col a 0-d int64 tensor; keys/values per layer
-      [B, kv_heads, capacity, head_dim]; valid [B, capacity] (False at left padding).
+      [B, kv_heads, capacity, head_dim]; valid [B, capacity] (False at left padding). `batch` is the rows each
+      step will have (2 for any batch of a dynamic-batch decoder): a family may lay its weights out for it.
     - `hf`: its Hugging Face mapping.
     """
 
@@ -67,7 +68,7 @@ class Architecture:
     matmul_parameters: Callable[[ModelConfig], int]
     count_parameters: Callable[[ModelConfig], int]
     check_config: Callable[[ModelConfig], None]
-    decode_weights: Callable[[nn.Module], Any]
+    decode_weights: Callable[[nn.Module, int], Any]
     decode_step: Callable[..., torch.Tensor]
     hf: HFMapping
 

@@ -54,8 +54,9 @@ def fuse_decode_weights(model: CodeGenModel) -> list[tuple]:
     return layers
 
 
-def decode_weights(model: CodeGenModel) -> tuple:
-    """What `decode_step` reads: (fused layers, head, rotary table, static shape), views of the model's weights."""
+def decode_weights(model: CodeGenModel, batch: int) -> tuple:
+    """What `decode_step` reads: (fused layers, head, rotary table, static shape), views of the model's weights
+    (one input-major layout for every `batch`)."""
     if isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight.stride(0) != 1:
         model.use_decode_layout()  # before fusing: it would copy the fused views apart again
     t = model.transformer
@@ -71,7 +72,7 @@ def decode_step(weights: tuple, tokens: torch.Tensor, pos: torch.Tensor, col: to
                 keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
     """CodeGen's one-token step (arguments as in `models.spec.Architecture.decode_step`).
 
-    `weights` is `decode_weights(model)`: per-layer fused weights; the head (wte, ln_f w, ln_f b, lm_head
+    `weights` is `decode_weights(model, batch)`: per-layer fused weights; the head (wte, ln_f w, ln_f b, lm_head
     weight [d, vocab] input-major, lm_head bias); the [n_ctx, 3, width, 2] table of `model.rotary` (angle 0
     for V); the static shape. Only tensors flow through here, so one compiled graph fits all steps.
     """

@@ -3,13 +3,20 @@
 The same function as `LlamaModel.forward` for one new token per row, in fewer and larger operations:
 
 - q_proj, k_proj and v_proj become one matmul, gate_proj and up_proj another, over weights concatenated once
-  (`fuse_rows`: float weights stacked [out, in], int8 rows by `int8.fuse_linears`). The model's parameters
+  (`fuse_rows`: float weights stacked by output, int8 rows by `int8.fuse_linears`). The model's parameters
   are re-pointed at views of these buffers, so no second copy of the weights exists and the state dict keeps
   its values (a LLaMA block is sequential, so unlike CodeGen's parallel block the attention and MLP matmuls
   cannot share one);
-- float weights stay [out, in] (transformers' own layout): one row streams through MKL's GEMV as fast as the
-  input-major layout (183 vs 188 ms over the Qwen2.5-0.5B / StarCoder2-3B matrices, thread time), and
-  several rows run oneDNN's kernel (`linear`), 1.2-1.9x MKL's on 8 rows;
+- float weights are [out, in] (transformers' own layout) for several rows: oneDNN's few-row kernel (`linear`)
+  streams them 1.2-1.9x faster than MKL's (8 rows, thread time), and 1.2x faster than it streams input-major
+  weights. For one float32 row on the CPU, the fused q/k/v and gate/up buffers (the widening ones, as in
+  CodeGen's decode layout) are input-major instead: MKL's one-row GEMV streams a [896, 9728] gate/up buffer at
+  51-53 ms for 24 layers against 59-60 in [out, in] (Qwen2.5-Coder-0.5B, thread time), and the prompt's
+  64-row GEMMs (the prefill, which runs after the decoder is built) are faster on it too (q/k/v and gate/up:
+  272 against 341 ms). o_proj and
+  down_proj stay [out, in] (input-major measured 1-4% slower for one row). `decode_weights` moves the two
+  buffers into the layout of the decoder's batch (a copy of the rows that frees the old buffer), so a
+  batch-1 decoder and a batch-N decoder alive together on one model would each hold their own;
 - keys and values live in one preallocated tensor per layer, written at a position *tensor*, and attention
   runs over the whole capacity with an additive mask (`masks.decode_step_bias`), so `torch.compile` makes
   one graph for every step. Grouped-query attention reads each key/value head once for its group of queries.
@@ -46,7 +53,8 @@ ONEDNN = torch.backends.mkldnn.is_available()
 
 def linear(x: torch.Tensor, weight: torch.Tensor | tuple, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x [B, in] @ weight + bias + residual, for a `dense_weight` / `fuse_rows` weight: float [out, in] or int8.
+    """x [B, in] @ weight + bias + residual, for a `dense_weight` / `fuse_rows` weight: float [out, in] (rows
+    contiguous, or the transpose of an input-major buffer) or int8.
 
     One float32 row goes to MKL (its GEMV, the residual and bias added in the same call); several go to oneDNN,
     whose few-row kernel streams [out, in] weights 1.2-1.9x faster than MKL's (8 rows, thread time). Int8
@@ -63,17 +71,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor | tuple, bias: torch.Tensor | N
 
 
 @torch.no_grad()
-def fuse_rows(modules: list[nn.Module]) -> torch.Tensor | tuple:
+def fuse_rows(modules: list[nn.Module], input_major: bool = False) -> torch.Tensor | tuple:
     """One `linear` weight for modules that read the same input, outputs in `modules` order: float weights
     stacked [sum out, in] (each module's weight becomes a row view of it: no second copy), int8 rows by
-    `int8.fuse_linears`. Repeated calls return the existing buffer."""
+    `int8.fuse_linears`. `input_major`: the buffer is [in, sum out] and the weight its transpose (the model's
+    weights then column slices of it). Repeated calls return the existing buffer if it has that layout; else
+    the rows move into one of the asked layout and the old buffer is freed (one transient copy of the rows)."""
     if not all(isinstance(m, nn.Linear) for m in modules):
         return fuse_linears(modules)
     first = modules[0]
     fused = getattr(first, "_decode_rows", None)
-    if fused is not None and first.weight.data_ptr() == fused.data_ptr() and first.weight.dtype == fused.dtype:
+    if fused is not None and first.weight.data_ptr() == fused.data_ptr() and first.weight.dtype == fused.dtype \
+            and fused.t().is_contiguous() == input_major:
         return fused
-    fused = torch.cat([m.weight.detach() for m in modules])
+    if input_major:
+        fused = torch.cat([m.weight.detach().t() for m in modules], dim=1).t()
+    else:
+        fused = torch.cat([m.weight.detach() for m in modules])
     start = 0
     for m in modules:
         m.weight.data = fused[start:start + m.out_features]
@@ -101,15 +115,15 @@ def head_weight(model: nn.Module) -> torch.Tensor | tuple:
 
 
 @torch.no_grad()
-def fuse_decode_weights(model: LlamaModel) -> list[tuple]:
+def fuse_decode_weights(model: LlamaModel, input_major: bool = False) -> list[tuple]:
     """Per layer (norm_1 w, w_qkv, b_qkv, w_o, norm_2 w, w_gate_up, w_down) as `linear` weights: q/k/v and
-    gate/up fused by `fuse_rows` (the model's own weights become views of the fused buffers), o_proj and
-    down_proj as they are. Repeated calls return the existing fusion."""
+    gate/up fused by `fuse_rows` (the model's own weights become views of the fused buffers; `input_major`:
+    the layout of those two), o_proj and down_proj as they are. Repeated calls return the existing fusion."""
     layers = []
     for block in model.model.layers:
         attn, mlp = block.self_attn, block.mlp
-        w_qkv = fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj])
-        w_gate_up = fuse_rows([mlp.gate_proj, mlp.up_proj])
+        w_qkv = fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj], input_major)
+        w_gate_up = fuse_rows([mlp.gate_proj, mlp.up_proj], input_major)
         layers.append((block.input_layernorm.weight, w_qkv, fuse_biases([attn.q_proj, attn.k_proj, attn.v_proj]),
                        dense_weight(attn.o_proj),
                        block.post_attention_layernorm.weight, w_gate_up, dense_weight(mlp.down_proj)))
@@ -123,19 +137,23 @@ def fuse_biases(modules: list[nn.Module]) -> torch.Tensor | None:
     return torch.cat([m.bias.detach() for m in modules])
 
 
-def decode_weights(model: LlamaModel) -> tuple:
-    """What `decode_step` reads: (fused layers, head, rotary table, static shape), views of the model's weights."""
+def decode_weights(model: LlamaModel, batch: int) -> tuple:
+    """What `decode_step` reads for `batch` rows: (fused layers, head, rotary table, static shape), views of the
+    model's weights; for one float32 row on the CPU the fused q/k/v and gate/up buffers are input-major (see
+    the module docstring), otherwise [out, in]."""
     cfg = model.config
     norm = model.model.norm.weight
     head = (embedding_weight(model.model.embed_tokens), norm, head_weight(model))
     shape = (cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.inner_dim, cfg.layer_norm_eps)
-    return fuse_decode_weights(model), head, model.rotary.table(norm.device), shape
+    input_major = batch == 1 and norm.dtype == torch.float32 and norm.device.type == "cpu"
+    return fuse_decode_weights(model, input_major), head, model.rotary.table(norm.device), shape
 
 
 def decode_step(weights: tuple, tokens: torch.Tensor, pos: torch.Tensor, col: torch.Tensor,
                 keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
     """LLaMA's one-token step (arguments as in `models.spec.Architecture.decode_step`); `weights` is
-    `decode_weights(model)`: fused layers, the head (embedding, final norm, output weight), rotary table, shape."""
+    `decode_weights(model, batch)`: fused layers, the head (embedding, final norm, output weight), rotary table,
+    shape."""
     layers, head, rotary, shape = weights
     n_head, kv_heads, head_dim, inner, eps = shape
     embed_w, norm_w, head_w = head

@@ -155,9 +155,13 @@ class LlamaModel(DecoderLM):
     def use_decode_layout(self) -> LlamaModel:
         """Keep every weight [out, in] row-major (restoring it where an input-major copy was made): the layout
         this family's fused step reads (`models/llama/decode.py`: MKL's one-row GEMV streams it as fast as
-        the input-major one, oneDNN's few-row kernel faster). Values and the state dict are unchanged."""
+        the input-major one, oneDNN's few-row kernel faster). Values and the state dict are unchanged. Weights
+        that are views of a fused decode buffer keep the layout the decoder gave it (copying them apart would
+        leave the buffer alive beside the copies)."""
+        fused = {m._decode_rows.untyped_storage().data_ptr() for m in self.modules() if hasattr(m, "_decode_rows")}
         for module in self.modules():
-            if isinstance(module, nn.Linear) and not module.weight.is_contiguous():
+            if isinstance(module, nn.Linear) and not module.weight.is_contiguous() \
+                    and module.weight.untyped_storage().data_ptr() not in fused:
                 module.weight.data = module.weight.data.contiguous()
         return self
 

@@ -40,8 +40,9 @@ def fuse_decode_weights(model: Starcoder2Model) -> list[tuple]:
     return layers
 
 
-def decode_weights(model: Starcoder2Model) -> tuple:
-    """What `decode_step` reads: (fused layers, head, rotary table, static shape), views of the model's weights."""
+def decode_weights(model: Starcoder2Model, batch: int) -> tuple:
+    """What `decode_step` reads: (fused layers, head, rotary table, static shape), views of the model's weights
+    ([out, in] for every `batch`: its 3B step streams at the memory's bound already)."""
     cfg = model.config
     norm = _norm(model.model.norm)
     head = (embedding_weight(model.model.embed_tokens), norm, head_weight(model))
@@ -52,7 +53,8 @@ def decode_weights(model: Starcoder2Model) -> tuple:
 def decode_step(weights: tuple, tokens: torch.Tensor, pos: torch.Tensor, col: torch.Tensor,
                 keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
     """StarCoder2's one-token step (arguments as in `models.spec.Architecture.decode_step`); `weights` is
-    `decode_weights(model)`: fused layers, the head (embedding, final norm, output weight), rotary table, shape."""
+    `decode_weights(model, batch)`: fused layers, the head (embedding, final norm, output weight), rotary table,
+    shape."""
     layers, head, rotary, shape = weights
     n_head, kv_heads, head_dim, eps, window = shape
     embed_w, (norm_w, norm_b), head_w = head
