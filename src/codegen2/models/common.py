@@ -6,7 +6,9 @@ attention); masks over it come from `codegen2.masks`, so every architecture deco
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +41,49 @@ def rotary_angles(rotary_dim: int, positions: torch.Tensor, theta: float = 10000
     """
     exponents = torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.int64).float() / rotary_dim
     return positions.float()[..., None] * (1.0 / (theta ** exponents))
+
+
+HUGE_PAGE = 2 << 20  # bytes of an x86-64 transparent huge page
+MADV_HUGEPAGE = 14
+
+
+def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor whose whole 2 MiB extents the kernel is asked to back with huge pages.
+
+    A weight streamed once per token (a one-row GEMV) then costs 512x fewer TLB misses: Qwen2.5-Coder-0.5B's
+    step matrices at one row took 139-146 against 149-158 ms (thread time, interleaved, one thread). Linux
+    only, and only where transparent huge pages are `madvise` or `always`; elsewhere an ordinary tensor. The
+    tensor is a view into a buffer 2 MiB longer (the slack is never touched, so never resident).
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    libc = _libc()
+    if nbytes < HUGE_PAGE or libc is None:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    offset = -raw.data_ptr() % HUGE_PAGE
+    libc.madvise(ctypes.c_void_p(raw.data_ptr() + offset), ctypes.c_size_t(nbytes // HUGE_PAGE * HUGE_PAGE),
+                 MADV_HUGEPAGE)  # before the first write, so the pages are faulted in huge
+    return raw[offset:offset + nbytes].view(dtype).view(shape)
+
+
+def on_huge_pages(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` starts where `huge_page_empty` puts its tensors (a 2 MiB boundary)."""
+    return tensor.data_ptr() % HUGE_PAGE == 0
+
+
+_LIBC: ctypes.CDLL | bool | None = None
+
+
+def _libc() -> ctypes.CDLL | None:
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else False
+            if _LIBC:
+                _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC or None
 
 
 class KVCache:

@@ -32,6 +32,7 @@ from torch import nn
 
 from ...int8 import embed, embedding_weight, fuse_linears, linear_weight, mm
 from ...masks import decode_step_bias
+from ..common import huge_page_empty, on_huge_pages
 from .model import LlamaModel, tied_head
 
 # x [B, in] @ weight [out, in]^T + bias by oneDNN, as an op the compiler calls without looking inside: inductor
@@ -71,23 +72,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor | tuple, bias: torch.Tensor | N
 
 
 @torch.no_grad()
-def fuse_rows(modules: list[nn.Module], input_major: bool = False) -> torch.Tensor | tuple:
+def fuse_rows(modules: list[nn.Module], input_major: bool = False, huge_pages: bool = False) -> torch.Tensor | tuple:
     """One `linear` weight for modules that read the same input, outputs in `modules` order: float weights
     stacked [sum out, in] (each module's weight becomes a row view of it: no second copy), int8 rows by
     `int8.fuse_linears`. `input_major`: the buffer is [in, sum out] and the weight its transpose (the model's
-    weights then column slices of it). Repeated calls return the existing buffer if it has that layout; else
-    the rows move into one of the asked layout and the old buffer is freed (one transient copy of the rows)."""
+    weights then column slices of it); `huge_pages`: the buffer on 2 MiB pages (`models.common.huge_page_empty`).
+    Repeated calls return the existing buffer if it is laid out as asked; else the rows move into a new one and
+    the old is freed (one transient copy of the rows)."""
     if not all(isinstance(m, nn.Linear) for m in modules):
         return fuse_linears(modules)
     first = modules[0]
     fused = getattr(first, "_decode_rows", None)
     if fused is not None and first.weight.data_ptr() == fused.data_ptr() and first.weight.dtype == fused.dtype \
-            and fused.t().is_contiguous() == input_major:
+            and fused.t().is_contiguous() == input_major and (on_huge_pages(fused) or not huge_pages):
         return fused
+    parts = [m.weight.detach() for m in modules]
+    rows = sum(m.out_features for m in modules)
     if input_major:
-        fused = torch.cat([m.weight.detach().t() for m in modules], dim=1).t()
+        fused = torch.cat([w.t() for w in parts], dim=1, out=_empty((first.in_features, rows), first.weight,
+                                                                    huge_pages)).t()
     else:
-        fused = torch.cat([m.weight.detach() for m in modules])
+        fused = torch.cat(parts, out=_empty((rows, first.in_features), first.weight, huge_pages))
     start = 0
     for m in modules:
         m.weight.data = fused[start:start + m.out_features]
@@ -96,37 +101,51 @@ def fuse_rows(modules: list[nn.Module], input_major: bool = False) -> torch.Tens
     return fused
 
 
+def _empty(shape: tuple[int, int], like: torch.Tensor, huge_pages: bool) -> torch.Tensor:
+    return huge_page_empty(shape, like.dtype) if huge_pages else torch.empty(shape, dtype=like.dtype,
+                                                                            device=like.device)
+
+
 @torch.no_grad()
-def dense_weight(module: nn.Module) -> torch.Tensor | tuple:
-    """`module`'s weight for `linear`: a float weight made [out, in] row-major in place (same values), or int8."""
+def dense_weight(module: nn.Module, huge_pages: bool = False) -> torch.Tensor | tuple:
+    """`module`'s weight for `linear`: a float weight made [out, in] row-major in place (same values; on 2 MiB
+    pages if `huge_pages`), or int8."""
     if not isinstance(module, nn.Linear):
         return linear_weight(module)
-    if not module.weight.is_contiguous():
-        module.weight.data = module.weight.data.contiguous()
+    weight = module.weight
+    if not weight.is_contiguous() or (huge_pages and not on_huge_pages(weight)):
+        module.weight.data = _empty(tuple(weight.shape), weight, huge_pages).copy_(weight)
     return module.weight
 
 
-def head_weight(model: nn.Module) -> torch.Tensor | tuple:
-    """The output projection for `linear`: lm_head, or a tied head's embedding table itself ([vocab, d])."""
+@torch.no_grad()
+def head_weight(model: nn.Module, huge_pages: bool = False) -> torch.Tensor | tuple:
+    """The output projection for `linear`: lm_head, or a tied head's embedding table itself ([vocab, d]), moved
+    onto 2 MiB pages if `huge_pages` (a float table)."""
     if model.lm_head is not None:
-        return dense_weight(model.lm_head)
+        return dense_weight(model.lm_head, huge_pages)
     table = embedding_weight(model.model.embed_tokens)
-    return tied_head(model.model.embed_tokens) if isinstance(table, tuple) else table
+    if isinstance(table, tuple):
+        return tied_head(model.model.embed_tokens)
+    if huge_pages and not on_huge_pages(table):
+        model.model.embed_tokens.weight.data = _empty(tuple(table.shape), table, True).copy_(table)
+    return model.model.embed_tokens.weight
 
 
 @torch.no_grad()
-def fuse_decode_weights(model: LlamaModel, input_major: bool = False) -> list[tuple]:
+def fuse_decode_weights(model: LlamaModel, input_major: bool = False, huge_pages: bool = False) -> list[tuple]:
     """Per layer (norm_1 w, w_qkv, b_qkv, w_o, norm_2 w, w_gate_up, w_down) as `linear` weights: q/k/v and
     gate/up fused by `fuse_rows` (the model's own weights become views of the fused buffers; `input_major`:
-    the layout of those two), o_proj and down_proj as they are. Repeated calls return the existing fusion."""
+    the layout of those two), o_proj and down_proj as they are; every matrix on 2 MiB pages if `huge_pages`.
+    Repeated calls return the existing fusion."""
     layers = []
     for block in model.model.layers:
         attn, mlp = block.self_attn, block.mlp
-        w_qkv = fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj], input_major)
-        w_gate_up = fuse_rows([mlp.gate_proj, mlp.up_proj], input_major)
+        w_qkv = fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj], input_major, huge_pages)
+        w_gate_up = fuse_rows([mlp.gate_proj, mlp.up_proj], input_major, huge_pages)
         layers.append((block.input_layernorm.weight, w_qkv, fuse_biases([attn.q_proj, attn.k_proj, attn.v_proj]),
-                       dense_weight(attn.o_proj),
-                       block.post_attention_layernorm.weight, w_gate_up, dense_weight(mlp.down_proj)))
+                       dense_weight(attn.o_proj, huge_pages),
+                       block.post_attention_layernorm.weight, w_gate_up, dense_weight(mlp.down_proj, huge_pages)))
     return layers
 
 
@@ -139,14 +158,16 @@ def fuse_biases(modules: list[nn.Module]) -> torch.Tensor | None:
 
 def decode_weights(model: LlamaModel, batch: int) -> tuple:
     """What `decode_step` reads for `batch` rows: (fused layers, head, rotary table, static shape), views of the
-    model's weights; for one float32 row on the CPU the fused q/k/v and gate/up buffers are input-major (see
-    the module docstring), otherwise [out, in]."""
+    model's weights. With float32 weights on the CPU every matrix is moved onto 2 MiB pages, and for one row the
+    fused q/k/v and gate/up buffers are input-major (see the module docstring); otherwise [out, in]."""
     cfg = model.config
     norm = model.model.norm.weight
-    head = (embedding_weight(model.model.embed_tokens), norm, head_weight(model))
+    fp32_cpu = norm.dtype == torch.float32 and norm.device.type == "cpu"
+    head_w = head_weight(model, fp32_cpu)  # first: it may move a tied table, which the embedding reads too
+    head = (embedding_weight(model.model.embed_tokens), norm, head_w)
     shape = (cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.inner_dim, cfg.layer_norm_eps)
-    input_major = batch == 1 and norm.dtype == torch.float32 and norm.device.type == "cpu"
-    return fuse_decode_weights(model, input_major), head, model.rotary.table(norm.device), shape
+    layers = fuse_decode_weights(model, batch == 1 and fp32_cpu, fp32_cpu)
+    return layers, head, model.rotary.table(norm.device), shape
 
 
 def decode_step(weights: tuple, tokens: torch.Tensor, pos: torch.Tensor, col: torch.Tensor,
