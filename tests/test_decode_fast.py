@@ -6,6 +6,7 @@ the "model" decoder of `generate_ids`, and transformers' CodeGenForCausalLM on t
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from codegen2.generation.sampling import SamplingParams, generate_ids
 from codegen2.loading import load_checkpoint
 from codegen2.models import build_model
 from codegen2.models.codegen.model import CodeGenModel
-from codegen2.models.common import KVCache
+from codegen2.models.common import HUGE_PAGE, KVCache
 from conftest import CharTokenizer, naive_greedy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (fixture in conftest.py)
@@ -326,3 +327,23 @@ def test_one_row_decoder_reads_input_major_views_and_gives_the_plain_decoders_to
         torch.testing.assert_close(model(ids), forward, rtol=1e-5, atol=1e-5)
     several = FastDecoder(model, 2, 24)
     assert all(layer[1].is_contiguous() and layer[5].is_contiguous() for layer in several.weights[0])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="huge pages are asked for with Linux's madvise")
+def test_float32_decode_weights_move_onto_huge_pages_once_and_decode_the_same_tokens():
+    """A float32 Qwen2 decoder on the CPU moves each matrix of at least 2 MiB (here the tied 8192 x 64 table)
+    to a 2 MiB boundary, once: a second decoder moves nothing; values, state dict and tokens stay the same."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**{**SMALL["llama"], "arch": "qwen2", "vocab_size": 8192,
+                                       "tie_word_embeddings": True})).eval()
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    tokenizer = CharTokenizer()
+    prompts = [[int(t) for t in torch.randint(0, 290, (7,), generator=torch.Generator().manual_seed(1))]]
+    params = SamplingParams(max_new_tokens=10)
+    plain = [c.token_ids for c in generate_ids(model, tokenizer, prompts, params, decoder="model")]
+    assert [c.token_ids for c in generate_ids(model, tokenizer, prompts, params, decoder="fast")] == plain
+    table = model.model.embed_tokens.weight
+    assert table.data_ptr() % HUGE_PAGE == 0 and FastDecoder(model, 1, 24).weights[1][2] is table
+    assert model.model.embed_tokens.weight.data_ptr() == table.data_ptr()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name

@@ -67,8 +67,10 @@ def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def on_huge_pages(tensor: torch.Tensor) -> bool:
-    """Whether `tensor` starts where `huge_page_empty` puts its tensors (a 2 MiB boundary)."""
-    return tensor.data_ptr() % HUGE_PAGE == 0
+    """Whether `tensor` is where `huge_page_empty` would put it: on a 2 MiB boundary, or anywhere if it is smaller
+    than a huge page or the platform has none (so callers never move a tensor for nothing)."""
+    nbytes = tensor.numel() * tensor.element_size()
+    return nbytes < HUGE_PAGE or _libc() is None or tensor.data_ptr() % HUGE_PAGE == 0
 
 
 _LIBC: ctypes.CDLL | bool | None = None

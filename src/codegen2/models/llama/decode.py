@@ -13,10 +13,10 @@ The same function as `LlamaModel.forward` for one new token per row, in fewer an
   CodeGen's decode layout) are input-major instead: MKL's one-row GEMV streams a [896, 9728] gate/up buffer at
   51-53 ms for 24 layers against 59-60 in [out, in] (Qwen2.5-Coder-0.5B, thread time), and the prompt's
   64-row GEMMs (the prefill, which runs after the decoder is built) are faster on it too (q/k/v and gate/up:
-  272 against 341 ms). o_proj and
-  down_proj stay [out, in] (input-major measured 1-4% slower for one row). `decode_weights` moves the two
-  buffers into the layout of the decoder's batch (a copy of the rows that frees the old buffer), so a
-  batch-1 decoder and a batch-N decoder alive together on one model would each hold their own;
+  272 against 341 ms). o_proj and down_proj stay [out, in] (input-major measured 1-4% slower for one row).
+  `decode_weights` moves the two buffers into the layout of the decoder's batch (a copy of the rows that frees
+  the old buffer), so a batch-1 decoder and a batch-N decoder alive together on one model would each hold their
+  own. Float32 weights on the CPU also move onto 2 MiB pages (`models.common.huge_page_empty`), once;
 - keys and values live in one preallocated tensor per layer, written at a position *tensor*, and attention
   runs over the whole capacity with an additive mask (`masks.decode_step_bias`), so `torch.compile` makes
   one graph for every step. Grouped-query attention reads each key/value head once for its group of queries.
