@@ -112,10 +112,15 @@ def dense_weight(module: nn.Module, huge_pages: bool = False) -> torch.Tensor | 
     pages if `huge_pages`), or int8."""
     if not isinstance(module, nn.Linear):
         return linear_weight(module)
-    weight = module.weight
-    if not weight.is_contiguous() or (huge_pages and not on_huge_pages(weight)):
-        module.weight.data = _empty(tuple(weight.shape), weight, huge_pages).copy_(weight)
+    _settle(module.weight, huge_pages)
     return module.weight
+
+
+def _settle(weight: torch.Tensor, huge_pages: bool) -> None:
+    """Make a float parameter row-major, and on 2 MiB pages if `huge_pages`, in place (same values; the old
+    buffer is freed once nothing else views it)."""
+    if not weight.is_contiguous() or (huge_pages and not on_huge_pages(weight)):
+        weight.data = _empty(tuple(weight.shape), weight, huge_pages).copy_(weight)
 
 
 @torch.no_grad()
@@ -127,9 +132,8 @@ def head_weight(model: nn.Module, huge_pages: bool = False) -> torch.Tensor | tu
     table = embedding_weight(model.model.embed_tokens)
     if isinstance(table, tuple):
         return tied_head(model.model.embed_tokens)
-    if huge_pages and not on_huge_pages(table):
-        model.model.embed_tokens.weight.data = _empty(tuple(table.shape), table, True).copy_(table)
-    return model.model.embed_tokens.weight
+    _settle(table, huge_pages)
+    return table
 
 
 @torch.no_grad()
